@@ -1,0 +1,136 @@
+//! The advance query: one statement that takes a new snapshot and reads every row it makes
+//! visible that the cursor's snapshot did not, along with the prune state.
+//!
+//! It serves the catch-up after a reconnect, the batched fetch of referenced rows and the idle
+//! sweep. The snapshot is taken in the same statement as the row scan (a materialized CTE), so
+//! every row visible in it is visible to the scan. The range predicate on `xid` lets the planner
+//! use the `event_outbox (xid)` index.
+
+use std::time::SystemTime;
+
+use tokio_postgres::{Client, Row, Statement};
+use uuid::Uuid;
+
+use crate::config::quote_ident;
+use crate::cursor::{Advance, Snapshot};
+use crate::error::Error;
+use crate::event::Event;
+
+/// The advance statement for the extension in `schema`; with `filter_channels`, `$2` is the
+/// `text[]` of channels to read.
+pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
+    let schema = quote_ident(schema);
+    let channel_filter = if filter_channels {
+        "AND channel = ANY($2::text[])"
+    } else {
+        ""
+    };
+    format!(
+        "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s) \
+         SELECT snap.s::text AS snapshot, \
+                COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
+                e.id, e.channel, e.user_id, e.payload, e.origin, e.created_at, e.xid::text AS xid \
+         FROM snap LEFT JOIN LATERAL ( \
+             SELECT id, channel, user_id, payload, origin, created_at, xid \
+             FROM {schema}.event_outbox \
+             WHERE xid >= pg_snapshot_xmin($1::text::pg_snapshot) \
+               AND xid < pg_snapshot_xmax(snap.s) \
+               AND pg_visible_in_snapshot(xid, snap.s) \
+               AND NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot) \
+               {channel_filter} \
+             ORDER BY xid, id) e ON true"
+    )
+}
+
+/// The statement that reads the starting snapshot (and proves the extension is there).
+pub(crate) fn start_sql(schema: &str) -> String {
+    let schema = quote_ident(schema);
+    format!(
+        "SELECT pg_current_snapshot()::text, \
+                COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0')"
+    )
+}
+
+/// Reads the current snapshot: the relay's starting point.
+pub(crate) async fn current(client: &Client, schema: &str) -> Result<Snapshot, Error> {
+    let row = client
+        .query_one(&start_sql(schema), &[])
+        .await
+        .map_err(|e| Error::from_query(e, schema))?;
+    let text: String = row.try_get(0).map_err(protocol)?;
+    text.parse().map_err(protocol)
+}
+
+/// Runs one advance from `from`.
+pub(crate) async fn advance(
+    client: &Client,
+    statement: &Statement,
+    from: &Snapshot,
+    channels: &[String],
+    schema: &str,
+) -> Result<Advance, Error> {
+    let from = from.to_string();
+    let rows = if channels.is_empty() {
+        client.query(statement, &[&from]).await
+    } else {
+        client.query(statement, &[&from, &channels]).await
+    }
+    .map_err(|e| Error::from_query(e, schema))?;
+    parse(&rows)
+}
+
+fn parse(rows: &[Row]) -> Result<Advance, Error> {
+    let first = rows
+        .first()
+        .ok_or_else(|| Error::Protocol("the advance query returned no row".into()))?;
+    let snapshot: String = first.try_get("snapshot").map_err(protocol)?;
+    let snapshot: Snapshot = snapshot.parse().map_err(protocol)?;
+    let pruned: String = first.try_get("pruned").map_err(protocol)?;
+    let pruned_through_xid = parse_xid(&pruned)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: Option<Uuid> = row.try_get("id").map_err(protocol)?;
+        let Some(id) = id else {
+            continue; // the LEFT JOIN's empty side: no rows
+        };
+        let xid: String = row.try_get("xid").map_err(protocol)?;
+        events.push(Event::new(
+            id,
+            row.try_get("channel").map_err(protocol)?,
+            row.try_get("user_id").map_err(protocol)?,
+            row.try_get("origin").map_err(protocol)?,
+            parse_xid(&xid)?,
+            row.try_get::<_, SystemTime>("created_at")
+                .map_err(protocol)?,
+            row.try_get("payload").map_err(protocol)?,
+        ));
+    }
+    Ok(Advance {
+        snapshot,
+        pruned_through_xid,
+        rows: events,
+    })
+}
+
+fn parse_xid(text: &str) -> Result<u64, Error> {
+    text.parse()
+        .map_err(|_| Error::Protocol(format!("not an xid8: {text:?}")))
+}
+
+fn protocol(err: impl std::fmt::Display) -> Error {
+    Error::Protocol(err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_is_quoted_and_the_channel_filter_optional() {
+        let sql = advance_sql("my \"app\"", true);
+        assert!(sql.contains("\"my \"\"app\"\"\".event_outbox"));
+        assert!(sql.contains("ANY($2::text[])"));
+        assert!(!advance_sql("public", false).contains("$2"));
+        assert!(start_sql("x").contains("\"x\".outbox_prune_state"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The relay's builder, its documented defaults, and the reconnect backoff.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, SystemTime};
+
+use crate::error::Error;
+use crate::relay::Relay;
+
+/// Default `application_name` of the relay's connection (visible in `pg_stat_activity`).
+pub const DEFAULT_APPLICATION_NAME: &str = "pg_outbox_relay";
+
+/// Configures a [`Relay`]. Every setting has a default; only the connection is required.
+#[derive(Clone, Debug)]
+pub struct RelayBuilder {
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) instance_id: Option<String>,
+    pub(crate) channels: Vec<String>,
+    pub(crate) subscriber_buffer: usize,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) deliver_own_origin: bool,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) schema: String,
+    pub(crate) application_name: Option<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) query_timeout: Duration,
+    pub(crate) verify_listen: bool,
+}
+
+impl RelayBuilder {
+    /// A builder for a relay on this connection configuration.
+    pub fn new(pg: tokio_postgres::Config) -> RelayBuilder {
+        RelayBuilder {
+            pg,
+            instance_id: None,
+            channels: Vec::new(),
+            subscriber_buffer: 1024,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            deliver_own_origin: false,
+            sweep_interval: Duration::from_secs(2),
+            schema: "public".to_owned(),
+            application_name: None,
+            connect_timeout: Duration::from_secs(10),
+            query_timeout: Duration::from_secs(30),
+            verify_listen: true,
+        }
+    }
+
+    /// A builder from a libpq-style connection string or URL
+    /// (`host=… dbname=…` or `postgresql://…`).
+    pub fn from_connection_string(s: &str) -> Result<RelayBuilder, Error> {
+        s.parse()
+            .map(RelayBuilder::new)
+            .map_err(Error::ConnectionString)
+    }
+
+    /// This replica's instance id. Events published with this origin
+    /// (`outbox_publish(…, origin)`) are not delivered by this relay unless
+    /// [`deliver_own_origin`](Self::deliver_own_origin) is set. Default: none (deliver everything).
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Only relay these channels (the catch-up query filters on them too). Default: every channel.
+    pub fn channels<I, S>(mut self, channels: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.channels = channels.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How many events each subscriber may have unread before it lags. Default: 1024.
+    pub fn subscriber_buffer(mut self, events: usize) -> Self {
+        self.subscriber_buffer = events;
+        self
+    }
+
+    /// Reconnect backoff bounds: the first retry waits about `min`, each next one twice as long
+    /// up to `max`, each with jitter (a random half of the delay). Default: 1 s to 60 s.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Deliver events whose origin is this relay's instance id too. Default: false.
+    pub fn deliver_own_origin(mut self, deliver: bool) -> Self {
+        self.deliver_own_origin = deliver;
+        self
+    }
+
+    /// How long the relay may stay idle before it runs an advance anyway: it settles its cursor,
+    /// delivers rows whose notification was lost, and proves the connection alive. Default: 2 s.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// The schema the extension was created in. Default: `public`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The connection's `application_name`. Default: the connection configuration's, else
+    /// `pg_outbox_relay`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Limit on connecting (and on the start-up checks). Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Limit on one advance query; past it the connection is presumed dead and replaced.
+    /// Default: 30 s.
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
+    /// Whether `start()` proves LISTEN works by sending itself a notification from a second,
+    /// short-lived connection (detects a pooler in transaction mode). Default: true.
+    pub fn verify_listen(mut self, verify: bool) -> Self {
+        self.verify_listen = verify;
+        self
+    }
+
+    /// Checks the settings and builds the relay (not started: subscribe, then
+    /// [`Relay::start`]).
+    pub fn build(mut self) -> Result<Relay, Error> {
+        if self.subscriber_buffer == 0 {
+            return Err(Error::InvalidConfig("subscriber_buffer must be at least 1"));
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(Error::InvalidConfig(
+                "backoff bounds must satisfy 0 < min <= max",
+            ));
+        }
+        if self.sweep_interval.is_zero() {
+            return Err(Error::InvalidConfig("sweep_interval must be above zero"));
+        }
+        if self.connect_timeout.is_zero() || self.query_timeout.is_zero() {
+            return Err(Error::InvalidConfig("timeouts must be above zero"));
+        }
+        if self.schema.is_empty() {
+            return Err(Error::InvalidConfig("schema must not be empty"));
+        }
+        if self.instance_id.as_deref() == Some("") {
+            return Err(Error::InvalidConfig("instance_id must not be empty"));
+        }
+        match self.application_name.take() {
+            Some(name) => {
+                self.pg.application_name(&name);
+            }
+            None if self.pg.get_application_name().is_none() => {
+                self.pg.application_name(DEFAULT_APPLICATION_NAME);
+            }
+            None => {}
+        }
+        if self.pg.get_connect_timeout().is_none() {
+            self.pg.connect_timeout(self.connect_timeout);
+        }
+        Ok(Relay::new(self))
+    }
+}
+
+/// Quotes `name` as an SQL identifier.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The delay before reconnect attempt `attempt` (1-based): `min · 2^(attempt-1)` capped at
+/// `max`, then jittered into its upper half by `entropy`.
+pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, entropy: u64) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    let base = min.saturating_mul(factor).min(max);
+    let half = base / 2;
+    let jitter_nanos = match u64::try_from(half.as_nanos()) {
+        Ok(0) | Err(_) => 0,
+        Ok(span) => entropy % (span + 1),
+    };
+    half + Duration::from_nanos(jitter_nanos)
+}
+
+/// Entropy for jitter without a random-number crate: the standard library's randomly keyed
+/// hasher over the clock and a salt.
+pub(crate) fn entropy(salt: u64) -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    hasher.write_u128(now);
+    hasher.write_u64(salt);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_bounds_with_jitter() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        for attempt in 1..40 {
+            let full = min
+                .saturating_mul(1u32.checked_shl(attempt - 1).unwrap_or(u32::MAX))
+                .min(max);
+            for e in [0, 1, u64::MAX / 3, u64::MAX] {
+                let d = backoff_delay(attempt, min, max, e);
+                assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+            }
+        }
+        assert_eq!(backoff_delay(1, min, max, 0), Duration::from_millis(500));
+        assert_eq!(backoff_delay(40, min, max, 0), Duration::from_secs(30));
+        assert_ne!(entropy(1), entropy(1));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("public"), "\"public\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    #[test]
+    fn build_checks_settings() {
+        let b = || RelayBuilder::from_connection_string("host=/tmp dbname=x").unwrap();
+        assert!(b().subscriber_buffer(0).build().is_err());
+        assert!(b()
+            .backoff(Duration::from_secs(2), Duration::from_secs(1))
+            .build()
+            .is_err());
+        assert!(b().schema("").build().is_err());
+        assert!(b().instance_id("").build().is_err());
+        assert!(RelayBuilder::from_connection_string("port=notaport").is_err());
+    }
+
+    #[test]
+    fn application_name_defaults_but_respects_the_connection_string() {
+        let relay = b("host=/tmp").build().unwrap();
+        assert_eq!(
+            relay.config().pg.get_application_name(),
+            Some("pg_outbox_relay")
+        );
+        let relay = b("host=/tmp application_name=mine").build().unwrap();
+        assert_eq!(relay.config().pg.get_application_name(), Some("mine"));
+        let relay = b("host=/tmp application_name=mine")
+            .application_name("forced")
+            .build()
+            .unwrap();
+        assert_eq!(relay.config().pg.get_application_name(), Some("forced"));
+    }
+
+    fn b(s: &str) -> RelayBuilder {
+        RelayBuilder::from_connection_string(s).unwrap()
+    }
+}

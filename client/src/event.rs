@@ -1,0 +1,217 @@
+//! The event a relay hands to its subscribers, and the other things a subscription can yield.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+/// One published outbox row, as delivered to a subscriber.
+///
+/// Cheap to clone: every subscriber that matches shares the same allocation.
+#[derive(Clone)]
+pub struct Event(Arc<Inner>);
+
+struct Inner {
+    id: Uuid,
+    channel: String,
+    user_id: String,
+    origin: Option<String>,
+    xid: u64,
+    created_at: SystemTime,
+    payload: serde_json::Value,
+}
+
+impl Event {
+    pub(crate) fn new(
+        id: Uuid,
+        channel: String,
+        user_id: String,
+        origin: Option<String>,
+        xid: u64,
+        created_at: SystemTime,
+        payload: serde_json::Value,
+    ) -> Event {
+        Event(Arc::new(Inner {
+            id,
+            channel,
+            user_id,
+            origin,
+            xid,
+            created_at,
+            payload,
+        }))
+    }
+
+    /// The row's id (a UUIDv7).
+    pub fn id(&self) -> Uuid {
+        self.0.id
+    }
+
+    /// The channel it was published on.
+    pub fn channel(&self) -> &str {
+        &self.0.channel
+    }
+
+    /// The user it is addressed to.
+    pub fn user_id(&self) -> &str {
+        &self.0.user_id
+    }
+
+    /// The instance id of the replica that published it, if it gave one.
+    pub fn origin(&self) -> Option<&str> {
+        self.0.origin.as_deref()
+    }
+
+    /// The id of the publishing top-level transaction (`xid8`).
+    pub fn xid(&self) -> u64 {
+        self.0.xid
+    }
+
+    /// When it was published, by the database's clock (`clock_timestamp()`).
+    pub fn created_at(&self) -> SystemTime {
+        self.0.created_at
+    }
+
+    /// The payload as JSON.
+    pub fn payload(&self) -> &serde_json::Value {
+        &self.0.payload
+    }
+
+    /// Decodes the payload into `T`.
+    ///
+    /// A payload that does not fit `T` is an error for this event only; the relay is unaffected.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        T::deserialize(&self.0.payload).map_err(|source| DecodeError {
+            id: self.0.id,
+            channel: self.0.channel.clone(),
+            source,
+        })
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("id", &self.0.id)
+            .field("channel", &self.0.channel)
+            .field("user_id", &self.0.user_id)
+            .field("origin", &self.0.origin)
+            .field("xid", &self.0.xid)
+            .field("created_at", &self.0.created_at)
+            .field("payload", &self.0.payload)
+            .finish()
+    }
+}
+
+/// An event's payload did not decode into the requested type.
+#[derive(Debug, thiserror::Error)]
+#[error("payload of event {id} on channel {channel:?} does not decode: {source}")]
+pub struct DecodeError {
+    /// The event's id.
+    pub id: Uuid,
+    /// The event's channel.
+    pub channel: String,
+    /// What serde said.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Events the relay knows it could not deliver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Gap {
+    /// Rows the relay had not read yet may have been pruned (retention passed while it was
+    /// disconnected or behind). Sent to every subscriber: the lost events' channels are unknown.
+    ///
+    /// The check is conservative on one side: it is raised when the greatest pruned xid is at or
+    /// above the relay's cursor horizon and not visible in it; see the crate documentation.
+    Pruned {
+        /// `outbox_prune_state.pruned_through_xid` when the gap was seen.
+        pruned_through_xid: u64,
+        /// The oldest transaction id the relay's cursor had not settled (`xmin` of its snapshot).
+        cursor_xmin: u64,
+    },
+    /// A row announced by a notification was gone when the relay fetched it (deleted or pruned
+    /// in between). Sent to the subscribers of its channel and user.
+    Missing {
+        /// The row's id.
+        id: Uuid,
+        /// Its channel.
+        channel: String,
+        /// Its user.
+        user_id: String,
+    },
+}
+
+/// What a subscription yields, in commit order.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// The next event.
+    Event(Event),
+    /// This subscriber fell behind: its buffer was full and `missed` events were dropped for it
+    /// (only for it) at this point of the stream. Other subscribers were not slowed.
+    Lagged {
+        /// How many events were dropped for this subscriber.
+        missed: u64,
+    },
+    /// Events were lost for every relay (see [`Gap`]).
+    Gap(Gap),
+}
+
+impl Delivery {
+    /// The event, if this is one.
+    pub fn event(&self) -> Option<&Event> {
+        match self {
+            Delivery::Event(event) => Some(event),
+            _ => None,
+        }
+    }
+
+    /// The event, if this is one, by value.
+    pub fn into_event(self) -> Option<Event> {
+        match self {
+            Delivery::Event(event) => Some(event),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Chat {
+        text: String,
+    }
+
+    fn event(payload: serde_json::Value) -> Event {
+        Event::new(
+            Uuid::nil(),
+            "chat".into(),
+            "u1".into(),
+            None,
+            7,
+            SystemTime::UNIX_EPOCH,
+            payload,
+        )
+    }
+
+    #[test]
+    fn decodes_a_matching_payload() {
+        let chat: Chat = event(serde_json::json!({"text": "hi"})).decode().unwrap();
+        assert_eq!(chat.text, "hi");
+    }
+
+    #[test]
+    fn a_mismatched_payload_is_an_error_naming_the_event() {
+        let err = event(serde_json::json!({"txt": 1}))
+            .decode::<Chat>()
+            .unwrap_err();
+        assert_eq!(err.channel, "chat");
+        assert!(err.to_string().contains("chat"));
+    }
+}

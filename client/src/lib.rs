@@ -1,0 +1,109 @@
+//! Relay [pg_outbox] events to every replica of an app.
+//!
+//! Publishing is SQL, in the caller's transaction: `SELECT outbox_publish(channel, user_id,
+//! payload [, origin])`. This crate is the other side: one [`Relay`] per process keeps one
+//! dedicated `LISTEN pg_outbox` connection and hands each committed event to local subscribers,
+//! exactly once, in commit order, across disconnects.
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use pg_outbox_client::{Delivery, Relay, RelayBuilder};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct ChatMessage {
+//!     text: String,
+//! }
+//!
+//! # async fn run() -> Result<(), pg_outbox_client::Error> {
+//! let relay = RelayBuilder::from_connection_string("host=/run/postgresql dbname=app")?
+//!     .instance_id("replica-a") // skip the events this replica published itself
+//!     .build()?;
+//! let mut chat = relay.subscribe("chat"); // or subscribe_user("chat", "u1"), subscribe_all()
+//! relay.start().await?; // LISTEN is in effect: nothing committed from now on is missed
+//!
+//! while let Some(item) = chat.next().await {
+//!     match item {
+//!         Delivery::Event(event) => match event.decode::<ChatMessage>() {
+//!             Ok(message) => println!("{} -> {}: {}", event.channel(), event.user_id(), message.text),
+//!             Err(err) => eprintln!("skipping: {err}"),
+//!         },
+//!         Delivery::Lagged { missed } => eprintln!("this subscriber fell {missed} events behind"),
+//!         Delivery::Gap(gap) => eprintln!("events were lost before the relay read them: {gap:?}"),
+//!         _ => {}
+//!     }
+//! }
+//! relay.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Delivery guarantees
+//!
+//! - **Gap-free.** The relay keeps a cursor made of a `pg_snapshot` *S* (every row whose `xid` is
+//!   visible in *S* was delivered) and the ids delivered beyond it. A live notification is
+//!   delivered unless its row is already covered. After any disconnect the relay reconnects
+//!   (exponential backoff with jitter), LISTENs first, then reads from `event_outbox` every row
+//!   visible in a fresh snapshot and not in *S*, in the same statement that takes the snapshot.
+//!   Every committed row lands exactly once, whatever order transactions commit in: a
+//!   transaction open across a reconnect is delivered when it commits. Rolled-back publishes
+//!   are never delivered.
+//! - **Order.** Events notified live are delivered in commit (notification) order; rows caught
+//!   up from the table without a notification follow, in `xid` order (the best the table can
+//!   tell).
+//! - **Both notification forms.** Inline notifications (`pg_outbox.notify_payload = 'inline'`)
+//!   are delivered without a query; references are resolved in batches: one query fetches
+//!   everything pending, never one query per event.
+//! - **Idle sweep.** Every `sweep_interval` of idleness the relay runs the same query: it moves
+//!   the cursor forward (bounding the dedupe set), delivers rows whose notification was lost or
+//!   undecodable, and proves the connection alive.
+//! - **Gaps are reported, never hidden.** If `outbox_prune_state.pruned_through_xid` is at or
+//!   above the cursor's horizon and not visible in *S*, rows the relay never read may have been
+//!   pruned: every subscriber gets a [`Delivery::Gap`] and [`MetricsSnapshot::gaps`] counts it.
+//!   The check knows only the greatest pruned xid: it cannot see a pruned row of a transaction
+//!   that was running in *S* when every greater pruned row was already visible in *S*. A row
+//!   announced by a notification but gone when fetched is reported as [`Gap::Missing`].
+//! - **Own origin.** A relay with an [`instance_id`](RelayBuilder::instance_id) skips the events
+//!   published with that origin unless [`deliver_own_origin`](RelayBuilder::deliver_own_origin).
+//! - **Slow subscribers** never block the relay or each other: each has a bounded buffer; when
+//!   it is full, events are dropped for that subscriber only and a [`Delivery::Lagged`] marker
+//!   with the count takes their place.
+//! - **Nothing read from the network panics**: a malformed notification is logged, counted in
+//!   [`MetricsSnapshot::decode_errors`] and skipped (its row, if any, is caught up by the next
+//!   sweep); a payload that does not fit your type is an error of [`Event::decode`] only.
+//!
+//! # Connection requirements
+//!
+//! LISTEN is session state: the relay needs a direct connection (or a session-mode pool) to the
+//! primary. A hot standby (SQLSTATE 25006) or a pooler in transaction mode makes
+//! [`Relay::start`] fail with [`Error::Standby`] or [`Error::TransactionPooler`], whose messages
+//! name the fix. Connections are made without TLS (`NoTls`): use a Unix socket or a trusted
+//! network. The connection's `application_name` defaults to `pg_outbox_relay`.
+//!
+//! A catch-up reads all the rows it settles in one result: after a very long disconnect under
+//! heavy traffic it holds that backlog in memory once.
+//!
+//! [pg_outbox]: https://github.com/pg-outbox/pg_outbox
+
+#![warn(missing_docs)]
+
+mod catchup;
+mod config;
+mod cursor;
+mod error;
+mod event;
+mod fanout;
+mod health;
+mod listener;
+mod metrics;
+mod notification;
+mod relay;
+
+pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
+pub use cursor::{Snapshot, SnapshotParseError};
+pub use error::Error;
+pub use event::{DecodeError, Delivery, Event, Gap};
+pub use fanout::Subscription;
+pub use health::Health;
+pub use metrics::{Latency, MetricsSnapshot};
+pub use notification::NotificationError;
+pub use relay::Relay;

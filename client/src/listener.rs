@@ -1,0 +1,482 @@
+//! The one task that owns the relay's connection: LISTEN, decode, advance, reconnect.
+//!
+//! The connection itself is driven by a small companion task that reads
+//! `Connection::poll_message` and forwards notifications (and the connection's end) through a
+//! channel; this task is the only reader of that channel and the only user of the client, so
+//! every notification and every advance result is applied to the cursor in one sequence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout, Instant, MissedTickBehavior};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Socket, Statement};
+use tracing::{debug, info, warn};
+
+use crate::catchup;
+use crate::config::{backoff_delay, entropy, RelayBuilder};
+use crate::cursor::{Cursor, Step};
+use crate::error::Error;
+use crate::fanout::Fanout;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::notification::{self, CHANNEL};
+
+/// At most this many buffered notifications are applied before an advance gets its turn.
+const MAX_DRAIN: usize = 4096;
+
+/// What the handle and the task share.
+pub(crate) struct Shared {
+    pub fanout: Fanout,
+    pub metrics: Metrics,
+    pub health: watch::Sender<Health>,
+}
+
+enum ConnEvent {
+    Notification(Notification),
+    Closed(Option<tokio_postgres::Error>),
+}
+
+/// One open, listening connection.
+struct Conn {
+    client: Client,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    driver: JoinHandle<()>,
+    advance: Statement,
+}
+
+impl Conn {
+    /// Connects, refuses a standby, LISTENs and prepares the advance statement.
+    async fn open(cfg: &RelayBuilder) -> Result<Conn, Error> {
+        let (client, connection) = timeout(cfg.connect_timeout, cfg.pg.connect(NoTls))
+            .await
+            .map_err(|_| Error::Timeout {
+                doing: "connecting",
+                after: cfg.connect_timeout,
+            })?
+            .map_err(Error::Connect)?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(drive(connection, tx));
+        let schema = cfg.schema.as_str();
+        let setup = async {
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| Error::from_query(e, schema))?;
+            let in_recovery: bool = row.try_get(0).map_err(|e| Error::Protocol(e.to_string()))?;
+            if in_recovery {
+                return Err(Error::Standby);
+            }
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(|e| Error::from_query(e, schema))?;
+            client
+                .prepare(&catchup::advance_sql(schema, !cfg.channels.is_empty()))
+                .await
+                .map_err(|e| Error::from_query(e, schema))
+        };
+        let advance = match timeout(cfg.connect_timeout, setup).await {
+            Ok(Ok(statement)) => statement,
+            Ok(Err(err)) => {
+                driver.abort();
+                return Err(err);
+            }
+            Err(_) => {
+                driver.abort();
+                return Err(Error::Timeout {
+                    doing: "setting up LISTEN",
+                    after: cfg.connect_timeout,
+                });
+            }
+        };
+        Ok(Conn {
+            client,
+            events,
+            driver,
+            advance,
+        })
+    }
+
+    /// Proves LISTEN holds across transactions: a notification sent from another session on a
+    /// private channel must arrive. Through a pooler in transaction mode it does not.
+    async fn verify_listen(&mut self, cfg: &RelayBuilder) -> Result<(), Error> {
+        let channel = format!(
+            "pg_outbox_probe_{:016x}",
+            entropy(u64::from(std::process::id()))
+        );
+        let schema = cfg.schema.as_str();
+        self.client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .map_err(|e| Error::from_query(e, schema))?;
+        let mut probe_cfg = cfg.pg.clone();
+        let name = format!("{}_probe", cfg.pg.get_application_name().unwrap_or(""));
+        probe_cfg.application_name(&name);
+        let (probe, connection) = probe_cfg.connect(NoTls).await.map_err(Error::Connect)?;
+        let probe_driver = tokio::spawn(connection);
+        let sent = probe
+            .execute("SELECT pg_notify($1, 'probe')", &[&channel])
+            .await
+            .map_err(|e| Error::from_query(e, schema));
+        drop(probe);
+        if let Err(err) = probe_driver.await {
+            debug!(error = %err, "probe connection task ended abnormally");
+        }
+        sent?;
+        let deadline = Instant::now() + cfg.connect_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ConnEvent::Notification(n))) if n.channel() == channel => break,
+                // Committed before the starting snapshot is taken: not to be delivered.
+                Ok(Some(ConnEvent::Notification(_))) => continue,
+                Ok(Some(ConnEvent::Closed(err))) => {
+                    return Err(Error::ConnectionLost(describe_close(err.as_ref())))
+                }
+                Ok(None) => return Err(Error::ConnectionLost("connection task ended".into())),
+                Err(_) => {
+                    return Err(Error::TransactionPooler(
+                        "a notification sent to it from another session never arrived",
+                    ))
+                }
+            }
+        }
+        self.client
+            .batch_execute(&format!("UNLISTEN {channel}"))
+            .await
+            .map_err(|e| Error::from_query(e, schema))
+    }
+
+    /// Closes the connection and waits (briefly) for its task.
+    async fn close(self) {
+        drop(self.client);
+        let mut driver = self.driver;
+        if timeout(Duration::from_secs(2), &mut driver).await.is_err() {
+            driver.abort();
+        }
+    }
+}
+
+/// Drives the connection and forwards what it says; the only place `poll_message` is called.
+async fn drive(
+    mut connection: Connection<Socket, NoTlsStream>,
+    tx: mpsc::UnboundedSender<ConnEvent>,
+) {
+    loop {
+        let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+        let event = match message {
+            Some(Ok(AsyncMessage::Notification(n))) => ConnEvent::Notification(n),
+            Some(Ok(AsyncMessage::Notice(notice))) => {
+                debug!(notice = %notice, "server notice on the relay connection");
+                continue;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => ConnEvent::Closed(Some(err)),
+            None => ConnEvent::Closed(None),
+        };
+        let closed = matches!(event, ConnEvent::Closed(_));
+        if tx.send(event).is_err() || closed {
+            // The listener is gone (dropping the connection closes it), or the connection is.
+            return;
+        }
+    }
+}
+
+fn describe_close(err: Option<&tokio_postgres::Error>) -> String {
+    match err {
+        Some(err) => err.to_string(),
+        None => "the server closed the connection".into(),
+    }
+}
+
+/// The listener task's state.
+pub(crate) struct Listener {
+    cfg: Arc<RelayBuilder>,
+    shared: Arc<Shared>,
+    cursor: Cursor,
+    conn: Option<Conn>,
+    /// Why the connection was lost, for the first `Reconnecting` status.
+    lost: Option<String>,
+    /// An advance is wanted soon (a notification did not decode).
+    advance_wanted: bool,
+    shutdown: watch::Receiver<bool>,
+    steps: Vec<Step>,
+}
+
+impl Listener {
+    /// Connects, LISTENs, verifies LISTEN holds, and takes the starting snapshot. Once this
+    /// returns, nothing committed afterwards can be missed.
+    pub async fn start(
+        cfg: Arc<RelayBuilder>,
+        shared: Arc<Shared>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Listener, Error> {
+        let mut conn = Conn::open(&cfg).await?;
+        if cfg.verify_listen {
+            if let Err(err) = conn.verify_listen(&cfg).await {
+                conn.close().await;
+                return Err(err);
+            }
+        }
+        let snapshot = match timeout(
+            cfg.connect_timeout,
+            catchup::current(&conn.client, &cfg.schema),
+        )
+        .await
+        {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(err)) => {
+                conn.close().await;
+                return Err(err);
+            }
+            Err(_) => {
+                conn.close().await;
+                return Err(Error::Timeout {
+                    doing: "reading the starting snapshot",
+                    after: cfg.connect_timeout,
+                });
+            }
+        };
+        info!(snapshot = %snapshot, "pg_outbox relay listening");
+        Ok(Listener {
+            cfg,
+            shared,
+            cursor: Cursor::new(snapshot),
+            conn: Some(conn),
+            lost: None,
+            advance_wanted: false,
+            shutdown,
+            steps: Vec::new(),
+        })
+    }
+
+    /// The task: until shutdown, apply notifications, advance when needed, reconnect when lost.
+    pub async fn run(mut self) {
+        let mut shutdown = self.shutdown.clone();
+        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        sweep.reset();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                if self.reconnect(&mut shutdown).await.is_err() {
+                    break;
+                }
+                sweep.reset();
+                continue;
+            };
+            let mut sweep_due = false;
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                event = conn.events.recv() => self.on_conn_event(event),
+                _ = sweep.tick() => sweep_due = true,
+            }
+            self.drain();
+            if self.conn.is_some()
+                && (sweep_due || self.advance_wanted || self.cursor.needs_advance())
+            {
+                let result = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break,
+                    result = self.advance() => result,
+                };
+                if let Err(err) = result {
+                    self.lose(err.to_string()).await;
+                }
+                sweep.reset();
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Applies the notifications already buffered, so one advance serves them all.
+    fn drain(&mut self) {
+        for _ in 0..MAX_DRAIN {
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            match conn.events.try_recv() {
+                Ok(event) => self.on_conn_event(Some(event)),
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.on_conn_event(None),
+            }
+        }
+    }
+
+    fn on_conn_event(&mut self, event: Option<ConnEvent>) {
+        match event {
+            Some(ConnEvent::Notification(n)) => self.on_notification(&n),
+            Some(ConnEvent::Closed(err)) => self.mark_lost(describe_close(err.as_ref())),
+            None => self.mark_lost("connection task ended".into()),
+        }
+    }
+
+    fn on_notification(&mut self, n: &Notification) {
+        if n.channel() != CHANNEL {
+            return; // a late probe answer
+        }
+        let metrics = &self.shared.metrics;
+        Metrics::add(&metrics.received, 1);
+        let notice = match notification::decode(n.payload()) {
+            Ok(notice) => notice,
+            Err(err) => {
+                Metrics::add(&metrics.decode_errors, 1);
+                let prefix: String = n.payload().chars().take(200).collect();
+                warn!(error = %err, payload = %prefix, "skipping a pg_outbox notification");
+                // If a row stands behind it, the next advance finds it.
+                self.advance_wanted = true;
+                return;
+            }
+        };
+        if !self.cfg.channels.is_empty() && !self.cfg.channels.contains(&notice.channel) {
+            return;
+        }
+        self.cursor.on_notice(notice, &mut self.steps);
+        self.flush();
+    }
+
+    /// Runs one advance on the current connection and delivers what it settles.
+    async fn advance(&mut self) -> Result<(), Error> {
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
+        let query = catchup::advance(
+            &conn.client,
+            &conn.advance,
+            self.cursor.snapshot(),
+            &self.cfg.channels,
+            &self.cfg.schema,
+        );
+        let advance =
+            timeout(self.cfg.query_timeout, query)
+                .await
+                .map_err(|_| Error::Timeout {
+                    doing: "running the advance query",
+                    after: self.cfg.query_timeout,
+                })??;
+        Metrics::add(&self.shared.metrics.advances, 1);
+        self.advance_wanted = false;
+        self.cursor.on_advance(advance, &mut self.steps);
+        self.flush();
+        Ok(())
+    }
+
+    /// Hands the cursor's steps to the subscribers and the counters.
+    fn flush(&mut self) {
+        let metrics = &self.shared.metrics;
+        for step in self.steps.drain(..) {
+            match step {
+                Step::Deliver { event, notified } => {
+                    let own = self.cfg.instance_id.is_some()
+                        && event.origin() == self.cfg.instance_id.as_deref();
+                    if own && !self.cfg.deliver_own_origin {
+                        Metrics::add(&metrics.skipped_own_origin, 1);
+                        continue;
+                    }
+                    let lagged = self.shared.fanout.deliver(&event);
+                    if lagged > 0 {
+                        Metrics::add(&metrics.lagged, lagged);
+                        debug!(id = %event.id(), subscribers = lagged, "dropped an event for lagging subscribers");
+                    }
+                    Metrics::add(&metrics.delivered, 1);
+                    if !notified {
+                        Metrics::add(&metrics.caught_up, 1);
+                    }
+                    metrics.record_latency(event.created_at());
+                }
+                Step::Duplicate => Metrics::add(&metrics.duplicates, 1),
+                Step::Gap(gap) => {
+                    Metrics::add(&metrics.gaps, 1);
+                    warn!(
+                        ?gap,
+                        "pg_outbox events were lost before this relay read them"
+                    );
+                    self.shared.fanout.gap(&gap);
+                }
+            }
+        }
+    }
+
+    /// Notes the connection lost; the loop reconnects.
+    fn mark_lost(&mut self, reason: String) {
+        if let Some(conn) = self.conn.take() {
+            warn!(reason = %reason, "pg_outbox relay connection lost");
+            conn.driver.abort();
+            self.lost = Some(reason);
+        }
+    }
+
+    async fn lose(&mut self, reason: String) {
+        warn!(reason = %reason, "pg_outbox relay connection lost");
+        if let Some(conn) = self.conn.take() {
+            conn.close().await;
+        }
+        self.lost = Some(reason);
+    }
+
+    /// Reconnects with backoff and catches up; `Err` only on shutdown.
+    async fn reconnect(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let mut last_error = self.lost.take().unwrap_or_else(|| "connection lost".into());
+        let mut attempt: u32 = 0;
+        loop {
+            if *shutdown.borrow() {
+                return Err(Error::Stopped);
+            }
+            attempt = attempt.saturating_add(1);
+            self.shared.health.send_replace(Health::Reconnecting {
+                attempt,
+                last_error: last_error.clone(),
+            });
+            let delay = backoff_delay(
+                attempt,
+                self.cfg.backoff_min,
+                self.cfg.backoff_max,
+                entropy(u64::from(attempt)),
+            );
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Err(Error::Stopped),
+                result = async {
+                    sleep(delay).await;
+                    self.try_reconnect().await
+                } => result,
+            };
+            match result {
+                Ok(()) => {
+                    Metrics::add(&self.shared.metrics.reconnects, 1);
+                    self.shared.health.send_replace(Health::Listening);
+                    info!(attempt, "pg_outbox relay reconnected and caught up");
+                    return Ok(());
+                }
+                Err(err) => {
+                    warn!(attempt, error = %err, "pg_outbox relay reconnect failed");
+                    if let Some(conn) = self.conn.take() {
+                        conn.close().await;
+                    }
+                    last_error = err.to_string();
+                }
+            }
+        }
+    }
+
+    /// LISTEN first, then catch up from the cursor.
+    async fn try_reconnect(&mut self) -> Result<(), Error> {
+        self.conn = Some(Conn::open(&self.cfg).await?);
+        self.advance().await
+    }
+
+    async fn stop(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close().await;
+        }
+        self.shared.fanout.close();
+        self.shared.health.send_replace(Health::Stopped);
+        info!("pg_outbox relay stopped");
+    }
+}

@@ -1,0 +1,165 @@
+//! Counters and the commit-to-delivery latency histogram.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
+
+/// Upper bounds of the latency buckets, in microseconds; a last bucket takes the rest.
+const BUCKETS_US: [u64; 20] = [
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    300_000_000,
+    3_600_000_000,
+];
+
+/// The live counters (shared by the listener task and the handle).
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub skipped_own_origin: AtomicU64,
+    pub caught_up: AtomicU64,
+    pub lagged: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub gaps: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub advances: AtomicU64,
+    latency: [AtomicU64; BUCKETS_US.len() + 1],
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// Records the delay from `created_at` (the database's clock) to now (this host's clock);
+    /// clock skew that puts it in the future counts as zero.
+    pub fn record_latency(&self, created_at: SystemTime) {
+        let us = SystemTime::now()
+            .duration_since(created_at)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let bucket = BUCKETS_US.partition_point(|&bound| bound < us);
+        self.latency[bucket].fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let buckets: Vec<u64> = self.latency.iter().map(|b| b.load(Relaxed)).collect();
+        MetricsSnapshot {
+            received: self.received.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            skipped_own_origin: self.skipped_own_origin.load(Relaxed),
+            caught_up: self.caught_up.load(Relaxed),
+            lagged: self.lagged.load(Relaxed),
+            decode_errors: self.decode_errors.load(Relaxed),
+            gaps: self.gaps.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            advances: self.advances.load(Relaxed),
+            latency: Latency { buckets },
+        }
+    }
+}
+
+/// A copy of the relay's counters at one moment. All counts are since the relay was built.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MetricsSnapshot {
+    /// `pg_outbox` notifications read from the connection.
+    pub received: u64,
+    /// Events handed to the fan-out (once per event, whatever the number of subscribers).
+    pub delivered: u64,
+    /// Notifications or rows dropped because the event was already delivered.
+    pub duplicates: u64,
+    /// Events not delivered because this relay published them (its own origin).
+    pub skipped_own_origin: u64,
+    /// Events delivered from the outbox table without their notification having been seen
+    /// first: missed while disconnected, or read before their notification arrived.
+    pub caught_up: u64,
+    /// Events dropped for subscribers whose buffer was full (summed over subscribers).
+    pub lagged: u64,
+    /// Notifications that did not decode (logged and skipped; the row is caught up by the next
+    /// advance).
+    pub decode_errors: u64,
+    /// Gaps reported (rows pruned or removed before the relay read them).
+    pub gaps: u64,
+    /// Successful reconnections after a lost connection.
+    pub reconnects: u64,
+    /// Advance queries run (catch-up, batched fetches of references, sweeps).
+    pub advances: u64,
+    /// Commit-to-delivery latency of delivered events.
+    pub latency: Latency,
+}
+
+/// A fixed-bucket histogram of commit-to-delivery latency (`created_at` to delivery).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    buckets: Vec<u64>,
+}
+
+impl Latency {
+    /// How many latencies were recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The latency under which a fraction `q` (0.0..=1.0) of events were delivered, as the upper
+    /// bound of its bucket (so an over-estimate by at most the bucket's width); `None` before any.
+    pub fn percentile(&self, q: f64) -> Option<Duration> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let us = BUCKETS_US.get(i).copied().unwrap_or(u64::MAX);
+                return Some(Duration::from_micros(us));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_bucket_bounds() {
+        let metrics = Metrics::default();
+        assert_eq!(metrics.snapshot().latency.percentile(0.5), None);
+        let now = SystemTime::now();
+        for _ in 0..98 {
+            metrics.record_latency(now);
+        }
+        metrics.record_latency(now - Duration::from_secs(2));
+        metrics.record_latency(now + Duration::from_secs(5)); // skew: zero
+        let latency = metrics.snapshot().latency;
+        assert_eq!(latency.count(), 100);
+        assert!(latency.percentile(0.5).unwrap() <= Duration::from_millis(10));
+        assert!(latency.percentile(0.99).unwrap() <= Duration::from_millis(10));
+        assert_eq!(
+            latency.percentile(1.0),
+            Some(Duration::from_micros(2_500_000))
+        );
+    }
+}

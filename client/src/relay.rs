@@ -1,0 +1,177 @@
+//! The relay handle: subscribe, start, watch health, read metrics, shut down.
+
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::config::RelayBuilder;
+use crate::error::Error;
+use crate::fanout::{Fanout, Filter, Subscription};
+use crate::health::Health;
+use crate::listener::{Listener, Shared};
+use crate::metrics::{Metrics, MetricsSnapshot};
+
+/// Relays `pg_outbox` events from PostgreSQL to this process's subscribers.
+///
+/// Build one per process with [`Relay::builder`], subscribe, [`start`](Relay::start) it. Cloning
+/// gives another handle to the same relay; when the last handle is dropped the relay stops.
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<RelayBuilder>,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    state: Mutex<State>,
+}
+
+enum State {
+    NotStarted,
+    Running(JoinHandle<()>),
+    Stopped,
+}
+
+impl Relay {
+    /// A builder for a relay on this connection configuration.
+    pub fn builder(pg: tokio_postgres::Config) -> RelayBuilder {
+        RelayBuilder::new(pg)
+    }
+
+    pub(crate) fn new(config: RelayBuilder) -> Relay {
+        let (health, _) = watch::channel(Health::NotStarted);
+        let (shutdown, _) = watch::channel(false);
+        Relay {
+            inner: Arc::new(Inner {
+                config: Arc::new(config),
+                shared: Arc::new(Shared {
+                    fanout: Fanout::default(),
+                    metrics: Metrics::default(),
+                    health,
+                }),
+                shutdown,
+                state: Mutex::new(State::NotStarted),
+            }),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &RelayBuilder {
+        &self.inner.config
+    }
+
+    /// Events of one channel, every user.
+    pub fn subscribe(&self, channel: impl Into<String>) -> Subscription {
+        self.subscribe_filter(Filter {
+            channel: Some(channel.into()),
+            user_id: None,
+        })
+    }
+
+    /// Events of one channel addressed to one user.
+    pub fn subscribe_user(
+        &self,
+        channel: impl Into<String>,
+        user_id: impl Into<String>,
+    ) -> Subscription {
+        self.subscribe_filter(Filter {
+            channel: Some(channel.into()),
+            user_id: Some(user_id.into()),
+        })
+    }
+
+    /// Every event the relay delivers.
+    pub fn subscribe_all(&self) -> Subscription {
+        self.subscribe_filter(Filter {
+            channel: None,
+            user_id: None,
+        })
+    }
+
+    fn subscribe_filter(&self, filter: Filter) -> Subscription {
+        let channels = &self.inner.config.channels;
+        if let Some(channel) = &filter.channel {
+            if !channels.is_empty() && !channels.contains(channel) {
+                warn!(
+                    channel = %channel,
+                    "subscribing to a channel this relay does not relay (see RelayBuilder::channels)"
+                );
+            }
+        }
+        self.inner
+            .shared
+            .fanout
+            .subscribe(filter, self.inner.config.subscriber_buffer)
+    }
+
+    /// Connects, LISTENs, proves LISTEN holds, and takes the starting snapshot; then relays in
+    /// a background task. When it returns `Ok`, every event committed afterwards will be
+    /// delivered (events committed before are not replayed).
+    ///
+    /// Fails fast: a first connection that cannot be made, a standby, a transaction-mode pooler
+    /// or a missing extension is an error here (the relay can be started again). Later losses
+    /// are retried in the background and reported through [`health`](Relay::health).
+    pub async fn start(&self) -> Result<(), Error> {
+        let mut state = self.inner.state.lock().await;
+        match *state {
+            State::NotStarted => {}
+            State::Running(_) => return Err(Error::AlreadyStarted),
+            State::Stopped => return Err(Error::Stopped),
+        }
+        let listener = Listener::start(
+            Arc::clone(&self.inner.config),
+            Arc::clone(&self.inner.shared),
+            self.inner.shutdown.subscribe(),
+        )
+        .await?;
+        self.inner.shared.health.send_replace(Health::Listening);
+        *state = State::Running(tokio::spawn(listener.run()));
+        Ok(())
+    }
+
+    /// The current health.
+    pub fn health(&self) -> Health {
+        self.inner.shared.health.borrow().clone()
+    }
+
+    /// A receiver that sees every change of health (`changed()`, `wait_for(…)`).
+    pub fn watch_health(&self) -> watch::Receiver<Health> {
+        self.inner.shared.health.subscribe()
+    }
+
+    /// A copy of the counters and the latency histogram.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.shared.metrics.snapshot()
+    }
+
+    /// The instance id events are deduplicated against.
+    pub fn instance_id(&self) -> Option<&str> {
+        self.inner.config.instance_id.as_deref()
+    }
+
+    /// Stops the relay: closes its connection, ends every subscription's stream (after what is
+    /// already queued), and sets health to `Stopped`. Idempotent.
+    pub async fn shutdown(&self) {
+        let mut state = self.inner.state.lock().await;
+        self.inner.shutdown.send_replace(true);
+        if let State::Running(task) = std::mem::replace(&mut *state, State::Stopped) {
+            if let Err(err) = task.await {
+                warn!(error = %err, "the pg_outbox relay task ended abnormally");
+            }
+        }
+        self.inner.shared.fanout.close();
+        self.inner.shared.health.send_replace(Health::Stopped);
+    }
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("instance_id", &self.inner.config.instance_id)
+            .field("health", &self.health())
+            .finish()
+    }
+}

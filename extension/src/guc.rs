@@ -1,0 +1,136 @@
+//! Every `pg_outbox.*` setting: what it means, its default and unit, and a typed accessor, so no
+//! caller handles raw integers or units.
+//!
+//! All settings but `pg_outbox.database` reload on SIGHUP. `notify_payload` and
+//! `max_payload_bytes` are also settable by a superuser per database or role (`ALTER DATABASE …
+//! SET`), since they shape what publishers in that database send.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+/// What a notification carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PostgresGucEnum)]
+pub enum NotifyPayload {
+    /// The id and the metadata a listener needs to filter and order; listeners fetch the payload
+    /// from `event_outbox`, so payloads of any size work and stay readable only by roles with
+    /// SELECT on the table.
+    #[name = c"reference"]
+    Reference,
+    /// The whole event when it fits in a notification (under 8000 bytes), a reference otherwise.
+    /// Every role that can connect can LISTEN, so inline payloads are visible to all of them.
+    #[name = c"inline"]
+    Inline,
+}
+
+/// Rows older than this are pruned. Seconds.
+static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// How often the pruner runs. Seconds.
+static PRUNE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
+/// Rows deleted per transaction by the pruner, so a backlog never holds locks for long.
+static PRUNE_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// The database the pruner serves; read once at server start.
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// The largest payload `outbox_publish` accepts. Bytes.
+static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Reference or inline notifications.
+static NOTIFY_PAYLOAD: GucSetting<NotifyPayload> =
+    GucSetting::<NotifyPayload>::new(NotifyPayload::Reference);
+
+/// Registers the settings. `pg_outbox.database` can only be defined while the library is being
+/// preloaded: defining a postmaster-level setting later (from `CREATE EXTENSION`) is an error.
+pub fn init(preloading: bool) {
+    GucRegistry::define_int_guc(
+        c"pg_outbox.retention",
+        c"How long published events are kept before the pruner deletes them.",
+        c"Rows whose created_at is older than this, by the database clock, are pruned.",
+        &RETENTION,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.prune_interval",
+        c"How often the pruner deletes expired events.",
+        c"",
+        &PRUNE_INTERVAL,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.prune_batch_size",
+        c"How many rows the pruner deletes per transaction.",
+        c"Small batches keep each transaction and its locks short while a large backlog drains.",
+        &PRUNE_BATCH_SIZE,
+        1,
+        10_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.max_payload_bytes",
+        c"The largest payload outbox_publish accepts.",
+        c"Measured on the jsonb value; larger payloads are refused with SQLSTATE 54000.",
+        &MAX_PAYLOAD_BYTES,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_outbox.notify_payload",
+        c"What each notification carries: 'reference' (id and metadata) or 'inline' (the whole event when it fits).",
+        c"Inline payloads are visible to every role that can connect, since LISTEN has no privilege.",
+        &NOTIFY_PAYLOAD,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"pg_outbox.database",
+            c"The database whose event_outbox the pruner serves.",
+            c"Read at server start; create the extension in this database.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+}
+
+pub fn retention() -> Duration {
+    seconds(RETENTION.get())
+}
+
+pub fn prune_interval() -> Duration {
+    seconds(PRUNE_INTERVAL.get())
+}
+
+pub fn prune_batch_size() -> i64 {
+    i64::from(PRUNE_BATCH_SIZE.get())
+}
+
+/// The pruner's database, or `postgres` when the setting is empty.
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "postgres".to_owned())
+}
+
+pub fn max_payload_bytes() -> usize {
+    usize::try_from(MAX_PAYLOAD_BYTES.get()).unwrap_or(usize::MAX)
+}
+
+pub fn notify_payload() -> NotifyPayload {
+    NOTIFY_PAYLOAD.get()
+}
+
+fn seconds(value: i32) -> Duration {
+    Duration::from_secs(u64::try_from(value).unwrap_or(1))
+}

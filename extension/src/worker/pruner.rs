@@ -1,0 +1,133 @@
+//! The pruner: one background worker per server that deletes expired events from the
+//! `event_outbox` of the database named by `pg_outbox.database`, every
+//! `pg_outbox.prune_interval`, in batches of `pg_outbox.prune_batch_size`, each batch its own
+//! transaction, so a large backlog never becomes one long transaction holding many locks.
+//!
+//! It shows in `pg_stat_activity` with `backend_type = 'pg_outbox pruner'`, and its `query`
+//! column tells what it is doing. It reloads its settings on SIGHUP, exits promptly on SIGTERM,
+//! and is restarted by the postmaster after a crash or `pg_terminate_backend`.
+
+use std::ffi::CStr;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::guc;
+use crate::prune::{extension_schema, prune_batch};
+
+/// The name shown as `backend_type` in `pg_stat_activity`.
+pub const BACKEND_TYPE: &str = "pg_outbox pruner";
+
+/// How long the postmaster waits before starting the worker again after it exits.
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+
+/// Registers the pruner with the postmaster; called from `_PG_init` while preloading.
+pub fn register() {
+    BackgroundWorkerBuilder::new(BACKEND_TYPE)
+        .set_type(BACKEND_TYPE)
+        .set_library("pg_outbox")
+        .set_function("pg_outbox_pruner_main")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+/// The worker's entry point.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("pg_outbox pruner started in database \"{database}\"");
+
+    let mut pruner = Pruner {
+        database,
+        waiting_logged: false,
+    };
+    let mut next_pass = Instant::now();
+    let mut last_pass = Instant::now();
+    loop {
+        report_activity(c"idle");
+        if !BackgroundWorker::wait_latch(Some(next_pass.saturating_duration_since(Instant::now())))
+        {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: called from the worker's main loop, outside any transaction, as the
+            // postmaster's own processes do on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            next_pass = last_pass + guc::prune_interval();
+        }
+        if Instant::now() >= next_pass {
+            pruner.pass();
+            last_pass = Instant::now();
+            next_pass = last_pass + guc::prune_interval();
+        }
+        if shutdown_requested() {
+            break;
+        }
+    }
+    log!("pg_outbox pruner stopping");
+    // Exit with 1, not 0: a worker that exits with 0 is unregistered for good, and one killed
+    // by pg_terminate_backend should come back after its restart time.
+    // SAFETY: ends this process the way Postgres expects a backend to end.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+struct Pruner {
+    database: String,
+    /// Whether "not installed" has been logged since the extension was last seen, so waiting
+    /// for `CREATE EXTENSION` costs one log line, not one per interval.
+    waiting_logged: bool,
+}
+
+impl Pruner {
+    /// Deletes every expired row, a batch per transaction, stopping early on shutdown.
+    fn pass(&mut self) {
+        report_activity(c"checking for the extension");
+        let schema = BackgroundWorker::transaction(|| extension_schema().ok().flatten());
+        let Some(schema) = schema else {
+            if !self.waiting_logged {
+                log!(
+                    "pg_outbox is not installed in database \"{}\"; the pruner waits for CREATE EXTENSION pg_outbox there (or set pg_outbox.database)",
+                    self.database
+                );
+                self.waiting_logged = true;
+            }
+            report_activity(c"waiting for CREATE EXTENSION pg_outbox");
+            return;
+        };
+        self.waiting_logged = false;
+
+        report_activity(c"pruning");
+        let batch_size = guc::prune_batch_size();
+        let mut total = 0;
+        loop {
+            let deleted = BackgroundWorker::transaction(|| prune_batch(&schema, None, batch_size))
+                .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
+            total += deleted;
+            if deleted < batch_size || shutdown_requested() {
+                break;
+            }
+        }
+        if total > 0 {
+            debug1!("pg_outbox pruner deleted {total} expired events");
+        }
+    }
+}
+
+/// Whether SIGTERM arrived: the flag Postgres's own handler sets, which stays set.
+fn shutdown_requested() -> bool {
+    // SAFETY: a plain read of a flag set by the signal handler.
+    unsafe { pg_sys::ShutdownRequestPending != 0 }
+}
+
+/// Shows what the worker does in `pg_stat_activity.query`.
+fn report_activity(activity: &'static CStr) {
+    // SAFETY: the string is static; pgstat copies it into shared memory.
+    unsafe {
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr())
+    };
+}

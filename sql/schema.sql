@@ -1,0 +1,44 @@
+-- pg_outbox schema: the outbox table and the pruner's record.
+-- Created in the schema given to CREATE EXTENSION (default: the first schema in search_path).
+
+-- One row per published event. Rows are only ever inserted (by outbox_publish) and deleted (by the
+-- pruner); never updated.
+CREATE TABLE event_outbox (
+    -- UUIDv7: time-ordered, and increasing within one publishing backend, so (xid, id) orders
+    -- the events of one transaction as they were published.
+    id          uuid        PRIMARY KEY,
+    channel     text        NOT NULL,
+    user_id     text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    -- The publishing replica's instance id, so a relay can skip its own events.
+    origin      text,
+    -- The database clock when the event was published; pruning compares it with retention.
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The publishing top-level transaction. A catch-up reads the rows whose xid is visible in
+    -- a new snapshot and was not in the previous one: exact even when transactions commit out
+    -- of id order, unlike "id greater than the last one seen".
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id()
+);
+
+COMMENT ON TABLE event_outbox IS
+    'pg_outbox events: written by outbox_publish(), deleted by the pruner after pg_outbox.retention';
+
+-- The pruner deletes the oldest rows first.
+CREATE INDEX event_outbox_created_at_idx ON event_outbox (created_at);
+-- Catch-up scans the xid range between two snapshots.
+CREATE INDEX event_outbox_xid_idx ON event_outbox (xid, id);
+
+-- What pruning has done: one row, updated by every prune batch.
+CREATE TABLE outbox_prune_state (
+    only_row            boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    -- The greatest xid of any row ever pruned. A relay whose cursor does not cover it may have
+    -- missed pruned rows, and reports a gap.
+    pruned_through_xid  xid8        NOT NULL DEFAULT '0',
+    rows_pruned         bigint      NOT NULL DEFAULT 0,
+    last_pruned_at      timestamptz
+);
+INSERT INTO outbox_prune_state DEFAULT VALUES;
+
+-- pg_dump keeps the events and the prune record with the extension.
+SELECT pg_catalog.pg_extension_config_dump('event_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox_prune_state', '');

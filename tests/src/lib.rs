@@ -1,0 +1,433 @@
+//! The one throwaway-cluster harness that every end-to-end test of pg_outbox shares.
+//!
+//! Each [`Cluster`] is a private PostgreSQL server: its own data directory, a free TCP port on
+//! 127.0.0.1, its Unix socket in its own temporary directory, `shared_preload_libraries =
+//! 'pg_outbox'`, and `pg_outbox` created in the `postgres` database (the one the pruner serves by
+//! default). It is stopped and removed when dropped, even when the test panics.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
+//! `postgres` OS user (through `runuser`), exactly as the README's set-up does.
+
+use std::fmt;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+
+/// Settings every test cluster starts with, before the builder's own.
+const BASE_SETTINGS: &[(&str, &str)] = &[
+    ("shared_preload_libraries", "'pg_outbox'"),
+    ("fsync", "off"),
+    ("max_connections", "100"),
+    ("log_min_messages", "info"),
+];
+
+/// Builds a [`Cluster`] with extra `postgresql.conf` settings.
+#[derive(Debug, Default)]
+pub struct ClusterBuilder {
+    settings: Vec<(String, String)>,
+    preload: bool,
+    create_extension: bool,
+}
+
+impl ClusterBuilder {
+    /// Appends `name = value` to `postgresql.conf`; `value` is written as given, so quote strings
+    /// (`"'1s'"`) the way `postgresql.conf` expects.
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Whether `pg_outbox` is in `shared_preload_libraries` (the default): without it there is
+    /// no pruner worker, as on a server whose operator did not preload the library.
+    pub fn preload(mut self, preload: bool) -> Self {
+        self.preload = preload;
+        self
+    }
+
+    /// Whether `CREATE EXTENSION pg_outbox` runs in the `postgres` database at start (the default).
+    pub fn create_extension(mut self, create: bool) -> Self {
+        self.create_extension = create;
+        self
+    }
+
+    /// Runs initdb, writes the configuration and starts the server.
+    pub fn start(self) -> Cluster {
+        Cluster::init(self)
+    }
+}
+
+/// A private PostgreSQL server for one test, removed on drop.
+pub struct Cluster {
+    root: PathBuf,
+    port: u16,
+    bindir: PathBuf,
+    as_postgres_user: bool,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("root", &self.root)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// A cluster with the default settings and the extension created in `postgres`.
+    pub fn start() -> Cluster {
+        Cluster::builder().start()
+    }
+
+    /// A builder, for extra settings.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            settings: Vec::new(),
+            preload: true,
+            create_extension: true,
+        }
+    }
+
+    fn init(builder: ClusterBuilder) -> Cluster {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "pg_outbox-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("create the cluster directory");
+        // The server's user must be able to enter and write the directory; it holds nothing
+        // secret (a throwaway cluster with trust authentication on a private socket).
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777))
+            .expect("open the cluster directory to the server's user");
+
+        let as_postgres_user = is_root();
+        let cluster = Cluster {
+            root,
+            port: free_port(),
+            bindir: pg_bindir(),
+            as_postgres_user,
+        };
+        if as_postgres_user {
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&cluster.root));
+        }
+        cluster.run_pg("initdb", |cmd| {
+            cmd.arg("-D")
+                .arg(cluster.data_dir())
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
+                .args(["--locale=C.UTF-8", "--no-sync"]);
+        });
+
+        let mut conf = format!(
+            "\n# pg_outbox test harness\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            cluster.port,
+            cluster.root.display()
+        );
+        for (name, value) in BASE_SETTINGS {
+            if *name == "shared_preload_libraries" && !builder.preload {
+                continue;
+            }
+            conf.push_str(&format!("{name} = {value}\n"));
+        }
+        for (name, value) in &builder.settings {
+            conf.push_str(&format!("{name} = {value}\n"));
+        }
+        append(&cluster.data_dir().join("postgresql.conf"), &conf);
+
+        cluster.pg_ctl_start();
+        if builder.create_extension {
+            cluster.psql("postgres", "CREATE EXTENSION pg_outbox");
+        }
+        cluster
+    }
+
+    /// The directory that holds the data directory, the log and the socket.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The server's TCP port on 127.0.0.1 (the socket in [`Cluster::root`] has the same number).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A libpq-style connection string for `dbname` over the Unix socket, as `postgres`.
+    pub fn connection_string(&self, dbname: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={dbname}",
+            self.root.display(),
+            self.port
+        )
+    }
+
+    /// A connection configuration for `dbname` as `user`, over the Unix socket.
+    pub fn config(&self, dbname: &str, user: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.root)
+            .port(self.port)
+            .user(user)
+            .dbname(dbname)
+            .application_name("pg_outbox-tests");
+        config
+    }
+
+    /// Connects to `dbname` as `postgres`; the connection is driven by a spawned task.
+    pub async fn connect(&self, dbname: &str) -> Client {
+        self.connect_as(dbname, "postgres").await
+    }
+
+    /// Connects to `dbname` as `user`; the connection is driven by a spawned task.
+    pub async fn connect_as(&self, dbname: &str, user: &str) -> Client {
+        let (client, connection) = self
+            .config(dbname, user)
+            .connect(NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {dbname} as {user}: {e}"));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A session that has run `LISTEN pg_outbox` in `dbname`, with its notifications in a queue.
+    pub async fn listener(&self, dbname: &str) -> Listener {
+        let (client, mut connection) = self
+            .config(dbname, "postgres")
+            .connect(NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect the listener to {dbname}: {e}"));
+        let (sender, notifications) = mpsc::unbounded_channel();
+        // Notifications only surface through `poll_message`: a plain `tokio::spawn(connection)`
+        // would drop them.
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(notification) = message {
+                    if sender.send(notification).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute("LISTEN pg_outbox")
+            .await
+            .expect("LISTEN pg_outbox");
+        Listener {
+            client,
+            notifications,
+        }
+    }
+
+    /// Runs `sql` through psql in `dbname`, stopping at the first error; returns what it printed.
+    pub fn psql(&self, dbname: &str, sql: &str) -> String {
+        let output = self.run_pg("psql", |cmd| {
+            cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+                .arg("-h")
+                .arg(&self.root)
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-U", "postgres", "-d", dbname, "-c", sql]);
+        });
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`): every connection is dropped.
+    pub fn restart(&self) {
+        self.run_pg("pg_ctl", |cmd| {
+            cmd.arg("-D")
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(self.log_path())
+                .args(["-w", "-t", "60", "-m", "fast", "restart"]);
+        });
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`).
+    pub fn stop(&self) {
+        self.run_pg("pg_ctl", |cmd| {
+            cmd.arg("-D")
+                .arg(self.data_dir())
+                .args(["-w", "-t", "60", "-m", "fast", "stop"]);
+        });
+    }
+
+    /// Starts a stopped server again.
+    pub fn pg_ctl_start(&self) {
+        self.run_pg("pg_ctl", |cmd| {
+            cmd.arg("-D")
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(self.log_path())
+                .args(["-w", "-t", "60", "start"]);
+        });
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n--- server log ---\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.join("server.log")
+    }
+
+    fn pg_command(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        if self.as_postgres_user {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(path);
+            cmd
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run_pg(&self, program: &str, configure: impl FnOnce(&mut Command)) -> Output {
+        let mut cmd = self.pg_command(program);
+        configure(&mut cmd);
+        let output = run(&mut cmd);
+        if !output.status.success() && program == "pg_ctl" {
+            panic!("--- server log ---\n{}", self.log());
+        }
+        output
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A `LISTEN pg_outbox` session (see [`Cluster::listener`]).
+pub struct Listener {
+    /// The listening session itself, for queries on the same connection.
+    pub client: Client,
+    notifications: mpsc::UnboundedReceiver<Notification>,
+}
+
+impl Listener {
+    /// The next notification's payload parsed as JSON; panics if none arrives within 10 s.
+    pub async fn next(&mut self) -> serde_json::Value {
+        let notification = tokio::time::timeout(Duration::from_secs(10), self.notifications.recv())
+            .await
+            .expect("a notification within 10 s")
+            .expect("the listener connection is open");
+        assert_eq!(notification.channel(), "pg_outbox");
+        serde_json::from_str(notification.payload()).unwrap_or_else(|e| {
+            panic!("notification is not JSON ({e}): {}", notification.payload())
+        })
+    }
+
+    /// The raw payload of the next notification; panics if none arrives within 10 s.
+    pub async fn next_raw(&mut self) -> String {
+        let notification = tokio::time::timeout(Duration::from_secs(10), self.notifications.recv())
+            .await
+            .expect("a notification within 10 s")
+            .expect("the listener connection is open");
+        notification.payload().to_owned()
+    }
+}
+
+/// Runs a command to completion and panics with its output when it fails.
+fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    if !output.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    output
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    file.write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// The server binaries' directory, from `$PG_CONFIG` (default `pg_config`) `--bindir`.
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".to_owned());
+    let output = run(Command::new(&pg_config).arg("--bindir"));
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+fn is_root() -> bool {
+    let output = run(Command::new("id").arg("-u"));
+    String::from_utf8_lossy(&output.stdout).trim() == "0"
+}
+
+/// A TCP port nobody listens on right now (the kernel's choice of an ephemeral port).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("find a free port")
+}
+
+impl Cluster {
+    /// Terminates (`pg_terminate_backend`) every backend whose `application_name` is `name`;
+    /// returns how many there were.
+    pub fn terminate_backends(&self, name: &str) -> usize {
+        let quoted = name.replace('\'', "''");
+        let out = self.psql(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{quoted}' AND pid <> pg_backend_pid()"
+            ),
+        );
+        out.parse().unwrap_or(0)
+    }
+}

@@ -107,3 +107,10 @@ pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
 pub use relay::Relay;
+
+/// The advance statement for the extension in `schema` (`$1`: the cursor's snapshot as text),
+/// exposed for the end-to-end test that checks its plan. Not a stable API.
+#[doc(hidden)]
+pub fn __advance_sql(schema: &str) -> String {
+    catchup::advance_sql(schema, false)
+}

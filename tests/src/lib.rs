@@ -96,31 +96,7 @@ impl Cluster {
     }
 
     fn init(builder: ClusterBuilder) -> Cluster {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let root = std::env::temp_dir().join(format!(
-            "pg_outbox-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).expect("create the cluster directory");
-        // The server's user must be able to enter and write the directory; it holds nothing
-        // secret (a throwaway cluster with trust authentication on a private socket).
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777))
-            .expect("open the cluster directory to the server's user");
-
-        let as_postgres_user = is_root();
-        let cluster = Cluster {
-            root,
-            port: free_port(),
-            bindir: pg_bindir(),
-            as_postgres_user,
-        };
-        if as_postgres_user {
-            run(Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&cluster.root));
-        }
+        let cluster = Cluster::empty(is_root());
         cluster.run_pg("initdb", |cmd| {
             cmd.arg("-D")
                 .arg(cluster.data_dir())
@@ -128,11 +104,7 @@ impl Cluster {
                 .args(["--locale=C.UTF-8", "--no-sync"]);
         });
 
-        let mut conf = format!(
-            "\n# pg_outbox test harness\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
-            cluster.port,
-            cluster.root.display()
-        );
+        let mut conf = cluster.connection_settings();
         for (name, value) in BASE_SETTINGS {
             if *name == "shared_preload_libraries" && !builder.preload {
                 continue;
@@ -149,6 +121,65 @@ impl Cluster {
             cluster.psql("postgres", "CREATE EXTENSION pg_outbox");
         }
         cluster
+    }
+
+    /// A cluster's directory, port and binaries, with no data directory yet.
+    fn empty(as_postgres_user: bool) -> Cluster {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "pg_outbox-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("create the cluster directory");
+        // The server's user must be able to enter and write the directory; it holds nothing
+        // secret (a throwaway cluster with trust authentication on a private socket).
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777))
+            .expect("open the cluster directory to the server's user");
+
+        let cluster = Cluster {
+            root,
+            port: free_port(),
+            bindir: pg_bindir(),
+            as_postgres_user,
+        };
+        if as_postgres_user {
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&cluster.root));
+        }
+        cluster
+    }
+
+    /// Where this server listens, as `postgresql.conf` lines.
+    fn connection_settings(&self) -> String {
+        format!(
+            "\n# pg_outbox test harness\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            self.port,
+            self.root.display()
+        )
+    }
+
+    /// A hot standby of this cluster, streaming from it (`pg_basebackup -R`), removed on drop.
+    pub fn standby(&self) -> Cluster {
+        let standby = Cluster::empty(self.as_postgres_user);
+        standby.run_pg("pg_basebackup", |cmd| {
+            cmd.arg("-D")
+                .arg(standby.data_dir())
+                .arg("-h")
+                .arg(&self.root)
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync"]);
+        });
+        // The copied configuration still names the primary's port and socket: later lines win.
+        append(
+            &standby.data_dir().join("postgresql.conf"),
+            &standby.connection_settings(),
+        );
+        standby.pg_ctl_start();
+        standby
     }
 
     /// The directory that holds the data directory, the log and the socket.

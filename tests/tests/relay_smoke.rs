@@ -35,7 +35,10 @@ async fn delivers_what_is_published_after_start_then_stops() {
         .await;
     relay_support::wait_for_advances(&cluster, &relay, 2).await;
     all.assert_exactly("relay", &expected);
-    assert!(!all.has(before), "an event committed before start() was replayed");
+    assert!(
+        !all.has(before),
+        "an event committed before start() was replayed"
+    );
 
     relay.shutdown().await;
     assert_eq!(relay.health(), Health::Stopped);

@@ -136,7 +136,10 @@ impl Collector {
         }
         let duplicated = counts.values().filter(|&&n| n > 1).count();
         let unexpected = counts.keys().filter(|id| !expected.contains(id)).count();
-        let missing = expected.iter().filter(|id| !counts.contains_key(id)).count();
+        let missing = expected
+            .iter()
+            .filter(|id| !counts.contains_key(id))
+            .count();
         assert!(
             duplicated == 0 && unexpected == 0 && missing == 0,
             "{what}: {} received, {} expected: {duplicated} duplicated, {unexpected} unexpected, {missing} missing",

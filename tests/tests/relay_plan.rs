@@ -1,0 +1,39 @@
+//! The relay's advance query reads `event_outbox` through the xid index, not a scan of the
+//! whole table, so a catch-up costs what it returns.
+
+use pg_outbox_tests::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_advance_query_uses_the_xid_index() {
+    let cluster = Cluster::start();
+    // Many transactions (one xid each), as in production.
+    cluster.psql(
+        "postgres",
+        "DO $$ BEGIN FOR g IN 1..5000 LOOP \
+           PERFORM outbox_publish('chat', 'u' || (g % 10), jsonb_build_object('n', g)); \
+           COMMIT; \
+         END LOOP; END $$",
+    );
+    cluster.psql("postgres", "ANALYZE event_outbox");
+    let client = cluster.connect("postgres").await;
+    // The statement the relay prepares, with a generic plan (as a prepared statement may get).
+    client
+        .batch_execute(&format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE advance(text) AS {}",
+            pg_outbox_client::__advance_sql("public")
+        ))
+        .await
+        .unwrap();
+    let plan: Vec<String> = client
+        .query("EXPLAIN EXECUTE advance('1000:1000:')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("event_outbox_xid_idx"),
+        "the advance query does not use the xid index:\n{plan}"
+    );
+}

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use pg_outbox_client::{Delivery, Gap, Relay, RelayBuilder, Subscription};
 use pg_outbox_tests::Cluster;
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
 /// How long any single wait in the relay tests may take.
@@ -26,7 +26,7 @@ pub fn relay(cluster: &Cluster, application_name: &str) -> RelayBuilder {
 
 /// Publishes one event with `client`; returns its id.
 pub async fn publish(
-    client: &Client,
+    client: &impl GenericClient,
     channel: &str,
     user_id: &str,
     payload: &str,
@@ -39,7 +39,7 @@ pub async fn publish(
 
 /// Publishes one event with `client`.
 pub async fn try_publish(
-    client: &Client,
+    client: &impl GenericClient,
     channel: &str,
     user_id: &str,
     payload: &str,

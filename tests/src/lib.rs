@@ -133,10 +133,10 @@ impl Cluster {
         ));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create the cluster directory");
-        // The server's user must be able to enter and write the directory; it holds nothing
-        // secret (a throwaway cluster with trust authentication on a private socket).
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777))
-            .expect("open the cluster directory to the server's user");
+        // Trust authentication on the socket: keep the directory to its owner (the server's
+        // user, or the tests' own when they do not run as root).
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .expect("restrict the cluster directory");
 
         let cluster = Cluster {
             root,
@@ -171,7 +171,15 @@ impl Cluster {
                 .arg(&self.root)
                 .arg("-p")
                 .arg(self.port.to_string())
-                .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync"]);
+                .args([
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--checkpoint=fast",
+                    "--no-sync",
+                ]);
         });
         // The copied configuration still names the primary's port and socket: later lines win.
         append(

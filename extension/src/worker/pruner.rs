@@ -19,6 +19,9 @@ use crate::prune::{extension_schema, prune_batch};
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox pruner";
 
+/// What `pg_stat_activity.query` shows while the extension is missing from the database.
+const WAITING_FOR_EXTENSION: &CStr = c"waiting for CREATE EXTENSION pg_outbox";
+
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 
@@ -49,7 +52,6 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
     let mut next_pass = Instant::now();
     let mut last_pass = Instant::now();
     loop {
-        report_activity(c"idle");
         if !BackgroundWorker::wait_latch(Some(next_pass.saturating_duration_since(Instant::now())))
         {
             break;
@@ -96,7 +98,7 @@ impl Pruner {
                 );
                 self.waiting_logged = true;
             }
-            report_activity(c"waiting for CREATE EXTENSION pg_outbox");
+            report_activity(WAITING_FOR_EXTENSION);
             return;
         };
         self.waiting_logged = false;
@@ -115,6 +117,7 @@ impl Pruner {
         if total > 0 {
             debug1!("pg_outbox pruner deleted {total} expired events");
         }
+        report_activity(c"idle");
     }
 }
 

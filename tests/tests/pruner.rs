@@ -1,0 +1,203 @@
+//! The pruner worker: deletes what retention says, in batches, follows reloads, comes back
+//! after being killed, and waits quietly for the extension.
+
+use std::time::Duration;
+
+use pg_outbox_tests::Cluster;
+use tokio_postgres::Client;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A cluster whose pruner runs every second in batches of 10, with the retention given.
+fn cluster_with_retention(retention: &str) -> Cluster {
+    Cluster::builder()
+        .setting("pg_outbox.retention", &format!("'{retention}'"))
+        .setting("pg_outbox.prune_interval", "'1s'")
+        .setting("pg_outbox.prune_batch_size", "10")
+        .start()
+}
+
+/// Inserts `count` events created `age` ago, as if published then.
+async fn insert_aged(client: &Client, count: i32, age: &str) {
+    client
+        .execute(
+            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at)
+             SELECT gen_random_uuid(), 'c', 'u', '{}', clock_timestamp() - $2::text::interval
+             FROM generate_series(1, $1)",
+            &[&count, &age],
+        )
+        .await
+        .unwrap();
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The pruner's pid, once it is running.
+async fn pruner_pid(cluster: &Cluster, client: &Client) -> i32 {
+    cluster
+        .wait_for("the pruner in pg_stat_activity", WAIT, || async {
+            client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0))
+        })
+        .await
+}
+
+/// Waits until the pruner has completed a pass that started after this call.
+async fn wait_for_a_full_pass(cluster: &Cluster, client: &Client) {
+    let since: String = client
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    cluster
+        .wait_for("a prune pass", WAIT, || async {
+            let row = client
+                .query_one(
+                    "SELECT last_pruned_at > $1::text::timestamptz FROM outbox_prune_state",
+                    &[&since],
+                )
+                .await
+                .unwrap();
+            row.get::<_, Option<bool>>(0).filter(|done| *done)
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn prunes_expired_rows_in_batches_and_keeps_younger_ones() {
+    let cluster = cluster_with_retention("1h");
+    let client = cluster.connect("postgres").await;
+    insert_aged(&client, 35, "2 hours").await;
+    insert_aged(&client, 5, "50 minutes").await;
+    client
+        .execute("SELECT outbox_publish('c', 'u', '{}')", &[])
+        .await
+        .unwrap();
+
+    cluster
+        .wait_for("the expired rows to go", WAIT, || async {
+            (count(&client, "SELECT count(*) FROM event_outbox").await == 6).then_some(())
+        })
+        .await;
+    let stats = client
+        .query_one(
+            "SELECT rows_pruned, worker_pid IS NOT NULL, worker_database::text FROM outbox_stats()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stats.get::<_, i64>(0), 35);
+    assert!(stats.get::<_, bool>(1));
+    assert_eq!(stats.get::<_, String>(2), "postgres");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM event_outbox WHERE created_at < now() - interval '1 hour'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn follows_a_reloaded_retention() {
+    let cluster = cluster_with_retention("1h");
+    let client = cluster.connect("postgres").await;
+    insert_aged(&client, 12, "10 minutes").await;
+    wait_for_a_full_pass(&cluster, &client).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_outbox").await,
+        12
+    );
+
+    client
+        .batch_execute("ALTER SYSTEM SET pg_outbox.retention = '5min'")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    cluster
+        .wait_for("the reloaded retention to prune", WAIT, || async {
+            (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn comes_back_after_pg_terminate_backend() {
+    let cluster = cluster_with_retention("1h");
+    let client = cluster.connect("postgres").await;
+    let first = pruner_pid(&cluster, &client).await;
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    let second = cluster
+        .wait_for("a new pruner", WAIT, || async {
+            let pid = pruner_pid(&cluster, &client).await;
+            (pid != first).then_some(pid)
+        })
+        .await;
+    assert_ne!(first, second);
+    // And it still prunes.
+    insert_aged(&client, 3, "2 hours").await;
+    cluster
+        .wait_for("the new pruner to prune", WAIT, || async {
+            (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn waits_quietly_for_the_extension() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.prune_interval", "'1s'")
+        .create_extension(false)
+        .start();
+    let client = cluster.connect("postgres").await;
+    let waiting = "waiting for CREATE EXTENSION pg_outbox";
+    cluster
+        .wait_for("the pruner to wait for the extension", WAIT, || async {
+            let state: Option<String> = client
+                .query_opt(
+                    "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0));
+            (state.as_deref() == Some(waiting)).then_some(())
+        })
+        .await;
+    // Several intervals later, still one line in the log and the same process.
+    let pid = pruner_pid(&cluster, &client).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pruner_pid(&cluster, &client).await, pid);
+    assert_eq!(
+        cluster.log().matches("pg_outbox is not installed").count(),
+        1,
+        "{}",
+        cluster.log()
+    );
+
+    client
+        .batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    insert_aged(&client, 3, "2 hours").await;
+    cluster
+        .wait_for("the pruner to prune once installed", WAIT, || async {
+            (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
+        })
+        .await;
+}

@@ -106,7 +106,7 @@ pub use fanout::Subscription;
 pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
-pub use relay::Relay;
+pub use relay::{Relay, Topic};
 
 /// The advance statement for the extension in `schema` (`$1`: the cursor's snapshot as text),
 /// exposed for the end-to-end test that checks its plan. Not a stable API.

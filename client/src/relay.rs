@@ -9,6 +9,7 @@ use tracing::warn;
 use crate::config::RelayBuilder;
 use crate::error::Error;
 use crate::fanout::{Fanout, Filter, Subscription};
+
 use crate::health::Health;
 use crate::listener::{Listener, Shared};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -65,10 +66,7 @@ impl Relay {
 
     /// Events of one channel, every user.
     pub fn subscribe(&self, channel: impl Into<String>) -> Subscription {
-        self.subscribe_filter(Filter {
-            channel: Some(channel.into()),
-            user_id: None,
-        })
+        self.subscribe_to(Topic::channel(channel))
     }
 
     /// Events of one channel addressed to one user.
@@ -77,23 +75,18 @@ impl Relay {
         channel: impl Into<String>,
         user_id: impl Into<String>,
     ) -> Subscription {
-        self.subscribe_filter(Filter {
-            channel: Some(channel.into()),
-            user_id: Some(user_id.into()),
-        })
+        self.subscribe_to(Topic::channel(channel).user(user_id))
     }
 
     /// Every event the relay delivers.
     pub fn subscribe_all(&self) -> Subscription {
-        self.subscribe_filter(Filter {
-            channel: None,
-            user_id: None,
-        })
+        self.subscribe_to(Topic::all())
     }
 
-    fn subscribe_filter(&self, filter: Filter) -> Subscription {
+    /// Events matching `topic`, with its own buffer size if it sets one.
+    pub fn subscribe_to(&self, topic: Topic) -> Subscription {
         let channels = &self.inner.config.channels;
-        if let Some(channel) = &filter.channel {
+        if let Some(channel) = &topic.filter.channel {
             if !channels.is_empty() && !channels.contains(channel) {
                 warn!(
                     channel = %channel,
@@ -101,10 +94,8 @@ impl Relay {
                 );
             }
         }
-        self.inner
-            .shared
-            .fanout
-            .subscribe(filter, self.inner.config.subscriber_buffer)
+        let buffer = topic.buffer.unwrap_or(self.inner.config.subscriber_buffer);
+        self.inner.shared.fanout.subscribe(topic.filter, buffer)
     }
 
     /// Connects, LISTENs, proves LISTEN holds, and takes the starting snapshot; then relays in
@@ -173,5 +164,51 @@ impl std::fmt::Debug for Relay {
             .field("instance_id", &self.inner.config.instance_id)
             .field("health", &self.health())
             .finish()
+    }
+}
+
+/// What a subscription wants: a channel (or all), optionally one user, optionally its own
+/// buffer size.
+///
+/// ```
+/// use pg_outbox_client::Topic;
+/// let topic = Topic::channel("chat").user("u1").buffer(64);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Topic {
+    filter: Filter,
+    buffer: Option<usize>,
+}
+
+impl Topic {
+    /// Every channel, every user.
+    pub fn all() -> Topic {
+        Topic {
+            filter: Filter {
+                channel: None,
+                user_id: None,
+            },
+            buffer: None,
+        }
+    }
+
+    /// One channel, every user.
+    pub fn channel(channel: impl Into<String>) -> Topic {
+        let mut topic = Topic::all();
+        topic.filter.channel = Some(channel.into());
+        topic
+    }
+
+    /// Only the events addressed to this user.
+    pub fn user(mut self, user_id: impl Into<String>) -> Topic {
+        self.filter.user_id = Some(user_id.into());
+        self
+    }
+
+    /// This subscription's buffer, in events, instead of the relay's `subscriber_buffer`
+    /// (at least 1).
+    pub fn buffer(mut self, events: usize) -> Topic {
+        self.buffer = Some(events);
+        self
     }
 }

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_outbox_client::Relay;
 use pg_outbox_tests::Cluster;
-use relay_support::{committed_ids, relay, try_publish, wait_for_advances, Collector, WAIT};
+use relay_support::{
+    committed_ids, relay, try_publish, wait_for_advances, wait_listening, Collector, WAIT,
+};
 use tokio_postgres::NoTls;
 
 const PUBLISHERS: usize = 3;
@@ -70,7 +71,7 @@ async fn kills_and_restarts_lose_and_duplicate_nothing() {
                         sent += 1;
                     }
                     published.fetch_add(t % 3 + 1, Ordering::Relaxed);
-                    let done = if ok && t % 11 != 0 {
+                    let done = if ok && !t.is_multiple_of(11) {
                         tx.commit().await
                     } else {
                         tx.rollback().await
@@ -137,11 +138,4 @@ async fn kills_and_restarts_lose_and_duplicate_nothing() {
     for (relay, _) in &relays {
         relay.shutdown().await;
     }
-}
-
-async fn wait_listening(relay: &Relay) {
-    tokio::time::timeout(WAIT, relay.watch_health().wait_for(|h| h.is_listening()))
-        .await
-        .expect("the relay listens again")
-        .expect("the relay is running");
 }

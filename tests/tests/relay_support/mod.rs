@@ -18,7 +18,12 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// A relay builder for `cluster` with test-sized timings: quick backoff and sweep.
 pub fn relay(cluster: &Cluster, application_name: &str) -> RelayBuilder {
-    Relay::builder(cluster.config("postgres", "postgres"))
+    relay_as(cluster, application_name, "postgres")
+}
+
+/// [`relay`], connecting as `user`.
+pub fn relay_as(cluster: &Cluster, application_name: &str, user: &str) -> RelayBuilder {
+    Relay::builder(cluster.config("postgres", user))
         .application_name(application_name)
         .backoff(Duration::from_millis(20), Duration::from_millis(300))
         .sweep_interval(Duration::from_millis(250))
@@ -169,4 +174,43 @@ pub async fn wait_for_advances(cluster: &Cluster, relay: &Relay, n: u64) {
             (relay.metrics().advances >= before + n).then_some(())
         })
         .await;
+}
+
+/// Creates the login role `name` with what a relay needs (read the outbox tables), so a test can
+/// lock the relay out (`set_login(false)`) and let it back in.
+pub fn create_relay_role(cluster: &Cluster, name: &str) {
+    cluster.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE {name} LOGIN; \
+             GRANT SELECT ON event_outbox, outbox_prune_state TO {name}"
+        ),
+    );
+}
+
+/// Allows or forbids `role` to log in; existing sessions are not affected.
+pub fn set_login(cluster: &Cluster, role: &str, login: bool) {
+    let what = if login { "LOGIN" } else { "NOLOGIN" };
+    cluster.psql("postgres", &format!("ALTER ROLE {role} {what}"));
+}
+
+/// Waits until the relay reports it is listening.
+pub async fn wait_listening(relay: &Relay) {
+    tokio::time::timeout(WAIT, relay.watch_health().wait_for(|h| h.is_listening()))
+        .await
+        .expect("the relay listens")
+        .expect("the relay is running");
+}
+
+/// Waits until the relay reports it is reconnecting.
+pub async fn wait_reconnecting(relay: &Relay) {
+    tokio::time::timeout(
+        WAIT,
+        relay
+            .watch_health()
+            .wait_for(|h| matches!(h, pg_outbox_client::Health::Reconnecting { .. })),
+    )
+    .await
+    .expect("the relay reconnects")
+    .expect("the relay is running");
 }

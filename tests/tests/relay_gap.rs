@@ -1,0 +1,69 @@
+//! Rows pruned before a disconnected relay could read them are reported as a gap (a marker to
+//! every subscriber and a counter), never silently skipped.
+
+mod relay_support;
+
+use std::collections::HashSet;
+
+use pg_outbox_client::Gap;
+use pg_outbox_tests::Cluster;
+use relay_support::{
+    create_relay_role, publish, relay_as, set_login, wait_for_advances, wait_listening,
+    wait_reconnecting, Collector,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_pruned_while_disconnected_are_reported_as_a_gap() {
+    let cluster = Cluster::start();
+    create_relay_role(&cluster, "relay_user");
+    let relay = relay_as(&cluster, "relay_gap", "relay_user")
+        .build()
+        .unwrap();
+    let all = Collector::spawn(relay.subscribe_all());
+    let chat = Collector::spawn(relay.subscribe("chat"));
+    relay.start().await.unwrap();
+
+    let client = cluster.connect("postgres").await;
+    let seen = publish(&client, "chat", "u1", r#"{"n":1}"#, None).await;
+    all.wait_for_all(&cluster, "the first event", &HashSet::from([seen]))
+        .await;
+    // Pruning what the relay already has is no gap.
+    cluster.psql("postgres", "SELECT outbox_prune('0 seconds')");
+    wait_for_advances(&cluster, &relay, 2).await;
+    assert_eq!(relay.metrics().gaps, 0);
+
+    // The relay is away while events are published and pruned.
+    set_login(&cluster, "relay_user", false);
+    assert_eq!(cluster.terminate_backends("relay_gap"), 1);
+    wait_reconnecting(&relay).await;
+    let lost = publish(&client, "chat", "u1", r#"{"n":2}"#, None).await;
+    let pruned = cluster.psql("postgres", "SELECT outbox_prune('0 seconds')");
+    assert_eq!(pruned, "1");
+    let kept = publish(&client, "chat", "u1", r#"{"n":3}"#, None).await;
+    set_login(&cluster, "relay_user", true);
+    wait_listening(&relay).await;
+
+    all.wait_for_all(
+        &cluster,
+        "the event after the gap",
+        &HashSet::from([seen, kept]),
+    )
+    .await;
+    wait_for_advances(&cluster, &relay, 2).await;
+    assert!(!all.has(lost));
+    assert_eq!(relay.metrics().gaps, 1);
+    for collector in [&all, &chat] {
+        let gaps = collector.gaps();
+        assert!(matches!(gaps.as_slice(), [Gap::Pruned { .. }]), "{gaps:?}");
+    }
+    // The gap marker comes before the events caught up after it.
+    let items = all.items();
+    let gap_at = items
+        .iter()
+        .position(|d| matches!(d, pg_outbox_client::Delivery::Gap(_)));
+    let kept_at = items
+        .iter()
+        .position(|d| d.event().map(|e| e.id()) == Some(kept));
+    assert!(gap_at < kept_at, "{items:?}");
+    relay.shutdown().await;
+}

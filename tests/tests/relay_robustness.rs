@@ -1,0 +1,64 @@
+//! Nothing read from the network stops the relay: malformed notifications, unknown versions,
+//! events nobody subscribes to, payloads that do not fit the subscriber's type, and
+//! notifications for rows that do not exist.
+
+mod relay_support;
+
+use std::collections::HashSet;
+
+use pg_outbox_client::{Gap, Health};
+use pg_outbox_tests::Cluster;
+use relay_support::{publish, relay, wait_for_advances, Collector};
+
+#[derive(serde::Deserialize, Debug)]
+#[allow(dead_code)]
+struct Chat {
+    text: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_counted_and_skipped() {
+    let cluster = Cluster::start();
+    let relay = relay(&cluster, "relay_robust").build().unwrap();
+    let chat = Collector::spawn(relay.subscribe("chat"));
+    relay.start().await.unwrap();
+
+    let client = cluster.connect("postgres").await;
+    for payload in ["garbage", r#"{"v":99,"id":"x"}"#, "{}"] {
+        client
+            .execute("SELECT pg_notify('pg_outbox', $1)", &[&payload])
+            .await
+            .unwrap();
+    }
+    // A well-formed reference to a row that does not exist: reported, not invented.
+    client
+        .batch_execute(
+            "SELECT pg_notify('pg_outbox', json_build_object('v', 1, 'id', gen_random_uuid(), \
+               'channel', 'chat', 'user_id', 'u1', 'origin', null, \
+               'xid', pg_current_xact_id()::text::bigint, 'created_at_us', 0)::text)",
+        )
+        .await
+        .unwrap();
+    publish(&client, "nobody_listens", "u1", r#"{"n":1}"#, None).await;
+    let odd = publish(&client, "chat", "u1", r#"{"not":"a chat message"}"#, None).await;
+    let good = publish(&client, "chat", "u1", r#"{"text":"hi"}"#, None).await;
+
+    let expected = HashSet::from([odd, good]);
+    chat.wait_for_all(&cluster, "the events after the bad input", &expected)
+        .await;
+    wait_for_advances(&cluster, &relay, 2).await;
+    chat.assert_exactly("chat", &expected);
+    assert_eq!(relay.health(), Health::Listening);
+
+    let items = chat.items();
+    let events: Vec<_> = items.iter().filter_map(|d| d.event()).collect();
+    assert!(events[0].decode::<Chat>().is_err());
+    assert_eq!(events[1].decode::<Chat>().unwrap().text, "hi");
+    assert!(matches!(chat.gaps().as_slice(), [Gap::Missing { .. }]));
+
+    let metrics = relay.metrics();
+    assert_eq!(metrics.decode_errors, 3, "{metrics:?}");
+    assert_eq!(metrics.gaps, 1);
+    assert_eq!(metrics.delivered, 3); // including the one nobody subscribed to
+    relay.shutdown().await;
+}

@@ -1,0 +1,69 @@
+//! `start()` fails fast with an error that names the cause; a relay whose handles are all
+//! dropped stops.
+
+mod relay_support;
+
+use pg_outbox_client::{Error, Health, RelayBuilder};
+use pg_outbox_tests::Cluster;
+use relay_support::relay;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_the_extension_is_named() {
+    let cluster = Cluster::start();
+    cluster.psql("postgres", "CREATE DATABASE plain");
+    let relay = RelayBuilder::new(cluster.config("plain", "postgres"))
+        .build()
+        .unwrap();
+    let err = relay.start().await.unwrap_err();
+    assert!(matches!(err, Error::ExtensionMissing { .. }), "{err}");
+    assert_eq!(err.code(), Some("42P01"));
+    assert!(err.to_string().contains("CREATE EXTENSION pg_outbox"));
+    assert_eq!(relay.health(), Health::NotStarted);
+
+    let relay = relay_support::relay(&cluster, "relay_schema")
+        .schema("elsewhere")
+        .build()
+        .unwrap();
+    let err = relay.start().await.unwrap_err();
+    assert!(matches!(err, Error::ExtensionMissing { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_connect_error() {
+    let cluster = Cluster::start();
+    let mut config = cluster.config("postgres", "postgres");
+    config.port(1); // nothing listens there
+    let relay = RelayBuilder::new(config).build().unwrap();
+    let err = relay.start().await.unwrap_err();
+    assert!(matches!(err, Error::Connect(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_stops_the_relay() {
+    let cluster = Cluster::start();
+    let relay = relay(&cluster, "relay_dropped").build().unwrap();
+    let mut subscription = relay.subscribe_all();
+    relay.start().await.unwrap();
+    let mut health = relay.watch_health();
+    let clone = relay.clone();
+    drop(relay);
+    assert!(clone.health().is_listening());
+    drop(clone);
+    tokio::time::timeout(
+        relay_support::WAIT,
+        health.wait_for(|h| *h == Health::Stopped),
+    )
+    .await
+    .expect("the relay stops")
+    .ok();
+    assert!(subscription.recv().await.is_none());
+    cluster
+        .wait_for("the relay's backend to go", relay_support::WAIT, || async {
+            let n = cluster.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay_dropped'",
+            );
+            (n == "0").then_some(())
+        })
+        .await;
+}

@@ -67,3 +67,16 @@ async fn dropping_every_handle_stops_the_relay() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_refused_naming_the_fix() {
+    let primary = Cluster::start();
+    let standby = primary.standby();
+    let relay = RelayBuilder::new(standby.config("postgres", "postgres"))
+        .build()
+        .unwrap();
+    let err = relay.start().await.unwrap_err();
+    assert!(matches!(err, Error::Standby), "{err}");
+    assert_eq!(err.code(), Some("25006"));
+    assert!(err.to_string().contains("target_session_attrs=read-write"));
+}

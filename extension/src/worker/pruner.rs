@@ -116,6 +116,10 @@ impl Pruner {
         }
         if total > 0 {
             debug1!("pg_outbox pruner deleted {total} expired events");
+            // A background worker's table statistics are only published when it asks, and
+            // outbox_stats() reads the row estimate from them.
+            // SAFETY: called between transactions, as backends do when idle.
+            unsafe { pg_sys::pgstat_report_stat(true) };
         }
         report_activity(c"idle");
     }

@@ -1,0 +1,54 @@
+# pg_outbox: `make demo` runs the demo, `make test` runs every test. Both install what is missing.
+
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+PG_FEATURE ?= pg15
+# cargo pgrx test's throwaway server; its parent must be writable by the server's user.
+PGRX_TEST_DIR ?= /tmp/pg_outbox-pgrx-test
+
+ifeq ($(shell id -u),0)
+  # Postgres refuses to run as root: run the test server as the postgres OS user.
+  RUNAS := --runas postgres
+  SUDO :=
+else
+  RUNAS :=
+  SUDO := --sudo
+endif
+
+.PHONY: all setup install install-debug demo test lint test-extension test-e2e clean
+
+all: install
+
+setup:
+	@scripts/setup.sh
+
+## install: build the extension (release) into pg_config's directories
+install: setup
+	cd extension && cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
+
+install-debug: setup
+	cd extension && cargo pgrx install $(SUDO) --pg-config $(PG_CONFIG)
+
+## demo: a throwaway cluster with the extension preloaded, events published and relayed, pruning
+demo: install
+	scripts/demo.sh
+
+## test: formatting, lints, the extension's in-database tests, then end-to-end tests
+test: setup lint test-extension test-e2e
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-extension: setup
+	mkdir -p $(PGRX_TEST_DIR)
+	$(if $(RUNAS),chown postgres $(PGRX_TEST_DIR))
+	cd extension && cargo pgrx test $(PG_FEATURE) $(RUNAS) --pgdata $(PGRX_TEST_DIR)/data
+
+# cargo pgrx test installs its own test build; put the real extension back before end-to-end
+# tests use it.
+test-e2e: install-debug
+	cargo test --workspace --exclude pg_outbox
+
+clean:
+	cargo clean
+	rm -rf $(PGRX_TEST_DIR)

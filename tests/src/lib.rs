@@ -293,10 +293,21 @@ impl Cluster {
 
     /// Stops the server (`pg_ctl stop -m fast`).
     pub fn stop(&self) {
+        self.stop_within(Duration::from_secs(60));
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`), panicking if it is not down within `timeout`:
+    /// a process that ignores SIGTERM holds a fast shutdown up.
+    pub fn stop_within(&self, timeout: Duration) {
         self.run_pg("pg_ctl", |cmd| {
-            cmd.arg("-D")
-                .arg(self.data_dir())
-                .args(["-w", "-t", "60", "-m", "fast", "stop"]);
+            cmd.arg("-D").arg(self.data_dir()).args([
+                "-w",
+                "-t",
+                &timeout.as_secs().to_string(),
+                "-m",
+                "fast",
+                "stop",
+            ]);
         });
     }
 

@@ -201,3 +201,35 @@ async fn waits_quietly_for_the_extension() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn stops_promptly_when_the_server_shuts_down_mid_backlog() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.prune_interval", "'1h'")
+        .setting("pg_outbox.prune_batch_size", "100")
+        .start();
+    let client = cluster.connect("postgres").await;
+    insert_aged(&client, 200_000, "2 hours").await;
+    // The worker's first pass ran at start, before the backlog existed; a reload does not
+    // prune, so restart the pass by killing the worker: it starts pruning 5 s later.
+    let pid = pruner_pid(&cluster, &client).await;
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    cluster
+        .wait_for("pruning to start", WAIT, || async {
+            let pruned: i64 = client
+                .query_one("SELECT rows_pruned FROM outbox_prune_state", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (pruned > 0).then_some(())
+        })
+        .await;
+    drop(client);
+    // `pg_ctl stop -m fast` fails after its timeout if the worker ignores SIGTERM.
+    cluster.stop_within(Duration::from_secs(10));
+    let log = cluster.log();
+    assert!(log.contains("pg_outbox pruner stopping"), "{log}");
+}

@@ -114,3 +114,8 @@ pub use relay::{Relay, Topic};
 pub fn __advance_sql(schema: &str) -> String {
     catchup::advance_sql(schema, false)
 }
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

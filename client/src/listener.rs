@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::{sleep, timeout, Instant, MissedTickBehavior};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Socket, Statement};
 use tracing::{debug, info, warn};
@@ -240,7 +240,7 @@ impl Listener {
             }
         };
         info!(snapshot = %snapshot, "pg_outbox relay listening");
-        Ok(Listener {
+        let mut listener = Listener {
             cfg,
             shared,
             cursor: Cursor::new(snapshot),
@@ -249,15 +249,24 @@ impl Listener {
             advance_wanted: false,
             shutdown,
             steps: Vec::new(),
-        })
+        };
+        // One advance now proves the relay may read the outbox (privileges are checked when a
+        // statement runs, not when it is prepared), and settles what committed meanwhile.
+        if let Err(err) = listener.advance().await {
+            if let Some(conn) = listener.conn.take() {
+                conn.close().await;
+            }
+            return Err(err);
+        }
+        Ok(listener)
     }
 
     /// The task: until shutdown, apply notifications, advance when needed, reconnect when lost.
     pub async fn run(mut self) {
         let mut shutdown = self.shutdown.clone();
-        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
-        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        sweep.reset();
+        // A deadline rather than an interval: under a steady flood of notifications the select
+        // below always has one ready, and the sweep must still happen.
+        let mut next_sweep = Instant::now() + self.cfg.sweep_interval;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -266,17 +275,17 @@ impl Listener {
                 if self.reconnect(&mut shutdown).await.is_err() {
                     break;
                 }
-                sweep.reset();
+                next_sweep = Instant::now() + self.cfg.sweep_interval;
                 continue;
             };
-            let mut sweep_due = false;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
                 event = conn.events.recv() => self.on_conn_event(event),
-                _ = sweep.tick() => sweep_due = true,
+                _ = sleep_until(next_sweep) => {}
             }
             self.drain();
+            let sweep_due = Instant::now() >= next_sweep;
             if self.conn.is_some()
                 && (sweep_due || self.advance_wanted || self.cursor.needs_advance())
             {
@@ -288,7 +297,7 @@ impl Listener {
                 if let Err(err) = result {
                     self.lose(err.to_string()).await;
                 }
-                sweep.reset();
+                next_sweep = Instant::now() + self.cfg.sweep_interval;
             }
         }
         self.stop().await;

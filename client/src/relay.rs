@@ -158,6 +158,17 @@ impl Relay {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone. A running listener sees its shutdown channel close and stops
+        // by itself; a relay never started must still end its subscribers' streams.
+        if matches!(self.state.get_mut(), State::NotStarted) {
+            self.shared.fanout.close();
+            self.shared.health.send_replace(Health::Stopped);
+        }
+    }
+}
+
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
@@ -210,5 +221,35 @@ impl Topic {
     pub fn buffer(mut self, events: usize) -> Topic {
         self.buffer = Some(events);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_a_relay_never_started_ends_its_streams() {
+        let relay = RelayBuilder::from_connection_string("host=/nonexistent")
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut subscription = relay.subscribe_all();
+        let health = relay.watch_health();
+        assert_eq!(*health.borrow(), Health::NotStarted);
+        drop(relay);
+        assert!(subscription.recv().await.is_none());
+        assert_eq!(*health.borrow(), Health::Stopped);
+    }
+
+    #[tokio::test]
+    async fn shutdown_before_start_stops_for_good() {
+        let relay = RelayBuilder::from_connection_string("host=/nonexistent")
+            .unwrap()
+            .build()
+            .unwrap();
+        relay.shutdown().await;
+        assert_eq!(relay.health(), Health::Stopped);
+        assert!(matches!(relay.start().await, Err(Error::Stopped)));
     }
 }

@@ -80,3 +80,17 @@ async fn a_standby_is_refused_naming_the_fix() {
     assert_eq!(err.code(), Some("25006"));
     assert!(err.to_string().contains("target_session_attrs=read-write"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_read_the_outbox_is_refused_at_start() {
+    let cluster = Cluster::start();
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE blind LOGIN; GRANT SELECT ON outbox_prune_state TO blind",
+    );
+    let relay = relay_support::relay_as(&cluster, "relay_blind", "blind")
+        .build()
+        .unwrap();
+    let err = relay.start().await.unwrap_err();
+    assert_eq!(err.code(), Some("42501"), "{err}");
+}

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building, testing and running pg_outbox needs on Debian 12, skipping whatever is
-# already there: PostgreSQL 15 with its server headers, clang for bindgen, sudo (cargo pgrx test
-# runs the test server as the postgres user through it), the pinned cargo-pgrx, and its
-# configuration pointing at the system pg_config. Safe to run again; quiet when nothing is missing.
+# already there: PostgreSQL 15 with its server headers, clang for bindgen, PgBouncer (tests show
+# what a relay says behind a transaction-mode pooler), sudo (cargo pgrx test runs the test server
+# as the postgres user through it), the pinned cargo-pgrx, and its configuration pointing at the
+# system pg_config. Safe to run again; quiet when nothing is missing.
 set -euo pipefail
 
 PG_MAJOR=15
 PGRX_VERSION=0.18.0
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
-PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo)
+PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer)
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi

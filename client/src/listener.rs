@@ -201,6 +201,10 @@ pub(crate) struct Listener {
     lost: Option<String>,
     /// An advance is wanted soon (a notification did not decode).
     advance_wanted: bool,
+    /// Whether rows the current advance finds without a notification count as caught up: true
+    /// for the catch-up after a reconnect and for sweeps, false for fetches of references (whose
+    /// extra rows are mostly just read ahead of their notifications).
+    counts_caught_up: bool,
     shutdown: watch::Receiver<bool>,
     steps: Vec<Step>,
 }
@@ -247,6 +251,7 @@ impl Listener {
             conn: Some(conn),
             lost: None,
             advance_wanted: false,
+            counts_caught_up: true,
             shutdown,
             steps: Vec::new(),
         };
@@ -286,9 +291,9 @@ impl Listener {
             }
             self.drain();
             let sweep_due = Instant::now() >= next_sweep;
-            if self.conn.is_some()
-                && (sweep_due || self.advance_wanted || self.cursor.needs_advance())
-            {
+            let fetch = self.cursor.needs_advance();
+            if self.conn.is_some() && (sweep_due || self.advance_wanted || fetch) {
+                self.counts_caught_up = !fetch;
                 let result = tokio::select! {
                     biased;
                     _ = shutdown.changed() => break,
@@ -394,7 +399,7 @@ impl Listener {
                         debug!(id = %event.id(), subscribers = lagged, "dropped an event for lagging subscribers");
                     }
                     Metrics::add(&metrics.delivered, 1);
-                    if !notified {
+                    if !notified && self.counts_caught_up {
                         Metrics::add(&metrics.caught_up, 1);
                     }
                     metrics.record_latency(event.created_at());
@@ -477,6 +482,7 @@ impl Listener {
     /// LISTEN first, then catch up from the cursor.
     async fn try_reconnect(&mut self) -> Result<(), Error> {
         self.conn = Some(Conn::open(&self.cfg).await?);
+        self.counts_caught_up = true;
         self.advance().await
     }
 

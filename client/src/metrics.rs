@@ -89,8 +89,10 @@ pub struct MetricsSnapshot {
     pub duplicates: u64,
     /// Events not delivered because this relay published them (its own origin).
     pub skipped_own_origin: u64,
-    /// Events delivered from the outbox table without their notification having been seen
-    /// first: missed while disconnected, or read before their notification arrived.
+    /// Events delivered from the outbox table without their notification having been seen: by
+    /// the catch-up after a reconnect (missed while disconnected) or by an idle sweep (a lost or
+    /// undecodable notification). Rows read ahead of their notification while fetching
+    /// references are not counted.
     pub caught_up: u64,
     /// Events dropped for subscribers whose buffer was full (summed over subscribers).
     pub lagged: u64,

@@ -173,7 +173,7 @@ impl Subscription {
         let mut queue = self.slot.lock();
         let item = queue.items.pop_front();
         if let Some(Delivery::Event(_)) = item {
-            queue.events -= 1;
+            queue.events = queue.events.saturating_sub(1);
         }
         item
     }
@@ -193,7 +193,7 @@ impl Subscription {
         match queue.items.pop_front() {
             Some(item) => {
                 if let Delivery::Event(_) = item {
-                    queue.events -= 1;
+                    queue.events = queue.events.saturating_sub(1);
                 }
                 Poll::Ready(Some(item))
             }

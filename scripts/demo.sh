@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The pg_outbox demo, on a throwaway cluster it starts and removes itself: events published from
-# psql reach a LISTEN session only when their transaction commits, and the pruner worker deletes
-# expired events inside the database.
+# The pg_outbox demo, on a throwaway cluster it starts and removes itself:
+# 1. events published from psql reach a LISTEN session only when their transaction commits;
+# 2. three relay replicas (client/examples/relay_demo.rs) receive events published from psql and
+#    from Rust (client/examples/publisher.rs), some in rolled-back transactions, while one
+#    replica's connection is killed: each reports received, lost (0), duplicated (0), caught up,
+#    and commit-to-delivery latency;
+# 3. the pruner worker deletes expired events inside the database.
 set -euo pipefail
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -23,6 +27,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+step "Building the demo's relay replica and Rust publisher (client/examples)"
+cargo build --quiet --release -p pg_outbox_client --examples
+EXAMPLES=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release/examples
+CONN="host=$DIR port=$PORT user=postgres dbname=postgres"
+
 step "Starting a throwaway cluster in $DIR (port $PORT) with pg_outbox preloaded"
 [ "$(id -u)" = 0 ] && chown postgres "$DIR"
 as_server_user "$BINDIR/initdb" -D "$DIR/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 --no-sync >/dev/null
@@ -31,7 +40,7 @@ port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$DIR'
 shared_preload_libraries = 'pg_outbox'
-pg_outbox.retention = '1min'
+pg_outbox.retention = '10min'
 pg_outbox.prune_interval = '1s'
 CONF
 as_server_user "$BINDIR/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
@@ -65,13 +74,47 @@ step "Bad input is refused with a clear error and writes nothing"
 psql_demo -c "SELECT outbox_publish('chat room', 'alice', '{}')" 2>&1 | sed 's/^/  /' || true
 psql_demo -c "SELECT outbox_publish('chat', NULL, '{}')" 2>&1 | sed 's/^/  /' || true
 
-step "The pruner deletes events older than pg_outbox.retention (1min here), by the database clock"
+step "Three relay replicas start; each returns from start() once LISTEN is in effect"
+REPLICAS=(replica-a replica-b replica-c)
+RELAY_PIDS=()
+for replica in "${REPLICAS[@]}"; do
+    "$EXAMPLES/relay_demo" "$CONN" "$replica" 3 >"$DIR/$replica.out" 2>"$DIR/$replica.err" &
+    RELAY_PIDS+=($!)
+done
+for replica in "${REPLICAS[@]}"; do
+    for _ in $(seq 1 100); do grep -q ready "$DIR/$replica.out" 2>/dev/null && break; sleep 0.1; done
+    sed 's/^/  /' "$DIR/$replica.out"
+done
+
+step "Publishing: 1000 events from Rust (origin replica-a, every fifth transaction rolled back) and 300 from psql (a third rolled back), killing replica-b's connection halfway"
+"$EXAMPLES/publisher" "$CONN" replica-a 1000 | sed 's/^/  /' &
+PUBLISHER=$!
+for n in $(seq 1 30); do
+    if [ $((n % 3)) = 0 ]; then end=ROLLBACK; else end=COMMIT; fi
+    psql_demo -c "BEGIN" \
+        -c "SELECT outbox_publish('chat', 'user-' || i % 5, jsonb_build_object('psql', $n, 'i', i)) FROM generate_series(1, 10) i" \
+        -c "$end" >/dev/null
+    if [ "$n" = 15 ]; then
+        killed=$(psql_demo -A -t -c "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pg_outbox_relay_replica-b'")
+        echo "  killed replica-b's LISTEN connection ($killed backend); it reconnects and catches up"
+    fi
+done
+echo "  psql: committed 200 events, rolled back 100"
+wait "$PUBLISHER"
+
+step "Each replica, once idle for 3 s: replica-a skips the 800 events it published itself"
+wait "${RELAY_PIDS[@]}"
+for replica in "${REPLICAS[@]}"; do
+    sed '/ready/d; s/^/  /' "$DIR/$replica.out"
+done
+
+step "The pruner deletes events older than pg_outbox.retention (10min here), by the database clock"
 psql_demo -c "INSERT INTO event_outbox (id, channel, user_id, payload, created_at)
               SELECT gen_random_uuid(), 'chat', 'old', '{}', now() - interval '2 hours'
               FROM generate_series(1, 1000)"
 psql_demo -c "SELECT count(*) AS events_before_pruning FROM event_outbox"
 for _ in $(seq 1 50); do
-    [ "$(psql_demo -A -t -c "SELECT count(*) FROM event_outbox")" = 4 ] && break
+    [ "$(psql_demo -A -t -c "SELECT count(*) FROM event_outbox WHERE user_id = 'old'")" = 0 ] && break
     sleep 0.2
 done
 psql_demo -c "SELECT count(*) AS events_after_pruning FROM event_outbox"

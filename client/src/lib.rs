@@ -117,5 +117,5 @@ pub fn __advance_sql(schema: &str) -> String {
 
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]
-#[doc = include_str!("../README.md")]
+#[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

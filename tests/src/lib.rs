@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -267,6 +267,58 @@ impl Cluster {
         }
     }
 
+    /// Starts a PgBouncer (`/usr/sbin/pgbouncer`, installed by `scripts/setup.sh`) in front of
+    /// the `postgres` database with `pool_mode` (`session` or `transaction`), and waits until it
+    /// accepts connections.
+    pub async fn pgbouncer(&self, pool_mode: &str) -> PgBouncer {
+        let port = free_port();
+        let ini = self.root.join(format!("pgbouncer-{pool_mode}.ini"));
+        let users = self.root.join("pgbouncer-users.txt");
+        std::fs::write(&users, "\"postgres\" \"\"\n").expect("write the pgbouncer user list");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host={root} port={pg} dbname=postgres\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {users}\npool_mode = {pool_mode}\n\
+                 default_pool_size = 4\nlogfile = {root}/pgbouncer.log\n",
+                root = self.root.display(),
+                pg = self.port,
+                users = users.display(),
+            ),
+        )
+        .expect("write pgbouncer.ini");
+        if self.as_postgres_user {
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&ini)
+                .arg(&users));
+        }
+        // PgBouncer refuses to run as root, like the server.
+        let mut cmd = if self.as_postgres_user {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--", "/usr/sbin/pgbouncer"]);
+            cmd
+        } else {
+            Command::new("/usr/sbin/pgbouncer")
+        };
+        let child = cmd
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgbouncer (scripts/setup.sh installs it)");
+        let bouncer = PgBouncer { child, port };
+        let config = bouncer.config();
+        self.wait_for(
+            "pgbouncer to accept connections",
+            Duration::from_secs(30),
+            || async { config.connect(NoTls).await.ok().map(|_| ()) },
+        )
+        .await;
+        bouncer
+    }
+
     /// Runs `sql` through psql in `dbname`, stopping at the first error; returns what it printed.
     pub fn psql(&self, dbname: &str, sql: &str) -> String {
         let output = self.run_pg("psql", |cmd| {
@@ -387,6 +439,39 @@ impl Drop for Cluster {
             .args(["-w", "-m", "immediate", "stop"])
             .output();
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A PgBouncer in front of a [`Cluster`] (see [`Cluster::pgbouncer`]), stopped on drop.
+pub struct PgBouncer {
+    child: Child,
+    port: u16,
+}
+
+impl PgBouncer {
+    /// A connection configuration for the `postgres` database through the pooler, as `postgres`.
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres");
+        config
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // SIGTERM, which runuser forwards to PgBouncer (SIGKILL would orphan it).
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|status| status.success());
+        if !terminated {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 

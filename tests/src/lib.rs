@@ -239,11 +239,16 @@ impl Cluster {
 
     /// A session that has run `LISTEN pg_outbox` in `dbname`, with its notifications in a queue.
     pub async fn listener(&self, dbname: &str) -> Listener {
+        self.listener_as(dbname, "postgres").await
+    }
+
+    /// [`Cluster::listener`], connected as `user` (LISTEN needs no privilege).
+    pub async fn listener_as(&self, dbname: &str, user: &str) -> Listener {
         let (client, mut connection) = self
-            .config(dbname, "postgres")
+            .config(dbname, user)
             .connect(NoTls)
             .await
-            .unwrap_or_else(|e| panic!("connect the listener to {dbname}: {e}"));
+            .unwrap_or_else(|e| panic!("connect the listener to {dbname} as {user}: {e}"));
         let (sender, notifications) = mpsc::unbounded_channel();
         // Notifications only surface through `poll_message`: a plain `tokio::spawn(connection)`
         // would drop them.

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::Error;
 use crate::relay::Relay;
+use crate::tls::Tls;
 
 /// Default `application_name` of the relay's connection (visible in `pg_stat_activity`).
 pub const DEFAULT_APPLICATION_NAME: &str = "pg_outbox_relay";
@@ -25,6 +26,7 @@ pub struct RelayBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) query_timeout: Duration,
     pub(crate) verify_listen: bool,
+    pub(crate) tls: Tls,
 }
 
 impl RelayBuilder {
@@ -44,6 +46,7 @@ impl RelayBuilder {
             connect_timeout: Duration::from_secs(10),
             query_timeout: Duration::from_secs(30),
             verify_listen: true,
+            tls: Tls::Plain,
         }
     }
 
@@ -131,6 +134,40 @@ impl RelayBuilder {
     pub fn verify_listen(mut self, verify: bool) -> Self {
         self.verify_listen = verify;
         self
+    }
+
+    /// Connects with TLS through rustls configured by `config` (its roots decide which server
+    /// certificates are trusted, and the host name is checked against the certificate).
+    /// Whether TLS is required follows the connection string's `sslmode`: `prefer` (the
+    /// default) uses TLS when the server offers it, `require` refuses a server without it,
+    /// `disable` never uses it. Unix-socket connections never use TLS. Default: no TLS.
+    ///
+    /// Needs the crate feature `tls`; [`rustls`](crate::rustls) is re-exported so the versions
+    /// match.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: rustls::ClientConfig) -> Self {
+        self.tls = Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(config));
+        self
+    }
+
+    /// Connects with TLS, trusting only the CA certificates in `pem` (the text of a PEM file,
+    /// such as libpq's `sslrootcert`), with rustls's `ring` provider. See [`tls`](Self::tls)
+    /// for `sslmode`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pem = std::fs::read("/etc/ssl/pg-root.crt")?;
+    /// let relay = pg_outbox_client::RelayBuilder::from_connection_string(
+    ///     "host=db.internal dbname=app user=relay sslmode=require",
+    /// )?
+    /// .tls_root_certificates_pem(&pem)?
+    /// .build()?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificates_pem(self, pem: &[u8]) -> Result<Self, Error> {
+        let config = crate::tls::config_from_pem(pem).map_err(Error::Tls)?;
+        Ok(self.tls(config))
     }
 
     /// Checks the settings and builds the relay (not started: subscribe, then

@@ -61,6 +61,9 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The TLS settings are unusable (feature `tls`): the CA certificates did not parse.
+    #[error("invalid TLS configuration: {0}")]
+    Tls(String),
     /// A query failed.
     #[error("query failed: {0}")]
     Query(#[source] tokio_postgres::Error),

@@ -76,8 +76,29 @@
 //! LISTEN is session state: the relay needs a direct connection (or a session-mode pool) to the
 //! primary. A hot standby (SQLSTATE 25006) or a pooler in transaction mode makes
 //! [`Relay::start`] fail with [`Error::Standby`] or [`Error::TransactionPooler`], whose messages
-//! name the fix. Connections are made without TLS (`NoTls`): use a Unix socket or a trusted
-//! network. The connection's `application_name` defaults to `pg_outbox_relay`.
+//! name the fix. The connection's `application_name` defaults to `pg_outbox_relay`.
+//!
+//! # TLS
+//!
+//! By default connections are made without TLS (`NoTls`): use a Unix socket or a trusted
+//! network. With the crate feature `tls`, `RelayBuilder::tls` (any `rustls::ClientConfig`)
+//! or `RelayBuilder::tls_root_certificates_pem` (a private CA) encrypt the relay's
+//! connections and verify the server's certificate and host name; the connection string's
+//! `sslmode=require` refuses a server that does not offer TLS.
+//!
+//! # Tracing
+//!
+//! The relay logs through [`tracing`]: span `pg_outbox_connect` (info) around each connection
+//! and its LISTEN set-up, `pg_outbox_advance` (debug; `kind` is `catch_up` or `fetch`, `settled`
+//! how many steps it produced) around each advance query, and `pg_outbox_deliver` (debug)
+//! around each hand-over to subscribers. Lost connections, gaps and undecodable notifications
+//! are warnings.
+//!
+//! # Features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `tls` | off | TLS through rustls (`ring` provider): `RelayBuilder::tls`, `rustls` re-exported |
 //!
 //! A catch-up reads all the rows it settles in one result: after a very long disconnect under
 //! heavy traffic it holds that backlog in memory once.
@@ -97,6 +118,7 @@ mod listener;
 mod metrics;
 mod notification;
 mod relay;
+mod tls;
 
 pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
 pub use cursor::{Snapshot, SnapshotParseError};
@@ -107,6 +129,10 @@ pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
 pub use relay::{Relay, Topic};
+
+/// The rustls version the `tls` feature uses, for building a [`rustls::ClientConfig`].
+#[cfg(feature = "tls")]
+pub use rustls;
 
 /// The advance statement for the extension in `schema` (`$1`: the cursor's snapshot as text),
 /// exposed for the end-to-end test that checks its plan. Not a stable API.

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Socket, Statement};
-use tracing::{debug, info, warn};
+use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
+use tracing::{debug, debug_span, field, info, info_span, warn, Instrument};
 
 use crate::catchup;
 use crate::config::{backoff_delay, entropy, RelayBuilder};
@@ -23,6 +23,7 @@ use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::notification::{self, CHANNEL};
+use crate::tls;
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
@@ -34,7 +35,7 @@ pub(crate) struct Shared {
     pub health: watch::Sender<Health>,
 }
 
-enum ConnEvent {
+pub(crate) enum ConnEvent {
     Notification(Notification),
     Closed(Option<tokio_postgres::Error>),
 }
@@ -50,15 +51,23 @@ struct Conn {
 impl Conn {
     /// Connects, refuses a standby, LISTENs and prepares the advance statement.
     async fn open(cfg: &RelayBuilder) -> Result<Conn, Error> {
-        let (client, connection) = timeout(cfg.connect_timeout, cfg.pg.connect(NoTls))
-            .await
-            .map_err(|_| Error::Timeout {
-                doing: "connecting",
-                after: cfg.connect_timeout,
-            })?
-            .map_err(Error::Connect)?;
+        let span = info_span!("pg_outbox_connect", tls = cfg.tls.name());
+        Conn::open_inner(cfg).instrument(span).await
+    }
+
+    async fn open_inner(cfg: &RelayBuilder) -> Result<Conn, Error> {
         let (tx, events) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(connection, tx));
+        let (client, driver) = timeout(
+            cfg.connect_timeout,
+            tls::connect(&cfg.pg, &cfg.tls, Some(tx)),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            doing: "connecting",
+            after: cfg.connect_timeout,
+        })?
+        .map_err(Error::Connect)?;
+        debug!("connected");
         let schema = cfg.schema.as_str();
         let setup = async {
             let row = client
@@ -115,8 +124,9 @@ impl Conn {
         let mut probe_cfg = cfg.pg.clone();
         let name = format!("{}_probe", cfg.pg.get_application_name().unwrap_or(""));
         probe_cfg.application_name(&name);
-        let (probe, connection) = probe_cfg.connect(NoTls).await.map_err(Error::Connect)?;
-        let probe_driver = tokio::spawn(connection);
+        let (probe, probe_driver) = tls::connect(&probe_cfg, &cfg.tls, None)
+            .await
+            .map_err(Error::Connect)?;
         let sent = probe
             .execute("SELECT pg_notify($1, 'probe')", &[&channel])
             .await
@@ -160,10 +170,13 @@ impl Conn {
 }
 
 /// Drives the connection and forwards what it says; the only place `poll_message` is called.
-async fn drive(
-    mut connection: Connection<Socket, NoTlsStream>,
+pub(crate) async fn drive<S, T>(
+    mut connection: Connection<S, T>,
     tx: mpsc::UnboundedSender<ConnEvent>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     loop {
         let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
         let event = match message {
@@ -367,22 +380,39 @@ impl Listener {
             &self.cfg.channels,
             &self.cfg.schema,
         );
-        let advance =
-            timeout(self.cfg.query_timeout, query)
-                .await
-                .map_err(|_| Error::Timeout {
-                    doing: "running the advance query",
-                    after: self.cfg.query_timeout,
-                })??;
+        // A catch-up (after a reconnect) or a sweep when rows found without a notification count
+        // as caught up; a fetch of notified references otherwise.
+        let span = debug_span!(
+            "pg_outbox_advance",
+            kind = if self.counts_caught_up {
+                "catch_up"
+            } else {
+                "fetch"
+            },
+            settled = field::Empty,
+        );
+        let advance = timeout(self.cfg.query_timeout, query)
+            .instrument(span.clone())
+            .await
+            .map_err(|_| Error::Timeout {
+                doing: "running the advance query",
+                after: self.cfg.query_timeout,
+            })??;
+        let _entered = span.enter();
         Metrics::add(&self.shared.metrics.advances, 1);
         self.advance_wanted = false;
         self.cursor.on_advance(advance, &mut self.steps);
+        span.record("settled", self.steps.len());
         self.flush();
         Ok(())
     }
 
     /// Hands the cursor's steps to the subscribers and the counters.
     fn flush(&mut self) {
+        if self.steps.is_empty() {
+            return;
+        }
+        let _span = debug_span!("pg_outbox_deliver", steps = self.steps.len()).entered();
         let metrics = &self.shared.metrics;
         for step in self.steps.drain(..) {
             match step {

@@ -1,0 +1,103 @@
+//! How the relay's connections are opened: plain, or TLS through rustls (feature `tls`).
+
+use std::fmt;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Config, Connection, NoTls};
+use tracing::debug;
+
+use crate::listener::{drive, ConnEvent};
+
+/// The transport security of the relay's connections.
+#[derive(Clone, Default)]
+pub(crate) enum Tls {
+    /// No TLS (`NoTls`): a Unix socket or a trusted network.
+    #[default]
+    Plain,
+    /// TLS through rustls, as the connection string's `sslmode` asks (`prefer` by default:
+    /// TLS when the server offers it; `require` refuses a plaintext server).
+    #[cfg(feature = "tls")]
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    /// A short name for logs and spans.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Tls::Plain => "none",
+            #[cfg(feature = "tls")]
+            Tls::Rustls(_) => "rustls",
+        }
+    }
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Connects with `tls` and spawns the connection's task: with `events`, the task forwards
+/// notifications and the connection's end there; without, it only drives the connection.
+pub(crate) async fn connect(
+    pg: &Config,
+    tls: &Tls,
+    events: Option<mpsc::UnboundedSender<ConnEvent>>,
+) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    match tls {
+        Tls::Plain => {
+            let (client, connection) = pg.connect(NoTls).await?;
+            Ok((client, spawn(connection, events)))
+        }
+        #[cfg(feature = "tls")]
+        Tls::Rustls(make) => {
+            let (client, connection) = pg.connect(make.clone()).await?;
+            Ok((client, spawn(connection, events)))
+        }
+    }
+}
+
+fn spawn<S, T>(
+    connection: Connection<S, T>,
+    events: Option<mpsc::UnboundedSender<ConnEvent>>,
+) -> JoinHandle<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match events {
+        Some(tx) => tokio::spawn(drive(connection, tx)),
+        None => tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(error = %err, "short-lived pg_outbox connection ended with an error");
+            }
+        }),
+    }
+}
+
+/// A rustls configuration that trusts only the CA certificates in `pem`, with rustls's `ring`
+/// provider and its safe default protocol versions.
+#[cfg(feature = "tls")]
+pub(crate) fn config_from_pem(pem: &[u8]) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("the CA certificates do not parse as PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a CA certificate was refused: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate found in the PEM text".into());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

@@ -34,6 +34,7 @@ pub struct ClusterBuilder {
     settings: Vec<(String, String)>,
     preload: bool,
     create_extension: bool,
+    tls: bool,
 }
 
 impl ClusterBuilder {
@@ -54,6 +55,14 @@ impl ClusterBuilder {
     /// Whether `CREATE EXTENSION pg_outbox` runs in the `postgres` database at start (the default).
     pub fn create_extension(mut self, create: bool) -> Self {
         self.create_extension = create;
+        self
+    }
+
+    /// Whether the server offers TLS (`ssl = on`) with a certificate for `localhost` and
+    /// `127.0.0.1` signed by a throwaway CA generated with the `openssl` CLI; clients find the
+    /// CA at [`Cluster::ca_certificate`]. Default: no TLS.
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -92,6 +101,7 @@ impl Cluster {
             settings: Vec::new(),
             preload: true,
             create_extension: true,
+            tls: false,
         }
     }
 
@@ -110,6 +120,9 @@ impl Cluster {
                 continue;
             }
             conf.push_str(&format!("{name} = {value}\n"));
+        }
+        if builder.tls {
+            conf.push_str(&cluster.generate_certificates());
         }
         for (name, value) in &builder.settings {
             conf.push_str(&format!("{name} = {value}\n"));
@@ -195,9 +208,70 @@ impl Cluster {
         &self.root
     }
 
+    /// The directory of the server's programs (`pg_config --bindir`): pgbench, psql, ...
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
     /// The server's TCP port on 127.0.0.1 (the socket in [`Cluster::root`] has the same number).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// A `postgresql://` URL for `dbname` over TCP on 127.0.0.1, as `postgres`: what programs in
+    /// other languages (psycopg, node-postgres, psql) connect with.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// The PEM file of the CA that signed the server's certificate, for a cluster built with
+    /// [`ClusterBuilder::tls`].
+    pub fn ca_certificate(&self) -> PathBuf {
+        self.root.join("tls").join("ca.crt")
+    }
+
+    /// Generates a CA and a server certificate for `localhost` / `127.0.0.1` in `root/tls`;
+    /// returns the `postgresql.conf` lines that use them.
+    fn generate_certificates(&self) -> String {
+        let dir = self.root.join("tls");
+        std::fs::create_dir_all(&dir).expect("create the certificate directory");
+        // Arguments split on spaces: none of them contains one.
+        let openssl = |args: &str| {
+            run(Command::new("openssl")
+                .current_dir(&dir)
+                .args(args.split(' ')));
+        };
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(&format!(
+            "req -x509 {key} -keyout ca.key -out ca.crt -subj /CN=pg_outbox-test-ca -days 2"
+        ));
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName = DNS:localhost, IP:127.0.0.1\nbasicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
+        )
+        .expect("write the certificate extensions");
+        openssl(&format!(
+            "req {key} -keyout server.key -out server.csr -subj /CN=localhost"
+        ));
+        openssl(
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile server.ext -out server.crt",
+        );
+        if self.as_postgres_user {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir));
+        }
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("restrict the server key");
+        format!(
+            "ssl = on\nssl_cert_file = '{dir}/server.crt'\nssl_key_file = '{dir}/server.key'\n",
+            dir = dir.display()
+        )
     }
 
     /// A libpq-style connection string for `dbname` over the Unix socket, as `postgres`.
@@ -334,6 +408,40 @@ impl Cluster {
                 .arg(self.port.to_string())
                 .args(["-U", "postgres", "-d", dbname, "-c", sql]);
         });
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Runs `script` through psql in `dbname` as a file read from standard input (`-f -`), so
+    /// psql's meta-commands work, stopping at the first error; returns what it printed.
+    pub fn psql_script(&self, dbname: &str, script: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .pg_command("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg("-h")
+            .arg(&self.root)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", "postgres", "-d", dbname, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start psql");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .expect("write the script to psql");
+        }
+        let output = child.wait_with_output().expect("wait for psql");
+        if !output.status.success() {
+            panic!(
+                "psql failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 

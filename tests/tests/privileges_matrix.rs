@@ -1,0 +1,402 @@
+//! The README's Privileges section as a matrix: every role × every action, each allowed or
+//! refused with SQLSTATE 42501 exactly as documented, and no payload reaching a role that may
+//! only LISTEN.
+//!
+//! The roles:
+//!
+//! - `postgres`: the superuser.
+//! - `ext_owner`: the extension's owner. The control file says `superuser = true` (and not
+//!   `trusted`), so only a superuser can run `CREATE EXTENSION pg_outbox`; there is no
+//!   `ALTER EXTENSION .. OWNER TO`. The owner (`pg_extension.extowner`, and the owner of every
+//!   object the script creates) is whichever role ran `CREATE EXTENSION`. A non-superuser owner
+//!   therefore only exists when a role creates it while it is a superuser and loses that
+//!   attribute afterwards, as managed services do with an admin role: this test does exactly
+//!   that, and the owner keeps every privilege on its objects (and can grant them).
+//! - `app_publisher`, `app_relay`, `monitoring`, `app_pruner`: the README's grants, verbatim.
+//! - `ungranted`: may use the extension's schema but was granted nothing on its objects.
+//! - `connect_only`: may only connect (PUBLIC's default CONNECT), not even use the schema.
+//!
+//! The extension lives in schema `outbox` here (`CREATE EXTENSION pg_outbox SCHEMA outbox`), so
+//! that `ungranted` and `connect_only` differ; with a non-default schema, roles also need
+//! `USAGE` on it.
+
+use std::fmt;
+use std::time::Duration;
+
+use pg_outbox_tests::{Cluster, Listener};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// `outbox_publish(..)`.
+    Publish,
+    /// The relay's own advance query (both outbox tables), as `pg_outbox_client` runs it.
+    Read,
+    /// `outbox_prune(interval)`.
+    Prune,
+    /// `outbox_stats()`.
+    Stats,
+    /// `LISTEN pg_outbox`, and a notification published by another role arrives.
+    Listen,
+}
+
+use Action::*;
+
+/// Cells where the README's grants do not do what the README says (reported; see
+/// `the_readme_grants_let_the_pruner_prune_and_others_see_the_worker`). The matrix test
+/// skips them until the README or the extension is fixed.
+const KNOWN_WRONG: &[(&str, Action)] = &[
+    // `outbox_prune` locks rows with FOR UPDATE SKIP LOCKED, which needs UPDATE on
+    // event_outbox, and its `UPDATE outbox_prune_state SET x = x + ..` reads the row, which
+    // needs SELECT on outbox_prune_state: the README grants neither.
+    ("app_pruner", Prune),
+    // pg_stat_activity hides other users' backend_type and query from roles without
+    // pg_read_all_stats: outbox_stats() reports worker_pid and worker_state NULL ("not
+    // running") to every non-superuser, the README's monitoring role and even the
+    // extension's owner, while the worker runs.
+    ("ext_owner", Stats),
+    ("monitoring", Stats),
+];
+
+const ACTIONS: [Action; 5] = [Publish, Read, Prune, Stats, Listen];
+
+/// Each role and what the README says it may do; everything else is refused.
+const MATRIX: &[(&str, &[Action])] = &[
+    ("postgres", &[Publish, Read, Prune, Stats, Listen]),
+    ("ext_owner", &[Publish, Read, Prune, Stats, Listen]),
+    ("app_publisher", &[Publish, Listen]),
+    ("app_relay", &[Read, Listen]),
+    ("monitoring", &[Read, Stats, Listen]),
+    ("app_pruner", &[Prune, Listen]),
+    ("ungranted", &[Listen]),
+    ("connect_only", &[Listen]),
+];
+
+/// The README's grants, run by the extension's owner with the schema on its `search_path`,
+/// plus the schema usage a non-default schema needs.
+const README_GRANTS: &str = "
+    SET search_path = outbox;
+    -- A role that publishes (the app's own role, usually)
+    GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO app_publisher;
+    GRANT INSERT ON event_outbox TO app_publisher;
+
+    -- A role that relays (the LISTEN connection of each replica)
+    GRANT SELECT ON event_outbox, outbox_prune_state TO app_relay;
+
+    -- A role that monitors
+    GRANT EXECUTE ON FUNCTION outbox_stats() TO monitoring;
+    GRANT SELECT ON event_outbox, outbox_prune_state TO monitoring;
+
+    -- A role that prunes by hand (when the worker cannot be preloaded)
+    GRANT EXECUTE ON FUNCTION outbox_prune(interval) TO app_pruner;
+    GRANT SELECT, DELETE ON event_outbox TO app_pruner;
+    GRANT UPDATE ON outbox_prune_state TO app_pruner;
+
+    GRANT USAGE ON SCHEMA outbox TO app_publisher, app_relay, monitoring, app_pruner, ungranted;
+";
+
+/// What one attempt did.
+#[derive(Debug)]
+enum Outcome {
+    Allowed,
+    /// SQLSTATE 42501, with the server's message.
+    Refused(String),
+    /// Refused with another SQLSTATE, or allowed but wrong: always a failure.
+    Other(String),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Allowed => f.write_str("allowed"),
+            Outcome::Refused(message) => write!(f, "refused (42501: {message})"),
+            Outcome::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+fn outcome<T>(result: Result<T, tokio_postgres::Error>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Allowed,
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Outcome::Refused(
+            e.as_db_error()
+                .map_or_else(String::new, |d| d.message().to_owned()),
+        ),
+        Err(e) => Outcome::Other(format!(
+            "error {} ({e:?})",
+            e.code().map_or("none", |c| c.code())
+        )),
+    }
+}
+
+/// A cluster whose `postgres` database has `pg_outbox` in schema `outbox`, created by
+/// `ext_owner` while it was a superuser, and every role of [`MATRIX`] with the README's grants.
+async fn cluster_with_roles() -> (Cluster, Client) {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.prune_interval", "'1s'")
+        .create_extension(false)
+        .start();
+    let admin = cluster.connect("postgres").await;
+    admin
+        .batch_execute(
+            "CREATE ROLE ext_owner LOGIN SUPERUSER;
+             CREATE ROLE app_publisher LOGIN;
+             CREATE ROLE app_relay LOGIN;
+             CREATE ROLE monitoring LOGIN;
+             CREATE ROLE app_pruner LOGIN;
+             CREATE ROLE ungranted LOGIN;
+             CREATE ROLE connect_only LOGIN;
+             CREATE ROLE would_be_owner LOGIN CREATEDB CREATEROLE;
+             GRANT CREATE ON DATABASE postgres TO would_be_owner;",
+        )
+        .await
+        .unwrap();
+
+    // A non-superuser cannot create the extension, even with CREATE on the database.
+    let would_be = cluster.connect_as("postgres", "would_be_owner").await;
+    let error = would_be
+        .batch_execute("CREATE SCHEMA wb; CREATE EXTENSION pg_outbox SCHEMA wb")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{error:?}"
+    );
+
+    let owner = cluster.connect_as("postgres", "ext_owner").await;
+    owner
+        .batch_execute("CREATE SCHEMA outbox; CREATE EXTENSION pg_outbox SCHEMA outbox")
+        .await
+        .unwrap();
+    drop(owner);
+    admin
+        .batch_execute("ALTER ROLE ext_owner NOSUPERUSER")
+        .await
+        .unwrap();
+    let owners = admin
+        .query_one(
+            "SELECT e.extowner::regrole::text, c.relowner::regrole::text, p.proowner::regrole::text
+             FROM pg_extension e, pg_class c, pg_proc p
+             WHERE e.extname = 'pg_outbox' AND c.oid = 'outbox.event_outbox'::regclass
+               AND p.oid = 'outbox.outbox_publish'::regproc",
+            &[],
+        )
+        .await
+        .unwrap();
+    for column in 0..3 {
+        assert_eq!(owners.get::<_, String>(column), "ext_owner");
+    }
+
+    // The pruner serves `postgres`: wait until it found the extension there.
+    cluster
+        .wait_for("the pruner to be idle", Duration::from_secs(30), || async {
+            let row = admin
+                .query_one("SELECT worker_state FROM outbox.outbox_stats()", &[])
+                .await
+                .unwrap();
+            (row.get::<_, Option<String>>(0).as_deref() == Some("idle")).then_some(())
+        })
+        .await;
+
+    // The owner, no longer a superuser, grants what the README says.
+    let owner = cluster.connect_as("postgres", "ext_owner").await;
+    owner.batch_execute(README_GRANTS).await.unwrap();
+    (cluster, admin)
+}
+
+/// Tries `action` as `role` and says what happened. Allowed results are checked for sense.
+async fn attempt(cluster: &Cluster, admin: &Client, role: &str, action: Action) -> Outcome {
+    let client = cluster.connect_as("postgres", role).await;
+    match action {
+        Publish => outcome(
+            client
+                .query_one(
+                    "SELECT outbox.outbox_publish('chat', 'u1', '{\"n\": 1}', 'matrix')",
+                    &[],
+                )
+                .await,
+        ),
+        Read => {
+            let snapshot: String = client
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            outcome(
+                client
+                    .query(&pg_outbox_client::__advance_sql("outbox"), &[&snapshot])
+                    .await,
+            )
+        }
+        Prune => outcome(
+            client
+                .query_one("SELECT outbox.outbox_prune(interval '1 day')", &[])
+                .await,
+        ),
+        Stats => {
+            let result = client
+                .query_one(
+                    "SELECT worker_pid, worker_state FROM outbox.outbox_stats()",
+                    &[],
+                )
+                .await;
+            match result {
+                // The worker runs in this cluster (see `cluster_with_roles`): stats that say
+                // otherwise are wrong.
+                Ok(row) => match (
+                    row.get::<_, Option<i32>>(0),
+                    row.get::<_, Option<String>>(1),
+                ) {
+                    (Some(_), Some(state)) if state == "idle" || state == "pruning" => {
+                        Outcome::Allowed
+                    }
+                    (pid, state) => Outcome::Other(format!(
+                        "allowed, but worker_pid {pid:?}, worker_state {state:?}"
+                    )),
+                },
+                Err(e) => outcome(Err::<(), _>(e)),
+            }
+        }
+        Listen => {
+            let mut listener = cluster.listener_as("postgres", role).await;
+            let id: String = admin
+                .query_one(
+                    "SELECT outbox.outbox_publish('chat', 'u1', '{\"n\": 2}')::text",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if listener.next().await["id"] == id.as_str() {
+                Outcome::Allowed
+            } else {
+                Outcome::Other("a different notification arrived".into())
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_role_may_do_exactly_what_the_readme_grants() {
+    let (cluster, admin) = cluster_with_roles().await;
+    let mut table = String::new();
+    let mut wrong = Vec::new();
+    for &(role, allowed) in MATRIX {
+        for action in ACTIONS {
+            if KNOWN_WRONG.contains(&(role, action)) {
+                continue;
+            }
+            let expected = allowed.contains(&action);
+            let got = attempt(&cluster, &admin, role, action).await;
+            table.push_str(&format!("{role:>14} {action:<8?} {got}\n"));
+            let as_expected = match got {
+                Outcome::Allowed => expected,
+                Outcome::Refused(_) => !expected,
+                Outcome::Other(_) => false,
+            };
+            if !as_expected {
+                let want = if expected {
+                    "allowed"
+                } else {
+                    "refused (42501)"
+                };
+                wrong.push(format!("{role} {action:?}: expected {want}, got {got}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{}\n--- matrix ---\n{table}",
+        wrong.join("\n")
+    );
+}
+
+/// Publishes an event whose payload holds `secret`, and returns the raw notification that
+/// `listener` received for it.
+async fn publish_secret(admin: &Client, listener: &mut Listener, secret: &str) -> String {
+    let id: String = admin
+        .query_one(
+            "SELECT outbox.outbox_publish('chat', 'u1', jsonb_build_object('secret', $1::text))::text",
+            &[&secret],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let raw = listener.next_raw().await;
+    let doc: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(doc["id"], id.as_str(), "{raw}");
+    raw
+}
+
+#[tokio::test]
+async fn reference_mode_leaks_no_payload_to_a_role_that_can_only_listen() {
+    let (cluster, admin) = cluster_with_roles().await;
+    let mut listener = cluster.listener_as("postgres", "connect_only").await;
+
+    let secret = "s3cr3t-reference-7f1c";
+    let raw = publish_secret(&admin, &mut listener, secret).await;
+    let doc: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert!(doc.get("payload").is_none(), "{raw}");
+    assert!(!raw.contains(secret), "{raw}");
+    // The notification names the row, but the row stays out of reach.
+    for sql in [
+        "SELECT payload FROM outbox.event_outbox",
+        "SELECT payload FROM event_outbox",
+    ] {
+        let error = listener.client.query(sql, &[]).await.unwrap_err();
+        let code = error.code().cloned();
+        // Unqualified, the table is not even on the path: 42P01, no payload either.
+        assert!(
+            code == Some(SqlState::INSUFFICIENT_PRIVILEGE)
+                || code == Some(SqlState::UNDEFINED_TABLE),
+            "{sql}: {error:?}"
+        );
+    }
+    // So is a role that may use the schema but holds no grant.
+    let ungranted = cluster.connect_as("postgres", "ungranted").await;
+    let error = ungranted
+        .query("SELECT payload FROM outbox.event_outbox", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+
+    // As the README warns, inline mode hands the payload to every listener instead.
+    admin
+        .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+        .await
+        .unwrap();
+    let secret = "s3cr3t-inline-9b2e";
+    let raw = publish_secret(&admin, &mut listener, secret).await;
+    assert!(raw.contains(secret), "{raw}");
+}
+
+#[tokio::test]
+#[ignore = "README grants are not enough: app_pruner's outbox_prune() fails with 42501 \
+            (needs UPDATE on event_outbox and SELECT on outbox_prune_state), and monitoring's \
+            outbox_stats() shows the running worker as NULL to non-superusers (needs pg_read_all_stats)"]
+async fn the_readme_grants_let_the_pruner_prune_and_others_see_the_worker() {
+    let (cluster, admin) = cluster_with_roles().await;
+    for &(role, action) in KNOWN_WRONG {
+        let got = attempt(&cluster, &admin, role, action).await;
+        assert!(matches!(got, Outcome::Allowed), "{role} {action:?}: {got}");
+    }
+}
+
+#[tokio::test]
+async fn these_extra_grants_fix_the_pruner_and_monitoring_roles() {
+    let (cluster, admin) = cluster_with_roles().await;
+    admin
+        .batch_execute(
+            "GRANT UPDATE ON outbox.event_outbox TO app_pruner;
+             GRANT SELECT ON outbox.outbox_prune_state TO app_pruner;
+             GRANT pg_read_all_stats TO monitoring, ext_owner;",
+        )
+        .await
+        .unwrap();
+    for &(role, action) in KNOWN_WRONG {
+        let got = attempt(&cluster, &admin, role, action).await;
+        assert!(matches!(got, Outcome::Allowed), "{role} {action:?}: {got}");
+    }
+}

@@ -134,6 +134,56 @@ pub use relay::{Relay, Topic};
 #[cfg(feature = "tls")]
 pub use rustls;
 
+/// Decodes one notification payload as the relay does: the event it describes, and whether its
+/// payload came inline (a reference's event carries a `null` payload). For the fuzz target and
+/// the round-trip tests. Not a stable API.
+#[doc(hidden)]
+pub fn __decode_notification(payload: &str) -> Result<(Event, bool), NotificationError> {
+    let notice = notification::decode(payload)?;
+    let inline = notice.payload.is_some();
+    let event = Event::new(
+        notice.id,
+        notice.channel,
+        notice.user_id,
+        notice.origin,
+        notice.xid,
+        notice.created_at,
+        notice.payload.unwrap_or(serde_json::Value::Null),
+    );
+    Ok((event, inline))
+}
+
+/// Runs what a relay does with what it reads from the network, without a network: a cursor at
+/// `snapshot` (text, as the server sends it) is fed every notification payload that decodes,
+/// then one advance to `next` that returns the inline ones as rows. Returns how many steps the
+/// cursor produced. For the fuzz target: it must never panic. Not a stable API.
+#[doc(hidden)]
+pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usize {
+    let (Ok(start), Ok(next)) = (snapshot.parse::<Snapshot>(), next.parse::<Snapshot>()) else {
+        return 0;
+    };
+    let mut cursor = cursor::Cursor::new(start);
+    let mut steps = Vec::new();
+    let mut rows = Vec::new();
+    for payload in payloads {
+        if let Ok(notice) = notification::decode(payload) {
+            if let Some(event) = notice.clone().into_event() {
+                rows.push(event);
+            }
+            cursor.on_notice(notice, &mut steps);
+        }
+    }
+    cursor.on_advance(
+        cursor::Advance {
+            snapshot: next,
+            pruned_through_xid: 0,
+            rows,
+        },
+        &mut steps,
+    );
+    steps.len()
+}
+
 /// The advance statement for the extension in `schema` (`$1`: the cursor's snapshot as text),
 /// exposed for the end-to-end test that checks its plan. Not a stable API.
 #[doc(hidden)]

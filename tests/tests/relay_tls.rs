@@ -55,7 +55,10 @@ async fn an_unverifiable_certificate_or_a_plaintext_relay_is_refused() {
         .unwrap()
         .build()
         .unwrap();
-    let err = relay.start().await.expect_err("an unverified server is refused");
+    let err = relay
+        .start()
+        .await
+        .expect_err("an unverified server is refused");
     assert!(matches!(err, Error::Connect(_)), "{err}");
 
     // Without the tls feature's connector, sslmode=require cannot be met.
@@ -66,7 +69,10 @@ async fn an_unverifiable_certificate_or_a_plaintext_relay_is_refused() {
     .unwrap()
     .build()
     .unwrap();
-    let err = plain.start().await.expect_err("sslmode=require without TLS");
+    let err = plain
+        .start()
+        .await
+        .expect_err("sslmode=require without TLS");
     assert!(matches!(err, Error::Connect(_)), "{err}");
 
     assert!(matches!(

@@ -1,0 +1,119 @@
+//! `pg-outbox doctor` passes a healthy set-up and explains, with a non-zero exit, a missing
+//! extension, a library not preloaded, a role without privileges, a standby, and a pooler in
+//! transaction mode.
+
+mod support;
+
+use pg_outbox_tests::Cluster;
+use support::{run, stderr, stdout};
+
+fn doctor(db: &str) -> (bool, String) {
+    let output = run(&["doctor", "--db", db, "--listen-timeout", "3s"], "");
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    (output.status.success(), stdout(&output))
+}
+
+fn line<'a>(report: &'a str, level: &str, words: &str) -> Option<&'a str> {
+    report
+        .lines()
+        .find(|l| l.starts_with(level) && l.contains(words))
+}
+
+#[test]
+fn a_healthy_set_up_passes() {
+    let cluster = Cluster::start();
+    let (ok, report) = doctor(&cluster.connection_string("postgres"));
+    assert!(ok, "{report}");
+    for words in [
+        "a primary",
+        "LISTEN holds",
+        "is created in schema public",
+        "preloaded",
+        "the pruner runs in this database",
+        "may publish, relay, monitor, prune by hand",
+        "notification queue",
+    ] {
+        assert!(
+            line(&report, "ok", words).is_some(),
+            "no ok line for {words:?}:\n{report}"
+        );
+    }
+    assert!(report.contains("0 problem(s), 0 warning(s)"), "{report}");
+}
+
+#[test]
+fn problems_are_explained_and_fail() {
+    let cluster = Cluster::builder()
+        .preload(false)
+        .create_extension(false)
+        .start();
+    let (ok, report) = doctor(&cluster.connection_string("postgres"));
+    assert!(!ok, "{report}");
+    assert!(
+        line(&report, "FAIL", "not created in database").is_some(),
+        "{report}"
+    );
+    assert!(report.contains("CREATE EXTENSION pg_outbox"), "{report}");
+    assert!(
+        line(&report, "warn", "shared_preload_libraries").is_some(),
+        "{report}"
+    );
+
+    // Created, but nobody prunes, and a role that may do nothing.
+    cluster.psql(
+        "postgres",
+        "CREATE EXTENSION pg_outbox; CREATE ROLE nobody LOGIN",
+    );
+    let (ok, report) = doctor(&cluster.connection_string("postgres"));
+    assert!(!ok, "{report}");
+    assert!(
+        line(&report, "FAIL", "no pruner worker serves this database").is_some(),
+        "{report}"
+    );
+    let as_nobody = format!(
+        "host={} port={} user=nobody dbname=postgres",
+        cluster.root().display(),
+        cluster.port()
+    );
+    let (ok, report) = doctor(&as_nobody);
+    assert!(!ok, "{report}");
+    assert!(
+        line(&report, "FAIL", "may neither publish, relay").is_some(),
+        "{report}"
+    );
+    assert!(
+        report.contains("GRANT SELECT ON public.event_outbox"),
+        "{report}"
+    );
+
+    // Pruned by hand: a warning only.
+    cluster.psql("postgres", "SELECT outbox_prune()");
+    let (ok, report) = doctor(&cluster.connection_string("postgres"));
+    assert!(ok, "{report}");
+    assert!(
+        line(&report, "warn", "pruned by hand").is_some(),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_and_a_transaction_pooler_fail() {
+    let cluster = Cluster::start();
+    let standby = cluster.standby();
+    let (ok, report) = doctor(&standby.connection_string("postgres"));
+    assert!(!ok, "{report}");
+    assert!(line(&report, "FAIL", "hot standby").is_some(), "{report}");
+    assert!(
+        report.contains("target_session_attrs=read-write"),
+        "{report}"
+    );
+
+    let bouncer = cluster.pgbouncer("transaction").await;
+    let port = bouncer.config().get_ports()[0];
+    let (ok, report) = doctor(&format!("postgresql://postgres@127.0.0.1:{port}/postgres"));
+    assert!(!ok, "{report}");
+    assert!(
+        line(&report, "FAIL", "transaction mode").is_some(),
+        "{report}"
+    );
+}

@@ -3,13 +3,17 @@
 # already there: PostgreSQL 15 with its server headers, clang for bindgen, PgBouncer (tests show
 # what a relay says behind a transaction-mode pooler), sudo (cargo pgrx test runs the test server
 # as the postgres user through it), the pinned cargo-pgrx, and its configuration pointing at the
-# system pg_config. Safe to run again; quiet when nothing is missing.
+# system pg_config; for the examples tested in CI: psycopg 3 for Debian's python3, Node.js with
+# npm and examples/node's locked packages, and openssl (test certificates for TLS). Safe to run
+# again; quiet when nothing is missing.
 set -euo pipefail
 
 PG_MAJOR=15
 PGRX_VERSION=0.18.0
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
-PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer)
+PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer
+    python3-psycopg openssl)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
@@ -20,6 +24,9 @@ for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
         || missing+=("$package")
 done
+# Node.js may come from elsewhere (NodeSource ships npm inside nodejs): only add Debian's when
+# there is no npm at all.
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     as_root apt-get update -qq
@@ -41,4 +48,11 @@ fi
 # `cargo pgrx init` would try to download PostgreSQL sources.
 if ! grep -qs "^pg$PG_MAJOR = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG" >/dev/null
+fi
+
+# examples/node's packages, exactly as locked.
+if [ ! -d "$ROOT/examples/node/node_modules" ] \
+    || [ "$ROOT/examples/node/package-lock.json" -nt "$ROOT/examples/node/node_modules" ]; then
+    echo "setup: installing examples/node's packages (npm ci)"
+    npm ci --prefix "$ROOT/examples/node" --no-audit --no-fund --loglevel=error >/dev/null
 fi

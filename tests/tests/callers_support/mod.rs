@@ -1,0 +1,81 @@
+//! Running the examples in `examples/` against a cluster while a Rust relay receives.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use pg_outbox_client::{Relay, RelayBuilder};
+use pg_outbox_tests::Cluster;
+use uuid::Uuid;
+
+use crate::relay_support::{self, Collector};
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the repository")
+        .to_owned()
+}
+
+/// A started relay receiving every event of `cluster`.
+pub async fn relay(cluster: &Cluster, name: &str) -> (Relay, Collector) {
+    let relay: Relay = relay_support::relay(cluster, name)
+        .build()
+        .expect("build the relay");
+    let all = Collector::spawn(relay.subscribe_all());
+    relay.start().await.expect("start the relay");
+    (relay, all)
+}
+
+/// Runs `cmd`, which must succeed, and returns its standard output.
+pub fn run(cmd: &mut Command) -> String {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e} (scripts/setup.sh installs it)"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Parses an example's `{"committed": id, "rolled_back": id}` line.
+pub fn published(stdout: &str) -> (Uuid, Uuid) {
+    let value: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("the example printed no JSON ({e}): {stdout}"));
+    let id = |key: &str| -> Uuid {
+        value[key]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} id in {value}"))
+    };
+    (id("committed"), id("rolled_back"))
+}
+
+/// The committed event arrives; the rolled-back one never does (checked after the relay's
+/// cursor has moved past both transactions); nothing else arrives.
+pub async fn assert_committed_only(
+    cluster: &Cluster,
+    relay: &Relay,
+    all: &Collector,
+    committed: &HashSet<Uuid>,
+    rolled_back: &HashSet<Uuid>,
+) {
+    all.wait_for_all(cluster, "the committed events", committed)
+        .await;
+    relay_support::wait_for_advances(cluster, relay, 2).await;
+    for id in rolled_back {
+        assert!(!all.has(*id), "a rolled-back event {id} was delivered");
+    }
+    all.assert_exactly("relay", committed);
+}
+
+/// A relay builder, for tests that need their own settings.
+pub fn builder(cluster: &Cluster, name: &str) -> RelayBuilder {
+    relay_support::relay(cluster, name)
+}

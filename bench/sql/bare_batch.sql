@@ -1,0 +1,1 @@
+INSERT INTO bare_outbox (id, channel, user_id, payload) SELECT gen_random_uuid(), 'chat', 'user-1', '{"text": "hello from the benchmark", "room": 42, "tags": ["a", "b"]}' FROM generate_series(1, :batch);

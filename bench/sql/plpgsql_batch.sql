@@ -1,0 +1,1 @@
+SELECT plpgsql_publish('chat', 'user-1', '{"text": "hello from the benchmark", "room": 42, "tags": ["a", "b"]}') FROM generate_series(1, :batch);

@@ -1,0 +1,18 @@
+-- What users write by hand, to compare outbox_publish with.
+
+-- The floor: the same row inserted with no NOTIFY (same columns, same indexes).
+CREATE TABLE bare_outbox (LIKE event_outbox INCLUDING DEFAULTS);
+ALTER TABLE bare_outbox ADD PRIMARY KEY (id);
+CREATE INDEX ON bare_outbox (created_at);
+CREATE INDEX ON bare_outbox (xid, id);
+
+-- The hand-written PL/pgSQL function: the same INSERT plus pg_notify, in one transaction.
+CREATE FUNCTION plpgsql_publish(p_channel text, p_user_id text, p_payload jsonb)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid := gen_random_uuid();
+BEGIN
+    INSERT INTO event_outbox (id, channel, user_id, payload) VALUES (v_id, p_channel, p_user_id, p_payload);
+    PERFORM pg_notify('pg_outbox', json_build_object('id', v_id, 'channel', p_channel, 'user_id', p_user_id)::text);
+    RETURN v_id;
+END $$;

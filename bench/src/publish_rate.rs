@@ -1,0 +1,143 @@
+//! Figure 1: publish transactions per second, outbox_publish against what users write by hand
+//! (a PL/pgSQL function doing INSERT + pg_notify) and against the bare INSERT (the floor), with
+//! one listener draining the notifications.
+
+use pg_outbox_tests::Cluster;
+
+use crate::pgbench::{tps, Run};
+use crate::report::{median, rate, ratio, Table};
+use crate::Options;
+
+struct Variant {
+    name: &'static str,
+    script: &'static str,
+    options: &'static str,
+}
+
+const BARE: Variant = Variant {
+    name: "bare INSERT (no NOTIFY)",
+    script: "bare",
+    options: "",
+};
+const PLPGSQL: Variant = Variant {
+    name: "PL/pgSQL INSERT + pg_notify",
+    script: "plpgsql",
+    options: "",
+};
+const REFERENCE: Variant = Variant {
+    name: "outbox_publish, reference",
+    script: "publish",
+    options: "-c pg_outbox.notify_payload=reference",
+};
+const INLINE: Variant = Variant {
+    name: "outbox_publish, inline",
+    script: "publish",
+    options: "-c pg_outbox.notify_payload=inline",
+};
+
+const VARIANTS: [Variant; 4] = [BARE, PLPGSQL, REFERENCE, INLINE];
+
+pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
+    let drained = crate::drain::spawn(cluster).await;
+    let mut tables = Vec::new();
+
+    let mut per_clients = Table::new(
+        "Publish rate: transactions per second, one event per transaction",
+        &[
+            "clients",
+            "variant",
+            "tx/s (median)",
+            "vs PL/pgSQL",
+            "vs bare INSERT",
+        ],
+    );
+    for clients in options.client_counts() {
+        let rates = interleaved(cluster, options, &VARIANTS, |variant| Run {
+            script: format!("{}.sql", variant.script),
+            clients,
+            duration: options.run_time(),
+            options: variant.options.to_owned(),
+            variables: Vec::new(),
+        });
+        add_rows(&mut per_clients, &clients.to_string(), &rates);
+    }
+    per_clients.note = format!(
+        "pgbench -M prepared, {} s runs, {} interleaved rounds, medians; a listener drains notifications throughout.",
+        options.run_time().as_secs(),
+        options.rounds()
+    );
+    tables.push(per_clients);
+
+    let clients = 8;
+    let mut batches = Table::new(
+        &format!(
+            "Publish rate: events per second, several events per transaction, {clients} clients"
+        ),
+        &[
+            "events per tx",
+            "variant",
+            "events/s (median)",
+            "vs PL/pgSQL",
+            "vs bare INSERT",
+        ],
+    );
+    for batch in [10, 100] {
+        let rates = interleaved(cluster, options, &VARIANTS, |variant| Run {
+            script: format!("{}_batch.sql", variant.script),
+            clients,
+            duration: options.run_time(),
+            options: variant.options.to_owned(),
+            variables: vec![("batch".to_owned(), batch.to_string())],
+        });
+        let events: Vec<(&str, f64)> = rates
+            .iter()
+            .map(|(name, tps)| (*name, tps * f64::from(batch)))
+            .collect();
+        add_rows(&mut batches, &batch.to_string(), &events);
+    }
+    tables.push(batches);
+
+    drained.stop().await;
+    tables
+}
+
+/// Runs every variant once per round, in the same order each round, and returns each one's
+/// median rate.
+fn interleaved<'v>(
+    cluster: &Cluster,
+    options: &Options,
+    variants: &'v [Variant],
+    run: impl Fn(&Variant) -> Run,
+) -> Vec<(&'v str, f64)> {
+    let mut samples = vec![Vec::new(); variants.len()];
+    for _ in 0..options.rounds() {
+        for (variant, samples) in variants.iter().zip(&mut samples) {
+            cluster.psql("postgres", "TRUNCATE event_outbox, bare_outbox");
+            samples.push(tps(cluster, &run(variant)));
+        }
+    }
+    variants
+        .iter()
+        .zip(samples)
+        .map(|(variant, samples)| (variant.name, median(&samples)))
+        .collect()
+}
+
+fn add_rows(table: &mut Table, label: &str, rates: &[(&str, f64)]) {
+    let find = |name: &str| {
+        rates
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(f64::NAN, |(_, r)| *r)
+    };
+    let (plpgsql, bare) = (find(PLPGSQL.name), find(BARE.name));
+    for (name, value) in rates {
+        table.row(vec![
+            label.to_owned(),
+            (*name).to_owned(),
+            rate(*value),
+            ratio(*value, plpgsql),
+            ratio(*value, bare),
+        ]);
+    }
+}

@@ -17,13 +17,13 @@ const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 #[non_exhaustive]
 pub enum Error {
     /// The connection string did not parse.
-    #[error("invalid connection string: {0}")]
+    #[error("invalid connection string: {}", detail(.0))]
     ConnectionString(#[source] tokio_postgres::Error),
     /// A builder setting is out of range.
     #[error("invalid relay configuration: {0}")]
     InvalidConfig(&'static str),
     /// Connecting failed (network, authentication, no such database…).
-    #[error("could not connect to PostgreSQL: {0}")]
+    #[error("could not connect to PostgreSQL: {}", detail(.0))]
     Connect(#[source] tokio_postgres::Error),
     /// A step did not finish in time.
     #[error("timed out after {after:?} while {doing}")]
@@ -51,8 +51,9 @@ pub enum Error {
     TransactionPooler(&'static str),
     /// The outbox tables are not where the relay looks.
     #[error(
-        "pg_outbox is not installed in schema {schema:?} of this database ({source}); run \
-         CREATE EXTENSION pg_outbox there, or set the relay's schema to the extension's"
+        "pg_outbox is not installed in schema {schema:?} of this database ({}); run \
+         CREATE EXTENSION pg_outbox there, or set the relay's schema to the extension's",
+        detail(source)
     )]
     ExtensionMissing {
         /// The schema the relay looked in.
@@ -65,7 +66,7 @@ pub enum Error {
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
     /// A query failed.
-    #[error("query failed: {0}")]
+    #[error("query failed: {}", detail(.0))]
     Query(#[source] tokio_postgres::Error),
     /// The connection closed.
     #[error("connection lost: {0}")]
@@ -79,6 +80,19 @@ pub enum Error {
     /// The relay was shut down.
     #[error("the relay is stopped")]
     Stopped,
+}
+
+/// A tokio-postgres error with its causes: its own `Display` says only "db error" or "error
+/// connecting to server", keeping the server's message and the I/O error in `source()`.
+fn detail(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl Error {

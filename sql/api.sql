@@ -43,7 +43,7 @@ COMMENT ON FUNCTION outbox_stats() IS
 
 -- Nothing is granted to PUBLIC: publishing, relaying, pruning and monitoring are granted to
 -- roles explicitly (see the README).
-REVOKE ALL ON TABLE event_outbox, outbox_prune_state FROM PUBLIC;
+REVOKE ALL ON TABLE event_outbox, outbox_prune_state, outbox_notifier_state FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_publish(text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;

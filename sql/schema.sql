@@ -17,7 +17,10 @@ CREATE TABLE event_outbox (
     -- The publishing top-level transaction. A catch-up reads the rows whose xid is visible in
     -- a new snapshot and was not in the previous one: exact even when transactions commit out
     -- of id order, unlike "id greater than the last one seen".
-    xid         xid8        NOT NULL DEFAULT pg_current_xact_id()
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    -- True when the publishing transaction did not NOTIFY (pg_outbox.notify_mode = 'worker') and
+    -- left the notification to the notifier worker.
+    notify_deferred boolean NOT NULL DEFAULT false
 );
 
 COMMENT ON TABLE event_outbox IS
@@ -38,6 +41,17 @@ CREATE TABLE outbox_prune_state (
     last_pruned_at      timestamptz
 );
 INSERT INTO outbox_prune_state DEFAULT VALUES;
+
+-- Where the notifier worker is: every row whose xid is visible in this snapshot has been seen by
+-- it. Each of its batches notifies the deferred rows visible in a new snapshot and not in this
+-- one, then stores the new one in the same transaction, so a restarted worker resumes exactly.
+CREATE TABLE outbox_notifier_state (
+    only_row            boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    snapshot            pg_snapshot NOT NULL DEFAULT pg_current_snapshot(),
+    rows_notified       bigint      NOT NULL DEFAULT 0,
+    last_notified_at    timestamptz
+);
+INSERT INTO outbox_notifier_state DEFAULT VALUES;
 
 -- pg_dump keeps the events and the prune record with the extension.
 SELECT pg_catalog.pg_extension_config_dump('event_outbox', '');

@@ -24,17 +24,34 @@ pub enum NotifyPayload {
     Inline,
 }
 
+/// Who sends an event's notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PostgresGucEnum)]
+pub enum NotifyMode {
+    /// The publishing transaction, at its commit. Every such commit takes PostgreSQL's
+    /// cluster-wide notify lock through its WAL flush, so concurrent publishers cannot share a
+    /// flush (no group commit).
+    #[name = c"transaction"]
+    Transaction,
+    /// The notifier worker, right after the publishing transaction commits: publishers only
+    /// INSERT, so they group-commit like any insert. Needs the library preloaded and the
+    /// publisher in `pg_outbox.database`; elsewhere publishing falls back to `transaction`.
+    #[name = c"worker"]
+    Worker,
+}
+
 /// Rows older than this are pruned. Seconds.
 static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// How often the pruner runs. Seconds.
 static PRUNE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
 /// Rows deleted per transaction by the pruner, so a backlog never holds locks for long.
 static PRUNE_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-/// The database the pruner serves; read once at server start.
+/// The database the workers serve; read once at server start.
 static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// The largest payload `outbox_publish` accepts. Bytes.
 static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Who notifies: the publishing transaction or the notifier worker.
+static NOTIFY_MODE: GucSetting<NotifyMode> = GucSetting::<NotifyMode>::new(NotifyMode::Transaction);
 /// Reference or inline notifications.
 static NOTIFY_PAYLOAD: GucSetting<NotifyPayload> =
     GucSetting::<NotifyPayload>::new(NotifyPayload::Reference);
@@ -90,10 +107,18 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"pg_outbox.notify_mode",
+        c"Who sends notifications: 'transaction' (the publishing transaction) or 'worker' (the notifier worker, after commit).",
+        c"In worker mode publishers do not take the cluster-wide notify lock, so they group-commit like plain inserts.",
+        &NOTIFY_MODE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     if preloading {
         GucRegistry::define_string_guc(
             c"pg_outbox.database",
-            c"The database whose event_outbox the pruner serves.",
+            c"The database whose event_outbox the pruner and the notifier serve.",
             c"Read at server start; create the extension in this database.",
             &DATABASE,
             GucContext::Postmaster,
@@ -114,7 +139,7 @@ pub fn prune_batch_size() -> i64 {
     i64::from(PRUNE_BATCH_SIZE.get())
 }
 
-/// The pruner's database, or `postgres` when the setting is empty.
+/// The workers' database, or `postgres` when the setting is empty.
 pub fn database() -> String {
     DATABASE
         .get()
@@ -125,6 +150,10 @@ pub fn database() -> String {
 
 pub fn max_payload_bytes() -> usize {
     usize::try_from(MAX_PAYLOAD_BYTES.get()).unwrap_or(usize::MAX)
+}
+
+pub fn notify_mode() -> NotifyMode {
+    NOTIFY_MODE.get()
 }
 
 pub fn notify_payload() -> NotifyPayload {

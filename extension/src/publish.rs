@@ -19,6 +19,7 @@ use crate::error::OutboxError;
 use crate::guc::{self, NotifyPayload};
 use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
 use crate::notify::notify;
+use crate::worker::notifier;
 
 const FUNCTION: &str = "outbox_publish";
 
@@ -124,8 +125,10 @@ impl<'a> Publish<'a> {
         })
     }
 
-    /// Inserts the row, queues the notification, returns the event's id.
+    /// Inserts the row, queues the notification (or leaves it to the notifier worker), returns
+    /// the event's id.
     fn run(&self) -> Uuid {
+        let deferred = notifier::takes_over_notification();
         let id = Uuid::now_v7();
         // SAFETY: plain calls into the transaction manager and the clock. Asking for the
         // top-level id assigns one if the transaction has none yet, as the INSERT would.
@@ -145,12 +148,17 @@ impl<'a> Publish<'a> {
                 ),
                 DatumWithOid::new(pg_sys::Datum::from(created_at), pg_sys::TIMESTAMPTZOID),
                 DatumWithOid::new(pg_sys::Datum::from(xid), pg_sys::XID8OID),
+                DatumWithOid::from(deferred),
             ]
         };
         let insert = insert_statement(self.namespace);
         Spi::connect_mut(|client| client.update(&*insert, None, &args).map(|_| ()))
             .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not insert the event: {e}"));
 
+        if deferred {
+            notifier::wake_at_commit();
+            return id;
+        }
         let notification = Notification {
             id,
             channel: self.channel,
@@ -209,8 +217,9 @@ fn insert_statement(namespace: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
     // SAFETY: the oid names the schema this function lives in, which exists during the call.
     let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(namespace)) };
     let sql = format!(
-        "INSERT INTO {}.event_outbox (id, channel, user_id, payload, origin, created_at, xid) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO {}.event_outbox \
+         (id, channel, user_id, payload, origin, created_at, xid, notify_deferred) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         quote_identifier(schema.to_string_lossy())
     );
     let types = [
@@ -221,6 +230,7 @@ fn insert_statement(namespace: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
         pg_sys::TEXTOID,
         pg_sys::TIMESTAMPTZOID,
         pg_sys::XID8OID,
+        pg_sys::BOOLOID,
     ]
     .map(PgOid::from);
     let statement =

@@ -1,4 +1,5 @@
-//! Several relays, concurrent publishers in both notification modes, some transactions rolled
+//! Several relays, concurrent publishers in both payload modes (reference, inline) and both
+//! notify modes (by the transaction, by the notifier worker) at once, some transactions rolled
 //! back: each relay delivers every committed event exactly once and no rolled-back one.
 
 mod relay_support;
@@ -30,6 +31,12 @@ async fn every_relay_gets_every_committed_event_once() {
             if p % 2 == 0 {
                 client
                     .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+                    .await
+                    .unwrap();
+            }
+            if p >= PUBLISHERS / 2 {
+                client
+                    .batch_execute("SET pg_outbox.notify_mode = 'worker'")
                     .await
                     .unwrap();
             }

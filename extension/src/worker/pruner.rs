@@ -7,7 +7,6 @@
 //! column tells what it is doing. It reloads its settings on SIGHUP, exits promptly on SIGTERM,
 //! and is restarted by the postmaster after a crash or `pg_terminate_backend`.
 
-use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -15,12 +14,10 @@ use pgrx::prelude::*;
 
 use crate::guc;
 use crate::prune::{extension_schema, prune_batch};
+use crate::worker::{report_activity, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox pruner";
-
-/// What `pg_stat_activity.query` shows while the extension is missing from the database.
-const WAITING_FOR_EXTENSION: &CStr = c"waiting for CREATE EXTENSION pg_outbox";
 
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
@@ -129,12 +126,4 @@ impl Pruner {
 fn shutdown_requested() -> bool {
     // SAFETY: a plain read of a flag set by the signal handler.
     unsafe { pg_sys::ShutdownRequestPending != 0 }
-}
-
-/// Shows what the worker does in `pg_stat_activity.query`.
-fn report_activity(activity: &'static CStr) {
-    // SAFETY: the string is static; pgstat copies it into shared memory.
-    unsafe {
-        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr())
-    };
 }

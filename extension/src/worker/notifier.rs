@@ -1,0 +1,268 @@
+//! The notifier: with `pg_outbox.notify_mode = 'worker'`, publishing transactions only INSERT
+//! (so they group-commit like plain inserts, instead of serialising on PostgreSQL's cluster-wide
+//! notify lock), and this worker sends their notifications right after they commit.
+//!
+//! How it stays exact, PgQ-style: `outbox_notifier_state.snapshot` is the last snapshot the
+//! worker has covered. Each batch, in one transaction, swaps it for a new snapshot and notifies
+//! the deferred rows whose xid is visible in the new snapshot and not in the old one: every
+//! committed row lands in exactly one batch whatever order transactions commit in, a rolled-back
+//! row in none, and a restarted worker resumes where its last committed batch ended.
+//!
+//! How it wakes: a publishing backend that deferred a notification sets this worker's latch
+//! from its commit callback, after the commit is visible. Without publishers it wakes every
+//! [`IDLE_TICK`] to move its snapshot forward (so the next batch's range stays small) and to
+//! pick up transactions committed by `COMMIT PREPARED`, which runs no callback of the publisher.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
+
+use crate::guc::{self, NotifyMode, NotifyPayload};
+use crate::notification::Notification;
+use crate::notify::notify;
+use crate::prune::extension_schema;
+use crate::worker::{report_activity, WAITING_FOR_EXTENSION};
+
+/// The name shown as `backend_type` in `pg_stat_activity`.
+pub const BACKEND_TYPE: &str = "pg_outbox notifier";
+
+/// How long the postmaster waits before starting the worker again after it exits.
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// How often the worker runs a batch when no publisher wakes it.
+const IDLE_TICK: Duration = Duration::from_secs(5);
+
+/// Where the notifier is, in shared memory: the database it serves in the high 32 bits, and its
+/// `pgprocno + 1` in the low 32 bits (0 while it is not running). 0 until it first connects.
+static NOTIFIER: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox_notifier") };
+
+/// Whether this process inherited a preloaded library, so [`NOTIFIER`] exists.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Reserves the shared memory and registers the worker; called from `_PG_init` while
+/// preloading.
+pub fn register() {
+    pg_shmem_init!(NOTIFIER = AtomicU64::new(0));
+    PRELOADED.store(true, Ordering::Relaxed);
+    BackgroundWorkerBuilder::new(BACKEND_TYPE)
+        .set_type(BACKEND_TYPE)
+        .set_library("pg_outbox")
+        .set_function("pg_outbox_notifier_main")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+/// Whether a publish in this session should leave its notification to the notifier: worker
+/// mode is on, and the notifier serves this database.
+pub fn takes_over_notification() -> bool {
+    if guc::notify_mode() != NotifyMode::Worker || !PRELOADED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let state = NOTIFIER.get().load(Ordering::Acquire);
+    // SAFETY: a plain read of this backend's database id.
+    let database = u64::from(u32::from(unsafe { pg_sys::MyDatabaseId }));
+    state >> 32 == database
+}
+
+thread_local! {
+    /// Whether this backend registered [`on_transaction_end`].
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// Whether the current transaction deferred a notification.
+    static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes the current transaction wake the notifier when it commits.
+pub fn wake_at_commit() {
+    if !CALLBACK_REGISTERED.get() {
+        // SAFETY: registers a callback that lives as long as the library, once per backend.
+        unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
+        CALLBACK_REGISTERED.set(true);
+    }
+    WAKE_AT_COMMIT.set(true);
+}
+
+/// Runs at the end of every transaction of a backend that once deferred a notification. At
+/// `COMMIT` the transaction is already visible to new snapshots, so the woken notifier finds it.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WAKE_AT_COMMIT.replace(false) => wake(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            WAKE_AT_COMMIT.set(false);
+        }
+        _ => {}
+    }
+}
+
+/// Sets the notifier's latch, if it is running.
+fn wake() {
+    let procno = NOTIFIER.get().load(Ordering::Acquire) & u64::from(u32::MAX);
+    if procno == 0 {
+        return; // Not running: it catches up from its stored snapshot when it starts.
+    }
+    // SAFETY: `procno - 1` was a valid index into ProcGlobal->allProcs when the notifier stored
+    // it; the array lives for the whole server. If the notifier died since, the slot may belong
+    // to another process, whose latch then wakes up for nothing, which latches allow.
+    unsafe {
+        let proc = (*pg_sys::ProcGlobal).allProcs.add((procno - 1) as usize);
+        pg_sys::SetLatch(&raw mut (*proc).procLatch);
+    }
+}
+
+/// The worker's entry point.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    advertise(true);
+    log!("pg_outbox notifier started in database \"{database}\"");
+
+    let mut schema: Option<String> = None;
+    let mut waiting_logged = false;
+    loop {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: called from the worker's main loop, outside any transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        // Looked up once: if the extension is dropped later, the next batch fails, the worker
+        // exits with that error and its successor looks again.
+        if schema.is_none() {
+            schema = BackgroundWorker::transaction(|| extension_schema().ok().flatten());
+        }
+        match &schema {
+            Some(schema) => {
+                waiting_logged = false;
+                report_activity(c"notifying");
+                let notified = BackgroundWorker::transaction(|| notify_batch(schema));
+                if notified > 0 {
+                    debug2!("pg_outbox notifier sent {notified} notifications");
+                }
+                report_activity(c"idle");
+            }
+            None => {
+                if !waiting_logged {
+                    log!(
+                        "pg_outbox is not installed in database \"{database}\"; the notifier waits for CREATE EXTENSION pg_outbox there"
+                    );
+                    waiting_logged = true;
+                }
+                report_activity(WAITING_FOR_EXTENSION);
+            }
+        }
+        if !BackgroundWorker::wait_latch(Some(IDLE_TICK)) {
+            break;
+        }
+    }
+    advertise(false);
+    log!("pg_outbox notifier stopping");
+    // Exit with 1 so that the postmaster restarts a worker stopped by pg_terminate_backend.
+    // SAFETY: ends this process the way Postgres expects a backend to end.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Publishes (or withdraws) this process as the notifier of its database.
+fn advertise(running: bool) {
+    // SAFETY: plain reads of this process's own identity.
+    let (database, procno) =
+        unsafe { (u32::from(pg_sys::MyDatabaseId), (*pg_sys::MyProc).pgprocno) };
+    let procno = if running {
+        u64::try_from(procno).map_or(0, |p| p + 1)
+    } else {
+        0
+    };
+    NOTIFIER
+        .get()
+        .store((u64::from(database) << 32) | procno, Ordering::Release);
+}
+
+/// One batch, in the caller's transaction: moves the stored snapshot forward and notifies the
+/// deferred rows that committed in between. Returns how many it notified.
+fn notify_batch(schema: &str) -> i64 {
+    // The batch's own commit need not wait for its WAL flush: if it is lost in a crash, the
+    // restarted worker sends those notifications again, and relays drop what they already have.
+    Spi::run("SET LOCAL synchronous_commit = off")
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+    // Locks the state row (one batch at a time) and takes the new snapshot in one statement.
+    let (previous, current) = Spi::get_two::<String, String>(&format!(
+        "SELECT snapshot::text, pg_current_snapshot()::text \
+         FROM {schema}.outbox_notifier_state FOR UPDATE"
+    ))
+    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+    let (Some(previous), Some(current)) = (previous, current) else {
+        pgrx::error!("pg_outbox notifier: {schema}.outbox_notifier_state has no row");
+    };
+
+    let inline = guc::notify_payload() == NotifyPayload::Inline;
+    let rows = format!(
+        "SELECT id, channel, user_id, origin, xid::text::int8, \
+                (extract(epoch FROM created_at) * 1000000)::int8, \
+                CASE WHEN $3 THEN payload::text END \
+         FROM {schema}.event_outbox \
+         WHERE xid >= pg_snapshot_xmin($1::pg_snapshot) AND xid < pg_snapshot_xmax($2::pg_snapshot) \
+           AND pg_visible_in_snapshot(xid, $2::pg_snapshot) \
+           AND NOT pg_visible_in_snapshot(xid, $1::pg_snapshot) \
+           AND notify_deferred \
+         ORDER BY xid, id"
+    );
+    let notified = Spi::connect(|client| {
+        let table = client.select(
+            rows.as_str(),
+            None,
+            &[
+                previous.as_str().into(),
+                current.as_str().into(),
+                inline.into(),
+            ],
+        )?;
+        let mut notified = 0_i64;
+        for row in table {
+            let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
+                row.get::<pgrx::Uuid>(1)?,
+                row.get::<&str>(2)?,
+                row.get::<&str>(3)?,
+                row.get::<i64>(5)?,
+                row.get::<i64>(6)?,
+            ) else {
+                continue; // Columns are NOT NULL; nothing to notify for a row that is not.
+            };
+            let notification = Notification {
+                id: uuid::Uuid::from_bytes(*id.as_bytes()),
+                channel,
+                user_id,
+                origin: row.get::<&str>(4)?,
+                xid: u64::try_from(xid).unwrap_or_default(),
+                created_at_us,
+            };
+            let document = row
+                .get::<&str>(7)?
+                .and_then(|payload| notification.inline(payload))
+                .unwrap_or_else(|| notification.reference());
+            notify(&document);
+            notified += 1;
+        }
+        Ok::<_, pgrx::spi::SpiError>(notified)
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+
+    Spi::run_with_args(
+        &format!(
+            "UPDATE {schema}.outbox_notifier_state SET snapshot = $1::pg_snapshot, \
+                 rows_notified = rows_notified + $2, \
+                 last_notified_at = CASE WHEN $2 > 0 THEN clock_timestamp() ELSE last_notified_at END"
+        ),
+        &[current.as_str().into(), notified.into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+    notified
+}

@@ -1,0 +1,167 @@
+//! `pg_outbox.notify_mode = 'worker'`: publishers only INSERT, and the notifier worker sends
+//! each committed event's notification right after the commit, never a rolled-back one, and
+//! resumes exactly where it was after a restart.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use pg_outbox_tests::Cluster;
+use serde_json::json;
+use tokio_postgres::GenericClient;
+
+const PUBLISH: &str = "SELECT outbox_publish($1, $2, $3::jsonb)::text";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn worker_mode_cluster() -> Cluster {
+    Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .start()
+}
+
+async fn publish(client: &impl GenericClient, n: i64) -> String {
+    client
+        .query_one(PUBLISH, &[&"chat", &"u1", &json!({ "n": n })])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn the_worker_notifies_after_commit_and_never_for_rollback() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let mut publisher = cluster.connect("postgres").await;
+
+    // The publishing transaction itself sends nothing: no pending notification at commit.
+    let tx = publisher.transaction().await.unwrap();
+    let committed = [publish(&tx, 1).await, publish(&tx, 2).await];
+    let deferred: bool = tx
+        .query_one(
+            "SELECT bool_and(notify_deferred) FROM event_outbox WHERE xid = pg_current_xact_id()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deferred);
+    tx.commit().await.unwrap();
+
+    let tx = publisher.transaction().await.unwrap();
+    publish(&tx, 3).await;
+    tx.rollback().await.unwrap();
+    let last = publish(&publisher, 4).await;
+
+    for id in committed.iter().chain([&last]) {
+        let notification = listener.next().await;
+        assert_eq!(notification["id"], id.as_str(), "{notification}");
+        assert_eq!(notification["channel"], "chat");
+        assert!(notification.get("payload").is_none());
+    }
+}
+
+#[tokio::test]
+async fn inline_payloads_come_from_the_worker_too() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.notify_payload", "'inline'")
+        .start();
+    let mut listener = cluster.listener("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    let id = publish(&publisher, 7).await;
+    let notification = listener.next().await;
+    assert_eq!(notification["id"], id.as_str());
+    assert_eq!(notification["payload"], json!({ "n": 7 }));
+}
+
+#[tokio::test]
+async fn concurrent_publishers_are_each_notified_exactly_once() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let mut tasks = Vec::new();
+    for publisher in 0..4_i64 {
+        let client = cluster.connect("postgres").await;
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..200 {
+                ids.push(publish(&client, publisher * 1000 + n).await);
+            }
+            ids
+        }));
+    }
+    let mut expected = HashSet::new();
+    for task in tasks {
+        expected.extend(task.await.unwrap());
+    }
+    let mut seen = HashSet::new();
+    while seen.len() < expected.len() {
+        let notification = listener.next().await;
+        let id = notification["id"].as_str().unwrap().to_owned();
+        assert!(seen.insert(id.clone()), "notified twice: {id}");
+    }
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn a_restarted_worker_notifies_what_committed_while_it_was_down() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let admin = cluster.connect("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    // Stop the worker from coming back for a while by holding its state row: its batches wait
+    // on the lock, like a worker that is down.
+    let mut holder = cluster.connect("postgres").await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("SELECT * FROM outbox_notifier_state FOR UPDATE")
+        .await
+        .unwrap();
+    let pid: i32 = admin
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(publish(&publisher, n).await);
+    }
+    hold.rollback().await.unwrap();
+
+    cluster
+        .wait_for("a new notifier", WAIT, || async {
+            admin
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier' AND pid <> $1",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .map(|_| ())
+        })
+        .await;
+    for id in &ids {
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+}
+
+#[tokio::test]
+async fn outside_the_workers_database_publishers_notify_themselves() {
+    let cluster = worker_mode_cluster();
+    cluster.psql("postgres", "CREATE DATABASE other");
+    cluster.psql("other", "CREATE EXTENSION pg_outbox");
+    let mut listener = cluster.listener("other").await;
+    let publisher = cluster.connect("other").await;
+    let id = publish(&publisher, 1).await;
+    assert_eq!(listener.next().await["id"], id.as_str());
+    let deferred: bool = publisher
+        .query_one("SELECT notify_deferred FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!deferred);
+}

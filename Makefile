@@ -14,7 +14,7 @@ else
   SUDO := --sudo
 endif
 
-.PHONY: all setup install install-debug demo test lint test-extension test-e2e clean
+.PHONY: all setup install install-debug demo test lint test-extension test-e2e fuzz clean
 
 all: install
 
@@ -32,8 +32,8 @@ install-debug: setup
 demo: install
 	scripts/demo.sh
 
-## test: formatting, lints, the extension's in-database tests, then end-to-end tests
-test: setup lint test-extension test-e2e
+## test: formatting, lints, the extension's in-database tests, end-to-end tests, a minute of fuzzing
+test: setup lint test-extension test-e2e fuzz
 
 lint:
 	cargo fmt --all --check
@@ -48,6 +48,16 @@ test-extension: setup
 # tests use it.
 test-e2e: install-debug
 	cargo test --workspace --exclude pg_outbox
+
+## fuzz: libFuzzer on everything the client parses from the network, for FUZZ_SECONDS;
+## FUZZ_SANITIZER=address adds ASan (on stable Rust through RUSTC_BOOTSTRAP=1). docs/fuzzing.md
+FUZZ_SECONDS ?= 60
+FUZZ_SANITIZER ?= none
+fuzz: setup
+	mkdir -p fuzz/corpus/relay_input
+	cd fuzz && $(if $(filter-out none,$(FUZZ_SANITIZER)),RUSTC_BOOTSTRAP=1) cargo fuzz run \
+		--sanitizer $(FUZZ_SANITIZER) relay_input corpus/relay_input seeds/relay_input \
+		-- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	cargo clean

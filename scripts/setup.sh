@@ -10,6 +10,7 @@ set -euo pipefail
 
 PG_MAJOR=15
 PGRX_VERSION=0.18.0
+CARGO_FUZZ_VERSION=0.13.2
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer
     python3-psycopg openssl)
@@ -42,6 +43,12 @@ fi
 if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
     echo "setup: installing cargo-pgrx $PGRX_VERSION (a few minutes, once)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
+fi
+
+# `make fuzz` (part of `make test`): cargo-fuzz works on stable Rust (see docs/fuzzing.md).
+if ! cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION\$"; then
+    echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION (a few minutes, once)"
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet
 fi
 
 # `cargo pgrx init` with an explicit pg_config only writes its configuration; plain

@@ -15,11 +15,12 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PgAtomic};
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{pg_shmem_init, PgAtomic, PgOid};
 
 use crate::guc::{self, NotifyMode, NotifyPayload};
 use crate::notification::Notification;
@@ -32,6 +33,10 @@ pub const BACKEND_TYPE: &str = "pg_outbox notifier";
 
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// The shortest time between the starts of two batches: at most this much latency is added,
+/// and at most `1 / MIN_BATCH_INTERVAL` batches run per second however many commits wake it.
+const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 /// How often the worker runs a batch when no publisher wakes it.
 const IDLE_TICK: Duration = Duration::from_secs(5);
@@ -127,24 +132,42 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     advertise(true);
     log!("pg_outbox notifier started in database \"{database}\"");
+    // A batch's commit need not wait for its WAL flush: if it is lost in a crash, the restarted
+    // worker sends those notifications again, and relays drop what they already have.
+    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off"))
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
 
-    let mut schema: Option<String> = None;
+    let mut batches: Option<Batches> = None;
+    let mut last_batch = Instant::now();
     let mut waiting_logged = false;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: called from the worker's main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        // Looked up once: if the extension is dropped later, the next batch fails, the worker
+        // Prepared once: if the extension is dropped later, the next batch fails, the worker
         // exits with that error and its successor looks again.
-        if schema.is_none() {
-            schema = BackgroundWorker::transaction(|| extension_schema().ok().flatten());
+        if batches.is_none() {
+            batches = BackgroundWorker::transaction(|| {
+                extension_schema()
+                    .ok()
+                    .flatten()
+                    .map(|schema| Batches::prepare(&schema))
+            });
         }
-        match &schema {
-            Some(schema) => {
+        match &batches {
+            Some(batches) => {
                 waiting_logged = false;
+                // Under a stream of commits, gather what commits meanwhile into the next batch
+                // rather than running one batch per commit.
+                let since = last_batch.elapsed();
+                if since < MIN_BATCH_INTERVAL {
+                    // SAFETY: a plain sleep; the latch stays set for the next wait.
+                    unsafe { pg_sys::pg_usleep((MIN_BATCH_INTERVAL - since).as_micros() as _) };
+                }
+                last_batch = Instant::now();
                 report_activity(c"notifying");
-                let notified = BackgroundWorker::transaction(|| notify_batch(schema));
+                let notified = BackgroundWorker::transaction(|| batches.run());
                 if notified > 0 {
                     debug2!("pg_outbox notifier sent {notified} notifications");
                 }
@@ -186,83 +209,108 @@ fn advertise(running: bool) {
         .store((u64::from(database) << 32) | procno, Ordering::Release);
 }
 
-/// One batch, in the caller's transaction: moves the stored snapshot forward and notifies the
-/// deferred rows that committed in between. Returns how many it notified.
-fn notify_batch(schema: &str) -> i64 {
-    // The batch's own commit need not wait for its WAL flush: if it is lost in a crash, the
-    // restarted worker sends those notifications again, and relays drop what they already have.
-    Spi::run("SET LOCAL synchronous_commit = off")
-        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
-    // Locks the state row (one batch at a time) and takes the new snapshot in one statement.
-    let (previous, current) = Spi::get_two::<String, String>(&format!(
-        "SELECT snapshot::text, pg_current_snapshot()::text \
-         FROM {schema}.outbox_notifier_state FOR UPDATE"
-    ))
-    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
-    let (Some(previous), Some(current)) = (previous, current) else {
-        pgrx::error!("pg_outbox notifier: {schema}.outbox_notifier_state has no row");
-    };
+/// The notifier's three statements, prepared once per worker: a batch plans nothing.
+struct Batches {
+    /// Locks the state row (one batch at a time) and takes the new snapshot.
+    begin: OwnedPreparedStatement,
+    /// The deferred rows visible in the new snapshot and not in the stored one.
+    rows: OwnedPreparedStatement,
+    /// Stores the new snapshot and counts what was sent.
+    end: OwnedPreparedStatement,
+}
 
-    let inline = guc::notify_payload() == NotifyPayload::Inline;
-    let rows = format!(
-        "SELECT id, channel, user_id, origin, xid::text::int8, \
-                (extract(epoch FROM created_at) * 1000000)::int8, \
-                CASE WHEN $3 THEN payload::text END \
-         FROM {schema}.event_outbox \
-         WHERE xid >= pg_snapshot_xmin($1::pg_snapshot) AND xid < pg_snapshot_xmax($2::pg_snapshot) \
-           AND pg_visible_in_snapshot(xid, $2::pg_snapshot) \
-           AND NOT pg_visible_in_snapshot(xid, $1::pg_snapshot) \
-           AND notify_deferred \
-         ORDER BY xid, id"
-    );
-    let notified = Spi::connect(|client| {
-        let table = client.select(
-            rows.as_str(),
-            None,
-            &[
-                previous.as_str().into(),
-                current.as_str().into(),
-                inline.into(),
-            ],
-        )?;
-        let mut notified = 0_i64;
-        for row in table {
-            let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
-                row.get::<pgrx::Uuid>(1)?,
-                row.get::<&str>(2)?,
-                row.get::<&str>(3)?,
-                row.get::<i64>(5)?,
-                row.get::<i64>(6)?,
-            ) else {
-                continue; // Columns are NOT NULL; nothing to notify for a row that is not.
-            };
-            let notification = Notification {
-                id: uuid::Uuid::from_bytes(*id.as_bytes()),
-                channel,
-                user_id,
-                origin: row.get::<&str>(4)?,
-                xid: u64::try_from(xid).unwrap_or_default(),
-                created_at_us,
-            };
-            let document = row
-                .get::<&str>(7)?
-                .and_then(|payload| notification.inline(payload))
-                .unwrap_or_else(|| notification.reference());
-            notify(&document);
-            notified += 1;
+impl Batches {
+    fn prepare(schema: &str) -> Batches {
+        let text = PgOid::from(pg_sys::TEXTOID);
+        let prepare = |sql: String, types: &[PgOid]| {
+            Spi::connect(|client| client.prepare_mut(sql.as_str(), types).map(|s| s.keep()))
+                .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
+        };
+        Batches {
+            begin: prepare(
+                format!(
+                    "SELECT snapshot::text, pg_current_snapshot()::text \
+                     FROM {schema}.outbox_notifier_state FOR UPDATE"
+                ),
+                &[],
+            ),
+            rows: prepare(
+                format!(
+                    "SELECT id, channel, user_id, origin, xid::text::int8, \
+                            (extract(epoch FROM created_at) * 1000000)::int8, \
+                            CASE WHEN $3 THEN payload::text END \
+                     FROM {schema}.event_outbox \
+                     WHERE xid >= pg_snapshot_xmin($1::pg_snapshot) \
+                       AND xid < pg_snapshot_xmax($2::pg_snapshot) \
+                       AND pg_visible_in_snapshot(xid, $2::pg_snapshot) \
+                       AND NOT pg_visible_in_snapshot(xid, $1::pg_snapshot) \
+                       AND notify_deferred \
+                     ORDER BY xid, id"
+                ),
+                &[text, text, PgOid::from(pg_sys::BOOLOID)],
+            ),
+            end: prepare(
+                format!(
+                    "UPDATE {schema}.outbox_notifier_state SET snapshot = $1::pg_snapshot, \
+                         rows_notified = rows_notified + $2, \
+                         last_notified_at = CASE WHEN $2 > 0 THEN clock_timestamp() \
+                                                 ELSE last_notified_at END"
+                ),
+                &[text, PgOid::from(pg_sys::INT8OID)],
+            ),
         }
-        Ok::<_, pgrx::spi::SpiError>(notified)
-    })
-    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+    }
 
-    Spi::run_with_args(
-        &format!(
-            "UPDATE {schema}.outbox_notifier_state SET snapshot = $1::pg_snapshot, \
-                 rows_notified = rows_notified + $2, \
-                 last_notified_at = CASE WHEN $2 > 0 THEN clock_timestamp() ELSE last_notified_at END"
-        ),
-        &[current.as_str().into(), notified.into()],
-    )
-    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
-    notified
+    /// One batch, in the caller's transaction: moves the stored snapshot forward and notifies
+    /// the deferred rows that committed in between. Returns how many it notified.
+    fn run(&self) -> i64 {
+        let inline = guc::notify_payload() == NotifyPayload::Inline;
+        Spi::connect_mut(|client| {
+            let (previous, current) = client
+                .update(&self.begin, None, &[])?
+                .first()
+                .get_two::<String, String>()?;
+            let (Some(previous), Some(current)) = (previous, current) else {
+                pgrx::error!("pg_outbox notifier: outbox_notifier_state has no row");
+            };
+            let rows = client.select(
+                &self.rows,
+                None,
+                &[
+                    previous.as_str().into(),
+                    current.as_str().into(),
+                    inline.into(),
+                ],
+            )?;
+            let mut notified = 0_i64;
+            for row in rows {
+                let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
+                    row.get::<pgrx::Uuid>(1)?,
+                    row.get::<&str>(2)?,
+                    row.get::<&str>(3)?,
+                    row.get::<i64>(5)?,
+                    row.get::<i64>(6)?,
+                ) else {
+                    continue; // Columns are NOT NULL; nothing to notify for a row that is not.
+                };
+                let notification = Notification {
+                    id: uuid::Uuid::from_bytes(*id.as_bytes()),
+                    channel,
+                    user_id,
+                    origin: row.get::<&str>(4)?,
+                    xid: u64::try_from(xid).unwrap_or_default(),
+                    created_at_us,
+                };
+                let document = row
+                    .get::<&str>(7)?
+                    .and_then(|payload| notification.inline(payload))
+                    .unwrap_or_else(|| notification.reference());
+                notify(&document);
+                notified += 1;
+            }
+            client.update(&self.end, None, &[current.as_str().into(), notified.into()])?;
+            Ok::<_, pgrx::spi::SpiError>(notified)
+        })
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
+    }
 }

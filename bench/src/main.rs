@@ -2,13 +2,17 @@
 //! throwaway cluster this program starts (and prints the configuration of).
 //!
 //! ```text
-//! pg-outbox-bench [--smoke] [--only publish|latency|prune|memory]
+//! pg-outbox-bench [--smoke] [--only publish|latency|fanout|prune|memory]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
 
 mod drain;
+mod fanout;
+mod latency;
+mod memory;
 mod pgbench;
+mod prune;
 mod publish_rate;
 mod report;
 
@@ -51,6 +55,10 @@ impl Options {
 
     fn run_time(&self) -> Duration {
         Duration::from_secs(if self.smoke { 1 } else { 6 })
+    }
+
+    fn latency_time(&self) -> Duration {
+        Duration::from_secs(if self.smoke { 1 } else { 10 })
     }
 
     fn wants(&self, figure: &str) -> bool {
@@ -99,6 +107,18 @@ async fn main() {
     let mut tables = Vec::new();
     if options.wants("publish") {
         tables.extend(publish_rate::run(&cluster, &options).await);
+    }
+    if options.wants("latency") {
+        tables.extend(latency::run(&cluster, &options).await);
+    }
+    if options.wants("fanout") {
+        tables.extend(fanout::run(&cluster, &options).await);
+    }
+    if options.wants("prune") {
+        tables.extend(prune::run(&cluster, &options).await);
+    }
+    if options.wants("memory") {
+        tables.extend(memory::run(&cluster, &options).await);
     }
     println!("## Results\n");
     for table in tables {

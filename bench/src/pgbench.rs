@@ -1,6 +1,6 @@
 //! Running pgbench against the benchmark cluster and reading its rate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,14 +19,20 @@ pub struct Run {
 
 /// Transactions per second, excluding connection time.
 pub fn tps(cluster: &Cluster, run: &Run) -> f64 {
+    tps_at(cluster.bindir(), cluster.root(), cluster.port(), run)
+}
+
+/// [`tps`] for a server given by its programs' directory, socket directory and port, for runs
+/// on a thread of their own.
+pub fn tps_at(bindir: &Path, socket_dir: &Path, port: u16, run: &Run) -> f64 {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("sql")
         .join(&run.script);
-    let mut cmd = Command::new(cluster.bindir().join("pgbench"));
+    let mut cmd = Command::new(bindir.join("pgbench"));
     cmd.arg("-h")
-        .arg(cluster.root())
+        .arg(socket_dir)
         .arg("-p")
-        .arg(cluster.port().to_string())
+        .arg(port.to_string())
         .args(["-U", "postgres", "-n", "-M", "prepared"])
         .arg("-c")
         .arg(run.clients.to_string())

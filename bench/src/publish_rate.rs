@@ -35,7 +35,13 @@ const INLINE: Variant = Variant {
     options: "-c pg_outbox.notify_payload=inline",
 };
 
-const VARIANTS: [Variant; 4] = [BARE, PLPGSQL, REFERENCE, INLINE];
+const WORKER: Variant = Variant {
+    name: "outbox_publish, notify_mode = worker",
+    script: "publish",
+    options: "-c pg_outbox.notify_mode=worker",
+};
+
+const VARIANTS: [Variant; 5] = [BARE, PLPGSQL, REFERENCE, INLINE, WORKER];
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     let drained = crate::drain::spawn(cluster).await;

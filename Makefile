@@ -14,7 +14,7 @@ else
   SUDO := --sudo
 endif
 
-.PHONY: all setup install install-debug demo test lint test-extension test-e2e fuzz clean
+.PHONY: all setup install install-debug demo test lint test-extension test-e2e fuzz bench bench-smoke clean
 
 all: install
 
@@ -32,8 +32,9 @@ install-debug: setup
 demo: install
 	scripts/demo.sh
 
-## test: formatting, lints, the extension's in-database tests, end-to-end tests, a minute of fuzzing
-test: setup lint test-extension test-e2e fuzz
+## test: formatting, lints, the extension's in-database tests, end-to-end tests, a minute of
+## fuzzing, and every benchmark figure run tiny so the benchmark cannot rot
+test: setup lint test-extension test-e2e fuzz bench-smoke
 
 lint:
 	cargo fmt --all --check
@@ -58,6 +59,16 @@ fuzz: setup
 	cd fuzz && $(if $(filter-out none,$(FUZZ_SANITIZER)),RUSTC_BOOTSTRAP=1) cargo fuzz run \
 		--sanitizer $(FUZZ_SANITIZER) relay_input corpus/relay_input seeds/relay_input \
 		-- -max_total_time=$(FUZZ_SECONDS)
+
+## bench: every figure of BENCHMARKS.md on a throwaway cluster (about 20 minutes); a quiet
+## machine gives steadier ratios
+bench: install
+	cargo build --release -p pg_outbox_bench -p pg_outbox_cli
+	target/release/pg-outbox-bench | tee target/bench-results.md
+
+bench-smoke: install-debug
+	cargo build -p pg_outbox_bench -p pg_outbox_cli
+	target/debug/pg-outbox-bench --smoke
 
 clean:
 	cargo clean

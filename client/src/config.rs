@@ -21,6 +21,7 @@ pub struct RelayBuilder {
     pub(crate) backoff_max: Duration,
     pub(crate) deliver_own_origin: bool,
     pub(crate) sweep_interval: Duration,
+    pub(crate) fetch_interval: Duration,
     pub(crate) schema: String,
     pub(crate) application_name: Option<String>,
     pub(crate) connect_timeout: Duration,
@@ -41,6 +42,7 @@ impl RelayBuilder {
             backoff_max: Duration::from_secs(60),
             deliver_own_origin: false,
             sweep_interval: Duration::from_secs(2),
+            fetch_interval: Duration::from_millis(5),
             schema: "public".to_owned(),
             application_name: None,
             connect_timeout: Duration::from_secs(10),
@@ -100,6 +102,15 @@ impl RelayBuilder {
     /// delivers rows whose notification was lost, and proves the connection alive. Default: 2 s.
     pub fn sweep_interval(mut self, interval: Duration) -> Self {
         self.sweep_interval = interval;
+        self
+    }
+
+    /// The shortest time between two queries that fetch referenced rows. The first reference
+    /// after a quiet spell is fetched at once; references arriving within this interval of the
+    /// last fetch wait for the next one and share it, so a busy relay runs one query per many
+    /// events instead of one per notification. It bounds the latency it adds. Default: 5 ms.
+    pub fn fetch_interval(mut self, interval: Duration) -> Self {
+        self.fetch_interval = interval;
         self
     }
 

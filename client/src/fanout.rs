@@ -51,24 +51,34 @@ impl Slot {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `event`; returns false when it was dropped because the queue is full.
-    fn push_event(&self, event: &Event) -> bool {
+    /// Queues the events of `batch` this subscriber wants, under one lock and with one wake-up;
+    /// returns how many it dropped because its queue was full.
+    fn push_events(&self, batch: &[Event]) -> u64 {
+        let mut matching = batch
+            .iter()
+            .filter(|event| self.filter.matches(event.channel(), event.user_id()))
+            .peekable();
+        if matching.peek().is_none() {
+            return 0;
+        }
         let mut queue = self.lock();
-        let pushed = if queue.events < self.capacity {
-            queue.items.push_back(Delivery::Event(event.clone()));
-            queue.events += 1;
-            true
-        } else {
-            match queue.items.back_mut() {
-                Some(Delivery::Lagged { missed }) => *missed += 1,
-                _ => queue.items.push_back(Delivery::Lagged { missed: 1 }),
+        let mut dropped = 0;
+        for event in matching {
+            if queue.events < self.capacity {
+                queue.items.push_back(Delivery::Event(event.clone()));
+                queue.events += 1;
+            } else {
+                match queue.items.back_mut() {
+                    Some(Delivery::Lagged { missed }) => *missed += 1,
+                    _ => queue.items.push_back(Delivery::Lagged { missed: 1 }),
+                }
+                dropped += 1;
             }
-            false
-        };
+        }
         if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
-        pushed
+        dropped
     }
 
     fn push_marker(&self, delivery: Delivery) {
@@ -115,18 +125,13 @@ impl Fanout {
         Subscription { slot }
     }
 
-    /// Hands `event` to every matching subscriber; returns how many dropped it for lag.
-    pub fn deliver(&self, event: &Event) -> u64 {
-        let mut lagged = 0;
+    /// Hands each event of `batch`, in order, to every matching subscriber; returns how many
+    /// (event, subscriber) deliveries were dropped for lag.
+    pub fn deliver(&self, batch: &[Event]) -> u64 {
         let mut slots = self.slots();
         // A subscription dropped by its owner leaves only our reference behind.
         slots.retain(|slot| Arc::strong_count(slot) > 1);
-        for slot in slots.iter() {
-            if slot.filter.matches(event.channel(), event.user_id()) && !slot.push_event(event) {
-                lagged += 1;
-            }
-        }
-        lagged
+        slots.iter().map(|slot| slot.push_events(batch)).sum()
     }
 
     /// Tells the subscribers concerned about a gap.
@@ -268,9 +273,9 @@ mod tests {
             },
             10,
         );
-        fanout.deliver(&event(1, "chat", "u1"));
-        fanout.deliver(&event(2, "chat", "u2"));
-        fanout.deliver(&event(3, "other", "u1"));
+        fanout.deliver(&[event(1, "chat", "u1")]);
+        fanout.deliver(&[event(2, "chat", "u2")]);
+        fanout.deliver(&[event(3, "other", "u1")]);
         let ids = |s: &mut Subscription| {
             std::iter::from_fn(|| s.try_recv())
                 .filter_map(|d| d.into_event())
@@ -288,7 +293,7 @@ mod tests {
         let mut fast = fanout.subscribe(all(), 100);
         let mut lagged = 0;
         for n in 0..10 {
-            lagged += fanout.deliver(&event(n, "c", "u"));
+            lagged += fanout.deliver(&[event(n, "c", "u")]);
             while fast.try_recv().is_some() {}
         }
         assert_eq!(lagged, 8);
@@ -300,7 +305,7 @@ mod tests {
         ));
         assert!(slow.try_recv().is_none());
         // Room again: delivery resumes.
-        assert_eq!(fanout.deliver(&event(10, "c", "u")), 0);
+        assert_eq!(fanout.deliver(&[event(10, "c", "u")]), 0);
         assert_eq!(
             slow.try_recv().and_then(|d| d.into_event()).map(|e| e.id()),
             Some(Uuid::from_u128(10))
@@ -314,7 +319,7 @@ mod tests {
         let pusher = Arc::clone(&fanout);
         let task = tokio::spawn(async move {
             tokio::task::yield_now().await;
-            pusher.deliver(&event(1, "c", "u"));
+            pusher.deliver(&[event(1, "c", "u")]);
             pusher.close();
         });
         assert!(matches!(sub.next().await, Some(Delivery::Event(_))));
@@ -330,7 +335,7 @@ mod tests {
         let fanout = Fanout::default();
         let sub = fanout.subscribe(all(), 4);
         drop(sub);
-        fanout.deliver(&event(1, "c", "u"));
+        fanout.deliver(&[event(1, "c", "u")]);
         assert!(fanout.slots().is_empty());
     }
 }

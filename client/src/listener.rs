@@ -19,6 +19,7 @@ use crate::catchup;
 use crate::config::{backoff_delay, entropy, RelayBuilder};
 use crate::cursor::{Cursor, Step};
 use crate::error::Error;
+use crate::event::Event;
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -220,6 +221,10 @@ pub(crate) struct Listener {
     counts_caught_up: bool,
     shutdown: watch::Receiver<bool>,
     steps: Vec<Step>,
+    /// When the last advance started: fetches of references wait `fetch_interval` after it.
+    last_advance: Instant,
+    /// Events settled by the cursor and waiting to be handed to subscribers in one batch.
+    batch: Vec<Event>,
 }
 
 impl Listener {
@@ -267,6 +272,8 @@ impl Listener {
             counts_caught_up: true,
             shutdown,
             steps: Vec::new(),
+            last_advance: Instant::now(),
+            batch: Vec::new(),
         };
         // One advance now proves the relay may read the outbox (privileges are checked when a
         // statement runs, not when it is prepared), and settles what committed meanwhile.
@@ -296,17 +303,24 @@ impl Listener {
                 next_sweep = Instant::now() + self.cfg.sweep_interval;
                 continue;
             };
+            let fetch_at = self.last_advance + self.cfg.fetch_interval;
+            let fetch_waiting = self.cursor.needs_advance();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
                 event = conn.events.recv() => self.on_conn_event(event),
+                _ = sleep_until(fetch_at), if fetch_waiting => {}
                 _ = sleep_until(next_sweep) => {}
             }
             self.drain();
-            let sweep_due = Instant::now() >= next_sweep;
+            self.flush();
+            let now = Instant::now();
+            let sweep_due = now >= next_sweep;
             let fetch = self.cursor.needs_advance();
-            if self.conn.is_some() && (sweep_due || self.advance_wanted || fetch) {
+            let fetch_due = fetch && now >= self.last_advance + self.cfg.fetch_interval;
+            if self.conn.is_some() && (sweep_due || self.advance_wanted || fetch_due) {
                 self.counts_caught_up = !fetch;
+                self.last_advance = now;
                 let result = tokio::select! {
                     biased;
                     _ = shutdown.changed() => break,
@@ -364,7 +378,6 @@ impl Listener {
             return;
         }
         self.cursor.on_notice(notice, &mut self.steps);
-        self.flush();
     }
 
     /// Runs one advance on the current connection and delivers what it settles.
@@ -407,7 +420,9 @@ impl Listener {
         Ok(())
     }
 
-    /// Hands the cursor's steps to the subscribers and the counters.
+    /// Hands the cursor's steps to the subscribers and the counters. Events go to the fan-out in
+    /// one batch (each subscriber is locked and woken once per batch, not once per event); a gap
+    /// first flushes the events before it, so every stream keeps commit order.
     fn flush(&mut self) {
         if self.steps.is_empty() {
             return;
@@ -423,19 +438,16 @@ impl Listener {
                         Metrics::add(&metrics.skipped_own_origin, 1);
                         continue;
                     }
-                    let lagged = self.shared.fanout.deliver(&event);
-                    if lagged > 0 {
-                        Metrics::add(&metrics.lagged, lagged);
-                        debug!(id = %event.id(), subscribers = lagged, "dropped an event for lagging subscribers");
-                    }
                     Metrics::add(&metrics.delivered, 1);
                     if !notified && self.counts_caught_up {
                         Metrics::add(&metrics.caught_up, 1);
                     }
                     metrics.record_latency(event.created_at());
+                    self.batch.push(event);
                 }
                 Step::Duplicate => Metrics::add(&metrics.duplicates, 1),
                 Step::Gap(gap) => {
+                    deliver_batch(&self.shared, &mut self.batch);
                     Metrics::add(&metrics.gaps, 1);
                     warn!(
                         ?gap,
@@ -445,6 +457,7 @@ impl Listener {
                 }
             }
         }
+        deliver_batch(&self.shared, &mut self.batch);
     }
 
     /// Notes the connection lost; the loop reconnects.
@@ -524,4 +537,21 @@ impl Listener {
         self.shared.health.send_replace(Health::Stopped);
         info!("pg_outbox relay stopped");
     }
+}
+
+/// Hands `batch` to the subscribers and empties it.
+fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>) {
+    if batch.is_empty() {
+        return;
+    }
+    let lagged = shared.fanout.deliver(batch);
+    if lagged > 0 {
+        Metrics::add(&shared.metrics.lagged, lagged);
+        debug!(
+            events = batch.len(),
+            dropped = lagged,
+            "dropped events for lagging subscribers"
+        );
+    }
+    batch.clear();
 }

@@ -183,11 +183,11 @@ async fn waits_quietly_for_the_extension() {
     let pid = pruner_pid(&cluster, &client).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(pruner_pid(&cluster, &client).await, pid);
+    let log = cluster.log();
     assert_eq!(
-        cluster.log().matches("pg_outbox is not installed").count(),
+        log.matches("the pruner waits for CREATE EXTENSION").count(),
         1,
-        "{}",
-        cluster.log()
+        "{log}"
     );
 
     client

@@ -14,7 +14,7 @@ else
   SUDO := --sudo
 endif
 
-.PHONY: all setup install install-debug demo test lint test-extension test-e2e fuzz bench bench-smoke clean
+.PHONY: all setup install install-debug demo test lint test-extension test-e2e fuzz bench bench-smoke soak clean
 
 all: install
 
@@ -69,6 +69,13 @@ bench: install
 bench-smoke: install-debug
 	cargo build -p pg_outbox_bench -p pg_outbox_cli
 	target/debug/pg-outbox-bench --smoke
+
+## soak: SOAK_EVENTS events (1M) through 4 relay processes with connection kills; prints memory,
+## table size, lost and duplicated (not part of test: minutes). docs/soak.md
+SOAK_EVENTS ?= 1000000
+soak: setup
+	SOAK_EVENTS=$(SOAK_EVENTS) cargo test --release -p pg_outbox_tests --test soak -- \
+		--ignored --nocapture --test-threads 1
 
 clean:
 	cargo clean

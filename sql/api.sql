@@ -23,6 +23,9 @@ CREATE FUNCTION outbox_stats(
     RETURNS record
     STABLE
     LANGUAGE sql
+    -- With its owner's rights: a monitoring role needs only EXECUTE, and sees the workers'
+    -- states in pg_stat_activity, which other roles' sessions cannot read; it returns no payload.
+    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT

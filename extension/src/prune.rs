@@ -65,7 +65,11 @@ pub fn prune_batch(schema: &str, older_than: Option<Interval>, batch_size: i64) 
 /// `outbox_prune(older_than interval DEFAULT NULL) RETURNS bigint`: prunes now, in the
 /// caller's transaction, rows older than `older_than` (default `pg_outbox.retention`), and
 /// returns how many it deleted.
-#[pg_extern(volatile, parallel_unsafe)]
+///
+/// It runs with its owner's rights (with a pinned `search_path`), so a pruning role needs only
+/// EXECUTE on it, not the row locks and writes on both tables that pruning takes.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
     if older_than.is_some_and(Interval::is_negative) {
         OutboxError::NegativeAge.report("outbox_prune");

@@ -76,6 +76,14 @@ fn gap_value(gap: &Gap) -> serde_json::Value {
         } => {
             json!({"gap": {"kind": "missing", "id": id.to_string(), "channel": channel, "user_id": user_id}})
         }
+        Gap::Unreadable {
+            id,
+            channel,
+            user_id,
+            reason,
+        } => {
+            json!({"gap": {"kind": "unreadable", "id": id.to_string(), "channel": channel, "user_id": user_id, "reason": reason}})
+        }
         other => json!({"gap": {"kind": "other", "detail": format!("{other:?}")}}),
     }
 }

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
 use crate::config::quote_ident;
-use crate::cursor::{Advance, Snapshot};
+use crate::cursor::{Advance, Snapshot, Unreadable};
 use crate::error::Error;
 use crate::event::Event;
 
@@ -29,7 +29,8 @@ pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
         "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s) \
          SELECT snap.s::text AS snapshot, \
                 COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
-                e.id, e.channel, e.user_id, e.payload, e.origin, e.created_at, e.xid::text AS xid \
+                e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
+                e.xid::text AS xid \
          FROM snap LEFT JOIN LATERAL ( \
              SELECT id, channel, user_id, payload, origin, created_at, xid \
              FROM {schema}.event_outbox \
@@ -94,16 +95,31 @@ fn parse(rows: &[Row]) -> Result<Advance, Error> {
             continue; // the LEFT JOIN's empty side: no rows
         };
         let xid: String = row.try_get("xid").map_err(protocol)?;
-        events.push(Event::new(
-            id,
-            row.try_get("channel").map_err(protocol)?,
-            row.try_get("user_id").map_err(protocol)?,
-            row.try_get("origin").map_err(protocol)?,
-            parse_xid(&xid)?,
-            row.try_get::<_, SystemTime>("created_at")
-                .map_err(protocol)?,
-            row.try_get("payload").map_err(protocol)?,
-        ));
+        let xid = parse_xid(&xid)?;
+        let channel: String = row.try_get("channel").map_err(protocol)?;
+        let user_id: String = row.try_get("user_id").map_err(protocol)?;
+        // Read as text and parsed here, row by row: a payload serde_json cannot read must cost
+        // that row only, not the whole advance.
+        let payload: &str = row.try_get("payload").map_err(protocol)?;
+        events.push(match serde_json::from_str(payload) {
+            Ok(payload) => Ok(Event::new(
+                id,
+                channel,
+                user_id,
+                row.try_get("origin").map_err(protocol)?,
+                xid,
+                row.try_get::<_, SystemTime>("created_at")
+                    .map_err(protocol)?,
+                payload,
+            )),
+            Err(err) => Err(Unreadable {
+                id,
+                xid,
+                channel,
+                user_id,
+                reason: err.to_string(),
+            }),
+        });
     }
     Ok(Advance {
         snapshot,

@@ -110,7 +110,35 @@ impl fmt::Display for Snapshot {
 pub(crate) struct Advance {
     pub snapshot: Snapshot,
     pub pruned_through_xid: u64,
-    pub rows: Vec<Event>,
+    pub rows: Vec<Result<Event, Unreadable>>,
+}
+
+/// A row whose payload this client cannot parse: settled like any row, reported as a gap.
+#[derive(Debug)]
+pub(crate) struct Unreadable {
+    pub id: Uuid,
+    pub xid: u64,
+    pub channel: String,
+    pub user_id: String,
+    pub reason: String,
+}
+
+impl Unreadable {
+    fn into_gap(self) -> Gap {
+        Gap::Unreadable {
+            id: self.id,
+            channel: self.channel,
+            user_id: self.user_id,
+            reason: self.reason,
+        }
+    }
+}
+
+fn row_key(row: &Result<Event, Unreadable>) -> (Uuid, u64) {
+    match row {
+        Ok(event) => (event.id(), event.xid()),
+        Err(unreadable) => (unreadable.id, unreadable.xid),
+    }
 }
 
 /// What the cursor asks the listener to do, in order.
@@ -196,6 +224,12 @@ impl Cursor {
         out.push(Step::Deliver { event, notified });
     }
 
+    /// Settles a row that cannot be delivered, and reports it.
+    fn skip(&mut self, unreadable: Unreadable, out: &mut Vec<Step>) {
+        self.delivered.insert(unreadable.id, unreadable.xid);
+        out.push(Step::Gap(unreadable.into_gap()));
+    }
+
     /// A live notification: deliver it now (inline, nothing ahead of it), queue it, or drop it
     /// as a duplicate.
     pub fn on_notice(&mut self, notice: Notice, out: &mut Vec<Step>) {
@@ -235,12 +269,14 @@ impl Cursor {
             }));
         }
 
-        let mut found: HashMap<Uuid, Event> = HashMap::with_capacity(rows.len());
+        let mut found: HashMap<Uuid, Result<Event, Unreadable>> =
+            HashMap::with_capacity(rows.len());
         let mut order = Vec::with_capacity(rows.len());
-        for event in rows {
-            if !self.is_seen(event.id(), event.xid()) && !found.contains_key(&event.id()) {
-                order.push(event.id());
-                found.insert(event.id(), event);
+        for row in rows {
+            let (id, xid) = row_key(&row);
+            if !self.is_seen(id, xid) && !found.contains_key(&id) {
+                order.push(id);
+                found.insert(id, row);
             }
         }
 
@@ -259,7 +295,8 @@ impl Cursor {
             }
             match (pending, row) {
                 (Pending::Ready(event), _) => self.deliver(event, true, out),
-                (Pending::Reference(_), Some(event)) => self.deliver(event, true, out),
+                (Pending::Reference(_), Some(Ok(event))) => self.deliver(event, true, out),
+                (Pending::Reference(_), Some(Err(unreadable))) => self.skip(unreadable, out),
                 (Pending::Reference(notice), None) => {
                     // Committed (visible in the advance's snapshot), yet not there: removed
                     // before the relay could read it.
@@ -272,8 +309,10 @@ impl Cursor {
             }
         }
         for id in order {
-            if let Some(event) = found.remove(&id) {
-                self.deliver(event, false, out);
+            match found.remove(&id) {
+                Some(Ok(event)) => self.deliver(event, false, out),
+                Some(Err(unreadable)) => self.skip(unreadable, out),
+                None => {}
             }
         }
 
@@ -341,8 +380,45 @@ mod tests {
         Advance {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
-            rows: rows.iter().map(|&(n, xid)| event(n, xid)).collect(),
+            rows: rows.iter().map(|&(n, xid)| Ok(event(n, xid))).collect(),
         }
+    }
+
+    #[test]
+    fn an_unreadable_row_is_settled_and_reported_once() {
+        let mut cursor = Cursor::new(snap("100:100:"));
+        let mut out = Vec::new();
+        cursor.on_notice(notice(1, 100, false), &mut out);
+        let unreadable = |n: u128, xid: u64| {
+            Err(Unreadable {
+                id: id(n),
+                xid,
+                channel: "chat".into(),
+                user_id: "u1".into(),
+                reason: "number out of range".into(),
+            })
+        };
+        cursor.on_advance(
+            Advance {
+                snapshot: snap("103:103:"),
+                pruned_through_xid: 0,
+                rows: vec![unreadable(1, 100), unreadable(2, 101), Ok(event(3, 102))],
+            },
+            &mut out,
+        );
+        let gaps: Vec<Uuid> = out
+            .iter()
+            .filter_map(|step| match step {
+                Step::Gap(Gap::Unreadable { id, .. }) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gaps, vec![id(1), id(2)]);
+        assert_eq!(delivered(&out), vec![3]);
+        // A late duplicate notification of the unreadable row is dropped.
+        let mut later = Vec::new();
+        cursor.on_notice(notice(2, 101, false), &mut later);
+        assert!(matches!(later.as_slice(), [Step::Duplicate]));
     }
 
     /// The ids delivered, in order.
@@ -518,7 +594,7 @@ mod tests {
                             let xid = base + t as u64;
                             s2.is_visible(xid) && !cursor.snapshot().is_visible(xid)
                         })
-                        .map(|t| event(t as u128, base + t as u64))
+                        .map(|t| Ok(event(t as u128, base + t as u64)))
                         .collect();
                     cursor.on_advance(
                         Advance {
@@ -535,6 +611,7 @@ mod tests {
             let rows = rows
                 .into_iter()
                 .filter(|e| !cursor.snapshot().is_visible(e.xid()))
+                .map(Ok)
                 .collect();
             cursor.on_advance(
                 Advance {

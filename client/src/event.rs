@@ -133,6 +133,19 @@ pub enum Gap {
         /// The oldest transaction id the relay's cursor had not settled (`xmin` of its snapshot).
         cursor_xmin: u64,
     },
+    /// A row's payload could not be read as JSON by this client (a number beyond `f64`, such
+    /// as `1e400`, or nesting deeper than 128 levels: valid `jsonb`, but not for `serde_json`).
+    /// The relay skips it and goes on. Sent to the subscribers of its channel and user.
+    Unreadable {
+        /// The row's id.
+        id: Uuid,
+        /// Its channel.
+        channel: String,
+        /// Its user.
+        user_id: String,
+        /// What the JSON parser said.
+        reason: String,
+    },
     /// A row announced by a notification was gone when the relay fetched it (deleted or pruned
     /// in between). Sent to the subscribers of its channel and user.
     Missing {

@@ -140,6 +140,9 @@ impl Fanout {
             let concerned = match gap {
                 Gap::Missing {
                     channel, user_id, ..
+                }
+                | Gap::Unreadable {
+                    channel, user_id, ..
                 } => slot.filter.matches(channel, user_id),
                 _ => true,
             };

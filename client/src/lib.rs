@@ -168,7 +168,7 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
     for payload in payloads {
         if let Ok(notice) = notification::decode(payload) {
             if let Some(event) = notice.clone().into_event() {
-                rows.push(event);
+                rows.push(Ok(event));
             }
             cursor.on_notice(notice, &mut steps);
         }

@@ -19,7 +19,7 @@ use crate::catchup;
 use crate::config::{backoff_delay, entropy, RelayBuilder};
 use crate::cursor::{Cursor, Step};
 use crate::error::Error;
-use crate::event::Event;
+use crate::event::{Event, Gap};
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -449,6 +449,9 @@ impl Listener {
                 Step::Gap(gap) => {
                     deliver_batch(&self.shared, &mut self.batch);
                     Metrics::add(&metrics.gaps, 1);
+                    if matches!(gap, Gap::Unreadable { .. }) {
+                        Metrics::add(&metrics.decode_errors, 1);
+                    }
                     warn!(
                         ?gap,
                         "pg_outbox events were lost before this relay read them"

@@ -70,8 +70,8 @@ bench-smoke: install-debug
 	cargo build -p pg_outbox_bench -p pg_outbox_cli
 	target/debug/pg-outbox-bench --smoke
 
-## soak: SOAK_EVENTS events (1M) through 4 relay processes with connection kills; prints memory,
-## table size, lost and duplicated (not part of test: minutes). docs/soak.md
+## soak: SOAK_EVENTS events (1M) at SOAK_RATE a second (5000) through 4 relay processes with
+## connection kills; prints memory, table size, lost, duplicated (minutes: not in test). docs/soak.md
 SOAK_EVENTS ?= 1000000
 soak: setup
 	SOAK_EVENTS=$(SOAK_EVENTS) cargo test --release -p pg_outbox_tests --test soak -- \

@@ -21,12 +21,38 @@ all: install
 setup:
 	@scripts/setup.sh
 
-## install: build the extension (release) into pg_config's directories
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+EXTENSION_DIR = $(shell $(PG_CONFIG) --sharedir)/extension
+# Where cargo pgrx package lays out the files, under their installed paths.
+PACKAGE_TREE := target/release/pg_outbox-$(PG_FEATURE)
+PACKAGE := target/pg_outbox-$(VERSION)-$(PG_FEATURE)-$(shell uname -m)-linux.tar.gz
+# The hand-written install scripts of earlier versions and the upgrade scripts between them,
+# which cargo pgrx does not copy.
+SQL_SCRIPTS := $(wildcard sql/pg_outbox--*.sql)
+
+## install: build the extension (release) into pg_config's directories; with DESTDIR=dir, into
+## that staging directory instead (for packagers), through `make package`
+ifdef DESTDIR
+install: package
+	mkdir -p $(DESTDIR)
+	cp -a $(PACKAGE_TREE)/. $(DESTDIR)/
+else
 install: setup
 	cd extension && cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
+	$(if $(SUDO),sudo) cp $(SQL_SCRIPTS) $(EXTENSION_DIR)/
+endif
 
 install-debug: setup
 	cd extension && cargo pgrx install $(SUDO) --pg-config $(PG_CONFIG)
+	$(if $(SUDO),sudo) cp $(SQL_SCRIPTS) $(EXTENSION_DIR)/
+
+## package: `cargo pgrx package` (release) plus the upgrade scripts, as a tarball of the files
+## under their installed paths
+package: setup
+	cd extension && cargo pgrx package --pg-config $(PG_CONFIG)
+	cp $(SQL_SCRIPTS) $(PACKAGE_TREE)$(EXTENSION_DIR)/
+	tar -C $(PACKAGE_TREE) -czf $(PACKAGE) .
+	@echo "package: $(PACKAGE)"
 
 ## demo: a throwaway cluster with the extension preloaded, events published and relayed, pruning
 demo: install

@@ -53,6 +53,7 @@ CREATE TABLE outbox_notifier_state (
 );
 INSERT INTO outbox_notifier_state DEFAULT VALUES;
 
--- pg_dump keeps the events and the prune record with the extension.
+-- pg_dump keeps the events, the prune record and the notifier's position with the extension.
 SELECT pg_catalog.pg_extension_config_dump('event_outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox_prune_state', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox_notifier_state', '');

@@ -148,10 +148,9 @@ impl<'a> Publish<'a> {
                 ),
                 DatumWithOid::new(pg_sys::Datum::from(created_at), pg_sys::TIMESTAMPTZOID),
                 DatumWithOid::new(pg_sys::Datum::from(xid), pg_sys::XID8OID),
-                DatumWithOid::from(deferred),
             ]
         };
-        let insert = insert_statement(self.namespace);
+        let insert = insert_statement(self.namespace, deferred);
         Spi::connect_mut(|client| client.update(&*insert, None, &args).map(|_| ()))
             .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not insert the event: {e}"));
 
@@ -197,17 +196,26 @@ fn inline_text(payload: pg_sys::Datum) -> Option<String> {
     }
 }
 
+/// A prepared INSERT and the schema it was planned for.
+type CachedInsert = Option<(pg_sys::Oid, Rc<OwnedPreparedStatement>)>;
+
 thread_local! {
-    /// The prepared INSERT, kept for the life of the backend, and the schema it was planned for.
-    static INSERT: RefCell<Option<(pg_sys::Oid, Rc<OwnedPreparedStatement>)>> = const { RefCell::new(None) };
+    /// The prepared INSERTs, kept for the life of the backend: `[0]` for rows the transaction
+    /// notifies itself, `[1]` for deferred ones.
+    static INSERTS: RefCell<[CachedInsert; 2]> = const { RefCell::new([None, None]) };
 }
 
 /// The prepared INSERT into `event_outbox` in `namespace`, prepared on first use. Postgres
 /// re-plans it by itself after DDL on the table; a move to another schema (a re-created
 /// extension) prepares anew.
-fn insert_statement(namespace: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
-    if let Some(statement) = INSERT.with_borrow(|cached| {
-        cached
+///
+/// Only deferred rows name `notify_deferred` (its default is false): a server running this
+/// library over a database not yet updated from 0.1.0, which lacks the column, still publishes
+/// in transaction mode until `ALTER EXTENSION pg_outbox UPDATE` runs.
+fn insert_statement(namespace: pg_sys::Oid, deferred: bool) -> Rc<OwnedPreparedStatement> {
+    let slot = usize::from(deferred);
+    if let Some(statement) = INSERTS.with_borrow(|cached| {
+        cached[slot]
             .as_ref()
             .filter(|(oid, _)| *oid == namespace)
             .map(|(_, s)| Rc::clone(s))
@@ -216,10 +224,15 @@ fn insert_statement(namespace: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
     }
     // SAFETY: the oid names the schema this function lives in, which exists during the call.
     let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(namespace)) };
+    let (deferred_column, deferred_value) = if deferred {
+        (", notify_deferred", ", true")
+    } else {
+        ("", "")
+    };
     let sql = format!(
         "INSERT INTO {}.event_outbox \
-         (id, channel, user_id, payload, origin, created_at, xid, notify_deferred) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         (id, channel, user_id, payload, origin, created_at, xid{deferred_column}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7{deferred_value})",
         quote_identifier(schema.to_string_lossy())
     );
     let types = [
@@ -230,14 +243,13 @@ fn insert_statement(namespace: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
         pg_sys::TEXTOID,
         pg_sys::TIMESTAMPTZOID,
         pg_sys::XID8OID,
-        pg_sys::BOOLOID,
     ]
     .map(PgOid::from);
     let statement =
         Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|s| s.keep()))
             .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not prepare the insert: {e}"));
     let statement = Rc::new(statement);
-    INSERT.set(Some((namespace, Rc::clone(&statement))));
+    INSERTS.with_borrow_mut(|cached| cached[slot] = Some((namespace, Rc::clone(&statement))));
     statement
 }
 

@@ -137,7 +137,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off"))
         .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
 
-    let mut batches: Option<Batches> = None;
+    let mut setup = Setup::NotInstalled;
     let mut last_batch = Instant::now();
     let mut waiting_logged = false;
     loop {
@@ -147,16 +147,11 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         }
         // Prepared once: if the extension is dropped later, the next batch fails, the worker
         // exits with that error and its successor looks again.
-        if batches.is_none() {
-            batches = BackgroundWorker::transaction(|| {
-                extension_schema()
-                    .ok()
-                    .flatten()
-                    .map(|schema| Batches::prepare(&schema))
-            });
+        if !matches!(setup, Setup::Ready(_)) {
+            setup = BackgroundWorker::transaction(Setup::look);
         }
-        match &batches {
-            Some(batches) => {
+        match &setup {
+            Setup::Ready(batches) => {
                 waiting_logged = false;
                 // Under a stream of commits, gather what commits meanwhile into the next batch
                 // rather than running one batch per commit.
@@ -173,7 +168,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                 }
                 report_activity(c"idle");
             }
-            None => {
+            Setup::NotInstalled => {
                 if !waiting_logged {
                     log!(
                         "pg_outbox is not installed in database \"{database}\"; the notifier waits for CREATE EXTENSION pg_outbox there"
@@ -181,6 +176,15 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                     waiting_logged = true;
                 }
                 report_activity(WAITING_FOR_EXTENSION);
+            }
+            Setup::NeedsUpdate => {
+                if !waiting_logged {
+                    log!(
+                        "pg_outbox in database \"{database}\" predates the notifier; the notifier waits for ALTER EXTENSION pg_outbox UPDATE there"
+                    );
+                    waiting_logged = true;
+                }
+                report_activity(c"waiting for ALTER EXTENSION pg_outbox UPDATE");
             }
         }
         if !BackgroundWorker::wait_latch(Some(IDLE_TICK)) {
@@ -207,6 +211,31 @@ fn advertise(running: bool) {
     NOTIFIER
         .get()
         .store((u64::from(database) << 32) | procno, Ordering::Release);
+}
+
+/// What the worker found in its database.
+enum Setup {
+    NotInstalled,
+    /// The extension's objects are from before 0.2.0: no `outbox_notifier_state` yet.
+    NeedsUpdate,
+    Ready(Batches),
+}
+
+impl Setup {
+    /// Looks for the extension and its notifier state, and prepares the batch statements.
+    fn look() -> Setup {
+        let Some(schema) = extension_schema().ok().flatten() else {
+            return Setup::NotInstalled;
+        };
+        let updated = Spi::get_one_with_args::<bool>(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[format!("{schema}.outbox_notifier_state").into()],
+        );
+        match updated {
+            Ok(Some(true)) => Setup::Ready(Batches::prepare(&schema)),
+            _ => Setup::NeedsUpdate,
+        }
+    }
 }
 
 /// The notifier's three statements, prepared once per worker: a batch plans nothing.

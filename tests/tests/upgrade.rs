@@ -1,0 +1,126 @@
+//! `ALTER EXTENSION pg_outbox UPDATE` from 0.1.0, on a database that holds events: the events
+//! stay, publishing works before and after (the new library over the old objects), the notifier
+//! waits for the update, and the result is the same as a fresh install.
+
+use std::time::Duration;
+
+use pg_outbox_tests::Cluster;
+use tokio_postgres::Client;
+
+/// Every object of the extension as the catalog describes it: columns, constraints, indexes,
+/// functions (with their rights and settings) and privileges, sorted.
+const FINGERPRINT: &str = "
+    SELECT kind || ' ' || description FROM (
+        SELECT 'column' AS kind, format('%s.%s %s %s default %s', c.relname, a.attname,
+               format_type(a.atttypid, a.atttypmod), CASE WHEN a.attnotnull THEN 'not null' ELSE 'null' END,
+               pg_get_expr(d.adbin, d.adrelid)) AS description
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
+      UNION ALL
+        SELECT 'constraint', conrelid::regclass || ' ' || pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+      UNION ALL
+        SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public'
+      UNION ALL
+        SELECT 'function', format('%s(%s) returns %s secdef=%s config=%s acl=%s', proname,
+               pg_get_function_arguments(oid), pg_get_function_result(oid), prosecdef, proconfig, proacl)
+        FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+      UNION ALL
+        SELECT 'table', format('%s acl=%s', relname, relacl)
+        FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
+      UNION ALL
+        SELECT 'dumped', unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'pg_outbox'
+    ) objects ORDER BY 1";
+
+async fn fingerprint(client: &Client) -> Vec<String> {
+    client
+        .query(FINGERPRINT, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+async fn count(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn updating_from_0_1_0_keeps_events_and_matches_a_fresh_install() {
+    let cluster = Cluster::builder().create_extension(false).start();
+    cluster.psql("postgres", "CREATE EXTENSION pg_outbox VERSION '0.1.0'");
+    cluster.psql("postgres", "CREATE DATABASE fresh");
+    cluster.psql("fresh", "CREATE EXTENSION pg_outbox");
+    let old = cluster.connect("postgres").await;
+    let fresh = cluster.connect("fresh").await;
+    let version: String = fresh
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "0.2.0");
+
+    // The new library publishes over the 0.1.0 objects in transaction mode.
+    let mut listener = cluster.listener("postgres").await;
+    for n in 0..50 {
+        old.execute(
+            "SELECT outbox_publish('chat', 'u1', jsonb_build_object('n', $1::int))",
+            &[&n],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(listener.next().await["channel"], "chat");
+    // The notifier waits for the update instead of failing.
+    cluster
+        .wait_for(
+            "the notifier to wait for the update",
+            Duration::from_secs(30),
+            || async {
+                let state: Option<String> = old
+                .query_opt(
+                    "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0));
+                (state.as_deref() == Some("waiting for ALTER EXTENSION pg_outbox UPDATE"))
+                    .then_some(())
+            },
+        )
+        .await;
+    assert_ne!(fingerprint(&old).await, fingerprint(&fresh).await);
+
+    old.batch_execute("ALTER EXTENSION pg_outbox UPDATE")
+        .await
+        .unwrap();
+    assert_eq!(fingerprint(&old).await, fingerprint(&fresh).await);
+    assert_eq!(count(&old).await, 50);
+
+    // Worker mode works once updated: the notifier picks the database up.
+    old.batch_execute("SET pg_outbox.notify_mode = 'worker'")
+        .await
+        .unwrap();
+    let id: String = old
+        .query_one("SELECT outbox_publish('chat', 'u2', '{}')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    loop {
+        let notification = listener.next().await;
+        if notification["id"] == id.as_str() {
+            break;
+        }
+    }
+    assert_eq!(count(&old).await, 51);
+}

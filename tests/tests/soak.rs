@@ -115,8 +115,9 @@ fn read_lines(relays: &mut [RelayProcess], lines: &Lines, wait: Duration) -> usi
 async fn soak() {
     let n = events();
     let cluster = Cluster::builder()
-        .setting("pg_outbox.retention", "'1min'")
-        .setting("pg_outbox.prune_interval", "'5s'")
+        // Short, so that the table reaches its steady size within the run.
+        .setting("pg_outbox.retention", "'20s'")
+        .setting("pg_outbox.prune_interval", "'2s'")
         .start();
     let (mut relays, lines) = spawn_relays(&cluster, n);
     let mut ready = 0;

@@ -50,6 +50,8 @@ static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// The largest payload `outbox_publish` accepts. Bytes.
 static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// The notification queue fraction above which the pruner warns in the server log.
+static QUEUE_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.1);
 /// Who notifies: the publishing transaction or the notifier worker.
 static NOTIFY_MODE: GucSetting<NotifyMode> = GucSetting::<NotifyMode>::new(NotifyMode::Transaction);
 /// Reference or inline notifications.
@@ -107,6 +109,16 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_float_guc(
+        c"pg_outbox.queue_warning",
+        c"How full the cluster's notification queue may get (0 to 1) before the pruner warns.",
+        c"PostgreSQL warns at half full; when the queue is full, every transaction that notifies fails at commit.",
+        &QUEUE_WARNING,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_enum_guc(
         c"pg_outbox.notify_mode",
         c"Who sends notifications: 'transaction' (the publishing transaction) or 'worker' (the notifier worker, after commit).",
@@ -150,6 +162,10 @@ pub fn database() -> String {
 
 pub fn max_payload_bytes() -> usize {
     usize::try_from(MAX_PAYLOAD_BYTES.get()).unwrap_or(usize::MAX)
+}
+
+pub fn queue_warning() -> f64 {
+    QUEUE_WARNING.get()
 }
 
 pub fn notify_mode() -> NotifyMode {

@@ -86,7 +86,15 @@ impl Pruner {
     /// Deletes every expired row, a batch per transaction, stopping early on shutdown.
     fn pass(&mut self) {
         report_activity(c"checking for the extension");
-        let schema = BackgroundWorker::transaction(|| extension_schema().ok().flatten());
+        let (schema, queue_usage) = BackgroundWorker::transaction(|| {
+            (
+                extension_schema().ok().flatten(),
+                Spi::get_one::<f64>("SELECT pg_notification_queue_usage()")
+                    .ok()
+                    .flatten(),
+            )
+        });
+        warn_about_the_queue(queue_usage.unwrap_or(0.0));
         let Some(schema) = schema else {
             if !self.waiting_logged {
                 log!(
@@ -119,6 +127,19 @@ impl Pruner {
             unsafe { pg_sys::pgstat_report_stat(true) };
         }
         report_activity(c"idle");
+    }
+}
+
+/// Warns, every pass while it lasts, that the cluster's notification queue is filling past
+/// `pg_outbox.queue_warning` (by default a tenth, far below PostgreSQL's own warning at half
+/// full, so operators hear of a listener that stopped reading while gigabytes remain): when it
+/// is full every transaction that notifies fails at commit.
+fn warn_about_the_queue(usage: f64) {
+    if usage > 0.0 && usage >= guc::queue_warning() {
+        warning!(
+            "pg_outbox: the notification queue is {:.1}% full: a session that ran LISTEN is not reading (often one idle in transaction); end it (pg_terminate_backend) or COMMIT it. When the queue is full, every transaction that sends a notification fails at commit. See outbox_stats().notification_queue_usage",
+            usage * 100.0
+        );
     }
 }
 

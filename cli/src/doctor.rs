@@ -117,6 +117,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         if let Err(err) = pruner.await {
             report.could_not("check the pruner", &err);
         }
+        if let Err(err) = check_notifier(&client, &database, standby, &mut report).await {
+            report.could_not("check the notifier", &err);
+        }
         if let Err(err) = check_privileges(&client, schema, &role, &mut report).await {
             report.could_not("check this role's privileges", &err);
         }
@@ -351,6 +354,70 @@ async fn check_pruner(
             Level::Fail,
             format!("{what}, and nothing pruned it in the last day: event_outbox only grows"),
             Some(fix),
+        ),
+    }
+    Ok(())
+}
+
+/// With `notify_mode = 'worker'`, the notifier must serve this database, or publishers here
+/// notify in their own transactions after all.
+async fn check_notifier(
+    client: &Client,
+    database: &str,
+    standby: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let row = simple_row(
+        client,
+        "SELECT current_setting('pg_outbox.notify_mode', true), \
+                (SELECT datname FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier' LIMIT 1), \
+                (SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier' LIMIT 1)",
+    )
+    .await?;
+    let mode = row[0].clone().unwrap_or_else(|| "transaction".into());
+    if mode != "worker" || standby {
+        report.say(
+            Level::Ok,
+            format!("notify_mode = {mode}: publishing transactions send their own notifications"),
+            None,
+        );
+        return Ok(());
+    }
+    match (row[1].as_deref(), row[2].as_deref()) {
+        (Some(db), Some(state)) if db == database && !state.starts_with("waiting") => {
+            report.say(
+                Level::Ok,
+                "notify_mode = worker: the notifier serves this database, publishers only insert",
+                None,
+            );
+        }
+        (Some(db), Some(state)) if db == database && state.contains("UPDATE") => report.say(
+            Level::Fail,
+            format!("notify_mode = worker, but the notifier is {state}"),
+            Some("run ALTER EXTENSION pg_outbox UPDATE in this database".into()),
+        ),
+        (Some(db), Some(_)) if db == database => report.say(
+            Level::Info,
+            "notify_mode = worker: the notifier has not seen the extension yet; it looks every \
+             5 s and at the first publish",
+            None,
+        ),
+        (Some(db), _) => report.say(
+            Level::Warn,
+            format!(
+                "notify_mode = worker, but the notifier serves database {db:?}: publishers here \
+                 notify in their own transactions (with the notify lock)"
+            ),
+            Some(format!(
+                "set pg_outbox.database = {} and restart the server",
+                quote_literal(database)
+            )),
+        ),
+        _ => report.say(
+            Level::Warn,
+            "notify_mode = worker, but no notifier runs: publishers notify in their own \
+             transactions (with the notify lock)",
+            Some("preload the library (shared_preload_libraries = 'pg_outbox') and restart".into()),
         ),
     }
     Ok(())

@@ -117,3 +117,39 @@ async fn a_standby_and_a_transaction_pooler_fail() {
         "{report}"
     );
 }
+
+#[test]
+fn worker_mode_is_checked_against_the_notifier() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .start();
+    // The notifier started before CREATE EXTENSION: a publish wakes it to find the extension.
+    cluster.psql("postgres", "SELECT outbox_publish('c', 'u', '{}')");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cluster.psql(
+        "postgres",
+        "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier'",
+    ) != "idle"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the notifier never became idle"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (ok, report) = doctor(&cluster.connection_string("postgres"));
+    assert!(ok, "{report}");
+    assert!(
+        line(&report, "ok", "the notifier serves this database").is_some(),
+        "{report}"
+    );
+
+    // Elsewhere the notifier does not serve: publishers fall back to their own NOTIFY.
+    cluster.psql("postgres", "CREATE DATABASE other");
+    cluster.psql("other", "CREATE EXTENSION pg_outbox");
+    let (_, report) = doctor(&cluster.connection_string("other"));
+    assert!(
+        line(&report, "warn", "the notifier serves database \"postgres\"").is_some(),
+        "{report}"
+    );
+}

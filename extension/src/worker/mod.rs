@@ -2,8 +2,12 @@
 //! events, the notifier sends the notifications of transactions that deferred them.
 
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
-use pgrx::pg_sys;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::PgAtomic;
 
 pub mod notifier;
 pub mod pruner;
@@ -16,6 +20,47 @@ pub const WAITING_FOR_EXTENSION: &CStr = c"waiting for CREATE EXTENSION pg_outbo
 pub fn register() {
     pruner::register();
     notifier::register();
+}
+
+/// A worker's connection attempts in a row that did not get through, in shared memory, so that
+/// it outlives the process: a worker whose database is gone exits FATAL while connecting, at
+/// every start, and would otherwise be restarted every few seconds, for ever.
+pub type ConnectAttempts = PgAtomic<AtomicU32>;
+
+/// The wait before the second attempt; it doubles with each further one.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// The longest wait between two attempts.
+const LONGEST_RETRY: Duration = Duration::from_secs(300);
+
+/// Attaches the signal handlers and connects this worker to `database`, first waiting longer
+/// and longer (5 s, 10 s, ... up to 5 min) when its earlier attempts did not get through, and
+/// saying why once per attempt. Exits if SIGTERM arrives meanwhile.
+pub fn connect(attempts: &'static ConnectAttempts, worker: &str, database: &str) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let failed = attempts.get().fetch_add(1, Ordering::Relaxed);
+    if failed > 0 {
+        let wait = FIRST_RETRY
+            .saturating_mul(1 << (failed - 1).min(10))
+            .min(LONGEST_RETRY);
+        log!(
+            "{worker}: could not connect to database \"{database}\" at its last {failed} start(s) (does it exist? see pg_outbox.database); next attempt in {} s",
+            wait.as_secs()
+        );
+        // The latch may be set already (or by a SIGHUP meanwhile): wait out the whole delay.
+        let until = Instant::now() + wait;
+        while let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            if !BackgroundWorker::wait_latch(Some(left)) {
+                // SAFETY: ends this process the way Postgres expects a backend to end.
+                unsafe { pg_sys::proc_exit(1) };
+            }
+        }
+    }
+    // A missing database ends the process here with FATAL; the count above stays.
+    BackgroundWorker::connect_worker_to_spi(Some(database), None);
+    attempts.get().store(0, Ordering::Relaxed);
 }
 
 /// Shows what a worker does in `pg_stat_activity.query`.

@@ -14,10 +14,10 @@
 //! pick up transactions committed by `COMMIT PREPARED`, which runs no callback of the publisher.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic, PgOid};
@@ -26,7 +26,7 @@ use crate::guc::{self, NotifyMode, NotifyPayload};
 use crate::notification::Notification;
 use crate::notify::notify;
 use crate::prune::extension_schema;
-use crate::worker::{report_activity, WAITING_FOR_EXTENSION};
+use crate::worker::{self, report_activity, ConnectAttempts, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox notifier";
@@ -45,6 +45,9 @@ const IDLE_TICK: Duration = Duration::from_secs(5);
 /// `pgprocno + 1` in the low 32 bits (0 while it is not running). 0 until it first connects.
 static NOTIFIER: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox_notifier") };
 
+/// The notifier's failed connection attempts in a row (see [`worker::connect`]).
+static CONNECT_ATTEMPTS: ConnectAttempts = unsafe { PgAtomic::new(c"pg_outbox_notifier_connect") };
+
 /// Whether this process inherited a preloaded library, so [`NOTIFIER`] exists.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -52,6 +55,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// preloading.
 pub fn register() {
     pg_shmem_init!(NOTIFIER = AtomicU64::new(0));
+    pg_shmem_init!(CONNECT_ATTEMPTS = AtomicU32::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
     BackgroundWorkerBuilder::new(BACKEND_TYPE)
         .set_type(BACKEND_TYPE)
@@ -127,9 +131,8 @@ fn wake() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     advertise(true);
     log!("pg_outbox notifier started in database \"{database}\"");
     // A batch's commit need not wait for its WAL flush: if it is lost in a crash, the restarted

@@ -9,12 +9,15 @@
 
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use std::sync::atomic::AtomicU32;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
 
 use crate::guc;
 use crate::prune::{extension_schema, prune_batch};
-use crate::worker::{report_activity, WAITING_FOR_EXTENSION};
+use crate::worker::{self, report_activity, ConnectAttempts, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox pruner";
@@ -22,8 +25,12 @@ pub const BACKEND_TYPE: &str = "pg_outbox pruner";
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 
+/// The pruner's failed connection attempts in a row (see [`worker::connect`]).
+static CONNECT_ATTEMPTS: ConnectAttempts = unsafe { PgAtomic::new(c"pg_outbox_pruner_connect") };
+
 /// Registers the pruner with the postmaster; called from `_PG_init` while preloading.
 pub fn register() {
+    pg_shmem_init!(CONNECT_ATTEMPTS = AtomicU32::new(0));
     BackgroundWorkerBuilder::new(BACKEND_TYPE)
         .set_type(BACKEND_TYPE)
         .set_library("pg_outbox")
@@ -37,9 +44,8 @@ pub fn register() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     log!("pg_outbox pruner started in database \"{database}\"");
 
     let mut pruner = Pruner {

@@ -1,13 +1,18 @@
 //! Figure 5: the publish rate while the pruner deletes a large backlog of expired rows, against
-//! the rate without pruning; how long the prune takes and what the table weighs afterwards.
+//! the rate without pruning, with batches back to back (`prune_pause = 0`) and with the default
+//! pause; how long each prune takes and what the table weighs.
 
 use std::time::{Duration, Instant};
 
 use pg_outbox_tests::Cluster;
+use tokio_postgres::Client;
 
-use crate::pgbench::{tps, Run};
+use crate::pgbench::{tps, tps_at, Run};
 use crate::report::{median, ratio, Table};
 use crate::Options;
+
+/// The pauses compared: none, and the default.
+const PAUSES: [&str; 2] = ["0", "100ms"];
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     let backlog = if options.smoke { 20_000 } else { 1_000_000 };
@@ -21,44 +26,90 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     };
     let admin = cluster.connect("postgres").await;
     cluster.psql("postgres", "TRUNCATE event_outbox");
-    let size = |label: &'static str| {
-        let bytes = cluster.psql(
+    let size = || {
+        cluster.psql(
             "postgres",
             "SELECT pg_size_pretty(pg_total_relation_size('event_outbox'))",
-        );
-        (label, bytes)
+        )
     };
-    let empty = size("empty");
 
-    // Without pruning, twice around the run with pruning, so either side of it is measured.
+    // Without pruning before, between and after the runs with pruning.
     let mut without = vec![tps(cluster, &publish())];
-    cluster.psql(
-        "postgres",
-        &format!(
-            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at) \
-             SELECT gen_random_uuid(), 'chat', 'user-' || (n % 100), \
-                    '{{\"text\": \"an expired event\", \"room\": 42}}', \
-                    clock_timestamp() - interval '2 hours' \
-             FROM generate_series(1, {backlog}) n"
-        ),
-    );
-    cluster.psql("postgres", "VACUUM ANALYZE event_outbox");
-    let loaded = size("with the expired backlog");
-
-    cluster.psql(
-        "postgres",
-        "ALTER SYSTEM SET pg_outbox.prune_interval = '1s'",
-    );
+    let mut rows = Vec::new();
+    for pause in PAUSES {
+        cluster.psql(
+            "postgres",
+            &format!(
+                "INSERT INTO event_outbox (id, channel, user_id, payload, created_at) \
+                 SELECT gen_random_uuid(), 'chat', 'user-' || (n % 100), \
+                        '{{\"text\": \"an expired event\", \"room\": 42}}', \
+                        clock_timestamp() - interval '2 hours' \
+                 FROM generate_series(1, {backlog}) n"
+            ),
+        );
+        cluster.psql("postgres", "VACUUM ANALYZE event_outbox");
+        let loaded = size();
+        cluster.psql(
+            "postgres",
+            &format!("ALTER SYSTEM SET pg_outbox.prune_pause = '{pause}'"),
+        );
+        cluster.psql(
+            "postgres",
+            "ALTER SYSTEM SET pg_outbox.prune_interval = '1s'",
+        );
+        cluster.psql("postgres", "SELECT pg_reload_conf()");
+        let started = Instant::now();
+        // pgbench blocks its thread; the prune is watched meanwhile from this task.
+        let publishing = tokio::task::spawn_blocking({
+            let (root, run) = (cluster.root().to_owned(), publish());
+            let (port, bindir) = (cluster.port(), cluster.bindir().to_owned());
+            move || tps_at(&bindir, &root, port, &run)
+        });
+        let pruned_in = wait_for_the_prune(&admin, started).await;
+        let with = publishing.await.expect("the pgbench run while pruning");
+        cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_interval");
+        cluster.psql("postgres", "SELECT pg_reload_conf()");
+        rows.push((pause, with, pruned_in, loaded, size()));
+        without.push(tps(cluster, &publish()));
+    }
+    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_pause");
     cluster.psql("postgres", "SELECT pg_reload_conf()");
-    let started = Instant::now();
-    // pgbench blocks its thread; the prune is watched meanwhile from this task.
-    let publishing = tokio::task::spawn_blocking({
-        let (cluster_root, run) = (cluster.root().to_owned(), publish());
-        let port = cluster.port();
-        let bindir = cluster.bindir().to_owned();
-        move || crate::pgbench::tps_at(&bindir, &cluster_root, port, &run)
-    });
-    let mut pruned_in = None;
+    drained.stop().await;
+
+    let base = median(&without);
+    let mut table = Table::new(
+        "Publishing while the pruner deletes an expired backlog",
+        &[
+            "prune_pause",
+            "publish tx/s while pruning",
+            "vs without pruning",
+            "time to prune",
+            "table size loaded → after (before vacuum)",
+        ],
+    );
+    table.note = format!(
+        "pgbench, 8 clients, notify_mode = worker, {} s runs starting with the prune; {backlog} \
+         rows created two hours ago, then prune_interval set to 1 s; batches of 10,000 rows, a \
+         transaction each. Without pruning: {base:.0} tx/s (median of the runs before, between \
+         and after).",
+        options.run_time().as_secs()
+    );
+    for (pause, with, pruned_in, loaded, after) in rows {
+        table.row(vec![
+            pause.to_owned(),
+            format!("{with:.0}"),
+            ratio(with, base),
+            pruned_in.map_or("not done in 10 min".into(), |d| {
+                format!("{:.1} s", d.as_secs_f64())
+            }),
+            format!("{loaded} → {after}"),
+        ]);
+    }
+    vec![table]
+}
+
+/// Waits until no expired row is left; returns how long it took from `started`.
+async fn wait_for_the_prune(admin: &Client, started: Instant) -> Option<Duration> {
     while started.elapsed() < Duration::from_secs(600) {
         let left: i64 = admin
             .query_one(
@@ -69,45 +120,9 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             .map(|row| row.get(0))
             .unwrap_or(-1);
         if left == 0 {
-            pruned_in = Some(started.elapsed());
-            break;
+            return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let with = publishing.await.expect("the pgbench run while pruning");
-    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_interval");
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
-    let pruned = size("after pruning (before vacuum)");
-    without.push(tps(cluster, &publish()));
-    drained.stop().await;
-
-    let base = median(&without);
-    let mut rates = Table::new(
-        "Publishing while the pruner deletes an expired backlog",
-        &["", "value"],
-    );
-    rates.note = format!(
-        "pgbench, 8 clients, notify_mode = worker, {} s runs; {backlog} rows created two hours \
-         ago, then prune_interval set to 1 s; the worker deletes in batches of 10,000, a \
-         transaction each.",
-        options.run_time().as_secs()
-    );
-    rates.row(vec![
-        "publish tx/s without pruning (median of before and after)".into(),
-        format!("{base:.0}"),
-    ]);
-    rates.row(vec![
-        "publish tx/s while pruning".into(),
-        format!("{with:.0} ({})", ratio(with, base)),
-    ]);
-    rates.row(vec![
-        format!("time to prune {backlog} rows"),
-        pruned_in.map_or("not done in 10 min".into(), |d| {
-            format!("{:.1} s", d.as_secs_f64())
-        }),
-    ]);
-    for (label, bytes) in [empty, loaded, pruned] {
-        rates.row(vec![format!("event_outbox size, {label}"), bytes]);
-    }
-    vec![rates]
+    None
 }

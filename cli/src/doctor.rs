@@ -515,10 +515,19 @@ async fn check_privileges(
 }
 
 /// How full the notification queue is, and what notifications carry.
+/// The queue fraction the server's pruner warns at (`pg_outbox.queue_warning`, 0.1 unless set).
+fn warning_at(setting: Option<&str>) -> f64 {
+    setting
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|w| *w > 0.0)
+        .unwrap_or(0.1)
+}
+
 async fn check_notifications(client: &Client, report: &mut Report) -> anyhow::Result<()> {
     let row = simple_row(
         client,
-        "SELECT pg_notification_queue_usage(), current_setting('pg_outbox.notify_payload', true)",
+        "SELECT pg_notification_queue_usage(), current_setting('pg_outbox.notify_payload', true), \
+                current_setting('pg_outbox.queue_warning', true)",
     )
     .await?;
     let usage: f64 = row[0]
@@ -535,7 +544,7 @@ async fn check_notifications(client: &Client, report: &mut Report) -> anyhow::Re
             format!("the notification queue is {percent:.1} % full"),
             Some(fix.into()),
         );
-    } else if usage >= 0.1 {
+    } else if usage >= warning_at(row[2].as_deref()) {
         report.say(
             Level::Warn,
             format!("the notification queue is {percent:.1} % full"),

@@ -45,6 +45,9 @@ static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
 static PRUNE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
 /// Rows deleted per transaction by the pruner, so a backlog never holds locks for long.
 static PRUNE_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// The pause between two prune batches, so a large backlog is deleted at a pace that leaves
+/// WAL bandwidth to publishers. Milliseconds.
+static PRUNE_PAUSE: GucSetting<i32> = GucSetting::<i32>::new(100);
 /// The database the workers serve; read once at server start.
 static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -90,6 +93,16 @@ pub fn init(preloading: bool) {
         10_000_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.prune_pause",
+        c"How long the pruner pauses between two batches.",
+        c"Spreads the deletion of a large backlog so that publishers keep their WAL bandwidth; 0 deletes batches back to back.",
+        &PRUNE_PAUSE,
+        0,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"pg_outbox.max_payload_bytes",
@@ -149,6 +162,10 @@ pub fn prune_interval() -> Duration {
 
 pub fn prune_batch_size() -> i64 {
     i64::from(PRUNE_BATCH_SIZE.get())
+}
+
+pub fn prune_pause() -> Duration {
+    Duration::from_millis(u64::try_from(PRUNE_PAUSE.get()).unwrap_or(0))
 }
 
 /// The workers' database, or `postgres` when the setting is empty.

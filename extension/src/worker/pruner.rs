@@ -124,6 +124,12 @@ impl Pruner {
             if deleted < batch_size || shutdown_requested() {
                 break;
             }
+            // A full batch: more is waiting. Pause (SIGTERM cuts it short) so that a backlog
+            // is deleted at a pace publishers do not feel.
+            let pause = guc::prune_pause();
+            if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {
+                break;
+            }
         }
         if total > 0 {
             debug1!("pg_outbox pruner deleted {total} expired events");

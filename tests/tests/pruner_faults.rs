@@ -16,12 +16,14 @@ const STARTED: &str = "pg_outbox pruner started";
 /// 15 s, the next one due at about 30 s.
 const WITHOUT_DATABASE: Duration = Duration::from_secs(25);
 
-/// Retention 1 h, a pass every second, small batches so a backlog takes many transactions.
+/// Retention 1 h, a pass every second, small batches back to back so a backlog takes many
+/// transactions, quickly.
 fn cluster(database: &str) -> Cluster {
     Cluster::builder()
         .setting("pg_outbox.retention", "'1h'")
         .setting("pg_outbox.prune_interval", "'1s'")
         .setting("pg_outbox.prune_batch_size", "50")
+        .setting("pg_outbox.prune_pause", "0")
         .setting("pg_outbox.database", &format!("'{database}'"))
         .start()
 }

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
+use pruner_support::{insert_aged, pruner_pid};
 use tokio_postgres::Client;
+
+mod pruner_support;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -17,37 +20,8 @@ fn cluster_with_retention(retention: &str) -> Cluster {
         .start()
 }
 
-/// Inserts `count` events created `age` ago, as if published then.
-async fn insert_aged(client: &Client, count: i32, age: &str) {
-    client
-        .execute(
-            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at)
-             SELECT gen_random_uuid(), 'c', 'u', '{}', clock_timestamp() - $2::text::interval
-             FROM generate_series(1, $1)",
-            &[&count, &age],
-        )
-        .await
-        .unwrap();
-}
-
 async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-/// The pruner's pid, once it is running.
-async fn pruner_pid(cluster: &Cluster, client: &Client) -> i32 {
-    cluster
-        .wait_for("the pruner in pg_stat_activity", WAIT, || async {
-            client
-                .query_opt(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get(0))
-        })
-        .await
 }
 
 /// Waits until the pruner has completed a pass that started after this call.
@@ -75,8 +49,8 @@ async fn wait_for_a_full_pass(cluster: &Cluster, client: &Client) {
 async fn prunes_expired_rows_in_batches_and_keeps_younger_ones() {
     let cluster = cluster_with_retention("1h");
     let client = cluster.connect("postgres").await;
-    insert_aged(&client, 35, "2 hours").await;
-    insert_aged(&client, 5, "50 minutes").await;
+    insert_aged(&client, 35, "2 hours", "c").await;
+    insert_aged(&client, 5, "50 minutes", "c").await;
     client
         .execute("SELECT outbox_publish('c', 'u', '{}')", &[])
         .await
@@ -111,7 +85,7 @@ async fn prunes_expired_rows_in_batches_and_keeps_younger_ones() {
 async fn follows_a_reloaded_retention() {
     let cluster = cluster_with_retention("1h");
     let client = cluster.connect("postgres").await;
-    insert_aged(&client, 12, "10 minutes").await;
+    insert_aged(&client, 12, "10 minutes", "c").await;
     wait_for_a_full_pass(&cluster, &client).await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM event_outbox").await,
@@ -150,7 +124,7 @@ async fn comes_back_after_pg_terminate_backend() {
         .await;
     assert_ne!(first, second);
     // And it still prunes.
-    insert_aged(&client, 3, "2 hours").await;
+    insert_aged(&client, 3, "2 hours", "c").await;
     cluster
         .wait_for("the new pruner to prune", WAIT, || async {
             (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
@@ -194,7 +168,7 @@ async fn waits_quietly_for_the_extension() {
         .batch_execute("CREATE EXTENSION pg_outbox")
         .await
         .unwrap();
-    insert_aged(&client, 3, "2 hours").await;
+    insert_aged(&client, 3, "2 hours", "c").await;
     cluster
         .wait_for("the pruner to prune once installed", WAIT, || async {
             (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
@@ -209,7 +183,7 @@ async fn stops_promptly_when_the_server_shuts_down_mid_backlog() {
         .setting("pg_outbox.prune_batch_size", "100")
         .start();
     let client = cluster.connect("postgres").await;
-    insert_aged(&client, 200_000, "2 hours").await;
+    insert_aged(&client, 200_000, "2 hours", "c").await;
     // The worker's first pass ran at start, before the backlog existed; a reload does not
     // prune, so restart the pass by killing the worker: it starts pruning 5 s later.
     let pid = pruner_pid(&cluster, &client).await;

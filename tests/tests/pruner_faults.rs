@@ -6,9 +6,11 @@
 use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
+use pruner_support::{insert_aged, pruner_pid, WAIT};
 use tokio_postgres::Client;
 
-const WAIT: Duration = Duration::from_secs(60);
+mod pruner_support;
+
 /// Longer than the worker's 5 s restart delay plus a few 1 s intervals: a crash loop shows.
 const QUIET: Duration = Duration::from_secs(7);
 const STARTED: &str = "pg_outbox pruner started";
@@ -26,19 +28,6 @@ fn cluster(database: &str) -> Cluster {
         .setting("pg_outbox.prune_pause", "0")
         .setting("pg_outbox.database", &format!("'{database}'"))
         .start()
-}
-
-/// Inserts `count` events created `age` ago (`channel` tells them apart), as if published then.
-async fn insert_aged(client: &Client, count: i32, age: &str, channel: &str) {
-    client
-        .execute(
-            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at)
-             SELECT gen_random_uuid(), $3, 'u', '{}', clock_timestamp() - $2::text::interval
-             FROM generate_series(1, $1)",
-            &[&count, &age, &channel],
-        )
-        .await
-        .unwrap();
 }
 
 async fn count(client: &Client, channel: &str) -> i64 {
@@ -65,21 +54,6 @@ async fn assert_young_intact(client: &Client) {
         2 * i64::from(YOUNG),
         "a row younger than retention was pruned"
     );
-}
-
-async fn pruner_pid(cluster: &Cluster, client: &Client) -> i32 {
-    cluster
-        .wait_for("the pruner in pg_stat_activity", WAIT, || async {
-            client
-                .query_opt(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get(0))
-        })
-        .await
 }
 
 /// Waits until the worker has deleted some of the backlog (it is mid-pass: batches remain).

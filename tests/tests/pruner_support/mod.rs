@@ -1,0 +1,39 @@
+//! Helpers shared by the pruner tests: aged rows, and the pruner's pid.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::time::Duration;
+
+use pg_outbox_tests::Cluster;
+use tokio_postgres::Client;
+
+/// How long any single wait in the pruner tests may take.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Inserts `count` events created `age` ago (`channel` tells them apart), as if published then.
+pub async fn insert_aged(client: &Client, count: i32, age: &str, channel: &str) {
+    client
+        .execute(
+            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at)
+             SELECT gen_random_uuid(), $3, 'u', '{}', clock_timestamp() - $2::text::interval
+             FROM generate_series(1, $1)",
+            &[&count, &age, &channel],
+        )
+        .await
+        .unwrap();
+}
+
+/// The pruner's pid, once it is running.
+pub async fn pruner_pid(cluster: &Cluster, client: &Client) -> i32 {
+    cluster
+        .wait_for("the pruner in pg_stat_activity", WAIT, || async {
+            client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0))
+        })
+        .await
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
-use pruner_support::{insert_aged, pruner_pid};
+use pruner_support::{insert_aged, pruner_pid, pruner_state, rows_pruned};
 use tokio_postgres::Client;
 
 mod pruner_support;
@@ -142,14 +142,7 @@ async fn waits_quietly_for_the_extension() {
     let waiting = "waiting for CREATE EXTENSION pg_outbox";
     cluster
         .wait_for("the pruner to wait for the extension", WAIT, || async {
-            let state: Option<String> = client
-                .query_opt(
-                    "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get(0));
+            let state = pruner_state(&client).await;
             (state.as_deref() == Some(waiting)).then_some(())
         })
         .await;
@@ -193,11 +186,7 @@ async fn stops_promptly_when_the_server_shuts_down_mid_backlog() {
         .unwrap();
     cluster
         .wait_for("pruning to start", WAIT, || async {
-            let pruned: i64 = client
-                .query_one("SELECT rows_pruned FROM outbox_prune_state", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let pruned = rows_pruned(&client).await;
             (pruned > 0).then_some(())
         })
         .await;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
-use pruner_support::{insert_aged, pruner_pid, WAIT};
+use pruner_support::{insert_aged, pruner_pid, pruner_state, rows_pruned, WAIT};
 use tokio_postgres::Client;
 
 mod pruner_support;
@@ -60,11 +60,7 @@ async fn assert_young_intact(client: &Client) {
 async fn wait_mid_prune(cluster: &Cluster, client: &Client) {
     cluster
         .wait_for("pruning to be under way", WAIT, || async {
-            let pruned: i64 = client
-                .query_one("SELECT rows_pruned FROM outbox_prune_state", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let pruned = rows_pruned(client).await;
             let left = count(client, "old").await;
             (pruned > 0 && left > 0).then_some(())
         })
@@ -113,11 +109,7 @@ async fn killed_mid_batch_it_comes_back_and_finishes() {
     assert_ne!(pruner_pid(&cluster, &client).await, first);
     assert_young_intact(&client).await;
     // The recorded total is exact: the killed batch rolled back and was done again.
-    let pruned: i64 = client
-        .query_one("SELECT rows_pruned FROM outbox_prune_state", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pruned = rows_pruned(&client).await;
     assert_eq!(pruned, 100_000);
     assert_eq!(starts(&cluster), 2, "{}", cluster.log());
     assert_no_crash(&cluster);
@@ -136,14 +128,7 @@ async fn its_extension_dropped_mid_prune_and_created_again() {
         .unwrap();
     cluster
         .wait_for("the pruner to wait for the extension", WAIT, || async {
-            let state: Option<String> = client
-                .query_opt(
-                    "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get(0));
+            let state = pruner_state(&client).await;
             (state.as_deref() == Some("waiting for CREATE EXTENSION pg_outbox")).then_some(())
         })
         .await;
@@ -272,11 +257,7 @@ async fn the_server_stopped_mid_prune_finishes_after_start() {
     let client = cluster.connect("postgres").await;
     wait_all_old_pruned(&cluster, &client).await;
     assert_young_intact(&client).await;
-    let pruned: i64 = client
-        .query_one("SELECT rows_pruned FROM outbox_prune_state", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pruned = rows_pruned(&client).await;
     assert_eq!(pruned, 100_000);
     assert_eq!(starts(&cluster), 2, "{}", cluster.log());
     assert_no_crash(&cluster);

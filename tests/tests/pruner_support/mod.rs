@@ -37,3 +37,25 @@ pub async fn pruner_pid(cluster: &Cluster, client: &Client) -> i32 {
         })
         .await
 }
+
+/// What the pruner shows in `pg_stat_activity.query` (`idle`, `pruning`, `waiting for ...`), or
+/// `None` while it is not running.
+pub async fn pruner_state(client: &Client) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox pruner'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+/// `outbox_prune_state.rows_pruned`: every row pruned so far.
+pub async fn rows_pruned(client: &Client) -> i64 {
+    client
+        .query_one("SELECT rows_pruned FROM outbox_prune_state", &[])
+        .await
+        .unwrap()
+        .get(0)
+}

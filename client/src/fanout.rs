@@ -1,12 +1,18 @@
-//! Fan-out to local subscribers: bounded per-subscriber queues that never block the relay.
+//! Fan-out to local subscribers: an index from (channel, user) to bounded per-subscriber queues
+//! that never block the relay.
+//!
+//! Subscribers are grouped by their filter, so handing over an event costs at most four lookups
+//! (this channel and user, this channel, this user, everything) plus one push per interested
+//! subscriber, however many others are connected: a replica holding a connection per user does
+//! not scan them all for each event.
 //!
 //! The relay pushes with `try`-semantics only: when a subscriber's queue is full, the event is
 //! dropped for that subscriber alone and a `Lagged { missed }` marker takes its place in the
 //! stream (one marker per run of drops, so markers never fill memory). Gaps are always queued.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
@@ -20,13 +26,6 @@ pub(crate) struct Filter {
     pub channel: Option<String>,
     /// `None`: every user.
     pub user_id: Option<String>,
-}
-
-impl Filter {
-    fn matches(&self, channel: &str, user_id: &str) -> bool {
-        self.channel.as_deref().is_none_or(|c| c == channel)
-            && self.user_id.as_deref().is_none_or(|u| u == user_id)
-    }
 }
 
 struct Queue {
@@ -44,26 +43,23 @@ struct Slot {
     queue: Mutex<Queue>,
 }
 
+/// Locks a mutex whose data stays consistent even if a holder panicked: every update under the
+/// fan-out's locks is a single push, pop or insertion.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Slot {
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        // A panic while holding this lock cannot leave the queue inconsistent (every update is
-        // a single push or pop), so a poisoned lock is still usable.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.queue)
     }
 
-    /// Queues the events of `batch` this subscriber wants, under one lock and with one wake-up;
+    /// Queues `events` (all wanted by this subscriber) under one lock and with one wake-up;
     /// returns how many it dropped because its queue was full.
-    fn push_events(&self, batch: &[Event]) -> u64 {
-        let mut matching = batch
-            .iter()
-            .filter(|event| self.filter.matches(event.channel(), event.user_id()))
-            .peekable();
-        if matching.peek().is_none() {
-            return 0;
-        }
+    fn push_events(&self, events: &[&Event]) -> u64 {
         let mut queue = self.lock();
         let mut dropped = 0;
-        for event in matching {
+        for &event in events {
             if queue.events < self.capacity {
                 queue.items.push_back(Delivery::Event(event.clone()));
                 queue.events += 1;
@@ -98,19 +94,134 @@ impl Slot {
     }
 }
 
-/// The set of subscribers of one relay.
+/// The subscribers sharing one filter. `id` tells groups apart while a batch is sorted out.
+struct Group {
+    id: u64,
+    slots: Vec<Arc<Slot>>,
+}
+
+/// The groups of one channel (or of every channel), by user.
+#[derive(Default)]
+struct ByUser {
+    /// Subscribers of every user.
+    everyone: Option<Group>,
+    users: HashMap<String, Group>,
+}
+
+impl ByUser {
+    fn groups_for<'a>(&'a self, user_id: &str) -> impl Iterator<Item = &'a Group> {
+        self.everyone.iter().chain(self.users.get(user_id))
+    }
+
+    fn group_mut(&mut self, user_id: Option<&String>) -> Option<&mut Group> {
+        match user_id {
+            None => self.everyone.as_mut(),
+            Some(user_id) => self.users.get_mut(user_id),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.everyone.is_none() && self.users.is_empty()
+    }
+
+    fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.everyone.iter().chain(self.users.values())
+    }
+}
+
+/// Every subscriber of one relay, by filter.
+#[derive(Default)]
+struct Index {
+    every_channel: ByUser,
+    channels: HashMap<String, ByUser>,
+    next_group: u64,
+    /// The relay stopped: later subscriptions start closed.
+    closed: bool,
+}
+
+impl Index {
+    /// The groups that want an event of `channel` for `user_id`: at most four.
+    fn groups_for<'a>(
+        &'a self,
+        channel: &str,
+        user_id: &'a str,
+    ) -> impl Iterator<Item = &'a Group> + 'a {
+        self.every_channel.groups_for(user_id).chain(
+            self.channels
+                .get(channel)
+                .into_iter()
+                .flat_map(move |by_user| by_user.groups_for(user_id)),
+        )
+    }
+
+    fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.every_channel
+            .groups()
+            .chain(self.channels.values().flat_map(ByUser::groups))
+    }
+
+    /// Files `slot` under its filter.
+    fn insert(&mut self, slot: Arc<Slot>) {
+        self.next_group += 1;
+        let fresh = Group {
+            id: self.next_group,
+            slots: Vec::new(),
+        };
+        let by_user = match &slot.filter.channel {
+            None => &mut self.every_channel,
+            Some(channel) => self.channels.entry(channel.clone()).or_default(),
+        };
+        let group = match &slot.filter.user_id {
+            None => by_user.everyone.get_or_insert(fresh),
+            Some(user_id) => by_user.users.entry(user_id.clone()).or_insert(fresh),
+        };
+        group.slots.push(slot);
+    }
+
+    /// Forgets `slot`, and its group and channel once they are empty, so users who come and go
+    /// leave nothing behind.
+    fn remove(&mut self, slot: &Arc<Slot>) {
+        let filter = &slot.filter;
+        let by_user = match &filter.channel {
+            None => &mut self.every_channel,
+            Some(channel) => match self.channels.get_mut(channel) {
+                Some(by_user) => by_user,
+                None => return,
+            },
+        };
+        if let Some(group) = by_user.group_mut(filter.user_id.as_ref()) {
+            group.slots.retain(|other| !Arc::ptr_eq(other, slot));
+            if group.slots.is_empty() {
+                match &filter.user_id {
+                    None => by_user.everyone = None,
+                    Some(user_id) => {
+                        by_user.users.remove(user_id);
+                    }
+                }
+            }
+        }
+        if by_user.is_empty() {
+            if let Some(channel) = &filter.channel {
+                self.channels.remove(channel);
+            }
+        }
+    }
+}
+
+/// The subscribers of one relay.
 #[derive(Default)]
 pub(crate) struct Fanout {
-    slots: Mutex<Vec<Arc<Slot>>>,
-    closed: Mutex<bool>,
+    /// Shared with every [`Subscription`] (weakly), which removes itself when dropped.
+    index: Arc<Mutex<Index>>,
 }
 
 impl Fanout {
-    fn slots(&self) -> MutexGuard<'_, Vec<Arc<Slot>>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    fn index(&self) -> MutexGuard<'_, Index> {
+        lock(&self.index)
     }
 
     pub fn subscribe(&self, filter: Filter, capacity: usize) -> Subscription {
+        let mut index = self.index();
         let slot = Arc::new(Slot {
             filter,
             capacity: capacity.max(1),
@@ -118,46 +229,73 @@ impl Fanout {
                 items: VecDeque::new(),
                 events: 0,
                 waker: None,
-                closed: *self.closed.lock().unwrap_or_else(|e| e.into_inner()),
+                closed: index.closed,
             }),
         });
-        self.slots().push(Arc::clone(&slot));
-        Subscription { slot }
+        if !index.closed {
+            index.insert(Arc::clone(&slot));
+        }
+        Subscription {
+            slot,
+            index: Arc::downgrade(&self.index),
+        }
     }
 
     /// Hands each event of `batch`, in order, to every matching subscriber; returns how many
     /// (event, subscriber) deliveries were dropped for lag.
     pub fn deliver(&self, batch: &[Event]) -> u64 {
-        let mut slots = self.slots();
-        // A subscription dropped by its owner leaves only our reference behind.
-        slots.retain(|slot| Arc::strong_count(slot) > 1);
-        slots.iter().map(|slot| slot.push_events(batch)).sum()
+        let index = self.index();
+        // Sort the batch out by group first, keeping commit order within each, so that every
+        // subscriber is locked and woken once per batch rather than once per event.
+        let mut wanted: Vec<(&Group, Vec<&Event>)> = Vec::new();
+        let mut position: HashMap<u64, usize> = HashMap::new();
+        for event in batch {
+            for group in index.groups_for(event.channel(), event.user_id()) {
+                let at = *position.entry(group.id).or_insert_with(|| {
+                    wanted.push((group, Vec::new()));
+                    wanted.len() - 1
+                });
+                wanted[at].1.push(event);
+            }
+        }
+        wanted
+            .iter()
+            .flat_map(|(group, events)| group.slots.iter().map(|slot| slot.push_events(events)))
+            .sum()
     }
 
     /// Tells the subscribers concerned about a gap.
     pub fn gap(&self, gap: &Gap) {
-        for slot in self.slots().iter() {
-            let concerned = match gap {
-                Gap::Missing {
-                    channel, user_id, ..
-                }
-                | Gap::Unreadable {
-                    channel, user_id, ..
-                } => slot.filter.matches(channel, user_id),
-                _ => true,
-            };
-            if concerned {
-                slot.push_marker(Delivery::Gap(gap.clone()));
+        let index = self.index();
+        let marker = || Delivery::Gap(gap.clone());
+        match gap {
+            Gap::Missing {
+                channel, user_id, ..
             }
+            | Gap::Unreadable {
+                channel, user_id, ..
+            } => index
+                .groups_for(channel, user_id)
+                .flat_map(|group| &group.slots)
+                .for_each(|slot| slot.push_marker(marker())),
+            _ => index
+                .groups()
+                .flat_map(|group| &group.slots)
+                .for_each(|slot| slot.push_marker(marker())),
         }
     }
 
     /// Ends every stream (after what is queued) and every later subscription.
     pub fn close(&self) {
-        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        for slot in self.slots().drain(..) {
-            slot.close();
-        }
+        let mut index = self.index();
+        index
+            .groups()
+            .flat_map(|group| &group.slots)
+            .for_each(|slot| slot.close());
+        *index = Index {
+            closed: true,
+            ..Index::default()
+        };
     }
 }
 
@@ -168,6 +306,15 @@ impl Fanout {
 /// ends when the relay stops. Dropping it unsubscribes.
 pub struct Subscription {
     slot: Arc<Slot>,
+    index: Weak<Mutex<Index>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(index) = self.index.upgrade() {
+            lock(&index).remove(&self.slot);
+        }
+    }
 }
 
 impl Subscription {
@@ -279,14 +426,73 @@ mod tests {
         fanout.deliver(&[event(1, "chat", "u1")]);
         fanout.deliver(&[event(2, "chat", "u2")]);
         fanout.deliver(&[event(3, "other", "u1")]);
-        let ids = |s: &mut Subscription| {
-            std::iter::from_fn(|| s.try_recv())
-                .filter_map(|d| d.into_event())
-                .map(|e| e.id().as_u128())
-                .collect::<Vec<_>>()
-        };
         assert_eq!(ids(&mut chat), [1, 2]);
         assert_eq!(ids(&mut u1), [1]);
+    }
+
+    fn ids(subscription: &mut Subscription) -> Vec<u128> {
+        std::iter::from_fn(|| subscription.try_recv())
+            .filter_map(|d| d.into_event())
+            .map(|e| e.id().as_u128())
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_of_filter_gets_exactly_its_events_in_commit_order() {
+        let fanout = Fanout::default();
+        let topic = |channel: Option<&str>, user: Option<&str>| Filter {
+            channel: channel.map(Into::into),
+            user_id: user.map(Into::into),
+        };
+        let mut everything = fanout.subscribe(topic(None, None), 10);
+        let mut user_a = fanout.subscribe(topic(None, Some("a")), 10);
+        let mut chat = fanout.subscribe(topic(Some("chat"), None), 10);
+        let mut chat_a = fanout.subscribe(topic(Some("chat"), Some("a")), 10);
+        let mut chat_a_too = fanout.subscribe(topic(Some("chat"), Some("a")), 10);
+        let mut chat_b = fanout.subscribe(topic(Some("chat"), Some("b")), 10);
+        let batch = [
+            event(1, "chat", "a"),
+            event(2, "news", "a"),
+            event(3, "chat", "b"),
+            event(4, "chat", "a"),
+            event(5, "news", "c"),
+        ];
+        assert_eq!(fanout.deliver(&batch), 0);
+        assert_eq!(ids(&mut everything), [1, 2, 3, 4, 5]);
+        assert_eq!(ids(&mut user_a), [1, 2, 4]);
+        assert_eq!(ids(&mut chat), [1, 3, 4]);
+        assert_eq!(ids(&mut chat_a), [1, 4]);
+        assert_eq!(ids(&mut chat_a_too), [1, 4]);
+        assert_eq!(ids(&mut chat_b), [3]);
+    }
+
+    #[test]
+    fn a_gap_reaches_the_subscribers_of_its_event_only() {
+        let fanout = Fanout::default();
+        let mut chat_a = fanout.subscribe(
+            Filter {
+                channel: Some("chat".into()),
+                user_id: Some("a".into()),
+            },
+            10,
+        );
+        let mut chat_b = fanout.subscribe(
+            Filter {
+                channel: Some("chat".into()),
+                user_id: Some("b".into()),
+            },
+            10,
+        );
+        let mut everything = fanout.subscribe(all(), 10);
+        fanout.gap(&Gap::Unreadable {
+            id: Uuid::from_u128(1),
+            channel: "chat".into(),
+            user_id: "a".into(),
+            reason: "test".into(),
+        });
+        assert!(matches!(chat_a.try_recv(), Some(Delivery::Gap(_))));
+        assert!(chat_b.try_recv().is_none());
+        assert!(matches!(everything.try_recv(), Some(Delivery::Gap(_))));
     }
 
     #[test]
@@ -338,7 +544,32 @@ mod tests {
         let fanout = Fanout::default();
         let sub = fanout.subscribe(all(), 4);
         drop(sub);
-        fanout.deliver(&[event(1, "c", "u")]);
-        assert!(fanout.slots().is_empty());
+        let _kept = fanout.subscribe(
+            Filter {
+                channel: Some("c".into()),
+                user_id: Some("kept".into()),
+            },
+            4,
+        );
+        for n in 0..3 {
+            drop(fanout.subscribe(
+                Filter {
+                    channel: Some("c".into()),
+                    user_id: Some(format!("gone-{n}")),
+                },
+                4,
+            ));
+        }
+        drop(fanout.subscribe(
+            Filter {
+                channel: Some("elsewhere".into()),
+                user_id: None,
+            },
+            4,
+        ));
+        let index = fanout.index();
+        assert_eq!(index.groups().count(), 1);
+        assert_eq!(index.channels.len(), 1);
+        assert_eq!(index.channels["c"].users.len(), 1);
     }
 }

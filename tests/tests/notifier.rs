@@ -1,6 +1,6 @@
 //! `pg_outbox.notify_mode = 'worker'`: publishers only INSERT, and the notifier worker sends
 //! each committed event's notification right after the commit, never a rolled-back one, and
-//! resumes exactly where it was after a restart.
+//! resumes where it was after a restart.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -107,13 +107,45 @@ async fn a_restarted_worker_notifies_what_committed_while_it_was_down() {
     let mut listener = cluster.listener("postgres").await;
     let admin = cluster.connect("postgres").await;
     let publisher = cluster.connect("postgres").await;
-    // Stop the worker from coming back for a while by holding its state row: its batches wait
-    // on the lock, like a worker that is down.
+    // Keep the notifier down for a while by holding its state row: a worker starting (or one
+    // recording its position as it stops) waits on the lock.
     let mut holder = cluster.connect("postgres").await;
     let hold = holder.transaction().await.unwrap();
     hold.batch_execute("SELECT * FROM outbox_notifier_state FOR UPDATE")
         .await
         .unwrap();
+    let pid = stop_notifier(&admin).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(publish(&publisher, n).await);
+    }
+    hold.rollback().await.unwrap();
+    wait_for_a_notifier_other_than(&cluster, &admin, pid).await;
+    for id in &ids {
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_worker_records_its_position_so_its_successor_sends_nothing_twice() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let admin = cluster.connect("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    for n in 0..10 {
+        let id = publish(&publisher, n).await;
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+    // Well within the worker's record interval: only the record made as it stops tells its
+    // successor that these ten are sent.
+    let pid = stop_notifier(&admin).await;
+    wait_for_a_notifier_other_than(&cluster, &admin, pid).await;
+    let after = publish(&publisher, 10).await;
+    assert_eq!(listener.next().await["id"], after.as_str());
+}
+
+/// Terminates the notifier (the postmaster starts another a second later); returns its pid.
+async fn stop_notifier(admin: &tokio_postgres::Client) -> i32 {
     let pid: i32 = admin
         .query_one(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier'",
@@ -126,12 +158,14 @@ async fn a_restarted_worker_notifies_what_committed_while_it_was_down() {
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();
-    let mut ids = Vec::new();
-    for n in 0..20 {
-        ids.push(publish(&publisher, n).await);
-    }
-    hold.rollback().await.unwrap();
+    pid
+}
 
+async fn wait_for_a_notifier_other_than(
+    cluster: &Cluster,
+    admin: &tokio_postgres::Client,
+    pid: i32,
+) {
     cluster
         .wait_for("a new notifier", WAIT, || async {
             admin
@@ -144,9 +178,6 @@ async fn a_restarted_worker_notifies_what_committed_while_it_was_down() {
                 .map(|_| ())
         })
         .await;
-    for id in &ids {
-        assert_eq!(listener.next().await["id"], id.as_str());
-    }
 }
 
 #[tokio::test]

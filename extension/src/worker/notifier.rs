@@ -2,11 +2,13 @@
 //! (so they group-commit like plain inserts, instead of serialising on PostgreSQL's cluster-wide
 //! notify lock), and this worker sends their notifications right after they commit.
 //!
-//! How it stays exact, PgQ-style: `outbox_notifier_state.snapshot` is the last snapshot the
-//! worker has covered. Each batch, in one transaction, swaps it for a new snapshot and notifies
-//! the deferred rows whose xid is visible in the new snapshot and not in the old one: every
-//! committed row lands in exactly one batch whatever order transactions commit in, a rolled-back
-//! row in none, and a restarted worker resumes where its last committed batch ended.
+//! How it stays exact, PgQ-style: the worker's position is the last snapshot it has covered.
+//! Each batch, in one transaction, takes a new snapshot and notifies the deferred rows whose xid
+//! is visible in the new snapshot and not in the old one: every committed row lands in exactly
+//! one batch whatever order transactions commit in, and a rolled-back row in none. The position
+//! is recorded in `outbox_notifier_state.snapshot` at most every [`RECORD_INTERVAL`] (with that
+//! batch) and when the worker stops, so a worker that resumes after a crash or an error notifies
+//! at most that last stretch again, and relays drop what they already have.
 //!
 //! How it wakes: a publishing backend that deferred a notification sets this worker's latch
 //! from its commit callback, after the commit is visible. Without publishers it wakes every
@@ -14,6 +16,7 @@
 //! pick up transactions committed by `COMMIT PREPARED`, which runs no callback of the publisher.
 
 use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -40,6 +43,11 @@ const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 /// How often the worker runs a batch when no publisher wakes it.
 const IDLE_TICK: Duration = Duration::from_secs(5);
+
+/// How often the worker records its position. Recording it with every batch rewrote one row
+/// hundreds of times a second, and reading past that row's dead versions took a third of the
+/// worker's time under load.
+const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where the notifier is, in shared memory: the database it serves in the high 32 bits, and its
 /// `pgprocno + 1` in the low 32 bits (0 while it is not running). 0 until it first connects.
@@ -153,7 +161,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         if !matches!(setup, Setup::Ready(_)) {
             setup = BackgroundWorker::transaction(Setup::look);
         }
-        match &setup {
+        match &mut setup {
             Setup::Ready(batches) => {
                 waiting_logged = false;
                 // Under a stream of commits, gather what commits meanwhile into the next batch
@@ -165,7 +173,8 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                 }
                 last_batch = Instant::now();
                 report_activity(c"notifying");
-                let notified = BackgroundWorker::transaction(|| batches.run());
+                // A failed batch ends the worker, so `batches` is never seen half-updated.
+                let notified = BackgroundWorker::transaction(AssertUnwindSafe(|| batches.run()));
                 if notified > 0 {
                     debug2!("pg_outbox notifier sent {notified} notifications");
                 }
@@ -193,6 +202,9 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         if !BackgroundWorker::wait_latch(Some(IDLE_TICK)) {
             break;
         }
+    }
+    if let Setup::Ready(batches) = &mut setup {
+        BackgroundWorker::transaction(AssertUnwindSafe(|| batches.record()));
     }
     advertise(false);
     log!("pg_outbox notifier stopping");
@@ -241,31 +253,44 @@ impl Setup {
     }
 }
 
-/// The notifier's three statements, prepared once per worker: a batch plans nothing.
+/// The worker's position and its statements, prepared once per worker: a batch plans nothing.
 struct Batches {
-    /// Locks the state row (one batch at a time) and takes the new snapshot.
-    begin: OwnedPreparedStatement,
-    /// The deferred rows visible in the new snapshot and not in the stored one.
+    /// The snapshot covered by the last committed batch.
+    position: String,
+    /// Rows notified since the position was last recorded.
+    unrecorded_rows: i64,
+    /// Whether `position` moved since it was last recorded.
+    moved: bool,
+    recorded_at: Instant,
+    /// Takes the new snapshot.
+    current: OwnedPreparedStatement,
+    /// The deferred rows visible in the new snapshot and not in the position.
     rows: OwnedPreparedStatement,
-    /// Stores the new snapshot and counts what was sent.
-    end: OwnedPreparedStatement,
+    /// Records the position and counts what was sent.
+    record: OwnedPreparedStatement,
 }
 
 impl Batches {
+    /// Prepares the statements and takes up the recorded position. Locking the state row keeps
+    /// a worker from starting while another still holds it (one that is recording as it stops).
     fn prepare(schema: &str) -> Batches {
         let text = PgOid::from(pg_sys::TEXTOID);
         let prepare = |sql: String, types: &[PgOid]| {
             Spi::connect(|client| client.prepare_mut(sql.as_str(), types).map(|s| s.keep()))
                 .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
         };
+        let position = Spi::get_one::<String>(&format!(
+            "SELECT snapshot::text FROM {schema}.outbox_notifier_state FOR UPDATE"
+        ))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: outbox_notifier_state has no row"));
         Batches {
-            begin: prepare(
-                format!(
-                    "SELECT snapshot::text, pg_current_snapshot()::text \
-                     FROM {schema}.outbox_notifier_state FOR UPDATE"
-                ),
-                &[],
-            ),
+            position,
+            unrecorded_rows: 0,
+            moved: false,
+            recorded_at: Instant::now(),
+            current: prepare("SELECT pg_current_snapshot()::text".into(), &[]),
             rows: prepare(
                 format!(
                     "SELECT id, channel, user_id, origin, xid::text::int8, \
@@ -281,7 +306,7 @@ impl Batches {
                 ),
                 &[text, text, PgOid::from(pg_sys::BOOLOID)],
             ),
-            end: prepare(
+            record: prepare(
                 format!(
                     "UPDATE {schema}.outbox_notifier_state SET snapshot = $1::pg_snapshot, \
                          rows_notified = rows_notified + $2, \
@@ -293,23 +318,25 @@ impl Batches {
         }
     }
 
-    /// One batch, in the caller's transaction: moves the stored snapshot forward and notifies
-    /// the deferred rows that committed in between. Returns how many it notified.
-    fn run(&self) -> i64 {
+    /// One batch, in the caller's transaction: notifies the deferred rows that committed since
+    /// the position and moves it forward, recording it when [`RECORD_INTERVAL`] has passed.
+    /// Returns how many it notified. If the transaction fails the worker exits, so the position
+    /// in memory never runs ahead of a committed batch.
+    fn run(&mut self) -> i64 {
         let inline = guc::notify_payload() == NotifyPayload::Inline;
-        Spi::connect_mut(|client| {
-            let (previous, current) = client
-                .update(&self.begin, None, &[])?
+        let (current, notified) = Spi::connect_mut(|client| {
+            let Some(current) = client
+                .select(&self.current, None, &[])?
                 .first()
-                .get_two::<String, String>()?;
-            let (Some(previous), Some(current)) = (previous, current) else {
-                pgrx::error!("pg_outbox notifier: outbox_notifier_state has no row");
+                .get_one::<String>()?
+            else {
+                pgrx::error!("pg_outbox notifier: pg_current_snapshot() returned NULL");
             };
             let rows = client.select(
                 &self.rows,
                 None,
                 &[
-                    previous.as_str().into(),
+                    self.position.as_str().into(),
                     current.as_str().into(),
                     inline.into(),
                 ],
@@ -340,9 +367,33 @@ impl Batches {
                 notify(&document);
                 notified += 1;
             }
-            client.update(&self.end, None, &[current.as_str().into(), notified.into()])?;
-            Ok::<_, pgrx::spi::SpiError>(notified)
+            Ok::<_, pgrx::spi::SpiError>((current, notified))
         })
-        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+        self.moved |= current != self.position;
+        self.position = current;
+        self.unrecorded_rows += notified;
+        if self.recorded_at.elapsed() >= RECORD_INTERVAL {
+            self.record();
+        }
+        notified
+    }
+
+    /// Records the position, in the caller's transaction, if it moved.
+    fn record(&mut self) {
+        if self.moved {
+            Spi::connect_mut(|client| {
+                client.update(
+                    &self.record,
+                    None,
+                    &[self.position.as_str().into(), self.unrecorded_rows.into()],
+                )?;
+                Ok::<_, pgrx::spi::SpiError>(())
+            })
+            .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+        }
+        self.moved = false;
+        self.unrecorded_rows = 0;
+        self.recorded_at = Instant::now();
     }
 }

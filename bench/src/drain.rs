@@ -16,8 +16,13 @@ pub struct Drain {
 }
 
 pub async fn spawn(cluster: &Cluster) -> Drain {
+    spawn_in(cluster, "postgres").await
+}
+
+/// [`spawn`] in `database`: notifications are delivered within a database only.
+pub async fn spawn_in(cluster: &Cluster, database: &str) -> Drain {
     let (client, mut connection) = cluster
-        .config("postgres", "postgres")
+        .config(database, "postgres")
         .connect(NoTls)
         .await
         .expect("connect the draining listener");

@@ -25,6 +25,11 @@ pub fn tps(cluster: &Cluster, run: &Run) -> f64 {
 /// [`tps`] for a server given by its programs' directory, socket directory and port, for runs
 /// on a thread of their own.
 pub fn tps_at(bindir: &Path, socket_dir: &Path, port: u16, run: &Run) -> f64 {
+    tps_in(bindir, socket_dir, port, "postgres", run)
+}
+
+/// [`tps_at`] in `database` instead of `postgres`.
+pub fn tps_in(bindir: &Path, socket_dir: &Path, port: u16, database: &str, run: &Run) -> f64 {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("sql")
         .join(&run.script);
@@ -46,7 +51,7 @@ pub fn tps_at(bindir: &Path, socket_dir: &Path, port: u16, run: &Run) -> f64 {
     for (name, value) in &run.variables {
         cmd.arg("-D").arg(format!("{name}={value}"));
     }
-    cmd.arg("postgres");
+    cmd.arg(database);
     let output = cmd
         .output()
         .unwrap_or_else(|e| panic!("could not run pgbench: {e}"));

@@ -1,6 +1,8 @@
 //! Figure 5: the publish rate while the pruner deletes a large backlog of expired rows, against
 //! the rate without pruning, with batches back to back (`prune_pause = 0`) and with the default
-//! pause; how long each prune takes and what the table weighs.
+//! pause; how long each prune takes and what the table weighs. The run with the default pause is
+//! then compared with a time-partitioned outbox whose expired partitions are dropped
+//! ([`crate::retention`]).
 
 use std::time::{Duration, Instant};
 
@@ -9,46 +11,71 @@ use tokio_postgres::Client;
 
 use crate::pgbench::{tps, tps_at, Run};
 use crate::report::{median, ratio, Table};
+use crate::retention::{self, Arm};
 use crate::Options;
 
 /// The pauses compared: none, and the default.
 const PAUSES: [&str; 2] = ["0", "100ms"];
 
-pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
-    let backlog: i64 = if options.smoke { 20_000 } else { 1_000_000 };
-    let drained = crate::drain::spawn(cluster).await;
-    let publish = || Run {
+/// The default pause: its run is the plain table's side of [`crate::retention`]'s comparison.
+const DEFAULT_PAUSE: &str = "100ms";
+
+/// The backlog's size: a million rows, or a few for `--smoke`.
+pub fn backlog(options: &Options) -> i64 {
+    if options.smoke {
+        20_000
+    } else {
+        1_000_000
+    }
+}
+
+/// The publishers of this figure: `outbox_publish` from 8 pgbench clients, in worker mode.
+pub fn publishers(options: &Options) -> Run {
+    Run {
         script: "publish.sql".into(),
         clients: 8,
         duration: options.run_time(),
         options: "-c pg_outbox.notify_mode=worker".into(),
         variables: Vec::new(),
-    };
+    }
+}
+
+/// Inserts `backlog` rows created two hours ago into `database`'s `event_outbox`, in one
+/// statement, then vacuums and analyzes the table.
+pub fn load_backlog(cluster: &Cluster, database: &str, backlog: i64) {
+    cluster.psql(
+        database,
+        &format!(
+            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at) \
+             SELECT gen_random_uuid(), 'chat', 'user-' || (n % 100), \
+                    '{{\"text\": \"an expired event\", \"room\": 42}}', \
+                    clock_timestamp() - interval '2 hours' \
+             FROM generate_series(1, {backlog}) n"
+        ),
+    );
+    cluster.psql(database, "VACUUM ANALYZE event_outbox");
+}
+
+pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
+    let backlog = backlog(options);
+    let drained = crate::drain::spawn(cluster).await;
+    let publish = || publishers(options);
     let admin = cluster.connect("postgres").await;
-    cluster.psql("postgres", "TRUNCATE event_outbox");
-    let size = || {
-        cluster.psql(
-            "postgres",
-            "SELECT pg_size_pretty(pg_total_relation_size('event_outbox'))",
-        )
-    };
+    let size = || retention::size(cluster, "postgres");
 
     // Without pruning before, between and after the runs with pruning.
     let mut without = vec![tps(cluster, &publish())];
     let mut rows = Vec::new();
+    let mut catch_up = None;
     for pause in PAUSES {
-        cluster.psql(
-            "postgres",
-            &format!(
-                "INSERT INTO event_outbox (id, channel, user_id, payload, created_at) \
-                 SELECT gen_random_uuid(), 'chat', 'user-' || (n % 100), \
-                        '{{\"text\": \"an expired event\", \"room\": 42}}', \
-                        clock_timestamp() - interval '2 hours' \
-                 FROM generate_series(1, {backlog}) n"
-            ),
-        );
-        cluster.psql("postgres", "VACUUM ANALYZE event_outbox");
+        // Each prune starts from the same table: a million live rows, no dead ones left over
+        // from the previous prune.
+        cluster.psql("postgres", "TRUNCATE event_outbox");
+        load_backlog(cluster, "postgres", backlog);
         let loaded = size();
+        if pause == DEFAULT_PAUSE {
+            catch_up = Some(retention::catch_up(&admin).await);
+        }
         let pruned_before = rows_pruned(&admin).await;
         cluster.psql(
             "postgres",
@@ -76,6 +103,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_pause");
     cluster.psql("postgres", "SELECT pg_reload_conf()");
     drained.stop().await;
+    drop(admin);
 
     let base = median(&without);
     let mut table = Table::new(
@@ -90,11 +118,12 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     );
     table.note = format!(
         "pgbench, 8 clients, notify_mode = worker, {} s runs starting with the prune; {backlog} \
-         rows created two hours ago, then prune_interval set to 1 s; batches of 10,000 rows, a \
-         transaction each. Without pruning: {base:.0} tx/s (median of the runs before, between \
-         and after).",
+         rows created two hours ago (into a truncated table, then VACUUM ANALYZE), then \
+         prune_interval set to 1 s; batches of 10,000 rows, a transaction each. Without \
+         pruning: {base:.0} tx/s (median of the runs before, between and after).",
         options.run_time().as_secs()
     );
+    let mut plain = None;
     for (pause, with, pruned_in, loaded, after) in rows {
         table.row(vec![
             pause.to_owned(),
@@ -105,8 +134,22 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             }),
             format!("{loaded} → {after}"),
         ]);
+        if pause == DEFAULT_PAUSE {
+            plain = Some((with, pruned_in, loaded, after));
+        }
     }
-    vec![table]
+    let (with, pruned_in, loaded, after) = plain.expect("the run with the default pause");
+    let plain = Arm {
+        without,
+        with,
+        pruned_in,
+        loaded,
+        after,
+        catch_up: catch_up.expect("the catch-up timed on the plain table"),
+    };
+    let mut tables = vec![table];
+    tables.extend(retention::run(cluster, options, plain).await);
+    tables
 }
 
 /// `outbox_prune_state.rows_pruned`: a one-row read, so watching the prune costs the

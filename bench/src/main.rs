@@ -15,6 +15,7 @@ mod pgbench;
 mod prune;
 mod publish_rate;
 mod report;
+mod retention;
 
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ impl Options {
     }
 
     fn latency_time(&self) -> Duration {
-        Duration::from_secs(if self.smoke { 1 } else { 10 })
+        Duration::from_secs(if self.smoke { 1 } else { 5 })
     }
 
     fn wants(&self, figure: &str) -> bool {

@@ -3,6 +3,9 @@
 --   notifier worker, and the worker keeps its position in outbox_notifier_state.
 -- * outbox_stats() and outbox_prune() run with their owner's rights, so EXECUTE is all a
 --   monitoring or pruning role needs.
+-- * pg_dump no longer carries the events or the prune record: their transaction ids belong to
+--   this cluster (see schema.sql). Taking a table out of the extension and back in forgets its
+--   dump registration.
 \echo Use "ALTER EXTENSION pg_outbox UPDATE TO '0.2.0'" to load this file. \quit
 
 -- A constant default: no table rewrite, whatever the outbox holds.
@@ -15,8 +18,12 @@ CREATE TABLE outbox_notifier_state (
     last_notified_at    timestamptz
 );
 INSERT INTO outbox_notifier_state DEFAULT VALUES;
-SELECT pg_catalog.pg_extension_config_dump('outbox_notifier_state', '');
 REVOKE ALL ON TABLE outbox_notifier_state FROM PUBLIC;
 
 ALTER FUNCTION outbox_prune(interval) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION outbox_stats() SECURITY DEFINER;
+
+ALTER EXTENSION pg_outbox DROP TABLE event_outbox;
+ALTER EXTENSION pg_outbox ADD TABLE event_outbox;
+ALTER EXTENSION pg_outbox DROP TABLE outbox_prune_state;
+ALTER EXTENSION pg_outbox ADD TABLE outbox_prune_state;

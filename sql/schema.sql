@@ -53,7 +53,9 @@ CREATE TABLE outbox_notifier_state (
 );
 INSERT INTO outbox_notifier_state DEFAULT VALUES;
 
--- pg_dump keeps the events, the prune record and the notifier's position with the extension.
-SELECT pg_catalog.pg_extension_config_dump('event_outbox', '');
-SELECT pg_catalog.pg_extension_config_dump('outbox_prune_state', '');
-SELECT pg_catalog.pg_extension_config_dump('outbox_notifier_state', '');
+-- pg_dump carries none of these tables' rows: each holds transaction ids of this cluster (xid8,
+-- pg_snapshot), which mean nothing in the cluster a dump is restored into. Restored there, events
+-- would be delivered again once that cluster's ids passed theirs, and the workers' positions
+-- would skip or repeat rows (and the single state rows collided with the ones CREATE EXTENSION
+-- inserts). Events are transient (pg_outbox.retention): a restored database starts with an empty
+-- outbox. pg_upgrade and physical backups keep the ids, and with them everything.

@@ -445,6 +445,18 @@ impl Cluster {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// `pg_dump` of `dbname`, as a plain SQL script.
+    pub fn pg_dump(&self, dbname: &str) -> String {
+        let output = self.run_pg("pg_dump", |cmd| {
+            cmd.arg("-h")
+                .arg(&self.root)
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-U", "postgres", "-d", dbname]);
+        });
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Restarts the server (`pg_ctl restart -m fast`): every connection is dropped.
     pub fn restart(&self) {
         self.run_pg("pg_ctl", |cmd| {

@@ -79,8 +79,12 @@ impl Conn {
             if in_recovery {
                 return Err(Error::Standby);
             }
+            // One plan for the advance, kept (the xid index suits every snapshot pair), rather
+            // than planning it again at each fetch.
             client
-                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .batch_execute(&format!(
+                    "SET plan_cache_mode = force_generic_plan; LISTEN {CHANNEL}"
+                ))
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
             client

@@ -144,9 +144,13 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     advertise(true);
     log!("pg_outbox notifier started in database \"{database}\"");
     // A batch's commit need not wait for its WAL flush: if it is lost in a crash, the restarted
-    // worker sends those notifications again, and relays drop what they already have.
-    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off"))
-        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
+    // worker sends those notifications again, and relays drop what they already have. Its
+    // statements keep one plan (the xid index, whatever the snapshots) instead of being planned
+    // again for every batch, which took a third of its time.
+    BackgroundWorker::transaction(|| {
+        Spi::run("SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan")
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
 
     let mut setup = Setup::NotInstalled;
     let mut last_batch = Instant::now();
@@ -296,13 +300,13 @@ impl Batches {
                     "SELECT id, channel, user_id, origin, xid::text::int8, \
                             (extract(epoch FROM created_at) * 1000000)::int8, \
                             CASE WHEN $3 THEN payload::text END \
-                     FROM {schema}.event_outbox \
+                     FROM {schema}.event_outbox e \
                      WHERE xid >= pg_snapshot_xmin($1::pg_snapshot) \
                        AND xid < pg_snapshot_xmax($2::pg_snapshot) \
                        AND pg_visible_in_snapshot(xid, $2::pg_snapshot) \
                        AND NOT pg_visible_in_snapshot(xid, $1::pg_snapshot) \
                        AND notify_deferred \
-                     ORDER BY xid, id"
+                     ORDER BY e.xid, e.id"
                 ),
                 &[text, text, PgOid::from(pg_sys::BOOLOID)],
             ),

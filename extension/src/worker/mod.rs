@@ -63,6 +63,30 @@ pub fn connect(attempts: &'static ConnectAttempts, worker: &str, database: &str)
     attempts.get().store(0, Ordering::Relaxed);
 }
 
+/// A worker's waits for something to change in its database, each logged once when it begins
+/// (not once per loop) and shown in `pg_stat_activity` for as long as it lasts.
+#[derive(Default)]
+pub struct Waiting {
+    /// The wait under way, if it was logged.
+    logged: Option<&'static CStr>,
+}
+
+impl Waiting {
+    /// The worker waits for `activity`: says why (`reason`) if that wait has just begun.
+    pub fn wait(&mut self, activity: &'static CStr, reason: impl FnOnce() -> String) {
+        if self.logged != Some(activity) {
+            log!("{}", reason());
+            self.logged = Some(activity);
+        }
+        report_activity(activity);
+    }
+
+    /// The worker stopped waiting: the next wait is logged again.
+    pub fn over(&mut self) {
+        self.logged = None;
+    }
+}
+
 /// Shows what a worker does in `pg_stat_activity.query`.
 pub fn report_activity(activity: &'static CStr) {
     // SAFETY: the string is static; pgstat copies it into shared memory.

@@ -29,7 +29,7 @@ use crate::guc::{self, NotifyMode, NotifyPayload};
 use crate::notification::Notification;
 use crate::notify::notify;
 use crate::prune::extension_schema;
-use crate::worker::{self, report_activity, ConnectAttempts, WAITING_FOR_EXTENSION};
+use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox notifier";
@@ -154,7 +154,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
 
     let mut setup = Setup::NotInstalled;
     let mut last_batch = Instant::now();
-    let mut waiting_logged = false;
+    let mut waiting = Waiting::default();
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: called from the worker's main loop, outside any transaction.
@@ -167,7 +167,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         }
         match &mut setup {
             Setup::Ready(batches) => {
-                waiting_logged = false;
+                waiting.over();
                 // Under a stream of commits, gather what commits meanwhile into the next batch
                 // rather than running one batch per commit.
                 let since = last_batch.elapsed();
@@ -184,24 +184,16 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                 }
                 report_activity(c"idle");
             }
-            Setup::NotInstalled => {
-                if !waiting_logged {
-                    log!(
-                        "pg_outbox is not installed in database \"{database}\"; the notifier waits for CREATE EXTENSION pg_outbox there"
-                    );
-                    waiting_logged = true;
-                }
-                report_activity(WAITING_FOR_EXTENSION);
-            }
-            Setup::NeedsUpdate => {
-                if !waiting_logged {
-                    log!(
-                        "pg_outbox in database \"{database}\" predates the notifier; the notifier waits for ALTER EXTENSION pg_outbox UPDATE there"
-                    );
-                    waiting_logged = true;
-                }
-                report_activity(c"waiting for ALTER EXTENSION pg_outbox UPDATE");
-            }
+            Setup::NotInstalled => waiting.wait(WAITING_FOR_EXTENSION, || {
+                format!(
+                    "pg_outbox is not installed in database \"{database}\"; the notifier waits for CREATE EXTENSION pg_outbox there"
+                )
+            }),
+            Setup::NeedsUpdate => waiting.wait(c"waiting for ALTER EXTENSION pg_outbox UPDATE", || {
+                format!(
+                    "pg_outbox in database \"{database}\" predates the notifier; the notifier waits for ALTER EXTENSION pg_outbox UPDATE there"
+                )
+            }),
         }
         if !BackgroundWorker::wait_latch(Some(IDLE_TICK)) {
             break;

@@ -17,7 +17,7 @@ use pgrx::{pg_shmem_init, PgAtomic};
 
 use crate::guc;
 use crate::prune::{extension_schema, prune_batch};
-use crate::worker::{self, report_activity, ConnectAttempts, WAITING_FOR_EXTENSION};
+use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox pruner";
@@ -50,7 +50,7 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
 
     let mut pruner = Pruner {
         database,
-        waiting_logged: false,
+        waiting: Waiting::default(),
     };
     let mut next_pass = Instant::now();
     let mut last_pass = Instant::now();
@@ -83,9 +83,7 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
 
 struct Pruner {
     database: String,
-    /// Whether "not installed" has been logged since the extension was last seen, so waiting
-    /// for `CREATE EXTENSION` costs one log line, not one per interval.
-    waiting_logged: bool,
+    waiting: Waiting,
 }
 
 impl Pruner {
@@ -102,17 +100,15 @@ impl Pruner {
         });
         warn_about_the_queue(queue_usage.unwrap_or(0.0));
         let Some(schema) = schema else {
-            if !self.waiting_logged {
-                log!(
+            self.waiting.wait(WAITING_FOR_EXTENSION, || {
+                format!(
                     "pg_outbox is not installed in database \"{}\"; the pruner waits for CREATE EXTENSION pg_outbox there (or set pg_outbox.database)",
                     self.database
-                );
-                self.waiting_logged = true;
-            }
-            report_activity(WAITING_FOR_EXTENSION);
+                )
+            });
             return;
         };
-        self.waiting_logged = false;
+        self.waiting.over();
 
         report_activity(c"pruning");
         let batch_size = guc::prune_batch_size();

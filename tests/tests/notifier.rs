@@ -127,6 +127,50 @@ async fn a_restarted_worker_notifies_what_committed_while_it_was_down() {
 }
 
 #[tokio::test]
+async fn a_backlog_goes_out_in_bounded_batches_each_row_once_in_commit_order() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let admin = cluster.connect("postgres").await;
+    let mut holder = cluster.connect("postgres").await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("SELECT * FROM outbox_notifier_state FOR UPDATE")
+        .await
+        .unwrap();
+    let pid = stop_notifier(&admin).await;
+    // 25,000 rows in transactions of 1,000, then one transaction of 12,000: more than the
+    // worker's 10,000 rows per batch, both ways.
+    for size in std::iter::repeat_n(1_000, 25).chain([12_000]) {
+        admin
+            .execute(
+                "SELECT outbox_publish('chat', 'u1', jsonb_build_object('n', n)) \
+                 FROM generate_series(1, $1::int) n",
+                &[&size],
+            )
+            .await
+            .unwrap();
+    }
+    let expected: Vec<String> = admin
+        .query("SELECT id::text FROM event_outbox ORDER BY xid, id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    hold.rollback().await.unwrap();
+    wait_for_a_notifier_other_than(&cluster, &admin, pid).await;
+
+    for (n, id) in expected.iter().enumerate() {
+        let notification = listener.next().await;
+        assert_eq!(notification["id"], id.as_str(), "notification {n}");
+    }
+    let log = cluster.log();
+    assert!(
+        log.contains("pg_outbox notifier is catching up on a backlog, in batches of 10000 rows")
+    );
+    assert!(log.contains("pg_outbox notifier caught up"));
+}
+
+#[tokio::test]
 async fn a_stopped_worker_records_its_position_so_its_successor_sends_nothing_twice() {
     let cluster = worker_mode_cluster();
     let mut listener = cluster.listener("postgres").await;

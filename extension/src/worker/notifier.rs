@@ -44,6 +44,11 @@ const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 /// How often the worker runs a batch when no publisher wakes it.
 const IDLE_TICK: Duration = Duration::from_secs(5);
 
+/// At most this many rows go into one batch: after the worker was down for a while, its backlog
+/// goes out in transactions of this size instead of one holding every notification in memory.
+/// A transaction that published more rows than this still goes out whole, in a batch of its own.
+const MAX_BATCH_ROWS: usize = 10_000;
+
 /// How often the worker records its position. Recording it with every batch rewrote one row
 /// hundreds of times a second, and reading past that row's dead versions took a third of the
 /// worker's time under load.
@@ -155,6 +160,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     let mut setup = Setup::NotInstalled;
     let mut last_batch = Instant::now();
     let mut waiting = Waiting::default();
+    let mut catching_up = false;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: called from the worker's main loop, outside any transaction.
@@ -178,9 +184,19 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                 last_batch = Instant::now();
                 report_activity(c"notifying");
                 // A failed batch ends the worker, so `batches` is never seen half-updated.
-                let notified = BackgroundWorker::transaction(AssertUnwindSafe(|| batches.run()));
-                if notified > 0 {
-                    debug2!("pg_outbox notifier sent {notified} notifications");
+                let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| batches.run()));
+                if sent.notified > 0 {
+                    debug2!("pg_outbox notifier sent {} notifications", sent.notified);
+                }
+                if sent.more != catching_up {
+                    catching_up = sent.more;
+                    if catching_up {
+                        log!(
+                            "pg_outbox notifier is catching up on a backlog, in batches of {MAX_BATCH_ROWS} rows"
+                        );
+                    } else {
+                        log!("pg_outbox notifier caught up");
+                    }
                 }
                 report_activity(c"idle");
             }
@@ -195,7 +211,13 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                 )
             }),
         }
-        if !BackgroundWorker::wait_latch(Some(IDLE_TICK)) {
+        // Through a backlog, batch after batch; the latch wait still answers SIGTERM and SIGHUP.
+        let wait = if catching_up {
+            Duration::ZERO
+        } else {
+            IDLE_TICK
+        };
+        if !BackgroundWorker::wait_latch(Some(wait)) {
             break;
         }
     }
@@ -316,11 +338,16 @@ impl Batches {
 
     /// One batch, in the caller's transaction: notifies the deferred rows that committed since
     /// the position and moves it forward, recording it when [`RECORD_INTERVAL`] has passed.
-    /// Returns how many it notified. If the transaction fails the worker exits, so the position
-    /// in memory never runs ahead of a committed batch.
-    fn run(&mut self) -> i64 {
+    /// If the transaction fails the worker exits, so the position in memory never runs ahead of
+    /// a committed batch.
+    ///
+    /// More than [`MAX_BATCH_ROWS`] rows to send: the batch ends before the transaction of the
+    /// row after the first [`MAX_BATCH_ROWS`], at a position made from the new snapshot by
+    /// [`snapshot_below`], and the next batch goes on from there.
+    fn run(&mut self) -> Sent {
         let inline = guc::notify_payload() == NotifyPayload::Inline;
-        let (current, notified) = Spi::connect_mut(|client| {
+        let position = self.position.as_str();
+        let (reached, notified, more) = Spi::connect_mut(|client| {
             let Some(current) = client
                 .select(&self.current, None, &[])?
                 .first()
@@ -328,15 +355,37 @@ impl Batches {
             else {
                 pgrx::error!("pg_outbox notifier: pg_current_snapshot() returned NULL");
             };
-            let rows = client.select(
+            let mut reached = current.clone();
+            let mut rows = client.select(
                 &self.rows,
-                None,
-                &[
-                    self.position.as_str().into(),
-                    current.as_str().into(),
-                    inline.into(),
-                ],
+                Some((MAX_BATCH_ROWS + 1) as _),
+                &[position.into(), current.as_str().into(), inline.into()],
             )?;
+            // Rows from this xid on wait for the next batch.
+            let mut stop_at = None;
+            let more = rows.len() > MAX_BATCH_ROWS;
+            if more {
+                let xid = |row: Option<pgrx::spi::SpiHeapTupleData>| {
+                    row.and_then(|row| row.get::<i64>(5).ok().flatten())
+                        .and_then(|xid| u64::try_from(xid).ok())
+                        .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: a row without xid"))
+                };
+                let first = xid(rows.next());
+                let after_last = xid(rows.nth(MAX_BATCH_ROWS - 1));
+                if after_last > first {
+                    stop_at = Some(after_last);
+                    reached = snapshot_below(&current, after_last);
+                    rows = rows.rewind();
+                } else {
+                    // The first transaction alone has more rows than a batch: all of it, alone.
+                    reached = snapshot_below(&current, first + 1);
+                    rows = client.select(
+                        &self.rows,
+                        None,
+                        &[position.into(), reached.as_str().into(), inline.into()],
+                    )?;
+                }
+            }
             let mut notified = 0_i64;
             for row in rows {
                 let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
@@ -348,12 +397,16 @@ impl Batches {
                 ) else {
                     continue; // Columns are NOT NULL; nothing to notify for a row that is not.
                 };
+                let xid = u64::try_from(xid).unwrap_or_default();
+                if stop_at.is_some_and(|stop_at| xid >= stop_at) {
+                    break;
+                }
                 let notification = Notification {
                     id: uuid::Uuid::from_bytes(*id.as_bytes()),
                     channel,
                     user_id,
                     origin: row.get::<&str>(4)?,
-                    xid: u64::try_from(xid).unwrap_or_default(),
+                    xid,
                     created_at_us,
                 };
                 let document = row
@@ -363,16 +416,16 @@ impl Batches {
                 notify(&document);
                 notified += 1;
             }
-            Ok::<_, pgrx::spi::SpiError>((current, notified))
+            Ok::<_, pgrx::spi::SpiError>((reached, notified, more))
         })
         .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
-        self.moved |= current != self.position;
-        self.position = current;
+        self.moved |= reached != self.position;
+        self.position = reached;
         self.unrecorded_rows += notified;
         if self.recorded_at.elapsed() >= RECORD_INTERVAL {
             self.record();
         }
-        notified
+        Sent { notified, more }
     }
 
     /// Records the position, in the caller's transaction, if it moved.
@@ -391,5 +444,74 @@ impl Batches {
         self.moved = false;
         self.unrecorded_rows = 0;
         self.recorded_at = Instant::now();
+    }
+}
+
+/// What one batch did.
+struct Sent {
+    notified: i64,
+    /// It stopped at [`MAX_BATCH_ROWS`]: more committed rows wait.
+    more: bool,
+}
+
+/// `snapshot` (a `pg_snapshot` in text form) as a reader would have seen it had no transaction
+/// from `bound` on existed: every xid below `bound` is visible exactly as in `snapshot`, none
+/// from `bound` on. A batch that ends there has sent exactly the rows below `bound`, and the rows
+/// of transactions still running in `snapshot` stay for later batches.
+fn snapshot_below(snapshot: &str, bound: u64) -> String {
+    let mut parts = snapshot.splitn(3, ':');
+    let mut number = || parts.next().and_then(|n| n.parse::<u64>().ok());
+    let (Some(xmin), Some(xmax)) = (number(), number()) else {
+        pgrx::error!("pg_outbox notifier: not a pg_snapshot: {snapshot}");
+    };
+    let xmax = xmax.min(bound);
+    let xmin = xmin.min(xmax);
+    let running: Vec<&str> = parts
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|xid| xid.parse::<u64>().is_ok_and(|xid| xid < xmax))
+        .collect();
+    format!("{xmin}:{xmax}:{}", running.join(","))
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use super::snapshot_below;
+
+    #[pg_test]
+    fn a_snapshot_below_a_bound_sees_what_the_snapshot_saw_below_it_and_nothing_from_it() {
+        let cases = [
+            ("100:110:102,105", 104),
+            ("100:110:102,105", 102),
+            ("100:110:102,105", 90),
+            ("100:110:102,105", 200),
+            ("100:110:", 105),
+            ("100:100:", 100),
+        ];
+        for (snapshot, bound) in cases {
+            let below = snapshot_below(snapshot, bound);
+            for xid in 80..=120_u64 {
+                // PostgreSQL parses the result (and would reject a malformed one) and decides.
+                let (seen_below, seen) = Spi::get_two_with_args::<bool, bool>(
+                    "SELECT pg_visible_in_snapshot($1::text::xid8, $2::text::pg_snapshot), \
+                            pg_visible_in_snapshot($1::text::xid8, $3::text::pg_snapshot)",
+                    &[
+                        xid.to_string().into(),
+                        below.clone().into(),
+                        snapshot.to_owned().into(),
+                    ],
+                )
+                .unwrap();
+                assert_eq!(
+                    seen_below,
+                    Some(xid < bound && seen == Some(true)),
+                    "{snapshot} below {bound} is {below}; xid {xid}"
+                );
+            }
+        }
     }
 }

@@ -209,8 +209,8 @@ impl Cursor {
         !self.queue.is_empty()
     }
 
-    /// How many delivered ids are kept beyond `S` (memory held by the dedupe set).
-    #[cfg(test)]
+    /// How many delivered ids are kept beyond `S` (memory held by the dedupe set, and rows the
+    /// next advance reads again).
     pub fn delivered_beyond(&self) -> usize {
         self.delivered.len()
     }

@@ -484,6 +484,27 @@ mod tests {
     }
 
     #[test]
+    fn notifications_applied_while_an_advance_is_out_are_delivered_once() {
+        // The listener keeps applying notifications while an advance's query is out, so its
+        // result (read with a snapshot taken before some of them committed) comes after them.
+        let mut cursor = Cursor::new(snap("100:100:"));
+        let mut out = Vec::new();
+        // The advance's snapshot: 100 committed, 101 still running.
+        let out_there = advance("100:102:101", 0, &[(1, 100)]);
+        cursor.on_notice(notice(1, 100, true), &mut out);
+        cursor.on_notice(notice(2, 101, true), &mut out); // committed after that snapshot
+        assert_eq!(delivered(&out), [1, 2]);
+        let mut out = Vec::new();
+        cursor.on_advance(out_there, &mut out);
+        assert!(delivered(&out).is_empty());
+        // 101 is beyond the new snapshot: still remembered, and not delivered again by the next.
+        assert_eq!(cursor.delivered_beyond(), 1);
+        cursor.on_advance(advance("102:102:", 0, &[(2, 101)]), &mut out);
+        assert!(delivered(&out).is_empty());
+        assert_eq!(cursor.delivered_beyond(), 0);
+    }
+
+    #[test]
     fn references_are_fetched_by_one_advance_in_notification_order() {
         let mut cursor = Cursor::new(snap("100:100:"));
         let mut out = Vec::new();

@@ -4,7 +4,13 @@
 //! `Connection::poll_message` and forwards notifications (and the connection's end) through a
 //! channel; this task is the only reader of that channel and the only user of the client, so
 //! every notification and every advance result is applied to the cursor in one sequence.
+//!
+//! An advance runs alongside the notifications rather than in front of them: while its query is
+//! out, notifications keep being decoded and delivered (the cursor's dedupe set makes the rows
+//! the advance then reads again harmless), so a slow query on a busy server holds up nothing.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +19,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
-use tracing::{debug, debug_span, field, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, field, info, info_span, warn, Instrument, Span};
 
 use crate::catchup;
 use crate::config::{backoff_delay, entropy, RelayBuilder};
-use crate::cursor::{Cursor, Step};
+use crate::cursor::{Advance, Cursor, Step};
 use crate::error::Error;
 use crate::event::{Event, Gap};
 use crate::fanout::Fanout;
@@ -47,16 +53,25 @@ pub(crate) enum ConnEvent {
     Closed(Option<tokio_postgres::Error>),
 }
 
-/// One open, listening connection.
+/// The relay's two connections to the server: one that only LISTENs, and one for its queries.
+///
+/// A backend sends notifications only between the statements it runs, so on a single
+/// connection every advance held up the notifications behind it for as long as it ran: on a
+/// busy server, tens of milliseconds. The query connection is opened after LISTEN holds, so
+/// every snapshot it takes is younger than the LISTEN.
 struct Conn {
-    client: Client,
+    listen: Client,
+    /// Shared with the advance under way, which runs alongside the listener's other work.
+    queries: Arc<Client>,
+    /// What both connections say (notifications, and either one's end).
     events: mpsc::UnboundedReceiver<ConnEvent>,
-    driver: JoinHandle<()>,
+    drivers: [JoinHandle<()>; 2],
     advance: Statement,
 }
 
 impl Conn {
-    /// Connects, refuses a standby, LISTENs and prepares the advance statement.
+    /// Connects, refuses a standby, LISTENs, then connects for queries and prepares the
+    /// advance statement.
     async fn open(cfg: &RelayBuilder) -> Result<Conn, Error> {
         let span = info_span!("pg_outbox_connect", tls = cfg.tls.name());
         Conn::open_inner(cfg).instrument(span).await
@@ -64,20 +79,31 @@ impl Conn {
 
     async fn open_inner(cfg: &RelayBuilder) -> Result<Conn, Error> {
         let (tx, events) = mpsc::unbounded_channel();
-        let (client, driver) = timeout(
-            cfg.connect_timeout,
-            tls::connect(&cfg.pg, &cfg.tls, Some(tx)),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            doing: "connecting",
-            after: cfg.connect_timeout,
-        })?
-        .map_err(Error::Connect)?;
+        let connect = || async {
+            timeout(
+                cfg.connect_timeout,
+                tls::connect(&cfg.pg, &cfg.tls, Some(tx.clone())),
+            )
+            .await
+            .map_err(|_| Error::Timeout {
+                doing: "connecting",
+                after: cfg.connect_timeout,
+            })?
+            .map_err(Error::Connect)
+        };
+        let (listen, listen_driver) = connect().await?;
+        let (queries, queries_driver) = match connect().await {
+            Ok(connected) => connected,
+            Err(err) => {
+                listen_driver.abort();
+                return Err(err);
+            }
+        };
+        let drivers = [listen_driver, queries_driver];
         debug!("connected");
         let schema = cfg.schema.as_str();
         let setup = async {
-            let row = client
+            let row = queries
                 .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
@@ -85,37 +111,40 @@ impl Conn {
             if in_recovery {
                 return Err(Error::Standby);
             }
-            // One plan for the advance, kept (the xid index suits every snapshot pair), rather
-            // than planning it again at each fetch.
-            client
-                .batch_execute(&format!(
-                    "SET plan_cache_mode = force_generic_plan; LISTEN {CHANNEL}"
-                ))
+            listen
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
-            client
+            // One plan for the advance, kept (the xid index suits every snapshot pair), rather
+            // than planning it again at each fetch.
+            queries
+                .batch_execute("SET plan_cache_mode = force_generic_plan")
+                .await
+                .map_err(|e| Error::from_query(e, schema))?;
+            queries
                 .prepare(&catchup::advance_sql(schema, !cfg.channels.is_empty()))
                 .await
                 .map_err(|e| Error::from_query(e, schema))
         };
+        let failed = |err| {
+            drivers.iter().for_each(JoinHandle::abort);
+            Err(err)
+        };
         let advance = match timeout(cfg.connect_timeout, setup).await {
             Ok(Ok(statement)) => statement,
-            Ok(Err(err)) => {
-                driver.abort();
-                return Err(err);
-            }
+            Ok(Err(err)) => return failed(err),
             Err(_) => {
-                driver.abort();
-                return Err(Error::Timeout {
+                return failed(Error::Timeout {
                     doing: "setting up LISTEN",
                     after: cfg.connect_timeout,
-                });
+                })
             }
         };
         Ok(Conn {
-            client,
+            listen,
+            queries: Arc::new(queries),
             events,
-            driver,
+            drivers,
             advance,
         })
     }
@@ -128,7 +157,7 @@ impl Conn {
             entropy(u64::from(std::process::id()))
         );
         let schema = cfg.schema.as_str();
-        self.client
+        self.listen
             .batch_execute(&format!("LISTEN {channel}"))
             .await
             .map_err(|e| Error::from_query(e, schema))?;
@@ -164,18 +193,19 @@ impl Conn {
                 }
             }
         }
-        self.client
+        self.listen
             .batch_execute(&format!("UNLISTEN {channel}"))
             .await
             .map_err(|e| Error::from_query(e, schema))
     }
 
-    /// Closes the connection and waits (briefly) for its task.
+    /// Closes both connections and waits (briefly) for their tasks.
     async fn close(self) {
-        drop(self.client);
-        let mut driver = self.driver;
-        if timeout(Duration::from_secs(2), &mut driver).await.is_err() {
-            driver.abort();
+        drop((self.listen, self.queries));
+        for mut driver in self.drivers {
+            if timeout(Duration::from_secs(2), &mut driver).await.is_err() {
+                driver.abort();
+            }
         }
     }
 }
@@ -254,7 +284,7 @@ impl Listener {
         }
         let snapshot = match timeout(
             cfg.connect_timeout,
-            catchup::current(&conn.client, &cfg.schema),
+            catchup::current(&conn.queries, &cfg.schema),
         )
         .await
         {
@@ -302,6 +332,7 @@ impl Listener {
         // A deadline rather than an interval: under a steady flood of notifications the select
         // below always has one ready, and the sweep must still happen.
         let mut next_sweep = Instant::now() + self.cfg.sweep_interval;
+        let mut advancing: Option<Advancing> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -315,35 +346,46 @@ impl Listener {
             };
             let fetch_at = self.last_advance + self.cfg.fetch_interval;
             let fetch_waiting = self.cursor.needs_advance();
+            let idle = advancing.is_none();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                result = async {
+                    match advancing.as_mut() {
+                        Some(advancing) => advancing.result().await,
+                        None => std::future::pending().await,
+                    }
+                }, if !idle => {
+                    let span = advancing.take().map(|a| a.span).unwrap_or_else(Span::none);
+                    if let Err(err) = self.settle(result, &span) {
+                        self.lose(err.to_string()).await;
+                    }
+                    next_sweep = Instant::now() + self.cfg.sweep_interval;
+                }
                 event = conn.events.recv() => self.on_conn_event(event),
-                _ = sleep_until(fetch_at), if fetch_waiting => {}
-                _ = sleep_until(next_sweep) => {}
+                _ = sleep_until(fetch_at), if idle && fetch_waiting => {}
+                _ = sleep_until(next_sweep), if idle => {}
             }
             self.drain();
             self.flush();
+            if self.conn.is_none() {
+                // Lost: what was under way on that connection is moot.
+                advancing = None;
+                continue;
+            }
             let now = Instant::now();
             let sweep_due = now >= next_sweep
                 || (self.cursor.delivered_beyond() >= SWEEP_AFTER_DELIVERED
                     && now >= self.last_advance + self.cfg.fetch_interval);
             let fetch = self.cursor.needs_advance();
             let fetch_due = fetch && now >= self.last_advance + self.cfg.fetch_interval;
-            if self.conn.is_some() && (sweep_due || self.advance_wanted || fetch_due) {
+            if advancing.is_none() && (sweep_due || self.advance_wanted || fetch_due) {
                 self.counts_caught_up = !fetch;
                 self.last_advance = now;
-                let result = tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => break,
-                    result = self.advance() => result,
-                };
-                if let Err(err) = result {
-                    self.lose(err.to_string()).await;
-                }
-                next_sweep = Instant::now() + self.cfg.sweep_interval;
+                advancing = self.begin_advance();
             }
         }
+        drop(advancing);
         self.stop().await;
     }
 
@@ -394,17 +436,16 @@ impl Listener {
 
     /// Runs one advance on the current connection and delivers what it settles.
     async fn advance(&mut self) -> Result<(), Error> {
-        let conn = self
-            .conn
-            .as_ref()
+        let mut advancing = self
+            .begin_advance()
             .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
-        let query = catchup::advance(
-            &conn.client,
-            &conn.advance,
-            self.cursor.snapshot(),
-            &self.cfg.channels,
-            &self.cfg.schema,
-        );
+        let result = advancing.result().await;
+        self.settle(result, &advancing.span)
+    }
+
+    /// Sends the advance query from the cursor's snapshot; `None` without a connection.
+    fn begin_advance(&self) -> Option<Advancing> {
+        let conn = self.conn.as_ref()?;
         // A catch-up (after a reconnect) or a sweep when rows found without a notification count
         // as caught up; a fetch of notified references otherwise.
         let span = debug_span!(
@@ -416,13 +457,27 @@ impl Listener {
             },
             settled = field::Empty,
         );
-        let advance = timeout(self.cfg.query_timeout, query)
-            .instrument(span.clone())
-            .await
-            .map_err(|_| Error::Timeout {
-                doing: "running the advance query",
-                after: self.cfg.query_timeout,
-            })??;
+        let (client, statement) = (Arc::clone(&conn.queries), conn.advance.clone());
+        let (from, channels) = (self.cursor.snapshot().clone(), self.cfg.channels.clone());
+        let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
+        let query = async move {
+            let query = catchup::advance(&client, &statement, &from, &channels, &schema);
+            timeout(query_timeout, query)
+                .await
+                .map_err(|_| Error::Timeout {
+                    doing: "running the advance query",
+                    after: query_timeout,
+                })?
+        };
+        Some(Advancing {
+            query: Box::pin(query.instrument(span.clone())),
+            span,
+        })
+    }
+
+    /// Applies an advance's result to the cursor and delivers what it settles.
+    fn settle(&mut self, result: Result<Advance, Error>, span: &Span) -> Result<(), Error> {
+        let advance = result?;
         let _entered = span.enter();
         Metrics::add(&self.shared.metrics.advances, 1);
         self.advance_wanted = false;
@@ -479,7 +534,7 @@ impl Listener {
     fn mark_lost(&mut self, reason: String) {
         if let Some(conn) = self.conn.take() {
             warn!(reason = %reason, "pg_outbox relay connection lost");
-            conn.driver.abort();
+            conn.drivers.iter().for_each(JoinHandle::abort);
             self.lost = Some(reason);
         }
     }
@@ -569,4 +624,16 @@ fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>) {
         );
     }
     batch.clear();
+}
+
+/// An advance query on its way, polled by the listener among its other work.
+struct Advancing {
+    query: Pin<Box<dyn Future<Output = Result<Advance, Error>> + Send>>,
+    span: Span,
+}
+
+impl Advancing {
+    async fn result(&mut self) -> Result<Advance, Error> {
+        (&mut self.query).await
+    }
 }

@@ -34,7 +34,11 @@ async fn rows_pruned_while_disconnected_are_reported_as_a_gap() {
 
     // The relay is away while events are published and pruned.
     set_login(&cluster, "relay_user", false);
-    assert_eq!(cluster.terminate_backends("relay_gap"), 1);
+    assert_eq!(
+        cluster.terminate_backends("relay_gap"),
+        2,
+        "its two connections"
+    );
     wait_reconnecting(&relay).await;
     let lost = publish(&client, "chat", "u1", r#"{"n":2}"#, None).await;
     let pruned = cluster.psql("postgres", "SELECT outbox_prune('0 seconds')");

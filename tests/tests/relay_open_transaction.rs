@@ -60,7 +60,11 @@ async fn a_transaction_committed_while_the_relay_is_away_is_caught_up() {
 
     // Lock the relay out, cut its connection, commit while it cannot come back.
     set_login(&cluster, "relay_user", false);
-    assert_eq!(cluster.terminate_backends("relay_away"), 1);
+    assert_eq!(
+        cluster.terminate_backends("relay_away"),
+        2,
+        "its two connections"
+    );
     wait_reconnecting(&relay).await;
     tx.commit().await.unwrap();
     let missed = publish(&other, "chat", "u2", r#"{"n":2}"#, None).await;

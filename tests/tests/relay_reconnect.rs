@@ -101,7 +101,11 @@ async fn kills_and_restarts_lose_and_duplicate_nothing() {
             tokio::task::block_in_place(|| cluster.restart());
         } else {
             let name = names[k % names.len()];
-            assert_eq!(cluster.terminate_backends(name), 1, "{name}'s backend");
+            assert_eq!(
+                cluster.terminate_backends(name),
+                2,
+                "{name}'s two connections"
+            );
         }
         cluster
             .wait_for("the relays to reconnect", WAIT, || async {

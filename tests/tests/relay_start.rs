@@ -58,13 +58,17 @@ async fn dropping_every_handle_stops_the_relay() {
     .ok();
     assert!(subscription.recv().await.is_none());
     cluster
-        .wait_for("the relay's backend to go", relay_support::WAIT, || async {
-            let n = cluster.psql(
+        .wait_for(
+            "the relay's backends to go",
+            relay_support::WAIT,
+            || async {
+                let n = cluster.psql(
                 "postgres",
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay_dropped'",
             );
-            (n == "0").then_some(())
-        })
+                (n == "0").then_some(())
+            },
+        )
         .await;
 }
 

@@ -399,30 +399,22 @@ mod tests {
         )
     }
 
-    fn all() -> Filter {
+    fn filter(channel: Option<&str>, user_id: Option<&str>) -> Filter {
         Filter {
-            channel: None,
-            user_id: None,
+            channel: channel.map(Into::into),
+            user_id: user_id.map(Into::into),
         }
+    }
+
+    fn all() -> Filter {
+        filter(None, None)
     }
 
     #[test]
     fn filters_by_channel_and_user() {
         let fanout = Fanout::default();
-        let mut chat = fanout.subscribe(
-            Filter {
-                channel: Some("chat".into()),
-                user_id: None,
-            },
-            10,
-        );
-        let mut u1 = fanout.subscribe(
-            Filter {
-                channel: Some("chat".into()),
-                user_id: Some("u1".into()),
-            },
-            10,
-        );
+        let mut chat = fanout.subscribe(filter(Some("chat"), None), 10);
+        let mut u1 = fanout.subscribe(filter(Some("chat"), Some("u1")), 10);
         fanout.deliver(&[event(1, "chat", "u1")]);
         fanout.deliver(&[event(2, "chat", "u2")]);
         fanout.deliver(&[event(3, "other", "u1")]);
@@ -440,16 +432,12 @@ mod tests {
     #[test]
     fn every_kind_of_filter_gets_exactly_its_events_in_commit_order() {
         let fanout = Fanout::default();
-        let topic = |channel: Option<&str>, user: Option<&str>| Filter {
-            channel: channel.map(Into::into),
-            user_id: user.map(Into::into),
-        };
-        let mut everything = fanout.subscribe(topic(None, None), 10);
-        let mut user_a = fanout.subscribe(topic(None, Some("a")), 10);
-        let mut chat = fanout.subscribe(topic(Some("chat"), None), 10);
-        let mut chat_a = fanout.subscribe(topic(Some("chat"), Some("a")), 10);
-        let mut chat_a_too = fanout.subscribe(topic(Some("chat"), Some("a")), 10);
-        let mut chat_b = fanout.subscribe(topic(Some("chat"), Some("b")), 10);
+        let mut everything = fanout.subscribe(filter(None, None), 10);
+        let mut user_a = fanout.subscribe(filter(None, Some("a")), 10);
+        let mut chat = fanout.subscribe(filter(Some("chat"), None), 10);
+        let mut chat_a = fanout.subscribe(filter(Some("chat"), Some("a")), 10);
+        let mut chat_a_too = fanout.subscribe(filter(Some("chat"), Some("a")), 10);
+        let mut chat_b = fanout.subscribe(filter(Some("chat"), Some("b")), 10);
         let batch = [
             event(1, "chat", "a"),
             event(2, "news", "a"),
@@ -469,20 +457,8 @@ mod tests {
     #[test]
     fn a_gap_reaches_the_subscribers_of_its_event_only() {
         let fanout = Fanout::default();
-        let mut chat_a = fanout.subscribe(
-            Filter {
-                channel: Some("chat".into()),
-                user_id: Some("a".into()),
-            },
-            10,
-        );
-        let mut chat_b = fanout.subscribe(
-            Filter {
-                channel: Some("chat".into()),
-                user_id: Some("b".into()),
-            },
-            10,
-        );
+        let mut chat_a = fanout.subscribe(filter(Some("chat"), Some("a")), 10);
+        let mut chat_b = fanout.subscribe(filter(Some("chat"), Some("b")), 10);
         let mut everything = fanout.subscribe(all(), 10);
         fanout.gap(&Gap::Unreadable {
             id: Uuid::from_u128(1),
@@ -544,29 +520,11 @@ mod tests {
         let fanout = Fanout::default();
         let sub = fanout.subscribe(all(), 4);
         drop(sub);
-        let _kept = fanout.subscribe(
-            Filter {
-                channel: Some("c".into()),
-                user_id: Some("kept".into()),
-            },
-            4,
-        );
+        let _kept = fanout.subscribe(filter(Some("c"), Some("kept")), 4);
         for n in 0..3 {
-            drop(fanout.subscribe(
-                Filter {
-                    channel: Some("c".into()),
-                    user_id: Some(format!("gone-{n}")),
-                },
-                4,
-            ));
+            drop(fanout.subscribe(filter(Some("c"), Some(&format!("gone-{n}"))), 4));
         }
-        drop(fanout.subscribe(
-            Filter {
-                channel: Some("elsewhere".into()),
-                user_id: None,
-            },
-            4,
-        ));
+        drop(fanout.subscribe(filter(Some("elsewhere"), None), 4));
         let index = fanout.index();
         assert_eq!(index.groups().count(), 1);
         assert_eq!(index.channels.len(), 1);

@@ -3,6 +3,7 @@
 //! resumes where it was after a restart.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
@@ -107,20 +108,14 @@ async fn a_restarted_worker_notifies_what_committed_while_it_was_down() {
     let mut listener = cluster.listener("postgres").await;
     let admin = cluster.connect("postgres").await;
     let publisher = cluster.connect("postgres").await;
-    // Keep the notifier down for a while by holding its state row: a worker starting (or one
-    // recording its position as it stops) waits on the lock.
-    let mut holder = cluster.connect("postgres").await;
-    let hold = holder.transaction().await.unwrap();
-    hold.batch_execute("SELECT * FROM outbox_notifier_state FOR UPDATE")
-        .await
-        .unwrap();
-    let pid = stop_notifier(&admin).await;
-    let mut ids = Vec::new();
-    for n in 0..20 {
-        ids.push(publish(&publisher, n).await);
-    }
-    hold.rollback().await.unwrap();
-    wait_for_a_notifier_other_than(&cluster, &admin, pid).await;
+    let ids = while_the_notifier_is_down(&cluster, &admin, || async {
+        let mut ids = Vec::new();
+        for n in 0..20 {
+            ids.push(publish(&publisher, n).await);
+        }
+        ids
+    })
+    .await;
     for id in &ids {
         assert_eq!(listener.next().await["id"], id.as_str());
     }
@@ -131,33 +126,28 @@ async fn a_backlog_goes_out_in_bounded_batches_each_row_once_in_commit_order() {
     let cluster = worker_mode_cluster();
     let mut listener = cluster.listener("postgres").await;
     let admin = cluster.connect("postgres").await;
-    let mut holder = cluster.connect("postgres").await;
-    let hold = holder.transaction().await.unwrap();
-    hold.batch_execute("SELECT * FROM outbox_notifier_state FOR UPDATE")
-        .await
-        .unwrap();
-    let pid = stop_notifier(&admin).await;
-    // 25,000 rows in transactions of 1,000, then one transaction of 12,000: more than the
-    // worker's 10,000 rows per batch, both ways.
-    for size in std::iter::repeat_n(1_000, 25).chain([12_000]) {
+    let expected = while_the_notifier_is_down(&cluster, &admin, || async {
+        // 25,000 rows in transactions of 1,000, then one transaction of 12,000: more than the
+        // worker's 10,000 rows per batch, both ways.
+        for size in std::iter::repeat_n(1_000, 25).chain([12_000]) {
+            admin
+                .execute(
+                    "SELECT outbox_publish('chat', 'u1', jsonb_build_object('n', n)) \
+                     FROM generate_series(1, $1::int) n",
+                    &[&size],
+                )
+                .await
+                .unwrap();
+        }
         admin
-            .execute(
-                "SELECT outbox_publish('chat', 'u1', jsonb_build_object('n', n)) \
-                 FROM generate_series(1, $1::int) n",
-                &[&size],
-            )
+            .query("SELECT id::text FROM event_outbox ORDER BY xid, id", &[])
             .await
-            .unwrap();
-    }
-    let expected: Vec<String> = admin
-        .query("SELECT id::text FROM event_outbox ORDER BY xid, id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    hold.rollback().await.unwrap();
-    wait_for_a_notifier_other_than(&cluster, &admin, pid).await;
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    })
+    .await;
 
     for (n, id) in expected.iter().enumerate() {
         let notification = listener.next().await;
@@ -186,6 +176,26 @@ async fn a_stopped_worker_records_its_position_so_its_successor_sends_nothing_tw
     wait_for_a_notifier_other_than(&cluster, &admin, pid).await;
     let after = publish(&publisher, 10).await;
     assert_eq!(listener.next().await["id"], after.as_str());
+}
+
+/// Runs `work` while the notifier is down: it is stopped, and its successor kept from starting
+/// by a lock on its state row (a worker starting, or one recording its position as it stops,
+/// waits on it); returns once a new notifier runs.
+async fn while_the_notifier_is_down<T, F: Future<Output = T>>(
+    cluster: &Cluster,
+    admin: &tokio_postgres::Client,
+    work: impl FnOnce() -> F,
+) -> T {
+    let mut holder = cluster.connect("postgres").await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("SELECT * FROM outbox_notifier_state FOR UPDATE")
+        .await
+        .unwrap();
+    let pid = stop_notifier(admin).await;
+    let done = work().await;
+    hold.rollback().await.unwrap();
+    wait_for_a_notifier_other_than(cluster, admin, pid).await;
+    done
 }
 
 /// Terminates the notifier (the postmaster starts another a second later); returns its pid.

@@ -1,8 +1,8 @@
 //! The one task that owns the relay's connection: LISTEN, decode, advance, reconnect.
 //!
-//! The connection itself is driven by a small companion task that reads
-//! `Connection::poll_message` and forwards notifications (and the connection's end) through a
-//! channel; this task is the only reader of that channel and the only user of the client, so
+//! Each of its two connections is driven by a small companion task that reads
+//! `Connection::poll_message` and forwards notifications (and the connection's end) through one
+//! channel; this task is the only reader of that channel and the only user of the clients, so
 //! every notification and every advance result is applied to the cursor in one sequence.
 //!
 //! An advance runs alongside the notifications rather than in front of them: while its query is
@@ -37,8 +37,8 @@ const MAX_DRAIN: usize = 4096;
 
 /// A sweep is due once this many events were delivered beyond the cursor's snapshot, however
 /// soon: with inline payloads nothing else moves the snapshot, and a sweep every
-/// `sweep_interval` would read back every row of those seconds (30,000 at 15,000 events/s),
-/// holding up the notifications behind it for a third of a second.
+/// `sweep_interval` would read back every row of those seconds (30,000 at 15,000 events/s) and
+/// keep as many ids in the dedupe set meanwhile.
 const SWEEP_AFTER_DELIVERED: usize = 2_000;
 
 /// What the handle and the task share.
@@ -57,8 +57,8 @@ pub(crate) enum ConnEvent {
 ///
 /// A backend sends notifications only between the statements it runs, so on a single
 /// connection every advance held up the notifications behind it for as long as it ran: on a
-/// busy server, tens of milliseconds. The query connection is opened after LISTEN holds, so
-/// every snapshot it takes is younger than the LISTEN.
+/// busy server, tens of milliseconds. LISTEN holds before the query connection takes its first
+/// snapshot, so every snapshot it takes is younger than the LISTEN.
 struct Conn {
     listen: Client,
     /// Shared with the advance under way, which runs alongside the listener's other work.
@@ -374,11 +374,12 @@ impl Listener {
                 continue;
             }
             let now = Instant::now();
+            // Fetches and early sweeps both wait fetch_interval after the last advance.
+            let spaced = now >= self.last_advance + self.cfg.fetch_interval;
             let sweep_due = now >= next_sweep
-                || (self.cursor.delivered_beyond() >= SWEEP_AFTER_DELIVERED
-                    && now >= self.last_advance + self.cfg.fetch_interval);
+                || (spaced && self.cursor.delivered_beyond() >= SWEEP_AFTER_DELIVERED);
             let fetch = self.cursor.needs_advance();
-            let fetch_due = fetch && now >= self.last_advance + self.cfg.fetch_interval;
+            let fetch_due = fetch && spaced;
             if advancing.is_none() && (sweep_due || self.advance_wanted || fetch_due) {
                 self.counts_caught_up = !fetch;
                 self.last_advance = now;

@@ -78,7 +78,8 @@ impl RelayBuilder {
         self
     }
 
-    /// How many events each subscriber may have unread before it lags. Default: 1024.
+    /// How many events each subscriber may have queued, besides the batch it is reading, before
+    /// it lags. Default: 1024.
     pub fn subscriber_buffer(mut self, events: usize) -> Self {
         self.subscriber_buffer = events;
         self

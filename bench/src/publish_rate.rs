@@ -68,7 +68,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         add_rows(&mut per_clients, &clients.to_string(), &rates);
     }
     per_clients.note = format!(
-        "pgbench -M prepared, {} s runs, {} interleaved rounds, medians; a listener drains notifications throughout.",
+        "pgbench -M prepared, {} s runs, {} interleaved rounds (each starting one variant further along), medians; a listener drains notifications throughout.",
         options.run_time().as_secs(),
         options.rounds()
     );
@@ -107,8 +107,10 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     tables
 }
 
-/// Runs every variant once per round, in the same order each round, and returns each one's
-/// median rate.
+/// Runs every variant once per round and returns each one's median rate. Each round starts one
+/// variant further along, so that no variant always runs right after the same other one or at
+/// the same point of a round (a checkpoint or autovacuum that recurs with the rounds' rhythm
+/// would otherwise land on the same variant every time).
 fn interleaved<'v>(
     cluster: &Cluster,
     options: &Options,
@@ -116,10 +118,11 @@ fn interleaved<'v>(
     run: impl Fn(&Variant) -> Run,
 ) -> Vec<(&'v str, f64)> {
     let mut samples = vec![Vec::new(); variants.len()];
-    for _ in 0..options.rounds() {
-        for (variant, samples) in variants.iter().zip(&mut samples) {
+    for round in 0..options.rounds() {
+        for offset in 0..variants.len() {
+            let at = (round + offset) % variants.len();
             cluster.psql("postgres", "TRUNCATE event_outbox, bare_outbox");
-            samples.push(tps(cluster, &run(variant)));
+            samples[at].push(tps(cluster, &run(&variants[at])));
         }
     }
     variants

@@ -4,11 +4,9 @@
 mod callers_support;
 mod relay_support;
 
-use std::collections::HashSet;
 use std::process::Command;
 
-use callers_support::{assert_committed_only, published, relay, repo, run};
-use pg_outbox_tests::Cluster;
+use callers_support::{committed_event_of, repo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_publishes_in_its_transaction() {
@@ -17,28 +15,12 @@ async fn node_publishes_in_its_transaction() {
         example.join("node_modules/pg").is_dir(),
         "examples/node has no node_modules: run scripts/setup.sh (npm ci --prefix examples/node)"
     );
-    let cluster = Cluster::start();
-    let (relay, all) = relay(&cluster, "callers_node").await;
-
-    let stdout = run(Command::new("node")
-        .arg(example.join("publish.js"))
-        .arg(cluster.url("postgres")));
-    let (committed, rolled_back) = published(&stdout);
-
-    assert_committed_only(
-        &cluster,
-        &relay,
-        &all,
-        &HashSet::from([committed]),
-        &HashSet::from([rolled_back]),
-    )
+    let event = committed_event_of("callers_node", |url| {
+        let mut node = Command::new("node");
+        node.arg(example.join("publish.js")).arg(url);
+        node
+    })
     .await;
-    let event = all
-        .items()
-        .into_iter()
-        .find_map(|d| d.into_event())
-        .unwrap();
     assert_eq!(event.origin(), Some("node"));
     assert_eq!(event.payload()["status"], "shipped");
-    relay.shutdown().await;
 }

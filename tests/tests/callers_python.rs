@@ -4,11 +4,9 @@
 mod callers_support;
 mod relay_support;
 
-use std::collections::HashSet;
 use std::process::Command;
 
-use callers_support::{assert_committed_only, published, relay, repo, run};
-use pg_outbox_tests::Cluster;
+use callers_support::{committed_event_of, repo};
 
 /// Debian's interpreter, which `apt-get install python3-psycopg` (scripts/setup.sh) serves,
 /// rather than whatever `python3` comes first on PATH.
@@ -23,29 +21,15 @@ fn python() -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_publishes_in_its_transaction() {
-    let cluster = Cluster::start();
-    let (relay, all) = relay(&cluster, "callers_python").await;
-
-    let stdout = run(python()
-        .arg(repo().join("examples/python/publish.py"))
-        .arg(cluster.url("postgres")));
-    let (committed, rolled_back) = published(&stdout);
-
-    assert_committed_only(
-        &cluster,
-        &relay,
-        &all,
-        &HashSet::from([committed]),
-        &HashSet::from([rolled_back]),
-    )
+    let event = committed_event_of("callers_python", |url| {
+        let mut python = python();
+        python
+            .arg(repo().join("examples/python/publish.py"))
+            .arg(url);
+        python
+    })
     .await;
-    let event = all
-        .items()
-        .into_iter()
-        .find_map(|d| d.into_event())
-        .unwrap();
     assert_eq!(event.channel(), "orders");
     assert_eq!(event.origin(), Some("python"));
     assert_eq!(event.payload()["order"], 42);
-    relay.shutdown().await;
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
 
-use pg_outbox_client::{Relay, RelayBuilder};
+use pg_outbox_client::{Event, Relay, RelayBuilder};
 use pg_outbox_tests::Cluster;
 use uuid::Uuid;
 
@@ -73,6 +73,28 @@ pub async fn assert_committed_only(
         assert!(!all.has(*id), "a rolled-back event {id} was delivered");
     }
     all.assert_exactly("relay", committed);
+}
+
+/// Starts a cluster and a relay, runs the example that `example` builds (given the cluster's
+/// URL), which publishes one committed and one rolled-back event and prints their ids; checks
+/// that only the committed one arrives, and returns it.
+pub async fn committed_event_of(name: &str, example: impl FnOnce(String) -> Command) -> Event {
+    let cluster = Cluster::start();
+    let (relay, all) = relay(&cluster, name).await;
+    let (committed, rolled_back) = published(&run(&mut example(cluster.url("postgres"))));
+    assert_committed_only(
+        &cluster,
+        &relay,
+        &all,
+        &HashSet::from([committed]),
+        &HashSet::from([rolled_back]),
+    )
+    .await;
+    relay.shutdown().await;
+    all.items()
+        .into_iter()
+        .find_map(|d| d.into_event())
+        .expect("the committed event")
 }
 
 /// A relay builder, for tests that need their own settings.

@@ -34,23 +34,33 @@ pub(crate) struct Filter {
     pub user_id: Option<String>,
 }
 
-/// Events of one batch queued for a subscriber: `events[next..end]`, where `events` is shared by
-/// every subscriber of the group that wanted them.
+/// Events of one batch queued for a subscriber, from `next` on; `events` is shared by every
+/// subscriber of the group that wanted them.
 struct Run {
     events: Arc<[Event]>,
     next: usize,
-    end: usize,
 }
 
 impl Run {
     fn len(&self) -> usize {
-        self.end - self.next
+        self.events.len() - self.next
     }
 
     fn take(&mut self) -> Option<Event> {
-        let event = self.events.get(self.next..self.end)?.first()?.clone();
+        let event = self.events.get(self.next)?.clone();
         self.next += 1;
         Some(event)
+    }
+
+    /// The next event of the run being read, if any; the run is let go with its last event, so
+    /// an idle subscriber keeps no batch alive.
+    fn read(reading: &mut Option<Run>) -> Option<Event> {
+        let run = reading.as_mut()?;
+        let event = run.take();
+        if run.len() == 0 {
+            *reading = None;
+        }
+        event
     }
 }
 
@@ -62,14 +72,12 @@ enum Queued {
 impl Queue {
     /// Takes the next item out; a run of events becomes the one `reading`, and yields its first.
     fn pop(&mut self, reading: &mut Option<Run>) -> Option<Delivery> {
-        *reading = None;
         match self.items.pop_front()? {
             Queued::Marker(delivery) => Some(delivery),
-            Queued::Events(mut run) => {
+            Queued::Events(run) => {
                 self.events = self.events.saturating_sub(run.len());
-                let event = run.take();
                 *reading = Some(run);
-                event.map(Delivery::Event)
+                Run::read(reading).map(Delivery::Event)
             }
         }
     }
@@ -116,11 +124,16 @@ impl Slot {
         let mut queue = self.lock();
         let fits = self.capacity.saturating_sub(queue.events).min(events.len());
         if fits > 0 {
-            queue.items.push_back(Queued::Events(Run {
-                events: Arc::clone(events),
-                next: 0,
-                end: fits,
-            }));
+            // A cut run gets its own copy of the part that fits: sharing the whole batch would
+            // keep the dropped events in memory for as long as this lagging subscriber takes.
+            let events = if fits == events.len() {
+                Arc::clone(events)
+            } else {
+                Arc::from(&events[..fits])
+            };
+            queue
+                .items
+                .push_back(Queued::Events(Run { events, next: 0 }));
             queue.events += fits;
         }
         let dropped = (events.len() - fits) as u64;
@@ -397,7 +410,7 @@ impl Subscription {
 
     /// The next item if one is queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        if let Some(event) = self.reading.as_mut().and_then(Run::take) {
+        if let Some(event) = Run::read(&mut self.reading) {
             return Some(Delivery::Event(event));
         }
         self.slot.lock().pop(&mut self.reading)
@@ -422,7 +435,7 @@ impl Subscription {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        if let Some(event) = self.reading.as_mut().and_then(Run::take) {
+        if let Some(event) = Run::read(&mut self.reading) {
             return Poll::Ready(Some(Delivery::Event(event)));
         }
         let mut queue = self.slot.lock();
@@ -580,6 +593,10 @@ mod tests {
         let batch: Vec<Event> = (1..=5).map(|n| event(n, "c", "u")).collect();
         assert_eq!(fanout.deliver(&batch), 2);
         assert_eq!(small.len(), 4, "three events and one marker");
+        match small.slot.lock().items.front() {
+            Some(Queued::Events(run)) => assert_eq!(run.events.len(), 3, "holds no dropped event"),
+            _ => panic!("a run first"),
+        }
         assert!(matches!(small.try_recv(), Some(Delivery::Event(_))));
         // The run being read no longer takes room: the next batch fits whole.
         assert_eq!(fanout.deliver(&[event(6, "c", "u"), event(7, "c", "u")]), 0);
@@ -592,6 +609,7 @@ mod tests {
             .collect();
         assert_eq!(rest, ["2", "3", "lagged 2", "6", "7"]);
         assert!(small.is_empty());
+        assert!(small.reading.is_none(), "an idle subscriber holds no batch");
     }
 
     #[test]

@@ -1,15 +1,15 @@
 //! Fan-out to local subscribers: an index from (channel, user) to bounded per-subscriber queues
 //! that never block the relay.
 //!
-//! Subscribers are grouped by their filter, so handing over an event costs at most four lookups
-//! (this channel and user, this channel, this user, everything) plus one push per interested
-//! subscriber, however many others are connected: a replica holding a connection per user does
-//! not scan them all for each event.
+//! Subscribers are grouped by their filter, so sorting an event out costs at most four lookups
+//! (this channel and user, this channel, this user, everything), however many others are
+//! connected: a replica holding a connection per user does not scan them all for each event.
 //!
 //! A batch is handed over as one shared run per group: each subscriber's queue gets a reference
 //! to it, not a copy of each event, and the subscriber takes the whole run out of its queue at
-//! once and reads it without a lock. Broadcasting a batch of events to 1,000 subscribers costs
-//! 1,000 pushes and wake-ups, however many events the batch holds.
+//! once and reads it without a lock. Broadcasting a batch to 1,000 subscribers costs the relay
+//! 1,000 pushes and wake-ups however many events the batch holds; each subscriber then pays one
+//! reference-count increment per event it reads.
 //!
 //! The relay pushes with `try`-semantics only: when a subscriber's queue is full, the events
 //! beyond its room are dropped for that subscriber alone and a `Lagged { missed }` marker takes
@@ -34,8 +34,9 @@ pub(crate) struct Filter {
     pub user_id: Option<String>,
 }
 
-/// Events of one batch queued for a subscriber, from `next` on; `events` is shared by every
-/// subscriber of the group that wanted them.
+/// Events of one batch queued for a subscriber, from `next` on; never empty when queued.
+/// `events` is shared by the subscribers of the group that wanted them, except when only part
+/// of it fitted in this subscriber's room.
 struct Run {
     events: Arc<[Event]>,
     next: usize,
@@ -70,10 +71,18 @@ enum Queued {
 }
 
 impl Queue {
+    fn push_marker(&mut self, delivery: Delivery) {
+        self.items.push_back(Queued::Marker(delivery));
+        self.markers += 1;
+    }
+
     /// Takes the next item out; a run of events becomes the one `reading`, and yields its first.
     fn pop(&mut self, reading: &mut Option<Run>) -> Option<Delivery> {
         match self.items.pop_front()? {
-            Queued::Marker(delivery) => Some(delivery),
+            Queued::Marker(delivery) => {
+                self.markers -= 1;
+                Some(delivery)
+            }
             Queued::Events(run) => {
                 self.events = self.events.saturating_sub(run.len());
                 *reading = Some(run);
@@ -83,19 +92,12 @@ impl Queue {
     }
 }
 
-impl Queued {
-    fn len(&self) -> usize {
-        match self {
-            Queued::Events(run) => run.len(),
-            Queued::Marker(_) => 1,
-        }
-    }
-}
-
 struct Queue {
     items: VecDeque<Queued>,
     /// Events queued (markers not counted, nor the run the subscriber is reading).
     events: usize,
+    /// Markers queued.
+    markers: usize,
     waker: Option<Waker>,
     /// The relay stopped: end the stream once drained.
     closed: bool,
@@ -107,8 +109,9 @@ struct Slot {
     queue: Mutex<Queue>,
 }
 
-/// Locks a mutex whose data stays consistent even if a holder panicked: every update under the
-/// fan-out's locks is a single push, pop or insertion.
+/// Locks a mutex whose data stays consistent even if a holder panicked: nothing under the
+/// fan-out's locks can panic between the steps of an update (pushes, pops, counter updates and
+/// index insertions only).
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -123,6 +126,10 @@ impl Slot {
     fn push_events(&self, events: &Arc<[Event]>) -> u64 {
         let mut queue = self.lock();
         let fits = self.capacity.saturating_sub(queue.events).min(events.len());
+        debug_assert!(
+            !events.is_empty(),
+            "a group's share of a batch is never empty"
+        );
         if fits > 0 {
             // A cut run gets its own copy of the part that fits: sharing the whole batch would
             // keep the dropped events in memory for as long as this lagging subscriber takes.
@@ -140,9 +147,7 @@ impl Slot {
         if dropped > 0 {
             match queue.items.back_mut() {
                 Some(Queued::Marker(Delivery::Lagged { missed })) => *missed += dropped,
-                _ => queue
-                    .items
-                    .push_back(Queued::Marker(Delivery::Lagged { missed: dropped })),
+                _ => queue.push_marker(Delivery::Lagged { missed: dropped }),
             }
         }
         if let Some(waker) = queue.waker.take() {
@@ -153,7 +158,7 @@ impl Slot {
 
     fn push_marker(&self, delivery: Delivery) {
         let mut queue = self.lock();
-        queue.items.push_back(Queued::Marker(delivery));
+        queue.push_marker(delivery);
         if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
@@ -302,6 +307,7 @@ impl Fanout {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
                 events: 0,
+                markers: 0,
                 waker: None,
                 closed: index.closed,
             }),
@@ -383,8 +389,8 @@ impl Fanout {
 
 /// A stream of [`Delivery`] items for one subscriber, in commit order.
 ///
-/// Its buffer holds at most the relay's `subscriber_buffer` events besides the batch it is
-/// reading; when full, later events are dropped for this subscriber only and a
+/// Its buffer holds at most `subscriber_buffer` events (or the topic's own `buffer`) besides
+/// the rest of the batch it is reading; when full, later events are dropped for this subscriber only and a
 /// [`Delivery::Lagged`] marker says how many. The stream ends when the relay stops. Dropping it
 /// unsubscribes.
 pub struct Subscription {
@@ -416,22 +422,17 @@ impl Subscription {
         self.slot.lock().pop(&mut self.reading)
     }
 
-    /// How many items are queued.
+    /// How many items are left to read: queued events and markers, and the rest of the batch
+    /// being read (so up to twice the buffer, and more with markers).
     pub fn len(&self) -> usize {
         let reading = self.reading.as_ref().map_or(0, Run::len);
-        reading
-            + self
-                .slot
-                .lock()
-                .items
-                .iter()
-                .map(Queued::len)
-                .sum::<usize>()
+        let queue = self.slot.lock();
+        reading + queue.events + queue.markers
     }
 
-    /// Whether nothing is queued.
+    /// Whether nothing is left to read.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.reading.is_none() && self.slot.lock().items.is_empty()
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
@@ -660,6 +661,34 @@ mod tests {
         // Subscribing after close gives an ended stream.
         let mut late = fanout.subscribe(all(), 4);
         assert!(late.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_reads_a_run_to_its_end_before_what_follows_and_before_it_ends() {
+        let fanout = Fanout::default();
+        let mut sub = fanout.subscribe(all(), 10);
+        fanout.deliver(&[event(1, "c", "u"), event(2, "c", "u"), event(3, "c", "u")]);
+        let next_id = |d: Option<Delivery>| d.and_then(Delivery::into_event).map(|e| e.id());
+        assert_eq!(next_id(sub.next().await), Some(Uuid::from_u128(1)));
+        // Queued while the run is being read: comes after it, and so does the end.
+        fanout.deliver(&[event(4, "c", "u")]);
+        fanout.close();
+        for n in 2..=4 {
+            assert_eq!(next_id(sub.next().await), Some(Uuid::from_u128(n)));
+        }
+        assert!(sub.next().await.is_none());
+    }
+
+    #[test]
+    fn subscribers_sharing_a_filter_are_cut_each_at_its_own_room() {
+        let fanout = Fanout::default();
+        let mut roomy = fanout.subscribe(all(), 10);
+        let mut cramped = fanout.subscribe(all(), 2);
+        let batch: Vec<Event> = (1..=4).map(|n| event(n, "c", "u")).collect();
+        assert_eq!(fanout.deliver(&batch), 2);
+        assert_eq!(ids(&mut roomy), [1, 2, 3, 4]);
+        assert_eq!(cramped.len(), 3);
+        assert_eq!(ids(&mut cramped), [1, 2]);
     }
 
     #[test]

@@ -217,7 +217,8 @@ impl Topic {
     }
 
     /// This subscription's buffer, in events, instead of the relay's `subscriber_buffer`
-    /// (at least 1).
+    /// (at least 1): how many it may have queued, besides the batch it is reading, before it
+    /// lags.
     pub fn buffer(mut self, events: usize) -> Topic {
         self.buffer = Some(events);
         self

@@ -196,3 +196,53 @@ async fn stops_promptly_when_the_server_shuts_down_mid_backlog() {
     let log = cluster.log();
     assert!(log.contains("pg_outbox pruner stopping"), "{log}");
 }
+
+/// The WAL the cluster writes while the pruner deletes `rows` expired rows that were written
+/// before the last checkpoint, as expired rows are in production.
+async fn wal_of_a_prune(cluster: &Cluster, client: &Client, rows: i32) -> f64 {
+    insert_aged(client, rows, "2 hours", "wal").await;
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    let before: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    cluster
+        .wait_for("the expired rows to go", WAIT, || async {
+            (count(client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
+        })
+        .await;
+    client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn compresses_its_full_page_images_unless_the_configuration_says_otherwise() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.retention", "'1h'")
+        .setting("pg_outbox.prune_interval", "'1s'")
+        // Nothing else writes WAL meanwhile.
+        .setting("autovacuum", "off")
+        .start();
+    let client = cluster.connect("postgres").await;
+    let compressed = wal_of_a_prune(&cluster, &client, 20_000).await;
+
+    cluster.psql("postgres", "ALTER SYSTEM SET wal_compression = off");
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    // The second pass surely started after the pruner read the reloaded file.
+    wait_for_a_full_pass(&cluster, &client).await;
+    wait_for_a_full_pass(&cluster, &client).await;
+    let uncompressed = wal_of_a_prune(&cluster, &client, 20_000).await;
+
+    assert!(
+        compressed < 0.75 * uncompressed,
+        "pruning wrote {compressed} bytes of WAL by default and {uncompressed} with \
+         wal_compression = off: the full-page images were not compressed"
+    );
+}

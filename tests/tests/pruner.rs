@@ -197,16 +197,29 @@ async fn stops_promptly_when_the_server_shuts_down_mid_backlog() {
     assert!(log.contains("pg_outbox pruner stopping"), "{log}");
 }
 
-/// The WAL the cluster writes while the pruner deletes `rows` expired rows that were written
-/// before the last checkpoint, as expired rows are in production.
-async fn wal_of_a_prune(cluster: &Cluster, client: &Client, rows: i32) -> f64 {
-    insert_aged(client, rows, "2 hours", "wal").await;
+/// The WAL the cluster writes while the pruner deletes `rows` rows that were written before the
+/// last checkpoint, as expired rows are in production. The rows are inserted `age` old, younger
+/// than the retention in force, and expire when the retention is lowered to `expire_with`
+/// (which also reloads anything else set with ALTER SYSTEM), once the WAL position is read.
+async fn wal_of_a_prune(
+    cluster: &Cluster,
+    client: &Client,
+    rows: i32,
+    age: &str,
+    expire_with: &str,
+) -> f64 {
+    insert_aged(client, rows, age, "wal").await;
     client.batch_execute("CHECKPOINT").await.unwrap();
     let before: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
+    cluster.psql(
+        "postgres",
+        &format!("ALTER SYSTEM SET pg_outbox.retention = '{expire_with}'"),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
     cluster
         .wait_for("the expired rows to go", WAIT, || async {
             (count(client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
@@ -231,14 +244,11 @@ async fn compresses_its_full_page_images_unless_the_configuration_says_otherwise
         .setting("autovacuum", "off")
         .start();
     let client = cluster.connect("postgres").await;
-    let compressed = wal_of_a_prune(&cluster, &client, 20_000).await;
+    let compressed = wal_of_a_prune(&cluster, &client, 20_000, "50 minutes", "40min").await;
 
+    // Read by the pruner with the reload that expires the next rows, before it deletes them.
     cluster.psql("postgres", "ALTER SYSTEM SET wal_compression = off");
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
-    // The second pass surely started after the pruner read the reloaded file.
-    wait_for_a_full_pass(&cluster, &client).await;
-    wait_for_a_full_pass(&cluster, &client).await;
-    let uncompressed = wal_of_a_prune(&cluster, &client, 20_000).await;
+    let uncompressed = wal_of_a_prune(&cluster, &client, 20_000, "30 minutes", "20min").await;
 
     assert!(
         compressed < 0.75 * uncompressed,

@@ -47,21 +47,16 @@ impl Run {
         self.events.len() - self.next
     }
 
-    fn take(&mut self) -> Option<Event> {
-        let event = self.events.get(self.next)?.clone();
-        self.next += 1;
-        Some(event)
-    }
-
     /// The next event of the run being read, if any; the run is let go with its last event, so
     /// an idle subscriber keeps no batch alive.
     fn read(reading: &mut Option<Run>) -> Option<Event> {
         let run = reading.as_mut()?;
-        let event = run.take();
+        let event = run.events.get(run.next)?.clone();
+        run.next += 1;
         if run.len() == 0 {
             *reading = None;
         }
-        event
+        Some(event)
     }
 }
 
@@ -70,7 +65,24 @@ enum Queued {
     Marker(Delivery),
 }
 
+struct Queue {
+    items: VecDeque<Queued>,
+    /// Events queued (markers not counted, nor the run the subscriber is reading).
+    events: usize,
+    /// Markers queued.
+    markers: usize,
+    waker: Option<Waker>,
+    /// The relay stopped: end the stream once drained.
+    closed: bool,
+}
+
 impl Queue {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
     fn push_marker(&mut self, delivery: Delivery) {
         self.items.push_back(Queued::Marker(delivery));
         self.markers += 1;
@@ -90,17 +102,6 @@ impl Queue {
             }
         }
     }
-}
-
-struct Queue {
-    items: VecDeque<Queued>,
-    /// Events queued (markers not counted, nor the run the subscriber is reading).
-    events: usize,
-    /// Markers queued.
-    markers: usize,
-    waker: Option<Waker>,
-    /// The relay stopped: end the stream once drained.
-    closed: bool,
 }
 
 struct Slot {
@@ -150,26 +151,20 @@ impl Slot {
                 _ => queue.push_marker(Delivery::Lagged { missed: dropped }),
             }
         }
-        if let Some(waker) = queue.waker.take() {
-            waker.wake();
-        }
+        queue.wake();
         dropped
     }
 
     fn push_marker(&self, delivery: Delivery) {
         let mut queue = self.lock();
         queue.push_marker(delivery);
-        if let Some(waker) = queue.waker.take() {
-            waker.wake();
-        }
+        queue.wake();
     }
 
     fn close(&self) {
         let mut queue = self.lock();
         queue.closed = true;
-        if let Some(waker) = queue.waker.take() {
-            waker.wake();
-        }
+        queue.wake();
     }
 }
 

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use pg_outbox_tests::Cluster;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::pgbench::{tps, tps_in};
@@ -94,6 +95,25 @@ pub fn size(cluster: &Cluster, database: &str) -> String {
     )
 }
 
+/// Runs `statement` once, checks that it read `expected` rows, and returns how long it took, in
+/// milliseconds.
+async fn timed(
+    client: &Client,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+    expected: usize,
+    what: &str,
+) -> f64 {
+    let started = Instant::now();
+    let rows = client
+        .query(statement, params)
+        .await
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let took = started.elapsed();
+    assert_eq!(rows.len(), expected, "{what} reads the recent events");
+    took.as_secs_f64() * 1000.0
+}
+
 /// Times the client's reads with the backlog in the table: publishes
 /// `RECENT_TRANSACTIONS × EVENTS_PER_TRANSACTION` events after a snapshot, then runs the relay's
 /// advance statement (`pg_outbox_client::__advance_sql`, as prepared by the client) from that
@@ -134,24 +154,12 @@ pub async fn catch_up(client: &Client) -> CatchUp {
     let mut advance_ms = Vec::new();
     let mut by_id_ms = Vec::new();
     for run in 0..TIMED_RUNS + 3 {
-        let started = Instant::now();
-        let rows = client
-            .query(&advance, &[&from])
-            .await
-            .expect("run the advance");
-        let advanced = started.elapsed();
-        assert_eq!(rows.len(), ids.len(), "the advance reads the recent events");
-        let started = Instant::now();
-        let rows = client
-            .query(&by_id, &[&ids])
-            .await
-            .expect("run the lookup by id");
-        let looked_up = started.elapsed();
-        assert_eq!(rows.len(), ids.len(), "the lookup finds the recent events");
+        let advanced = timed(client, &advance, &[&from], ids.len(), "the advance").await;
+        let looked_up = timed(client, &by_id, &[&ids], ids.len(), "the lookup by id").await;
         // The first runs warm the plans and the caches.
         if run >= 3 {
-            advance_ms.push(advanced.as_secs_f64() * 1000.0);
-            by_id_ms.push(looked_up.as_secs_f64() * 1000.0);
+            advance_ms.push(advanced);
+            by_id_ms.push(looked_up);
         }
     }
 

@@ -311,8 +311,8 @@ fn comparison(
          naming it, so its notifier does the work it does for the plain table. Publishers call \
          the extension's outbox_publish unchanged (pgbench, 8 clients, notify_mode = worker, \
          {} s runs); rows per partition after the first run without pruning: {routed}. The \
-         same {} rows created two hours ago, then VACUUM ANALYZE. The partitions' prune, half a \
-         second into its run, is what a worker would do: per expired partition (upper bound at \
+         same {} rows created two hours ago, then VACUUM ANALYZE and CHECKPOINT. The \
+         partitions' prune, half a second into its run, is what a worker would do: per expired partition (upper bound at \
          least pg_outbox.retention ago), one transaction with lock_timeout {LOCK_TIMEOUT} that \
          counts its rows and their greatest xid into outbox_prune_state and drops it \
          ({} partitions, {} rows, {} retries after a lock timeout). Without pruning: medians \

@@ -29,8 +29,10 @@ CREATE FUNCTION outbox_stats(
     SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT
-        (SELECT n_live_tup FROM pg_stat_all_tables
-          WHERE relid = '@extschema@.event_outbox'::regclass),
+        (SELECT sum(n_live_tup)::bigint FROM pg_stat_all_tables
+          WHERE relid = '@extschema@.event_outbox'::regclass
+             OR relid IN (SELECT inhrelid FROM pg_inherits
+                           WHERE inhparent = '@extschema@.event_outbox'::regclass)),
         (SELECT min(created_at) FROM @extschema@.event_outbox),
         (SELECT max(created_at) FROM @extschema@.event_outbox),
         w.pid, w.datname, w.query,
@@ -46,7 +48,13 @@ COMMENT ON FUNCTION outbox_stats() IS
 
 -- Nothing is granted to PUBLIC: publishing, relaying, pruning and monitoring are granted to
 -- roles explicitly (see the README).
-REVOKE ALL ON TABLE event_outbox, outbox_prune_state, outbox_notifier_state FROM PUBLIC;
+REVOKE ALL ON TABLE event_outbox, outbox_segments, outbox_prune_state, outbox_notifier_state FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_publish(text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;
+
+-- The first segments, so that the first events go into one rather than into event_outbox itself;
+-- the pruner creates the next ones. outbox_prune() creates segments ahead, and finds nothing to
+-- prune in an empty outbox. Creating the extension is no prune: its record stays empty.
+SELECT outbox_prune();
+UPDATE outbox_prune_state SET last_pruned_at = NULL;

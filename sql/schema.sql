@@ -2,7 +2,8 @@
 -- Created in the schema given to CREATE EXTENSION (default: the first schema in search_path).
 
 -- One row per published event. Rows are only ever inserted (by outbox_publish) and deleted (by the
--- pruner); never updated.
+-- pruner); never updated. Most rows live in the table's segments, its inheritance children
+-- (see outbox_segments), which a query of event_outbox reads too.
 CREATE TABLE event_outbox (
     -- UUIDv7: time-ordered, and increasing within one publishing backend, so (xid, id) orders
     -- the events of one transaction as they were published.
@@ -31,6 +32,20 @@ CREATE INDEX event_outbox_created_at_idx ON event_outbox (created_at);
 -- Catch-up scans the xid range between two snapshots.
 CREATE INDEX event_outbox_xid_idx ON event_outbox (xid, id);
 
+-- The outbox's segments: child tables of event_outbox, each holding the events published from
+-- starts_at to ends_at. The pruner creates them ahead of time (pg_outbox.segment_interval) and
+-- drops each whole once its last event has expired: no row is deleted, no WAL is written per row,
+-- no dead row is left for vacuum. outbox_publish inserts into the segment of its clock, or into
+-- event_outbox itself when there is none, whose rows the pruner deletes one by one. A segment
+-- takes no lock on event_outbox, so creating or dropping one never waits for publishers nor
+-- blocks them. Segments belong to the extension: pg_dump skips them, as it skips the events.
+CREATE TABLE outbox_segments (
+    name        name        PRIMARY KEY,
+    starts_at   timestamptz NOT NULL,
+    ends_at     timestamptz NOT NULL,
+    CHECK (starts_at < ends_at)
+);
+
 -- What pruning has done: one row, updated by every prune batch.
 CREATE TABLE outbox_prune_state (
     only_row            boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -53,7 +68,7 @@ CREATE TABLE outbox_notifier_state (
 );
 INSERT INTO outbox_notifier_state DEFAULT VALUES;
 
--- pg_dump carries none of these tables' rows: each holds transaction ids of this cluster (xid8,
+-- pg_dump carries none of these tables' rows, nor the segments: each holds transaction ids of this cluster (xid8,
 -- pg_snapshot), which mean nothing in the cluster a dump is restored into. Restored there, events
 -- would be delivered again once that cluster's ids passed theirs, and the workers' positions
 -- would skip or repeat rows (and the single state rows collided with the ones CREATE EXTENSION

@@ -312,7 +312,7 @@ async fn check_pruner(
             report.say(
                 Level::Ok,
                 format!(
-                    "the pruner runs in this database (pid {pid}): every {interval}, deleting events \
+                    "the pruner runs in this database (pid {pid}): every {interval}, pruning events \
                      older than {retention}"
                 ),
                 None,

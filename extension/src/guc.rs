@@ -41,6 +41,9 @@ pub enum NotifyMode {
 
 /// Rows older than this are pruned. Seconds.
 static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// How much time one segment of the outbox covers; 0 keeps every event in `event_outbox` itself.
+/// Seconds.
+static SEGMENT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(600);
 /// How often the pruner runs. Seconds.
 static PRUNE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
 /// Rows deleted per transaction by the pruner, so a backlog never holds locks for long.
@@ -70,6 +73,16 @@ pub fn init(preloading: bool) {
         c"Rows whose created_at is older than this, by the database clock, are pruned.",
         &RETENTION,
         1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.segment_interval",
+        c"How much time each segment of the outbox covers (0: no segments).",
+        c"Events are published into the segment of their time, and the pruner drops a segment whole once its last event has expired; events live from retention to retention plus this.",
+        &SEGMENT_INTERVAL,
+        0,
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
@@ -154,6 +167,14 @@ pub fn init(preloading: bool) {
 
 pub fn retention() -> Duration {
     seconds(RETENTION.get())
+}
+
+/// `None` when the outbox is not segmented.
+pub fn segment_interval() -> Option<Duration> {
+    u64::try_from(SEGMENT_INTERVAL.get())
+        .ok()
+        .filter(|secs| *secs > 0)
+        .map(Duration::from_secs)
 }
 
 pub fn prune_interval() -> Duration {

@@ -10,6 +10,7 @@ mod notification;
 mod notify;
 mod prune;
 mod publish;
+mod segment;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

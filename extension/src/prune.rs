@@ -1,16 +1,21 @@
-//! Where pruning happens: deleting expired events in batches, by the database clock.
+//! Where pruning happens: dropping expired segments ([`crate::segment`]) and deleting the
+//! expired events of `event_outbox` itself in batches, by the database clock.
 //!
-//! The pruner worker runs [`prune_batch`] in a transaction of its own per batch;
-//! `outbox_prune()` runs the batches in the caller's transaction, for servers that cannot
-//! preload the library.
+//! The pruner worker runs each drop and each [`prune_batch`] in a transaction of its own;
+//! `outbox_prune()` runs them all in the caller's transaction, for servers that cannot preload
+//! the library.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
-use pgrx::spi::SpiResult;
+use pgrx::spi::{quote_identifier, SpiResult};
 
 use crate::error::OutboxError;
+
+/// The outbox table, whose own rows (not its segments') are deleted in batches.
+pub const OUTBOX: &str = "event_outbox";
 use crate::guc;
+use crate::segment;
 
 /// The extension's schema, quoted, when `pg_outbox` is installed in this database.
 pub fn extension_schema() -> SpiResult<Option<String>> {
@@ -21,16 +26,23 @@ pub fn extension_schema() -> SpiResult<Option<String>> {
     )
 }
 
-/// Deletes up to `batch_size` of the oldest rows created more than `older_than` before now (or
-/// `pg_outbox.retention` when `None`), records them in `outbox_prune_state`, and returns how
-/// many it deleted. Rows another transaction has locked are left for the next batch.
-pub fn prune_batch(schema: &str, older_than: Option<Interval>, batch_size: i64) -> SpiResult<i64> {
+/// Deletes up to `batch_size` of the oldest rows of `table` (`event_outbox` or one segment, by
+/// itself: ONLY) created more than `older_than` before now (or `pg_outbox.retention` when
+/// `None`), records them in `outbox_prune_state`, and returns how many it deleted. Rows another
+/// transaction has locked are left for the next batch.
+pub fn prune_batch(
+    schema: &str,
+    table: &str,
+    older_than: Option<Interval>,
+    batch_size: i64,
+) -> SpiResult<i64> {
     // The state row records the greatest xid ever pruned: a relay whose cursor is older than
-    // that knows it may have missed rows, and reports a gap instead of pretending.
+    // that knows it may have missed rows, and reports a gap instead of pretending. ONLY on both
+    // sides: a ctid is unique within one table, not across a table and its segments.
     let sql = format!(
         "WITH gone AS ( \
-            DELETE FROM {schema}.event_outbox WHERE ctid = ANY(ARRAY( \
-                SELECT ctid FROM {schema}.event_outbox \
+            DELETE FROM ONLY {schema}.{table} WHERE ctid = ANY(ARRAY( \
+                SELECT ctid FROM ONLY {schema}.{table} \
                 WHERE created_at < clock_timestamp() - coalesce($1, make_interval(secs => $2)) \
                 ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)) \
             RETURNING xid), \
@@ -63,11 +75,16 @@ pub fn prune_batch(schema: &str, older_than: Option<Interval>, batch_size: i64) 
 }
 
 /// `outbox_prune(older_than interval DEFAULT NULL) RETURNS bigint`: prunes now, in the
-/// caller's transaction, rows older than `older_than` (default `pg_outbox.retention`), and
-/// returns how many it deleted.
+/// caller's transaction, events older than `older_than` (default `pg_outbox.retention`):
+/// drops the segments whose every event is, deletes those of `event_outbox` itself, and
+/// returns how many it removed. Without `older_than` it prunes as the worker does, and leaves
+/// the events of a segment until all of them have expired; with it, it also deletes the older
+/// events of the segments that still hold younger ones, so that none older is left. It also
+/// creates the segments ahead, as the worker does, so that calling it from a scheduler is all a
+/// server without the worker needs.
 ///
 /// It runs with its owner's rights (with a pinned `search_path`), so a pruning role needs only
-/// EXECUTE on it, not the row locks and writes on both tables that pruning takes.
+/// EXECUTE on it, not the row locks, writes and DDL that pruning takes.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
@@ -77,14 +94,29 @@ fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
     let schema = extension_schema().ok().flatten().unwrap_or_else(|| {
         pgrx::error!("outbox_prune: pg_outbox is not installed in this database")
     });
-    let batch_size = guc::prune_batch_size();
+    let fail = |e: pgrx::spi::Error| -> ! { pgrx::error!("outbox_prune: {e}") };
+    segment::create_ahead(&schema).unwrap_or_else(|e| fail(e));
     let mut total = 0;
-    loop {
-        let deleted = prune_batch(&schema, older_than, batch_size)
-            .unwrap_or_else(|e| pgrx::error!("outbox_prune: {e}"));
-        total += deleted;
-        if deleted < batch_size {
-            return total;
+    for name in segment::expired(&schema, older_than).unwrap_or_else(|e| fail(e)) {
+        total += segment::drop(&schema, &name)
+            .unwrap_or_else(|e| fail(e))
+            .unwrap_or_default();
+    }
+    let mut tables = vec![OUTBOX.to_owned()];
+    if let Some(older_than) = older_than {
+        let started = segment::started_before(&schema, older_than).unwrap_or_else(|e| fail(e));
+        tables.extend(started.iter().map(quote_identifier));
+    }
+    let batch_size = guc::prune_batch_size();
+    for table in &tables {
+        loop {
+            let deleted =
+                prune_batch(&schema, table, older_than, batch_size).unwrap_or_else(|e| fail(e));
+            total += deleted;
+            if deleted < batch_size {
+                break;
+            }
         }
     }
+    total
 }

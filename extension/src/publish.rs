@@ -19,6 +19,7 @@ use crate::error::OutboxError;
 use crate::guc::{self, NotifyPayload};
 use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
 use crate::notify::notify;
+use crate::segment::{self, Segment};
 use crate::worker::notifier;
 
 const FUNCTION: &str = "outbox_publish";
@@ -150,9 +151,16 @@ impl<'a> Publish<'a> {
                 DatumWithOid::new(pg_sys::Datum::from(xid), pg_sys::XID8OID),
             ]
         };
-        let insert = insert_statement(self.namespace, deferred);
-        Spi::connect_mut(|client| client.update(&*insert, None, &args).map(|_| ()))
-            .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not insert the event: {e}"));
+        // SAFETY: a syscache lookup by name; a missing table is an invalid oid.
+        let outbox = unsafe { pg_sys::get_relname_relid(c"event_outbox".as_ptr(), self.namespace) };
+        let segment = segment::for_event(self.namespace, outbox, created_at);
+        let insert = insert_statement(self.namespace, outbox, segment.as_deref(), deferred);
+        let run = || Spi::connect_mut(|client| client.update(&*insert, None, &args).map(|_| ()));
+        match &segment {
+            Some(segment) => segment.as_owner(run),
+            None => run(),
+        }
+        .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not insert the event: {e}"));
 
         if deferred {
             notifier::wake_at_commit();
@@ -196,44 +204,58 @@ fn inline_text(payload: pg_sys::Datum) -> Option<String> {
     }
 }
 
-/// A prepared INSERT and the schema it was planned for.
-type CachedInsert = Option<(pg_sys::Oid, Rc<OwnedPreparedStatement>)>;
+/// A prepared INSERT: the table it inserts into, whether it marks rows deferred, the statement.
+type CachedInsert = (pg_sys::Oid, bool, Rc<OwnedPreparedStatement>);
 
 thread_local! {
-    /// The prepared INSERTs, kept for the life of the backend: `[0]` for rows the transaction
-    /// notifies itself, `[1]` for deferred ones.
-    static INSERTS: RefCell<[CachedInsert; 2]> = const { RefCell::new([None, None]) };
+    /// The prepared INSERTs into `event_outbox` and into the current segment, kept for the life
+    /// of the backend (a segment's until the next one takes over).
+    static INSERTS: RefCell<Vec<CachedInsert>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The prepared INSERT into `event_outbox` in `namespace`, prepared on first use. Postgres
-/// re-plans it by itself after DDL on the table; a move to another schema (a re-created
-/// extension) prepares anew.
+/// The prepared INSERT into `segment`, or into `event_outbox` (oid `outbox`) in `namespace`
+/// when there is none; prepared on first use. Postgres re-plans it by itself after DDL on the
+/// table; a table re-created (with the extension) has a new oid and is prepared anew.
 ///
 /// Only deferred rows name `notify_deferred` (its default is false): a server running this
 /// library over a database not yet updated from 0.1.0, which lacks the column, still publishes
 /// in transaction mode until `ALTER EXTENSION pg_outbox UPDATE` runs.
-fn insert_statement(namespace: pg_sys::Oid, deferred: bool) -> Rc<OwnedPreparedStatement> {
-    let slot = usize::from(deferred);
+fn insert_statement(
+    namespace: pg_sys::Oid,
+    outbox: pg_sys::Oid,
+    segment: Option<&Segment>,
+    deferred: bool,
+) -> Rc<OwnedPreparedStatement> {
+    let relid = segment.map_or(outbox, |s| s.relid);
     if let Some(statement) = INSERTS.with_borrow(|cached| {
-        cached[slot]
-            .as_ref()
-            .filter(|(oid, _)| *oid == namespace)
-            .map(|(_, s)| Rc::clone(s))
+        cached
+            .iter()
+            .find(|(table, marks, _)| *table == relid && *marks == deferred)
+            .map(|(_, _, s)| Rc::clone(s))
     }) {
         return statement;
     }
-    // SAFETY: the oid names the schema this function lives in, which exists during the call.
-    let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(namespace)) };
+    let table = match segment {
+        Some(segment) => segment.table.clone(),
+        None => {
+            // SAFETY: the oid names the schema this function lives in, which exists during the
+            // call.
+            let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(namespace)) };
+            format!(
+                "{}.event_outbox",
+                quote_identifier(schema.to_string_lossy())
+            )
+        }
+    };
     let (deferred_column, deferred_value) = if deferred {
         (", notify_deferred", ", true")
     } else {
         ("", "")
     };
     let sql = format!(
-        "INSERT INTO {}.event_outbox \
+        "INSERT INTO {table} \
          (id, channel, user_id, payload, origin, created_at, xid{deferred_column}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7{deferred_value})",
-        quote_identifier(schema.to_string_lossy())
+         VALUES ($1, $2, $3, $4, $5, $6, $7{deferred_value})"
     );
     let types = [
         pg_sys::UUIDOID,
@@ -245,11 +267,19 @@ fn insert_statement(namespace: pg_sys::Oid, deferred: bool) -> Rc<OwnedPreparedS
         pg_sys::XID8OID,
     ]
     .map(PgOid::from);
-    let statement =
-        Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|s| s.keep()))
-            .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not prepare the insert: {e}"));
+    let prepare =
+        || Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|s| s.keep()));
+    let statement = match segment {
+        Some(segment) => segment.as_owner(prepare),
+        None => prepare(),
+    }
+    .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not prepare the insert: {e}"));
     let statement = Rc::new(statement);
-    INSERTS.with_borrow_mut(|cached| cached[slot] = Some((namespace, Rc::clone(&statement))));
+    INSERTS.with_borrow_mut(|cached| {
+        // Segments that were left behind are never inserted into again.
+        cached.retain(|(table, _, _)| *table == outbox || *table == relid);
+        cached.push((relid, deferred, Rc::clone(&statement)));
+    });
     statement
 }
 

@@ -8,7 +8,8 @@ use pg_outbox_tests::Cluster;
 use tokio_postgres::Client;
 
 /// Every object of the extension as the catalog describes it: columns, constraints, indexes,
-/// functions (with their rights and settings) and privileges, sorted.
+/// functions (with their rights and settings) and privileges, sorted. Segments are left out:
+/// they come and go with time (a fresh install creates its first ones).
 const FINGERPRINT: &str = "
     SELECT kind || ' ' || description FROM (
         SELECT 'column' AS kind, format('%s.%s %s %s default %s', c.relname, a.attname,
@@ -31,7 +32,9 @@ const FINGERPRINT: &str = "
         FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
       UNION ALL
         SELECT 'dumped', unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'pg_outbox'
-    ) objects ORDER BY 1";
+    ) objects
+    WHERE description !~ 'event_outbox_[0-9]{8}_[0-9]{6}'
+    ORDER BY 1";
 
 async fn fingerprint(client: &Client) -> Vec<String> {
     client
@@ -67,7 +70,7 @@ async fn updating_from_0_1_0_keeps_events_and_matches_a_fresh_install() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, "0.3.0");
 
     // The new library publishes over the 0.1.0 objects in transaction mode.
     let mut listener = cluster.listener("postgres").await;

@@ -1,7 +1,8 @@
-//! The pruner: one background worker per server that deletes expired events from the
-//! `event_outbox` of the database named by `pg_outbox.database`, every
-//! `pg_outbox.prune_interval`, in batches of `pg_outbox.prune_batch_size`, each batch its own
-//! transaction, so a large backlog never becomes one long transaction holding many locks.
+//! The pruner: one background worker per server that keeps the `event_outbox` of the database
+//! named by `pg_outbox.database`, every `pg_outbox.prune_interval`: it creates the segments
+//! ahead, drops the expired ones, and deletes the expired events of `event_outbox` itself in
+//! batches of `pg_outbox.prune_batch_size`. Each of these is a transaction of its own, so a
+//! large backlog never becomes one long transaction holding many locks.
 //!
 //! It shows in `pg_stat_activity` with `backend_type = 'pg_outbox pruner'`, and its `query`
 //! column tells what it is doing. It reloads its settings on SIGHUP, exits promptly on SIGTERM,
@@ -16,7 +17,8 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 
 use crate::guc;
-use crate::prune::{extension_schema, prune_batch};
+use crate::prune::{extension_schema, prune_batch, OUTBOX};
+use crate::segment;
 use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
@@ -114,11 +116,32 @@ impl Pruner {
         self.waiting.over();
 
         report_activity(c"pruning");
-        let batch_size = guc::prune_batch_size();
+        let created = BackgroundWorker::transaction(|| segment::create_ahead(&schema))
+            .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
+        if created > 0 {
+            debug1!("pg_outbox pruner created {created} segments");
+        }
         let mut total = 0;
+        let expired = BackgroundWorker::transaction(|| segment::expired(&schema, None))
+            .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
+        for name in expired {
+            match BackgroundWorker::transaction(|| segment::drop(&schema, &name))
+                .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"))
+            {
+                Some(rows) => total += rows,
+                None => {
+                    debug1!("pg_outbox pruner: segment {name} is in use; dropping it next pass")
+                }
+            }
+            if shutdown_requested() {
+                return;
+            }
+        }
+        let batch_size = guc::prune_batch_size();
         loop {
-            let deleted = BackgroundWorker::transaction(|| prune_batch(&schema, None, batch_size))
-                .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
+            let deleted =
+                BackgroundWorker::transaction(|| prune_batch(&schema, OUTBOX, None, batch_size))
+                    .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
             total += deleted;
             if deleted < batch_size || shutdown_requested() {
                 break;

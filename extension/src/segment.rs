@@ -1,0 +1,456 @@
+//! Where the outbox is cut into segments: child tables of `event_outbox`, each holding the events
+//! published in one span of `pg_outbox.segment_interval`. The pruner creates them ahead of time
+//! and drops each whole once its last event has expired, instead of deleting its rows one by
+//! one: a drop writes no WAL per row and leaves nothing for vacuum. Deleting a backlog of 1M
+//! expired rows wrote 101 MB of WAL and cost publishers a sixth of their rate while it lasted
+//! (BENCHMARKS.md).
+//!
+//! Inheritance children, not declarative partitions: a partition can be neither dropped nor
+//! detached without an exclusive lock on the partitioned table, which queues behind every
+//! publisher and then blocks them all, and even an INSERT straight into a partition locks the
+//! partitioned table. A child table is created while relays read `event_outbox`, and dropped
+//! while publishers insert into its siblings. Readers query `event_outbox`, which reads its
+//! children too, and need no change.
+//!
+//! Publishers find their segment themselves ([`for_event`]) and insert into it directly. When
+//! no segment covers their clock (segments turned off, a pruner that has not run yet, a
+//! restored dump), they insert into `event_outbox` itself, whose rows the pruner deletes one
+//! by one as before.
+
+use std::cell::RefCell;
+use std::ffi::CStr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, SpiResult};
+
+use crate::guc;
+
+/// How many segments one pass creates at most, so that a tiny `segment_interval` against a long
+/// `prune_interval` cannot fill the catalog: time no segment covers goes to `event_outbox`.
+const MOST_CREATED_AT_ONCE: i64 = 24;
+
+/// How often a drop tries to lock a segment away from the relays reading it, and the wait
+/// between two tries. It never queues for the lock: a queued exclusive lock would hold up every
+/// read of `event_outbox` behind it.
+const EXCLUSIVE_LOCK_ATTEMPTS: u32 = 20;
+const EXCLUSIVE_LOCK_RETRY_AFTER: Duration = Duration::from_millis(5);
+
+/// How long a publisher that found no segment for its clock goes on inserting into
+/// `event_outbox` itself before it looks again. Microseconds.
+const NO_SEGMENT_RECHECK_US: i64 = 1_000_000;
+
+/// Takes the lock that keeps two pruners (the worker and a caller of `outbox_prune()`) from
+/// changing the segments at once, without waiting. False when another holds it, or when this
+/// database's objects predate segments (0.2.0, before `ALTER EXTENSION pg_outbox UPDATE`):
+/// either way there is nothing to do now. It does not conflict with publishers' reads.
+fn lock_segments(schema: &str) -> SpiResult<bool> {
+    let relid = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT to_regclass(format('%s.outbox_segments', $1::text))::oid",
+        &[schema.into()],
+    )?;
+    // SAFETY: a conditional lock never waits; it is released when the transaction ends.
+    Ok(relid.is_some_and(|relid| unsafe {
+        pg_sys::ConditionalLockRelationOid(relid, pg_sys::ShareRowExclusiveLock as i32)
+    }))
+}
+
+/// Creates the segments that will take the events of the next two pruner passes (and at least
+/// one segment beyond the current one), each with `event_outbox`'s columns, defaults and
+/// indexes, owned by `event_outbox`'s owner and belonging to the extension. Returns how many it
+/// created. Segments start at multiples of `segment_interval` since the Unix epoch, or where the
+/// last one ends.
+pub fn create_ahead(schema: &str) -> SpiResult<i64> {
+    let Some(interval) = guc::segment_interval() else {
+        return Ok(0);
+    };
+    if !lock_segments(schema)? {
+        return Ok(0);
+    }
+    let horizon = (2 * guc::prune_interval()).max(interval);
+    let names = Spi::connect_mut(|client| {
+        client
+            .update(
+                format!(
+                    "WITH step AS (SELECT make_interval(secs => $1) AS step), \
+                     first AS ( \
+                        SELECT greatest( \
+                            (SELECT max(ends_at) FROM {schema}.outbox_segments), \
+                            to_timestamp(floor(extract(epoch FROM clock_timestamp())::float8 / $1) * $1) \
+                        ) AS first) \
+                     INSERT INTO {schema}.outbox_segments (name, starts_at, ends_at) \
+                     SELECT format('event_outbox_%s', to_char(s AT TIME ZONE 'UTC', 'YYYYMMDD\"_\"HH24MISS')), \
+                            s, s + step.step \
+                     FROM step, first, \
+                          generate_series(first.first, clock_timestamp() + make_interval(secs => $2), step.step) s \
+                     ORDER BY s LIMIT $3 \
+                     RETURNING name::text"
+                )
+                .as_str(),
+                None,
+                &[
+                    interval.as_secs_f64().into(),
+                    horizon.as_secs_f64().into(),
+                    MOST_CREATED_AT_ONCE.into(),
+                ],
+            )?
+            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<SpiResult<Vec<String>>>()
+    })?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let owner = Spi::get_one::<String>(&format!(
+        "SELECT relowner::regrole::text FROM pg_catalog.pg_class \
+         WHERE oid = '{schema}.event_outbox'::regclass"
+    ))?
+    .unwrap_or_default();
+    // SAFETY: a plain read of a backend-global flag.
+    let in_extension_script = unsafe { pg_sys::creating_extension };
+    for name in &names {
+        let table = format!("{schema}.{}", quote_identifier(name));
+        Spi::run(&format!(
+            "CREATE TABLE {table} (LIKE {schema}.event_outbox INCLUDING ALL); \
+             ALTER TABLE {table} INHERIT {schema}.event_outbox; \
+             ALTER TABLE {table} OWNER TO {owner}; \
+             COMMENT ON TABLE {table} IS \
+                'pg_outbox: a segment of event_outbox (see outbox_segments), dropped by the pruner once its events expire'"
+        ))?;
+        // Objects that CREATE EXTENSION's script creates belong to the extension already.
+        if !in_extension_script {
+            Spi::run(&format!("ALTER EXTENSION pg_outbox ADD TABLE {table}"))?;
+        }
+    }
+    Ok(names.len() as i64)
+}
+
+/// Whether this database's objects have segments: not before `ALTER EXTENSION pg_outbox UPDATE`
+/// from 0.2.0.
+fn has_segments(schema: &str) -> SpiResult<bool> {
+    Spi::get_one_with_args::<bool>(
+        "SELECT to_regclass(format('%s.outbox_segments', $1::text)) IS NOT NULL",
+        &[schema.into()],
+    )
+    .map(|exists| exists == Some(true))
+}
+
+/// The segments whose last event is older than `older_than` (or `pg_outbox.retention` when
+/// `None`), oldest first.
+pub fn expired(schema: &str, older_than: Option<Interval>) -> SpiResult<Vec<String>> {
+    if !has_segments(schema)? {
+        return Ok(Vec::new());
+    }
+    Spi::connect(|client| {
+        client
+            .select(
+                format!(
+                    "SELECT name::text FROM {schema}.outbox_segments \
+                     WHERE ends_at <= clock_timestamp() - coalesce($1, make_interval(secs => $2)) \
+                     ORDER BY starts_at"
+                )
+                .as_str(),
+                None,
+                &[
+                    older_than.map_or_else(
+                        || DatumWithOid::null_oid(pg_sys::INTERVALOID),
+                        DatumWithOid::from,
+                    ),
+                    guc::retention().as_secs_f64().into(),
+                ],
+            )?
+            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .collect()
+    })
+}
+
+/// The segments that began more than `older_than` ago: those that hold events that old.
+pub fn started_before(schema: &str, older_than: Interval) -> SpiResult<Vec<String>> {
+    if !has_segments(schema)? {
+        return Ok(Vec::new());
+    }
+    Spi::connect(|client| {
+        client
+            .select(
+                format!(
+                    "SELECT name::text FROM {schema}.outbox_segments \
+                     WHERE starts_at < clock_timestamp() - $1 ORDER BY starts_at"
+                )
+                .as_str(),
+                None,
+                &[older_than.into()],
+            )?
+            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .collect()
+    })
+}
+
+/// Drops the expired segment `name` and records its rows in `outbox_prune_state`, as a prune
+/// batch does; returns how many rows it held. `None` when it cannot be dropped now without
+/// waiting: a transaction that wrote in it is still open, or relays kept reading it; the next
+/// pass tries again.
+pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
+    if !lock_segments(schema)? {
+        return Ok(None);
+    }
+    let forget = || {
+        Spi::run_with_args(
+            &format!("DELETE FROM {schema}.outbox_segments WHERE name = $1"),
+            &[name.into()],
+        )
+    };
+    let relid = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT to_regclass(format('%s.%I', $1::text, $2::text))::oid",
+        &[schema.into(), name.into()],
+    )?;
+    let Some(relid) = relid else {
+        forget()?;
+        return Ok(Some(0));
+    };
+    // Writers first: SHARE waits for no reader and lets none in, so the count below is final.
+    // SAFETY: conditional locks never wait; they are released when the transaction ends.
+    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::ShareLock as i32) } {
+        return Ok(None);
+    }
+    let table = format!("{schema}.{}", quote_identifier(name));
+    let (rows, max_xid) = Spi::get_two::<i64, String>(&format!(
+        "SELECT count(*), max(xid)::text FROM ONLY {table}"
+    ))?;
+    if !lock_exclusively(relid) {
+        return Ok(None);
+    }
+    Spi::run(&format!(
+        "ALTER EXTENSION pg_outbox DROP TABLE {table}; DROP TABLE {table}"
+    ))?;
+    forget()?;
+    let rows = rows.unwrap_or_default();
+    Spi::run_with_args(
+        &format!(
+            "UPDATE {schema}.outbox_prune_state SET \
+                rows_pruned = rows_pruned + $1, \
+                pruned_through_xid = greatest(pruned_through_xid, $2::xid8), \
+                last_pruned_at = clock_timestamp()"
+        ),
+        &[
+            rows.into(),
+            max_xid.as_deref().map_or_else(
+                || DatumWithOid::null_oid(pg_sys::TEXTOID),
+                DatumWithOid::from,
+            ),
+        ],
+    )?;
+    Ok(Some(rows))
+}
+
+/// Takes ACCESS EXCLUSIVE on `relid` in a few tries: the relays' reads of `event_outbox` hold
+/// its segments for a moment each.
+fn lock_exclusively(relid: pg_sys::Oid) -> bool {
+    for attempt in 1..=EXCLUSIVE_LOCK_ATTEMPTS {
+        // SAFETY: a conditional lock never waits; it is released when the transaction ends.
+        if unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::AccessExclusiveLock as i32) }
+        {
+            return true;
+        }
+        if attempt < EXCLUSIVE_LOCK_ATTEMPTS {
+            // SAFETY: a plain sleep; the tries are few and short.
+            unsafe { pg_sys::pg_usleep(EXCLUSIVE_LOCK_RETRY_AFTER.as_micros() as _) };
+        }
+    }
+    false
+}
+
+/// A segment a publisher inserts into.
+pub struct Segment {
+    pub relid: pg_sys::Oid,
+    /// Its schema-qualified, quoted name.
+    pub table: String,
+    owner: pg_sys::Oid,
+}
+
+impl Segment {
+    /// Runs `insert` with the segment owner's rights. The caller's right to publish was checked
+    /// on `event_outbox` ([`for_event`]), whose grants are the ones users manage; the segments
+    /// carry none. An error inside restores the caller's identity as the (sub)transaction
+    /// aborts.
+    pub fn as_owner<R>(&self, insert: impl FnOnce() -> R) -> R {
+        let mut user = pg_sys::Oid::INVALID;
+        let mut context = 0;
+        // SAFETY: saving and switching the current user, as SECURITY DEFINER functions and
+        // foreign-key checks do; restored below.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(
+                self.owner,
+                context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            );
+        }
+        let result = insert();
+        // SAFETY: restores what was saved above.
+        unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+        result
+    }
+}
+
+/// What a backend knows of the segments: which covers `from..until` (PostgreSQL timestamps),
+/// if any, for `event_outbox` with oid `parent`.
+struct Route {
+    parent: pg_sys::Oid,
+    from: i64,
+    until: i64,
+    segment: Option<Rc<Segment>>,
+}
+
+thread_local! {
+    /// Looked up once per segment and backend.
+    static ROUTE: RefCell<Option<Route>> = const { RefCell::new(None) };
+}
+
+/// The segment an event created at `created_at` goes into, locked for this transaction so that
+/// no drop can take it away before the INSERT; `None` to insert into `event_outbox` (`parent`)
+/// itself. That is also the answer whenever `event_outbox` has something of its own to apply:
+/// row-level security, triggers or rules, or the caller's missing INSERT privilege (whose
+/// error the INSERT then raises as usual).
+pub fn for_event(
+    namespace: pg_sys::Oid,
+    parent: pg_sys::Oid,
+    created_at: i64,
+) -> Option<Rc<Segment>> {
+    let owner = parent_owner_if_plain(parent)?;
+    let cached = ROUTE.with_borrow(|route| {
+        route
+            .as_ref()
+            .filter(|r| r.parent == parent && r.from <= created_at && created_at < r.until)
+            .map(|r| r.segment.clone())
+    });
+    let segment = match cached {
+        Some(segment) => segment,
+        None => {
+            let route = look_up(namespace, parent, owner, created_at);
+            let segment = route.segment.clone();
+            ROUTE.with_borrow_mut(|cached| *cached = Some(route));
+            segment
+        }
+    }?;
+    // SAFETY: the lock the INSERT takes anyway, taken first; then the catalog is read again
+    // (taking a new lock processes pending invalidations) to see that the table still exists.
+    let exists = unsafe {
+        pg_sys::LockRelationOid(segment.relid, pg_sys::RowExclusiveLock as i32);
+        pg_sys::SearchSysCacheExists(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(segment.relid),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    };
+    if !exists {
+        // SAFETY: releases the lock taken above on a table that is gone.
+        unsafe { pg_sys::UnlockRelationOid(segment.relid, pg_sys::RowExclusiveLock as i32) };
+        ROUTE.with_borrow_mut(|cached| *cached = None);
+        return None;
+    }
+    Some(segment)
+}
+
+/// `event_outbox`'s owner, when the caller may insert into it and it has no row-level security,
+/// trigger or rule of its own (a segment would bypass them).
+fn parent_owner_if_plain(parent: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    if parent == pg_sys::Oid::INVALID {
+        return None;
+    }
+    // SAFETY: a relcache lookup and its release; the fields read are plain values.
+    unsafe {
+        if pg_sys::pg_class_aclcheck(parent, pg_sys::GetUserId(), pg_sys::ACL_INSERT as _)
+            != pg_sys::AclResult::ACLCHECK_OK
+        {
+            return None;
+        }
+        let relation = pg_sys::RelationIdGetRelation(parent);
+        if relation.is_null() {
+            return None;
+        }
+        let class = &*(*relation).rd_rel;
+        let plain = !(class.relrowsecurity || class.relhastriggers || class.relhasrules);
+        let owner = class.relowner;
+        pg_sys::RelationClose(relation);
+        plain.then_some(owner)
+    }
+}
+
+/// Reads `outbox_segments` (with `event_outbox`'s owner's rights: publishers have no grant on
+/// it) for the segment that covers `created_at`, or how long none does.
+fn look_up(
+    namespace: pg_sys::Oid,
+    parent: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    created_at: i64,
+) -> Route {
+    let none_until = |until: i64| Route {
+        parent,
+        from: created_at,
+        until: until.min(created_at + NO_SEGMENT_RECHECK_US),
+        segment: None,
+    };
+    // SAFETY: catalog lookups by oid and name; a missing table is an invalid oid, not an error.
+    let (segments, schema) = unsafe {
+        (
+            pg_sys::get_relname_relid(c"outbox_segments".as_ptr(), namespace),
+            pg_sys::get_namespace_name(namespace),
+        )
+    };
+    // Before ALTER EXTENSION pg_outbox UPDATE there is no outbox_segments.
+    if segments == pg_sys::Oid::INVALID || schema.is_null() {
+        return none_until(i64::MAX);
+    }
+    // SAFETY: get_namespace_name returned a palloc'd C string.
+    let schema = quote_identifier(unsafe { CStr::from_ptr(schema) }.to_string_lossy());
+    let sql = format!(
+        "SELECT format('{schema}.%I', s.name), c.oid, c.relowner, \
+                (extract(epoch FROM s.starts_at) * 1000000)::int8 - 946684800000000, \
+                (extract(epoch FROM s.ends_at) * 1000000)::int8 - 946684800000000 \
+         FROM {schema}.outbox_segments s \
+         LEFT JOIN pg_catalog.pg_class c ON c.oid = to_regclass(format('{schema}.%I', s.name)) \
+         WHERE s.ends_at > $1 ORDER BY s.starts_at LIMIT 1"
+    );
+    let reader = Segment {
+        relid: pg_sys::Oid::INVALID,
+        table: String::new(),
+        owner,
+    };
+    let found = reader.as_owner(|| {
+        Spi::connect(|client| {
+            // SAFETY: a timestamptz datum is its 64-bit value.
+            let at = unsafe {
+                DatumWithOid::new(pg_sys::Datum::from(created_at), pg_sys::TIMESTAMPTZOID)
+            };
+            let row = client.select(sql.as_str(), Some(1), &[at])?.first();
+            if row.is_empty() {
+                return Ok(None);
+            }
+            Ok::<_, pgrx::spi::Error>(Some((
+                row.get::<String>(1)?,
+                row.get::<pg_sys::Oid>(2)?,
+                row.get::<pg_sys::Oid>(3)?,
+                row.get::<i64>(4)?.unwrap_or_default(),
+                row.get::<i64>(5)?.unwrap_or_default(),
+            )))
+        })
+    });
+    match found {
+        Ok(Some((Some(table), Some(relid), Some(owner), from, until))) if from <= created_at => {
+            Route {
+                parent,
+                from,
+                until,
+                segment: Some(Rc::new(Segment {
+                    relid,
+                    table,
+                    owner,
+                })),
+            }
+        }
+        Ok(Some((_, _, _, from, _))) if from > created_at => none_until(from),
+        _ => none_until(i64::MAX),
+    }
+}

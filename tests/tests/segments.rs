@@ -1,0 +1,249 @@
+//! Segments: events go into the child table of their time, which the pruner drops whole once
+//! its last event has expired, never while a transaction that wrote in it is open; publishing
+//! into one needs only the grants on `event_outbox`, whose own security still applies.
+
+use std::time::Duration;
+
+use pg_outbox_tests::Cluster;
+use pruner_support::{rows_pruned, WAIT};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, GenericClient};
+
+mod pruner_support;
+
+/// A cluster with segments of `interval`, a pruner pass every second and the retention given.
+fn cluster(interval: &str, retention: &str) -> Cluster {
+    Cluster::builder()
+        .setting("pg_outbox.segment_interval", &format!("'{interval}'"))
+        .setting("pg_outbox.retention", &format!("'{retention}'"))
+        .setting("pg_outbox.prune_interval", "'1s'")
+        .start()
+}
+
+/// Publishes one event (in a transaction of its own unless `client` is a transaction); returns
+/// the table it landed in and its xid.
+async fn publish(client: &impl GenericClient) -> (String, String) {
+    let id: uuid::Uuid = client
+        .query_one("SELECT outbox_publish('chat', 'u1', '{\"n\": 1}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let row = client
+        .query_one(
+            "SELECT tableoid::regclass::text, xid::text FROM event_outbox WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Whether the table `name` exists, and whether `outbox_segments` lists it.
+async fn segment_exists(client: &Client, name: &str) -> (bool, bool) {
+    let row = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL, \
+                    EXISTS (SELECT FROM outbox_segments WHERE name = $1)",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Whether `pruned_through_xid` covers `xid`.
+async fn pruned_through(client: &Client, xid: &str) -> bool {
+    client
+        .query_one(
+            "SELECT pruned_through_xid >= $1::text::xid8 FROM outbox_prune_state",
+            &[&xid],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn events_go_into_the_segment_of_their_time_which_is_dropped_whole_once_expired() {
+    let cluster = cluster("10s", "1h");
+    let client = cluster.connect("postgres").await;
+    let mut published = Vec::new();
+    for _ in 0..20 {
+        published.push(publish(&client).await);
+    }
+    let in_range: i64 = client
+        .query_one(
+            "SELECT count(*) FROM event_outbox e JOIN outbox_segments s \
+               ON s.name = e.tableoid::regclass::text \
+              AND s.starts_at <= e.created_at AND e.created_at < s.ends_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_range, 20, "every event is in the segment of its time");
+    let outside: i64 = client
+        .query_one("SELECT count(*) FROM ONLY event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outside, 0);
+
+    cluster.psql("postgres", "ALTER SYSTEM SET pg_outbox.retention = '1s'");
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster
+        .wait_for("the expired segments to be dropped", WAIT, || async {
+            let remaining: i64 = client
+                .query_one("SELECT count(*) FROM event_outbox", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (remaining == 0).then_some(())
+        })
+        .await;
+    for (segment, _) in &published {
+        assert_eq!(segment_exists(&client, segment).await, (false, false));
+    }
+    assert!(rows_pruned(&client).await >= 20);
+    let last_xid = &published.last().unwrap().1;
+    assert!(pruned_through(&client, last_xid).await);
+    let ahead: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox_segments WHERE ends_at > clock_timestamp()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ahead >= 1, "the pruner keeps segments ahead of the clock");
+}
+
+#[tokio::test]
+async fn a_segment_is_not_dropped_while_a_transaction_that_wrote_in_it_is_open() {
+    let cluster = cluster("3s", "1s");
+    let mut writer = cluster.connect("postgres").await;
+    let others = cluster.connect("postgres").await;
+    let open = writer.transaction().await.unwrap();
+    let (segment, xid) = publish(&open).await;
+    assert_ne!(segment, "event_outbox");
+
+    // Well past the segment's expiry (it ends within 3 s and expires a second later), several
+    // passes have tried to drop it.
+    let pruned_before = rows_pruned(&others).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(segment_exists(&others, &segment).await, (true, true));
+    // Meanwhile others publish, into later segments, without waiting.
+    others
+        .batch_execute("SET statement_timeout = '5s'")
+        .await
+        .unwrap();
+    let (later, _) = publish(&others).await;
+    assert_ne!(later, segment);
+
+    open.commit().await.unwrap();
+    cluster
+        .wait_for("the segment to be dropped", WAIT, || async {
+            (segment_exists(&others, &segment).await == (false, false)).then_some(())
+        })
+        .await;
+    assert!(rows_pruned(&others).await > pruned_before);
+    assert!(
+        pruned_through(&others, &xid).await,
+        "a relay that never read the event learns that it was pruned"
+    );
+}
+
+#[tokio::test]
+async fn publishing_into_a_segment_needs_only_insert_on_event_outbox_whose_security_applies() {
+    let cluster = cluster("10min", "1h");
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE publisher LOGIN; CREATE ROLE stranger LOGIN; \
+         GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO publisher, stranger; \
+         GRANT INSERT ON event_outbox TO publisher",
+    );
+    let admin = cluster.connect("postgres").await;
+    let publisher = cluster.connect_as("postgres", "publisher").await;
+    let stranger = cluster.connect_as("postgres", "stranger").await;
+    let table_of = |channel: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT tableoid::regclass::text FROM event_outbox WHERE channel = $1",
+                    &[&channel],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+
+    publisher
+        .execute("SELECT outbox_publish('granted', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    assert_ne!(table_of("granted").await, "event_outbox");
+
+    let refused = stranger
+        .execute("SELECT outbox_publish('refused', 'u1', '{}')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+    assert!(
+        refused
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("event_outbox"),
+        "{refused}"
+    );
+
+    // Row-level security on event_outbox: rows go through it, and its policy holds.
+    cluster.psql(
+        "postgres",
+        "ALTER TABLE event_outbox ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY only_allowed ON event_outbox FOR INSERT TO publisher \
+           WITH CHECK (channel = 'allowed')",
+    );
+    publisher
+        .execute("SELECT outbox_publish('allowed', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    assert_eq!(table_of("allowed").await, "event_outbox");
+    let denied = publisher
+        .execute("SELECT outbox_publish('denied', 'u1', '{}')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{denied}"
+    );
+    cluster.psql(
+        "postgres",
+        "ALTER TABLE event_outbox DISABLE ROW LEVEL SECURITY",
+    );
+
+    // A trigger on event_outbox: rows go through it, and it fires.
+    cluster.psql(
+        "postgres",
+        "CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN NEW.payload := NEW.payload || '{\"marked\": true}'; RETURN NEW; END $$; \
+         CREATE TRIGGER mark BEFORE INSERT ON event_outbox FOR EACH ROW EXECUTE FUNCTION mark()",
+    );
+    publisher
+        .execute("SELECT outbox_publish('triggered', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    assert_eq!(table_of("triggered").await, "event_outbox");
+    let marked: bool = admin
+        .query_one(
+            "SELECT (payload->>'marked')::boolean FROM event_outbox WHERE channel = 'triggered'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(marked);
+}

@@ -1,10 +1,11 @@
-//! Figure 5: the publish rate while the pruner deletes a large backlog of expired rows, against
-//! the rate without pruning, with batches back to back (`prune_pause = 0`) and with the default
-//! pause, and with the default pause but `wal_compression = off` set in the configuration (so
-//! the pruner leaves its full-page images uncompressed); how long each prune takes and what the
-//! table weighs. The run with the default pause is
-//! then compared with a time-partitioned outbox whose expired partitions are dropped
-//! ([`crate::retention`]).
+//! Figure 5: the publish rate while the pruner removes a large backlog of expired rows, against
+//! the rate without pruning. The backlog lies either in an expired segment, which the pruner
+//! drops whole (the default layout), or in `event_outbox` itself, whose rows it deletes in
+//! batches: back to back (`prune_pause = 0`), with the default pause, and with the default pause
+//! but `wal_compression = off` set in the configuration (so the pruner leaves its full-page
+//! images uncompressed). Also how long each prune takes and what the table weighs. The segment
+//! run and the DELETE run with the default pause are then compared with a time-partitioned
+//! outbox ([`crate::retention`]).
 
 use std::time::{Duration, Instant};
 
@@ -16,42 +17,55 @@ use crate::report::{median, ratio, Table};
 use crate::retention::{self, Arm};
 use crate::Options;
 
-/// One way of running the pruner.
+/// Where the expired backlog lies, and so how the pruner removes it.
 #[derive(PartialEq)]
-struct Pruning {
-    pause: &'static str,
-    /// `wal_compression` set in the configuration, or `None` to leave it at its default (and
-    /// the pruner compressing its own full-page images).
-    wal_compression: Option<&'static str>,
+enum Pruning {
+    /// In an expired segment, dropped whole.
+    Segment,
+    /// In `event_outbox` itself, deleted in batches with `pause` between them.
+    Delete {
+        pause: &'static str,
+        /// `wal_compression` set in the configuration, or `None` to leave it at its default
+        /// (and the pruner compressing its own full-page images).
+        wal_compression: Option<&'static str>,
+    },
 }
 
 impl Pruning {
     fn name(&self) -> String {
-        match self.wal_compression {
-            None => format!("prune_pause {}", self.pause),
-            Some(value) => format!(
-                "prune_pause {}, wal_compression = {value} in the configuration",
-                self.pause
+        match self {
+            Pruning::Segment => "an expired segment: DROP TABLE".into(),
+            Pruning::Delete {
+                pause,
+                wal_compression: None,
+            } => format!("event_outbox itself: DELETE batches, prune_pause {pause}"),
+            Pruning::Delete {
+                pause,
+                wal_compression: Some(value),
+            } => format!(
+                "event_outbox itself: DELETE batches, prune_pause {pause}, wal_compression = \
+                 {value} in the configuration"
             ),
         }
     }
 }
 
-/// The ways compared; the second is the default, and its run is the plain table's side of
-/// [`crate::retention`]'s comparison.
-const PRUNINGS: [Pruning; 3] = [
-    Pruning {
+/// The ways compared; the first and the third are the two sides of [`crate::retention`]'s
+/// comparison.
+const PRUNINGS: [Pruning; 4] = [
+    Pruning::Segment,
+    Pruning::Delete {
         pause: "0",
         wal_compression: None,
     },
-    DEFAULT_PRUNING,
-    Pruning {
+    DEFAULT_DELETE,
+    Pruning::Delete {
         pause: "100ms",
         wal_compression: Some("off"),
     },
 ];
 
-const DEFAULT_PRUNING: Pruning = Pruning {
+const DEFAULT_DELETE: Pruning = Pruning::Delete {
     pause: "100ms",
     wal_compression: None,
 };
@@ -76,26 +90,62 @@ pub fn publishers(options: &Options) -> Run {
     }
 }
 
-/// Inserts `backlog` rows created two hours ago into `database`'s `event_outbox`, in one
-/// statement, vacuums and analyzes the table, and checkpoints.
+/// The statement that inserts `backlog` rows created two hours ago into `table`.
+fn insert_backlog(table: &str, backlog: i64) -> String {
+    format!(
+        "INSERT INTO {table} (id, channel, user_id, payload, created_at) \
+         SELECT gen_random_uuid(), 'chat', 'user-' || mod(n, 100), \
+                '{{\"text\": \"an expired event\", \"room\": 42}}', \
+                clock_timestamp() - interval '2 hours' \
+         FROM generate_series(1, {backlog}) n"
+    )
+}
+
+/// Inserts `backlog` rows created two hours ago into `database`'s `event_outbox` itself (not a
+/// segment), in one statement, then [`settle`]s them.
+pub fn load_backlog(cluster: &Cluster, database: &str, backlog: i64) {
+    cluster.psql(database, &insert_backlog("event_outbox", backlog));
+    settle(cluster, database, "event_outbox");
+}
+
+/// The name the backlog's segment takes.
+const EXPIRED_SEGMENT: &str = "event_outbox_expired_backlog";
+
+/// Loads `backlog` rows created two hours ago into a segment the extension created: the newest,
+/// which no publisher writes into yet. The segment is then renamed and moved back in
+/// `outbox_segments` to the hour its rows were created in, which is how the pruner finds a
+/// segment once its events have expired. Then [`settle`]s it.
+fn load_backlog_into_a_segment(cluster: &Cluster, backlog: i64) {
+    let insert = insert_backlog("%I", backlog).replace('\'', "''");
+    cluster.psql(
+        "postgres",
+        &format!(
+            "DO $$ \
+             DECLARE newest name; \
+             BEGIN \
+                 SELECT name INTO newest FROM outbox_segments ORDER BY starts_at DESC LIMIT 1; \
+                 EXECUTE format('{insert}', newest); \
+                 EXECUTE format('ALTER TABLE %I RENAME TO {EXPIRED_SEGMENT}', newest); \
+                 UPDATE outbox_segments SET name = '{EXPIRED_SEGMENT}', \
+                     starts_at = now() - interval '3 hours', ends_at = now() - interval '2 hours' \
+                 WHERE name = newest; \
+             END $$"
+        ),
+    );
+    settle(cluster, "postgres", EXPIRED_SEGMENT);
+}
+
+/// Vacuums and analyzes `table` (and `event_outbox` for its statistics over the segments), and
+/// checkpoints.
 ///
 /// The checkpoint makes the rows what expired rows are in production: written before the last
 /// checkpoint, so the first change to each of their pages writes a full-page image to the WAL.
 /// Without it, a prune in the same checkpoint cycle as the load wrote a quarter of the WAL (56 MB
 /// for 1M rows, against 221 MB with the images), and the figure depended on where the server's
 /// checkpoint timer happened to be.
-pub fn load_backlog(cluster: &Cluster, database: &str, backlog: i64) {
-    cluster.psql(
-        database,
-        &format!(
-            "INSERT INTO event_outbox (id, channel, user_id, payload, created_at) \
-             SELECT gen_random_uuid(), 'chat', 'user-' || (n % 100), \
-                    '{{\"text\": \"an expired event\", \"room\": 42}}', \
-                    clock_timestamp() - interval '2 hours' \
-             FROM generate_series(1, {backlog}) n"
-        ),
-    );
-    cluster.psql(database, "VACUUM ANALYZE event_outbox");
+fn settle(cluster: &Cluster, database: &str, table: &str) {
+    cluster.psql(database, &format!("VACUUM ANALYZE {table}"));
+    cluster.psql(database, "ANALYZE event_outbox");
     cluster.psql(database, "CHECKPOINT");
 }
 
@@ -109,31 +159,40 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     // Without pruning before, between and after the runs with pruning.
     let mut without = vec![tps(cluster, &publish())];
     let mut rows = Vec::new();
-    let mut catch_up = None;
     for pruning in &PRUNINGS {
-        let is_default = *pruning == DEFAULT_PRUNING;
         // Each prune starts from the same table: a million live rows, no dead ones left over
         // from the previous prune.
         cluster.psql("postgres", "TRUNCATE event_outbox");
-        load_backlog(cluster, "postgres", backlog);
+        let pause = match pruning {
+            Pruning::Segment => {
+                load_backlog_into_a_segment(cluster, backlog);
+                None
+            }
+            Pruning::Delete {
+                pause,
+                wal_compression,
+            } => {
+                load_backlog(cluster, "postgres", backlog);
+                cluster.psql(
+                    "postgres",
+                    &format!("ALTER SYSTEM SET pg_outbox.prune_pause = '{pause}'"),
+                );
+                if let Some(value) = wal_compression {
+                    cluster.psql(
+                        "postgres",
+                        &format!("ALTER SYSTEM SET wal_compression = '{value}'"),
+                    );
+                }
+                Some(pause)
+            }
+        };
         let loaded = size();
-        if is_default {
-            catch_up = Some(retention::catch_up(&admin).await);
-        }
+        let catch_up = if *pruning == Pruning::Segment || *pruning == DEFAULT_DELETE {
+            Some(retention::catch_up(&admin).await)
+        } else {
+            None
+        };
         let pruned_before = rows_pruned(&admin).await;
-        cluster.psql(
-            "postgres",
-            &format!(
-                "ALTER SYSTEM SET pg_outbox.prune_pause = '{}'",
-                pruning.pause
-            ),
-        );
-        if let Some(value) = pruning.wal_compression {
-            cluster.psql(
-                "postgres",
-                &format!("ALTER SYSTEM SET wal_compression = '{value}'"),
-            );
-        }
         cluster.psql(
             "postgres",
             "ALTER SYSTEM SET pg_outbox.prune_interval = '1s'",
@@ -150,20 +209,21 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         let with = publishing.await.expect("the pgbench run while pruning");
         cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_interval");
         cluster.psql("postgres", "ALTER SYSTEM RESET wal_compression");
+        if pause.is_some() {
+            cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_pause");
+        }
         cluster.psql("postgres", "SELECT pg_reload_conf()");
-        rows.push((pruning, is_default, with, pruned_in, loaded, size()));
+        rows.push((pruning, with, pruned_in, loaded, size(), catch_up));
         without.push(tps(cluster, &publish()));
     }
-    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_pause");
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
     drained.stop().await;
     drop(admin);
 
     let base = median(&without);
     let mut table = Table::new(
-        "Publishing while the pruner deletes an expired backlog",
+        "Publishing while the pruner removes an expired backlog",
         &[
-            "pruner",
+            "the backlog lies in, and the pruner removes it by",
             "publish tx/s while pruning",
             "vs without pruning",
             "time to prune",
@@ -172,14 +232,17 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     );
     table.note = format!(
         "pgbench, 8 clients, notify_mode = worker, {} s runs starting with the prune; {backlog} \
-         rows created two hours ago (into a truncated table, then VACUUM ANALYZE and CHECKPOINT, \
-         so that deleting them writes full-page images, as for rows written hours before), \
-         then prune_interval set to 1 s; batches of 10,000 rows, a transaction each. Without \
-         pruning: {base:.0} tx/s (median of the runs before, between and after).",
+         rows created two hours ago, into a truncated outbox: either into a segment the \
+         extension created, then renamed and moved back to the hour its rows were created in \
+         (as the pruner finds a segment once it expires), or into event_outbox itself; then \
+         VACUUM ANALYZE and CHECKPOINT, so that deleting them writes full-page images, as for \
+         rows written hours before; then prune_interval set to 1 s. DELETE batches of 10,000 \
+         rows, a transaction each. Publishers insert into the current segment all along. \
+         Without pruning: {base:.0} tx/s (median of the runs before, between and after).",
         options.run_time().as_secs()
     );
-    let mut plain = None;
-    for (pruning, is_default, with, pruned_in, loaded, after) in rows {
+    let (mut segment, mut plain) = (None, None);
+    for (pruning, with, pruned_in, loaded, after, catch_up) in rows {
         table.row(vec![
             pruning.name(),
             format!("{with:.0}"),
@@ -189,21 +252,30 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             }),
             format!("{loaded} → {after}"),
         ]);
-        if is_default {
-            plain = Some((with, pruned_in, loaded, after));
+        let arm = catch_up.map(|catch_up| Arm {
+            without: without.clone(),
+            with,
+            pruned_in,
+            loaded,
+            after,
+            catch_up,
+        });
+        if *pruning == Pruning::Segment {
+            segment = arm;
+        } else if *pruning == DEFAULT_DELETE {
+            plain = arm;
         }
     }
-    let (with, pruned_in, loaded, after) = plain.expect("the run with the default pause");
-    let plain = Arm {
-        without,
-        with,
-        pruned_in,
-        loaded,
-        after,
-        catch_up: catch_up.expect("the catch-up timed on the plain table"),
-    };
     let mut tables = vec![table];
-    tables.extend(retention::run(cluster, options, plain).await);
+    tables.extend(
+        retention::run(
+            cluster,
+            options,
+            plain.expect("the DELETE run with the default pause"),
+            segment.expect("the segment run"),
+        )
+        .await,
+    );
     tables
 }
 

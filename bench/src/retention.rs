@@ -1,19 +1,23 @@
-//! Figure 5, continued: retention without bloat. The plain `event_outbox` pruned by the pruner
-//! worker's DELETE batches (measured in [`crate::prune`]) against a time-partitioned outbox whose
-//! expired partitions are dropped, as PgQ rotates its tables; and what dropping a partition does
-//! to publishers while a long transaction reads the outbox.
+//! Figure 5, continued: retention without bloat. Three layouts of the outbox, each with the
+//! same expired backlog: rows in `event_outbox` itself, deleted by the pruner worker's batches,
+//! and the extension's segments, one of which the pruner drops whole (both measured in
+//! [`crate::prune`]); and a time-partitioned outbox whose expired partitions are dropped, as
+//! PgQ rotates its tables. Then what dropping a partition does to publishers while a long
+//! transaction reads the outbox: why the extension's segments are inheritance children rather
+//! than partitions.
 //!
 //! The partitioned outbox lives in a database of its own, [`DATABASE`]: `pg_outbox` is created
-//! there, its `event_outbox` taken out of the extension and replaced by a table with the same
-//! columns, defaults and indexes, partitioned by hour on `created_at`. `outbox_publish` is the
-//! extension's, unchanged: its prepared INSERT names `event_outbox` and is routed to the
-//! partitions (the figure counts the rows of each partition to show it). The workers serve one
-//! database (`pg_outbox.database`, read at server start), so the server is restarted to serve
-//! this one while it is measured, and restarted back after: the notifier does the same work for
-//! both layouts. Its pruner must never run a pass over the partitioned table with expired rows
-//! in it (its `DELETE ... WHERE ctid = ANY(...)` would match rows of other partitions with the
-//! same ctid), so the backlog is loaded only after the pruner's first pass, and the bench's
-//! `prune_interval` of an hour keeps it from another.
+//! there (with `segment_interval = 0`, so without segments), its `event_outbox` taken out of
+//! the extension and replaced by a table with the same columns, defaults and indexes,
+//! partitioned by hour on `created_at`. `outbox_publish` is the extension's, unchanged: its
+//! prepared INSERT names `event_outbox` and is routed to the partitions (the figure counts the
+//! rows of each partition to show it). The workers serve one database (`pg_outbox.database`,
+//! read at server start), so the server is restarted to serve this one while it is measured,
+//! and restarted back after: the notifier does the same work for both layouts. Its pruner must
+//! never run a pass over the partitioned table with expired rows in it (its `DELETE ... WHERE
+//! ctid = ANY(...)` would match rows of other partitions with the same ctid), so the backlog
+//! is loaded only after the pruner's first pass, and the bench's `prune_interval` of an hour
+//! keeps it from another.
 //!
 //! Why `created_at` and not the UUIDv7 `id` as the partition key: retention is defined on
 //! `created_at`, by the database clock, so a partition's upper bound says exactly when all of its
@@ -83,15 +87,14 @@ pub struct CatchUp {
     pub leaves: usize,
 }
 
-/// The table's size with its indexes and TOAST, summed over its partitions when it has any
-/// (`pg_total_relation_size` of a partitioned table is 0).
+/// The outbox's size with its indexes and TOAST, summed over its segments or partitions.
 pub fn size(cluster: &Cluster, database: &str) -> String {
     cluster.psql(
         database,
-        "SELECT pg_size_pretty(CASE WHEN relkind = 'p' \
-             THEN (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(oid)) \
-             ELSE pg_total_relation_size(oid) END) \
-         FROM pg_class WHERE oid = 'event_outbox'::regclass",
+        "SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) \
+         FROM (SELECT 'event_outbox'::regclass AS relid \
+               UNION ALL SELECT inhrelid FROM pg_inherits \
+                          WHERE inhparent = 'event_outbox'::regclass) AS tables",
     )
 }
 
@@ -173,11 +176,14 @@ pub async fn catch_up(client: &Client) -> CatchUp {
     let seq_scans = count(&|l| l.contains("Seq Scan on") && l.contains("event_outbox"));
     let leaves: i64 = client
         .query_one(
-            "SELECT greatest(count(*), 1) FROM pg_partition_tree('event_outbox') WHERE isleaf",
+            "SELECT count(*) FROM (SELECT 'event_outbox'::regclass AS relid \
+                   UNION ALL SELECT inhrelid FROM pg_inherits \
+                              WHERE inhparent = 'event_outbox'::regclass) AS tables \
+             JOIN pg_class ON pg_class.oid = tables.relid WHERE relkind <> 'p'",
             &[],
         )
         .await
-        .expect("count the leaf tables")
+        .expect("count the tables that hold rows")
         .get(0);
     CatchUp {
         advance: Duration::from_secs_f64(median(&advance_ms) / 1000.0),
@@ -188,9 +194,21 @@ pub async fn catch_up(client: &Client) -> CatchUp {
 }
 
 /// Measures the partitioned outbox and the lock experiment; returns the comparison with
-/// `plain` (the prune figure's run with the default pause) and the experiment's table.
-pub async fn run(cluster: &Cluster, options: &Options, mut plain: Arm) -> Vec<Table> {
+/// `plain` (the prune figure's DELETE run with the default pause) and `segments` (its segment
+/// run), and the experiment's table.
+pub async fn run(
+    cluster: &Cluster,
+    options: &Options,
+    mut plain: Arm,
+    mut segments: Arm,
+) -> Vec<Table> {
     let backlog = backlog(options);
+    // Segments would be children of the table the setup replaces.
+    cluster.psql(
+        "postgres",
+        "ALTER SYSTEM SET pg_outbox.segment_interval = 0",
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
     cluster.psql("postgres", &format!("CREATE DATABASE {DATABASE}"));
     cluster.psql_script(DATABASE, &setup_sql());
     serve(cluster, Some(DATABASE)).await;
@@ -229,9 +247,12 @@ pub async fn run(cluster: &Cluster, options: &Options, mut plain: Arm) -> Vec<Ta
 
     // Back to the plain table: one more run without pruning, so that its runs bracket the
     // partitioned ones.
+    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.segment_interval");
     serve(cluster, None).await;
     let drained = crate::drain::spawn(cluster).await;
-    plain.without.push(tps(cluster, &publishers(options)));
+    let last = tps(cluster, &publishers(options));
+    plain.without.push(last);
+    segments.without.push(last);
     drained.stop().await;
     cluster.psql("postgres", &format!("DROP DATABASE {DATABASE}"));
 
@@ -244,7 +265,7 @@ pub async fn run(cluster: &Cluster, options: &Options, mut plain: Arm) -> Vec<Ta
         catch_up,
     };
     vec![
-        comparison(options, &plain, &partitioned, &dropped, &routed),
+        comparison(options, &plain, &segments, &partitioned, &dropped, &routed),
         hazard,
     ]
 }
@@ -253,12 +274,13 @@ pub async fn run(cluster: &Cluster, options: &Options, mut plain: Arm) -> Vec<Ta
 fn comparison(
     options: &Options,
     plain: &Arm,
+    segments: &Arm,
     partitioned: &Arm,
     dropped: &Dropped,
     routed: &str,
 ) -> Table {
     let mut table = Table::new(
-        "Retention without bloat: DELETE batches against dropping time partitions",
+        "Retention without bloat: DELETE batches, dropping segments, dropping partitions",
         &[
             "outbox layout, pruned by",
             "publish tx/s without pruning",
@@ -273,8 +295,12 @@ fn comparison(
     let plain_base = median(&plain.without);
     for (name, arm) in [
         (
-            "plain table; the pruner worker's DELETE batches (prune_pause 100ms)",
+            "rows in event_outbox itself; the pruner worker's DELETE batches (prune_pause 100ms)",
             plain,
+        ),
+        (
+            "the extension's segments (inheritance children); the pruner worker drops the expired one",
+            segments,
         ),
         (
             "hourly partitions on created_at; DROP TABLE of the expired partitions",
@@ -282,10 +308,10 @@ fn comparison(
         ),
     ] {
         let base = median(&arm.without);
-        let without = if std::ptr::eq(arm, plain) {
-            format!("{base:.0}")
+        let without = if std::ptr::eq(arm, partitioned) {
+            format!("{base:.0} ({} the extension's layout)", ratio(base, plain_base))
         } else {
-            format!("{base:.0} ({} the plain table)", ratio(base, plain_base))
+            format!("{base:.0}")
         };
         table.row(vec![
             name.to_owned(),
@@ -301,8 +327,9 @@ fn comparison(
         ]);
     }
     table.note = format!(
-        "Measured in the same run as the table above; the plain table's row is its run with \
-         prune_pause 100ms. The partitioned outbox is in a database of its own \
+        "Measured in the same run as the table above: its DELETE run with prune_pause 100ms \
+         and its segment run, which share their runs without pruning (publishers insert into \
+         the current segment in both). The partitioned outbox is in a database of its own \
          ({DATABASE}): CREATE EXTENSION pg_outbox, then its event_outbox taken out of the \
          extension (ALTER EXTENSION pg_outbox DROP TABLE), dropped, and replaced by a table \
          with the same columns, defaults and indexes, PARTITION BY RANGE (created_at), primary \
@@ -316,13 +343,14 @@ fn comparison(
          least pg_outbox.retention ago), one transaction with lock_timeout {LOCK_TIMEOUT} that \
          counts its rows and their greatest xid into outbox_prune_state and drops it \
          ({} partitions, {} rows, {} retries after a lock timeout). Without pruning: medians \
-         of the plain runs before, between and after the prunes above and after the \
+         of the runs before, between and after the prunes above and after the \
          partitioned runs ({} tx/s), and of the partitioned runs before and after its prune \
-         ({} tx/s). Sizes: pg_total_relation_size, summed over the partitions. Catch-up: the \
+         ({} tx/s). Sizes: pg_total_relation_size, summed over the segments or partitions. Catch-up: the \
          relay's advance statement (pg_outbox_client's, prepared) from a snapshot taken before \
          {} transactions of {} outbox_publish calls, with the backlog present, median of \
-         {TIMED_RUNS} runs after 3 warm-ups, measured at the client; its plan (EXPLAIN) on the \
-         plain table: {}; on the {} partitions: {}. By id: SELECT ... WHERE id = ANY($1) with \
+         {TIMED_RUNS} runs after 3 warm-ups, measured at the client; its plan (EXPLAIN) with \
+         the backlog in event_outbox itself, over {} tables: {}; in a segment, over {} tables: \
+         {}; on the {} partitions: {}. By id: SELECT ... WHERE id = ANY($1) with \
          the same 100 ids, which the client never runs.",
         LAST_HOUR - FIRST_HOUR + 1,
         options.run_time().as_secs(),
@@ -334,7 +362,10 @@ fn comparison(
         rates(&partitioned.without),
         RECENT_TRANSACTIONS,
         EVENTS_PER_TRANSACTION,
+        plain.catch_up.leaves,
         plain.catch_up.plan,
+        segments.catch_up.leaves,
+        segments.catch_up.plan,
         partitioned.catch_up.leaves,
         partitioned.catch_up.plan,
     );

@@ -5,7 +5,7 @@
 #    from Rust (client/examples/publisher.rs), some in rolled-back transactions, while one
 #    replica's connection is killed: each reports received, lost (0), duplicated (0), caught up,
 #    and commit-to-delivery latency;
-# 3. the pruner worker deletes expired events inside the database.
+# 3. the pruner worker drops expired segments and deletes expired events inside the database.
 set -euo pipefail
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -107,6 +107,10 @@ wait "${RELAY_PIDS[@]}"
 for replica in "${REPLICAS[@]}"; do
     sed '/ready/d; s/^/  /' "$DIR/$replica.out"
 done
+
+step "Events live in segments, child tables of event_outbox that the pruner drops whole once expired"
+psql_demo -c "SELECT tableoid::regclass AS segment, count(*) AS events FROM event_outbox GROUP BY 1 ORDER BY 1"
+psql_demo -c "SELECT name, starts_at, ends_at FROM outbox_segments ORDER BY starts_at"
 
 step "The pruner deletes events older than pg_outbox.retention (10min here), by the database clock"
 psql_demo -c "INSERT INTO event_outbox (id, channel, user_id, payload, created_at)

@@ -39,6 +39,9 @@ pub enum OutboxError {
 
     #[error("older_than must not be negative")]
     NegativeAge,
+
+    #[error("cannot prune in a REPEATABLE READ or SERIALIZABLE transaction")]
+    SnapshotIsolation,
 }
 
 impl OutboxError {
@@ -52,6 +55,7 @@ impl OutboxError {
             | Self::NegativeAge => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             Self::ReadOnlyTransaction | Self::Standby => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            Self::SnapshotIsolation => ERRCODE_INVALID_TRANSACTION_STATE,
         }
     }
 
@@ -65,6 +69,10 @@ impl OutboxError {
                 Some("Publish in a read-write transaction (SET TRANSACTION READ WRITE).")
             }
             Self::Standby => Some("Connect publishers to the primary server."),
+            Self::SnapshotIsolation => Some(
+                "Call outbox_prune() in a READ COMMITTED transaction of its own: a snapshot \
+                 taken at the transaction's start could miss events it drops.",
+            ),
             _ => None,
         }
     }

@@ -84,7 +84,9 @@ pub fn prune_batch(
 /// server without the worker needs.
 ///
 /// It runs with its owner's rights (with a pinned `search_path`), so a pruning role needs only
-/// EXECUTE on it, not the row locks, writes and DDL that pruning takes.
+/// EXECUTE on it, not the row locks, writes and DDL that pruning takes. Call it in a
+/// transaction of its own, READ COMMITTED (the default): a segment it drops stays locked until
+/// that transaction ends.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
@@ -94,20 +96,25 @@ fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
     let schema = extension_schema().ok().flatten().unwrap_or_else(|| {
         pgrx::error!("outbox_prune: pg_outbox is not installed in this database")
     });
+    // SAFETY: a plain read of backend-global state.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        OutboxError::SnapshotIsolation.report("outbox_prune");
+    }
     let fail = |e: pgrx::spi::Error| -> ! { pgrx::error!("outbox_prune: {e}") };
     segment::create_ahead(&schema).unwrap_or_else(|e| fail(e));
-    let mut total = 0;
-    for name in segment::expired(&schema, older_than).unwrap_or_else(|e| fail(e)) {
-        total += segment::drop(&schema, &name)
-            .unwrap_or_else(|e| fail(e))
-            .unwrap_or_default();
-    }
+    let expired = segment::expired(&schema, older_than).unwrap_or_else(|e| fail(e));
     let mut tables = vec![OUTBOX.to_owned()];
     if let Some(older_than) = older_than {
         let started = segment::started_before(&schema, older_than).unwrap_or_else(|e| fail(e));
-        tables.extend(started.iter().map(quote_identifier));
+        tables.extend(
+            started
+                .iter()
+                .filter(|name| !expired.contains(name))
+                .map(quote_identifier),
+        );
     }
     let batch_size = guc::prune_batch_size();
+    let mut total = 0;
     for table in &tables {
         loop {
             let deleted =
@@ -117,6 +124,13 @@ fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
                 break;
             }
         }
+    }
+    // Last: a dropped segment stays locked until the caller's transaction ends, and relays'
+    // reads of event_outbox wait for it meanwhile.
+    for name in &expired {
+        total += segment::drop(&schema, name)
+            .unwrap_or_else(|e| fail(e))
+            .unwrap_or_default();
     }
     total
 }

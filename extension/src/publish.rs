@@ -270,7 +270,7 @@ fn insert_statement(
     let prepare =
         || Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|s| s.keep()));
     let statement = match segment {
-        Some(segment) => segment.as_owner(prepare),
+        Some(segment) => segment.as_owner_pinned(prepare),
         None => prepare(),
     }
     .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not prepare the insert: {e}"));

@@ -28,6 +28,12 @@ use pgrx::spi::{quote_identifier, SpiResult};
 
 use crate::guc;
 
+/// The most segments `pg_outbox.retention` spans: a longer `segment_interval` is used when the
+/// configured one is shorter than a 24th of the retention. Every read of `event_outbox` opens
+/// and locks each segment and its indexes, and a day of 10-minute segments would take some 600
+/// locks per query, enough for a few relays to exhaust the lock table.
+const MOST_SEGMENTS_PER_RETENTION: u32 = 24;
+
 /// How many segments one pass creates at most, so that a tiny `segment_interval` against a long
 /// `prune_interval` cannot fill the catalog: time no segment covers goes to `event_outbox`.
 const MOST_CREATED_AT_ONCE: i64 = 24;
@@ -66,6 +72,17 @@ pub fn create_ahead(schema: &str) -> SpiResult<i64> {
     let Some(interval) = guc::segment_interval() else {
         return Ok(0);
     };
+    let interval = interval.max(guc::retention() / MOST_SEGMENTS_PER_RETENTION);
+    // SAFETY: plain reads of backend-global state.
+    let in_extension_script = unsafe { pg_sys::creating_extension };
+    if in_extension_script
+        && unsafe {
+            pg_sys::CurrentExtensionObject != pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true)
+        }
+    {
+        // Called from another extension's script: what it creates would belong to that one.
+        return Ok(0);
+    }
     if !lock_segments(schema)? {
         return Ok(0);
     }
@@ -85,6 +102,9 @@ pub fn create_ahead(schema: &str) -> SpiResult<i64> {
                             s, s + step.step \
                      FROM step, first, \
                           generate_series(first.first, clock_timestamp() + make_interval(secs => $2), step.step) s \
+                     WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class \
+                         WHERE relnamespace = '{schema}'::regnamespace \
+                           AND relname = format('event_outbox_%s', to_char(s AT TIME ZONE 'UTC', 'YYYYMMDD\"_\"HH24MISS'))) \
                      ORDER BY s LIMIT $3 \
                      RETURNING name::text"
                 )
@@ -107,8 +127,6 @@ pub fn create_ahead(schema: &str) -> SpiResult<i64> {
          WHERE oid = '{schema}.event_outbox'::regclass"
     ))?
     .unwrap_or_default();
-    // SAFETY: a plain read of a backend-global flag.
-    let in_extension_script = unsafe { pg_sys::creating_extension };
     for name in &names {
         let table = format!("{schema}.{}", quote_identifier(name));
         Spi::run(&format!(
@@ -191,7 +209,21 @@ pub fn started_before(schema: &str, older_than: Interval) -> SpiResult<Vec<Strin
 /// waiting: a transaction that wrote in it is still open, or relays kept reading it; the next
 /// pass tries again.
 pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
+    // The count below must see every committed row, which a snapshot taken at the
+    // transaction's start may not.
+    // SAFETY: a plain read of backend-global state.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Ok(None);
+    }
     if !lock_segments(schema)? {
+        return Ok(None);
+    }
+    // The prune record's row before any segment lock: once a segment is locked exclusively
+    // nothing is waited for, so no one waiting for the segment waits for us in turn.
+    let record = Spi::get_one::<bool>(&format!(
+        "SELECT true FROM {schema}.outbox_prune_state FOR UPDATE SKIP LOCKED"
+    ))?;
+    if record != Some(true) {
         return Ok(None);
     }
     let forget = || {
@@ -214,15 +246,33 @@ pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
         return Ok(None);
     }
     let table = format!("{schema}.{}", quote_identifier(name));
+    // What DROP TABLE would fail on, and so stop all pruning: a view built on the segment, or
+    // the segment taken out of the extension by hand. It stays, with a warning each pass.
+    let (views, member) = Spi::get_two_with_args::<bool, bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend \
+                         WHERE refclassid = 'pg_catalog.pg_class'::regclass AND refobjid = $1 \
+                           AND classid = 'pg_catalog.pg_rewrite'::regclass), \
+                EXISTS (SELECT FROM pg_catalog.pg_depend \
+                         WHERE classid = 'pg_catalog.pg_class'::regclass AND objid = $1 \
+                           AND deptype = 'e')",
+        &[relid.into()],
+    )?;
+    if views == Some(true) {
+        warning!(
+            "pg_outbox: segment {table} has expired but a view depends on it; drop the view so that the pruner can drop the segment"
+        );
+        return Ok(None);
+    }
     let (rows, max_xid) = Spi::get_two::<i64, String>(&format!(
         "SELECT count(*), max(xid)::text FROM ONLY {table}"
     ))?;
     if !lock_exclusively(relid) {
         return Ok(None);
     }
-    Spi::run(&format!(
-        "ALTER EXTENSION pg_outbox DROP TABLE {table}; DROP TABLE {table}"
-    ))?;
+    if member == Some(true) {
+        Spi::run(&format!("ALTER EXTENSION pg_outbox DROP TABLE {table}"))?;
+    }
+    Spi::run(&format!("DROP TABLE {table}"))?;
     forget()?;
     let rows = rows.unwrap_or_default();
     Spi::run_with_args(
@@ -269,27 +319,62 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Runs `insert` with the segment owner's rights. The caller's right to publish was checked
+    /// Runs `insert`, the execution of a prepared, schema-qualified INSERT with typed
+    /// parameters, with the segment owner's rights. The caller's right to publish was checked
     /// on `event_outbox` ([`for_event`]), whose grants are the ones users manage; the segments
-    /// carry none. An error inside restores the caller's identity as the (sub)transaction
-    /// aborts.
+    /// carry none.
     pub fn as_owner<R>(&self, insert: impl FnOnce() -> R) -> R {
-        let mut user = pg_sys::Oid::INVALID;
-        let mut context = 0;
-        // SAFETY: saving and switching the current user, as SECURITY DEFINER functions and
-        // foreign-key checks do; restored below.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            pg_sys::SetUserIdAndSecContext(
-                self.owner,
-                context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            );
-        }
-        let result = insert();
-        // SAFETY: restores what was saved above.
-        unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-        result
+        as_user(self.owner, false, insert)
     }
+
+    /// Runs `analyze`, which parses SQL text, with the segment owner's rights and
+    /// `search_path` pinned to `pg_catalog, pg_temp`, so that no function or operator of the
+    /// caller's schemas can be picked up with the owner's rights.
+    pub fn as_owner_pinned<R>(&self, analyze: impl FnOnce() -> R) -> R {
+        as_user(self.owner, true, analyze)
+    }
+}
+
+/// Runs `f` as `user` in a security-restricted operation, as SECURITY DEFINER functions and
+/// foreign-key checks run, with `search_path` pinned when `pin_search_path`. An error inside
+/// restores the caller's identity and settings as the (sub)transaction aborts.
+fn as_user<R>(user: pg_sys::Oid, pin_search_path: bool, f: impl FnOnce() -> R) -> R {
+    let mut caller = pg_sys::Oid::INVALID;
+    let mut context = 0;
+    // SAFETY: saving and switching the current user; restored below.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut caller, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            user,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    // SAFETY: a GUC nesting level of our own, set and popped as fmgr_security_definer does.
+    let nest_level = pin_search_path.then(|| unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    });
+    let result = f();
+    // SAFETY: pops the level pushed above, then restores what was saved.
+    unsafe {
+        if let Some(level) = nest_level {
+            pg_sys::AtEOXact_GUC(true, level);
+        }
+        pg_sys::SetUserIdAndSecContext(caller, context);
+    }
+    result
 }
 
 /// What a backend knows of the segments: which covers `from..until` (PostgreSQL timestamps),
@@ -406,11 +491,11 @@ fn look_up(
     // SAFETY: get_namespace_name returned a palloc'd C string.
     let schema = quote_identifier(unsafe { CStr::from_ptr(schema) }.to_string_lossy());
     let sql = format!(
-        "SELECT format('{schema}.%I', s.name), c.oid, c.relowner, \
+        "SELECT s.name::text, c.oid, c.relowner, \
                 (extract(epoch FROM s.starts_at) * 1000000)::int8 - 946684800000000, \
                 (extract(epoch FROM s.ends_at) * 1000000)::int8 - 946684800000000 \
          FROM {schema}.outbox_segments s \
-         LEFT JOIN pg_catalog.pg_class c ON c.oid = to_regclass(format('{schema}.%I', s.name)) \
+         LEFT JOIN pg_catalog.pg_class c ON c.relname = s.name AND c.relnamespace = $2 \
          WHERE s.ends_at > $1 ORDER BY s.starts_at LIMIT 1"
     );
     let reader = Segment {
@@ -418,18 +503,21 @@ fn look_up(
         table: String::new(),
         owner,
     };
-    let found = reader.as_owner(|| {
+    let found = reader.as_owner_pinned(|| {
         Spi::connect(|client| {
             // SAFETY: a timestamptz datum is its 64-bit value.
             let at = unsafe {
                 DatumWithOid::new(pg_sys::Datum::from(created_at), pg_sys::TIMESTAMPTZOID)
             };
-            let row = client.select(sql.as_str(), Some(1), &[at])?.first();
+            let row = client
+                .select(sql.as_str(), Some(1), &[at, namespace.into()])?
+                .first();
             if row.is_empty() {
                 return Ok(None);
             }
             Ok::<_, pgrx::spi::Error>(Some((
-                row.get::<String>(1)?,
+                row.get::<String>(1)?
+                    .map(|name| format!("{schema}.{}", quote_identifier(name))),
                 row.get::<pg_sys::Oid>(2)?,
                 row.get::<pg_sys::Oid>(3)?,
                 row.get::<i64>(4)?.unwrap_or_default(),

@@ -65,7 +65,8 @@ async fn pruned_through(client: &Client, xid: &str) -> bool {
 
 #[tokio::test]
 async fn events_go_into_the_segment_of_their_time_which_is_dropped_whole_once_expired() {
-    let cluster = cluster("10s", "1h");
+    // Segments are at least a 24th of the retention: 10 s.
+    let cluster = cluster("10s", "4min");
     let client = cluster.connect("postgres").await;
     let mut published = Vec::new();
     for _ in 0..20 {
@@ -246,4 +247,56 @@ async fn publishing_into_a_segment_needs_only_insert_on_event_outbox_whose_secur
         .unwrap()
         .get(0);
     assert!(marked);
+}
+
+#[tokio::test]
+async fn a_publisher_cannot_borrow_the_owners_rights_through_its_search_path() {
+    let cluster = cluster("10min", "1h");
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE attacker LOGIN; CREATE SCHEMA evil AUTHORIZATION attacker; \
+         GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO attacker; \
+         GRANT INSERT ON event_outbox TO attacker",
+    );
+    let attacker = cluster.connect_as("postgres", "attacker").await;
+    // Operators and functions the segment lookup could resolve by name, each trying to make
+    // its caller a superuser when it runs with the owner's rights.
+    attacker
+        .batch_execute(
+            "CREATE FUNCTION evil.escalate() RETURNS void LANGUAGE plpgsql AS \
+               $$ BEGIN EXECUTE 'ALTER ROLE attacker SUPERUSER'; EXCEPTION WHEN OTHERS THEN END $$; \
+             CREATE FUNCTION evil.gt(timestamptz, timestamptz) RETURNS boolean LANGUAGE plpgsql AS \
+               $$ BEGIN PERFORM evil.escalate(); RETURN $1 OPERATOR(pg_catalog.>) $2; END $$; \
+             CREATE OPERATOR evil.> (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = evil.gt); \
+             CREATE FUNCTION evil.gt_int(int8, int8) RETURNS boolean LANGUAGE plpgsql AS \
+               $$ BEGIN PERFORM evil.escalate(); RETURN $1 OPERATOR(pg_catalog.>) $2; END $$; \
+             CREATE OPERATOR evil.> (LEFTARG = int8, RIGHTARG = int8, FUNCTION = evil.gt_int); \
+             SET search_path = evil, pg_catalog, public",
+        )
+        .await
+        .unwrap();
+    attacker
+        .execute("SELECT public.outbox_publish('chat', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    let superuser: bool = attacker
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = 'attacker'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!superuser, "the publisher became a superuser");
+    let in_segment: i64 = cluster
+        .connect("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM event_outbox WHERE tableoid <> 'event_outbox'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_segment, 1, "the event still went into its segment");
 }

@@ -8,6 +8,7 @@
 //! column tells what it is doing. It reloads its settings on SIGHUP, exits promptly on SIGTERM,
 //! and is restarted by the postmaster after a crash or `pg_terminate_backend`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::AtomicU32;
@@ -23,6 +24,9 @@ use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox pruner";
+
+/// Passes in a row an expired segment may stay busy before the pruner warns.
+const BUSY_PASSES_BEFORE_WARNING: u32 = 10;
 
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
@@ -50,9 +54,20 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
     worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     log!("pg_outbox pruner started in database \"{database}\"");
 
+    // A snapshot taken at a transaction's start could miss rows of a segment it drops.
+    // SAFETY: sets this worker's own session default, before any transaction.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"default_transaction_isolation".as_ptr(),
+            c"read committed".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
     let mut pruner = Pruner {
         database,
         waiting: Waiting::default(),
+        busy_segments: HashMap::new(),
     };
     let mut next_pass = Instant::now();
     let mut last_pass = Instant::now();
@@ -86,6 +101,8 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
 struct Pruner {
     database: String,
     waiting: Waiting,
+    /// Expired segments the last passes could not drop, and in how many passes in a row.
+    busy_segments: HashMap<String, u32>,
 }
 
 impl Pruner {
@@ -124,14 +141,16 @@ impl Pruner {
         let mut total = 0;
         let expired = BackgroundWorker::transaction(|| segment::expired(&schema, None))
             .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
+        self.busy_segments.retain(|name, _| expired.contains(name));
         for name in expired {
             match BackgroundWorker::transaction(|| segment::drop(&schema, &name))
                 .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"))
             {
-                Some(rows) => total += rows,
-                None => {
-                    debug1!("pg_outbox pruner: segment {name} is in use; dropping it next pass")
+                Some(rows) => {
+                    total += rows;
+                    self.busy_segments.remove(&name);
                 }
+                None => self.segment_busy(name),
             }
             if shutdown_requested() {
                 return;
@@ -153,6 +172,9 @@ impl Pruner {
                 break;
             }
         }
+        // A pass slowed by a large backlog must not outrun the segments created ahead.
+        BackgroundWorker::transaction(|| segment::create_ahead(&schema))
+            .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
         if total > 0 {
             debug1!("pg_outbox pruner deleted {total} expired events");
             // A background worker's table statistics are only published when it asks, and
@@ -161,6 +183,23 @@ impl Pruner {
             unsafe { pg_sys::pgstat_report_stat(true) };
         }
         report_activity(c"idle");
+    }
+}
+
+impl Pruner {
+    /// An expired segment could not be dropped without waiting. It is tried again next pass;
+    /// after [`BUSY_PASSES_BEFORE_WARNING`] passes in a row, and as many after each warning, the
+    /// server log says why it may be.
+    fn segment_busy(&mut self, name: String) {
+        let passes = self.busy_segments.entry(name.clone()).or_insert(0);
+        *passes += 1;
+        if passes.is_multiple_of(BUSY_PASSES_BEFORE_WARNING) {
+            warning!(
+                "pg_outbox pruner: expired segment {name} could not be dropped in the last {passes} passes: a transaction that published into it is still open, or sessions keep event_outbox locked (look for old transactions in pg_stat_activity)"
+            );
+        } else {
+            debug1!("pg_outbox pruner: segment {name} is in use; dropping it next pass");
+        }
     }
 }
 

@@ -109,13 +109,13 @@ pub fn load_backlog(cluster: &Cluster, database: &str, backlog: i64) {
 }
 
 /// The name the backlog's segment takes.
-const EXPIRED_SEGMENT: &str = "event_outbox_expired_backlog";
+pub const EXPIRED_SEGMENT: &str = "event_outbox_expired_backlog";
 
 /// Loads `backlog` rows created two hours ago into a segment the extension created: the newest,
 /// which no publisher writes into yet. The segment is then renamed and moved back in
 /// `outbox_segments` to the hour its rows were created in, which is how the pruner finds a
 /// segment once its events have expired. Then [`settle`]s it.
-fn load_backlog_into_a_segment(cluster: &Cluster, backlog: i64) {
+pub fn load_backlog_into_a_segment(cluster: &Cluster, backlog: i64) {
     let insert = insert_backlog("%I", backlog).replace('\'', "''");
     cluster.psql(
         "postgres",

@@ -37,7 +37,9 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::pgbench::{tps, tps_in};
-use crate::prune::{backlog, load_backlog, publishers};
+use crate::prune::{
+    backlog, load_backlog, load_backlog_into_a_segment, publishers, EXPIRED_SEGMENT,
+};
 use crate::report::{median, ratio, Table};
 use crate::Options;
 
@@ -240,7 +242,14 @@ pub async fn run(
     let after = size(cluster, DATABASE);
     without.push(publish_here()());
 
-    let hazard = hazard(cluster, options).await;
+    let mut hazard_table = hazard_table(options);
+    let partition_ddls = [
+        Ddl::Nothing,
+        Ddl::Drop,
+        Ddl::DropWithTimeout,
+        Ddl::DetachConcurrently,
+    ];
+    hazard(cluster, options, &mut hazard_table, &partition_ddls).await;
     drop(worker);
     drop(admin);
     drained.stop().await;
@@ -253,6 +262,13 @@ pub async fn run(
     let last = tps(cluster, &publishers(options));
     plain.without.push(last);
     segments.without.push(last);
+    hazard(
+        cluster,
+        options,
+        &mut hazard_table,
+        &[Ddl::NothingInSegments, Ddl::SegmentPrune],
+    )
+    .await;
     drained.stop().await;
     cluster.psql("postgres", &format!("DROP DATABASE {DATABASE}"));
 
@@ -266,7 +282,7 @@ pub async fn run(
     };
     vec![
         comparison(options, &plain, &segments, &partitioned, &dropped, &routed),
-        hazard,
+        hazard_table,
     ]
 }
 
@@ -531,26 +547,77 @@ async fn drop_partition(worker: &Client, partition: &str) -> Result<i64, tokio_p
     Ok(rows)
 }
 
-/// How the lock experiment drops its partition.
+/// How the lock experiment drops its partition, or its segment.
 #[derive(Clone, Copy, PartialEq)]
 enum Ddl {
     Nothing,
     Drop,
     DropWithTimeout,
     DetachConcurrently,
+    /// The extension's segments, nothing dropped.
+    NothingInSegments,
+    /// The extension's segments, dropped by `outbox_prune()` as the pruner drops them.
+    SegmentPrune,
 }
 
 impl Ddl {
     fn describe(self) -> String {
         match self {
-            Ddl::Nothing => "nothing dropped (reference)".into(),
-            Ddl::Drop => "DROP TABLE".into(),
+            Ddl::Nothing => "partitions: nothing dropped (reference)".into(),
+            Ddl::Drop => "partitions: DROP TABLE".into(),
             Ddl::DropWithTimeout => format!(
-                "DROP TABLE with lock_timeout = '{LOCK_TIMEOUT}', retried every {} s",
+                "partitions: DROP TABLE with lock_timeout = '{LOCK_TIMEOUT}', retried every {} s",
                 RETRY_AFTER.as_secs()
             ),
             Ddl::DetachConcurrently => {
-                "ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY, then DROP TABLE".into()
+                "partitions: ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY, then DROP TABLE"
+                    .into()
+            }
+            Ddl::NothingInSegments => "segments: nothing dropped (reference)".into(),
+            Ddl::SegmentPrune => format!(
+                "segments: outbox_prune(), the pruner's drop (locks taken only without waiting), \
+                 called every {} s",
+                RETRY_AFTER.as_secs()
+            ),
+        }
+    }
+
+    /// The database the round runs in: segments are in `postgres`.
+    fn database(self) -> &'static str {
+        match self {
+            Ddl::NothingInSegments | Ddl::SegmentPrune => "postgres",
+            _ => DATABASE,
+        }
+    }
+
+    /// Creates the expired table to drop in round `round` (a partition days ago, or a segment
+    /// moved back to two hours ago), filled with 1,000 rows; returns its name.
+    fn prepare(self, cluster: &Cluster, round: usize) -> String {
+        match self {
+            Ddl::NothingInSegments => String::new(),
+            Ddl::SegmentPrune => {
+                load_backlog_into_a_segment(cluster, 1000);
+                EXPIRED_SEGMENT.to_owned()
+            }
+            _ => {
+                // Days ago, clear of the partitions the comparison made.
+                let partition = format!("event_outbox_expired_{round}");
+                cluster.psql(
+                    DATABASE,
+                    &format!(
+                        "CREATE TABLE {partition} PARTITION OF event_outbox FOR VALUES \
+                             FROM (date_trunc('hour', now()) - interval '{} hours') \
+                             TO (date_trunc('hour', now()) - interval '{} hours'); \
+                         INSERT INTO {partition} (id, channel, user_id, payload, created_at) \
+                         SELECT gen_random_uuid(), 'chat', 'user-1', '{{}}', \
+                                date_trunc('hour', now()) - interval '{} hours' \
+                         FROM generate_series(1, 1000)",
+                        48 - round,
+                        47 - round,
+                        48 - round,
+                    ),
+                );
+                partition
             }
         }
     }
@@ -558,7 +625,25 @@ impl Ddl {
     /// Runs the DDL; returns the attempts it took.
     async fn run(self, client: &Client, partition: &str) -> u32 {
         match self {
-            Ddl::Nothing => 0,
+            Ddl::Nothing | Ddl::NothingInSegments => 0,
+            Ddl::SegmentPrune => {
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let gone: bool = client
+                        .query_one(
+                            "SELECT outbox_prune() IS NOT NULL AND to_regclass($1) IS NULL",
+                            &[&partition],
+                        )
+                        .await
+                        .expect("prune")
+                        .get(0);
+                    if gone {
+                        return attempts;
+                    }
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+            }
             Ddl::Drop => {
                 client
                     .batch_execute(&format!("DROP TABLE {partition}"))
@@ -603,75 +688,91 @@ impl Ddl {
     }
 }
 
-/// The lock experiment: for each way of dropping, an expired partition of 1,000 rows is
-/// dropped while a session holds a read lock on the outbox (a transaction that read it, as a
-/// long report or pg_dump does) and [`HAZARD_PUBLISHERS`] sessions publish back to back.
-async fn hazard(cluster: &Cluster, options: &Options) -> Table {
-    // When the reader takes its lock, when the worker starts, how long the reader holds the
-    // lock, and how long the publishers go on after.
-    let [lock_at, ddl_at, hold, tail] = if options.smoke {
-        [200, 400, 600, 500]
-    } else {
-        [500, 1000, 3000, 1500]
+/// When, in each round of the lock experiment, the reader takes its lock, the worker starts,
+/// how long the reader holds the lock, and how long the publishers go on after.
+struct Timings {
+    lock_at: Duration,
+    ddl_at: Duration,
+    hold: Duration,
+    tail: Duration,
+}
+
+impl Timings {
+    fn new(options: &Options) -> Self {
+        let [lock_at, ddl_at, hold, tail] = if options.smoke {
+            [200, 400, 600, 500]
+        } else {
+            [500, 1000, 3000, 1500]
+        }
+        .map(Duration::from_millis);
+        Timings {
+            lock_at,
+            ddl_at,
+            hold,
+            tail,
+        }
     }
-    .map(Duration::from_millis);
-    let window = lock_at + hold + tail;
+
+    /// How long the publishers publish.
+    fn window(&self) -> Duration {
+        self.lock_at + self.hold + self.tail
+    }
+}
+
+/// The lock experiment's table, with no rows yet.
+fn hazard_table(options: &Options) -> Table {
+    let timings = Timings::new(options);
     let mut table = Table::new(
-        "Dropping an expired partition while a transaction that read the outbox stays open",
+        "Dropping an expired partition or segment while a transaction that read the outbox stays open",
         &[
-            "how the worker drops it",
+            "outbox layout: how the worker drops it",
             "publishes/s",
             "slowest publish",
             "publishes over 50 ms",
-            "partition gone after",
+            "gone after",
             "attempts",
         ],
     );
     table.note = format!(
-        "In the partitioned outbox, {HAZARD_PUBLISHERS} sessions call outbox_publish \
-         (notify_mode = worker) back to back for {:.1} s; {:.1} s in, another session runs \
-         BEGIN; SELECT 1 FROM event_outbox LIMIT 1 (an AccessShareLock on the parent, as any \
-         open transaction that read the outbox holds, pg_dump included) and commits {:.1} s later; \
-         {:.1} s in, the worker starts dropping an expired partition of 1,000 rows. DROP TABLE \
-         of a partition takes an AccessExclusiveLock on the parent: while it waits, every \
-         publisher queues behind it. Measured at the publishing sessions.",
-        window.as_secs_f64(),
-        lock_at.as_secs_f64(),
-        hold.as_secs_f64(),
-        ddl_at.as_secs_f64(),
+        "{HAZARD_PUBLISHERS} sessions call outbox_publish (notify_mode = worker) back to back \
+         for {:.1} s; {:.1} s in, another session runs BEGIN; SELECT 1 FROM event_outbox \
+         LIMIT 1 (an AccessShareLock on the outbox and every partition or segment, as any open \
+         transaction that read the outbox holds, pg_dump included) and commits {:.1} s later; \
+         {:.1} s in, the worker starts dropping an expired partition or segment of 1,000 rows. \
+         DROP TABLE of a partition takes an AccessExclusiveLock on the partitioned table: while \
+         it waits, every publisher queues behind it. A segment's drop takes no lock on \
+         event_outbox, and takes the segment's own lock only if it can without waiting. The \
+         partitioned rows are in the partitioned outbox's database, the segments' in the \
+         extension's own, each served by the workers. Measured at the publishing sessions.",
+        timings.window().as_secs_f64(),
+        timings.lock_at.as_secs_f64(),
+        timings.hold.as_secs_f64(),
+        timings.ddl_at.as_secs_f64(),
     );
-    for (i, ddl) in [
-        Ddl::Nothing,
-        Ddl::Drop,
-        Ddl::DropWithTimeout,
-        Ddl::DetachConcurrently,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        // Days ago, clear of the partitions the comparison made.
-        let partition = format!("event_outbox_expired_{i}");
-        cluster.psql(
-            DATABASE,
-            &format!(
-                "CREATE TABLE {partition} PARTITION OF event_outbox FOR VALUES \
-                     FROM (date_trunc('hour', now()) - interval '{} hours') \
-                     TO (date_trunc('hour', now()) - interval '{} hours'); \
-                 INSERT INTO {partition} (id, channel, user_id, payload, created_at) \
-                 SELECT gen_random_uuid(), 'chat', 'user-1', '{{}}', \
-                        date_trunc('hour', now()) - interval '{} hours' \
-                 FROM generate_series(1, 1000)",
-                48 - i,
-                47 - i,
-                48 - i,
-            ),
-        );
+    table
+}
+
+/// The lock experiment: for each way of dropping in `ddls`, an expired table of 1,000 rows is
+/// dropped while a session holds a read lock on the outbox (a transaction that read it, as a
+/// long report or pg_dump does) and [`HAZARD_PUBLISHERS`] sessions publish back to back. Adds
+/// a row to `table` for each.
+async fn hazard(cluster: &Cluster, options: &Options, table: &mut Table, ddls: &[Ddl]) {
+    let Timings {
+        lock_at,
+        ddl_at,
+        hold,
+        ..
+    } = Timings::new(options);
+    let window = Timings::new(options).window();
+    for (i, &ddl) in ddls.iter().enumerate() {
+        let database = ddl.database();
+        let partition = ddl.prepare(cluster, i);
 
         let started = Instant::now();
         let until = started + window;
         let mut publishing = Vec::new();
         for _ in 0..HAZARD_PUBLISHERS {
-            let client = cluster.connect(DATABASE).await;
+            let client = cluster.connect(database).await;
             publishing.push(tokio::spawn(async move {
                 client
                     .batch_execute("SET pg_outbox.notify_mode = worker")
@@ -690,7 +791,7 @@ async fn hazard(cluster: &Cluster, options: &Options) -> Table {
                 latencies
             }));
         }
-        let reader = cluster.connect(DATABASE).await;
+        let reader = cluster.connect(database).await;
         let reading = tokio::spawn(async move {
             tokio::time::sleep_until((started + lock_at).into()).await;
             reader
@@ -700,7 +801,7 @@ async fn hazard(cluster: &Cluster, options: &Options) -> Table {
             tokio::time::sleep(hold).await;
             reader.batch_execute("COMMIT").await.expect("commit");
         });
-        let worker = cluster.connect(DATABASE).await;
+        let worker = cluster.connect(database).await;
         tokio::time::sleep_until((started + ddl_at).into()).await;
         let ddl_started = Instant::now();
         let attempts = ddl.run(&worker, &partition).await;
@@ -724,7 +825,7 @@ async fn hazard(cluster: &Cluster, options: &Options) -> Table {
             format!("{:.0}", latencies.len() as f64 / window.as_secs_f64()),
             format!("{:.0} ms", slowest.as_secs_f64() * 1000.0),
             slow.to_string(),
-            if ddl == Ddl::Nothing {
+            if matches!(ddl, Ddl::Nothing | Ddl::NothingInSegments) {
                 "–".into()
             } else {
                 format!("{:.1} s", gone_after.as_secs_f64())
@@ -732,5 +833,4 @@ async fn hazard(cluster: &Cluster, options: &Options) -> Table {
             attempts.to_string(),
         ]);
     }
-    table
 }

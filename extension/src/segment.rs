@@ -27,6 +27,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiResult};
 
 use crate::guc;
+use crate::worker::notifier;
 
 /// The most segments `pg_outbox.retention` spans: a longer `segment_interval` is used when the
 /// configured one is shorter than a 24th of the retention. Every read of `event_outbox` opens
@@ -39,10 +40,12 @@ const MOST_SEGMENTS_PER_RETENTION: u32 = 24;
 const MOST_CREATED_AT_ONCE: i64 = 24;
 
 /// How often a drop tries to lock a segment away from the relays reading it, and the wait
-/// between two tries. It never queues for the lock: a queued exclusive lock would hold up every
-/// read of `event_outbox` behind it.
-const EXCLUSIVE_LOCK_ATTEMPTS: u32 = 20;
-const EXCLUSIVE_LOCK_RETRY_AFTER: Duration = Duration::from_millis(5);
+/// between two tries: about 200 ms in all. It never queues for the lock: a queued exclusive lock
+/// would hold up every read of `event_outbox` behind it. Tries 0.7 ms apart fall at a different
+/// point of a periodic reader's cycle each time (the notifier's is 2 ms), so they find the gap
+/// between two reads; tries every 2 ms or 5 ms could keep landing inside them.
+const EXCLUSIVE_LOCK_ATTEMPTS: u32 = 300;
+const EXCLUSIVE_LOCK_RETRY_AFTER: Duration = Duration::from_micros(700);
 
 /// How long a publisher that found no segment for its clock goes on inserting into
 /// `event_outbox` itself before it looks again. Microseconds.
@@ -243,6 +246,7 @@ pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
     // Writers first: SHARE waits for no reader and lets none in, so the count below is final.
     // SAFETY: conditional locks never wait; they are released when the transaction ends.
     if !unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::ShareLock as i32) } {
+        debug1!("pg_outbox: segment {name} is still being written into (or vacuumed)");
         return Ok(None);
     }
     let table = format!("{schema}.{}", quote_identifier(name));
@@ -267,6 +271,7 @@ pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
         "SELECT count(*), max(xid)::text FROM ONLY {table}"
     ))?;
     if !lock_exclusively(relid) {
+        debug1!("pg_outbox: segment {name} is being read");
         return Ok(None);
     }
     if member == Some(true) {
@@ -294,20 +299,27 @@ pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
 }
 
 /// Takes ACCESS EXCLUSIVE on `relid` in a few tries: the relays' reads of `event_outbox` hold
-/// its segments for a moment each.
+/// its segments for a moment each. The notifier starts no batch meanwhile (its batches, back to
+/// back under load, would otherwise leave no gap), and goes on as soon as this returns.
 fn lock_exclusively(relid: pg_sys::Oid) -> bool {
+    notifier::hold_off(Some(
+        EXCLUSIVE_LOCK_RETRY_AFTER * EXCLUSIVE_LOCK_ATTEMPTS + EXCLUSIVE_LOCK_RETRY_AFTER,
+    ));
+    let mut locked = false;
     for attempt in 1..=EXCLUSIVE_LOCK_ATTEMPTS {
         // SAFETY: a conditional lock never waits; it is released when the transaction ends.
         if unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::AccessExclusiveLock as i32) }
         {
-            return true;
+            locked = true;
+            break;
         }
         if attempt < EXCLUSIVE_LOCK_ATTEMPTS {
             // SAFETY: a plain sleep; the tries are few and short.
             unsafe { pg_sys::pg_usleep(EXCLUSIVE_LOCK_RETRY_AFTER.as_micros() as _) };
         }
     }
-    false
+    notifier::hold_off(None);
+    locked
 }
 
 /// A segment a publisher inserts into.

@@ -61,6 +61,12 @@ static NOTIFIER: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox_notifi
 /// The notifier's failed connection attempts in a row (see [`worker::connect`]).
 static CONNECT_ATTEMPTS: ConnectAttempts = unsafe { PgAtomic::new(c"pg_outbox_notifier_connect") };
 
+/// Until when (microseconds since the Unix epoch) the notifier starts no batch: under load its
+/// batches run back to back, each reading `event_outbox` and so holding every segment, and a
+/// segment can only be dropped between two of them ([`hold_off`]).
+static HOLD_OFF_UNTIL: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"pg_outbox_notifier_hold_off") };
+
 /// Whether this process inherited a preloaded library, so [`NOTIFIER`] exists.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -69,6 +75,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn register() {
     pg_shmem_init!(NOTIFIER = AtomicU64::new(0));
     pg_shmem_init!(CONNECT_ATTEMPTS = AtomicU32::new(0));
+    pg_shmem_init!(HOLD_OFF_UNTIL = AtomicU64::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
     BackgroundWorkerBuilder::new(BACKEND_TYPE)
         .set_type(BACKEND_TYPE)
@@ -125,6 +132,32 @@ unsafe extern "C-unwind" fn on_transaction_end(
     }
 }
 
+/// Keeps the notifier from starting a batch for `duration` from now, or lets it go on at once
+/// (`None`): for the pruner, while it tries to lock a segment. A batch under way finishes. The
+/// hold-off expires by itself, so a pruner that dies holding it delays nothing for long.
+pub fn hold_off(duration: Option<Duration>) {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    let until = duration.map_or(0, |d| unix_micros().saturating_add(d.as_micros() as u64));
+    HOLD_OFF_UNTIL.get().store(until, Ordering::Release);
+}
+
+/// How long the notifier is still held off, if it is.
+fn held_off_for() -> Option<Duration> {
+    let until = HOLD_OFF_UNTIL.get().load(Ordering::Acquire);
+    until
+        .checked_sub(unix_micros())
+        .filter(|left| *left > 0)
+        .map(Duration::from_micros)
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Sets the notifier's latch, if it is running.
 fn wake() {
     let procno = NOTIFIER.get().load(Ordering::Acquire) & u64::from(u32::MAX);
@@ -174,6 +207,11 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         match &mut setup {
             Setup::Ready(batches) => {
                 waiting.over();
+                // The pruner is dropping a segment: let it find the outbox unread.
+                while let Some(left) = held_off_for() {
+                    // SAFETY: a plain sleep, bounded by the pruner's short hold-off.
+                    unsafe { pg_sys::pg_usleep(left.min(Duration::from_millis(1)).as_micros() as _) };
+                }
                 // Under a stream of commits, gather what commits meanwhile into the next batch
                 // rather than running one batch per commit.
                 let since = last_batch.elapsed();

@@ -101,7 +101,8 @@ fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
         OutboxError::SnapshotIsolation.report("outbox_prune");
     }
     let fail = |e: pgrx::spi::Error| -> ! { pgrx::error!("outbox_prune: {e}") };
-    segment::create_ahead(&schema).unwrap_or_else(|e| fail(e));
+    // Enough for a scheduler that calls it about every other prune_interval.
+    segment::create_ahead(&schema, 2 * guc::prune_interval()).unwrap_or_else(|e| fail(e));
     let expired = segment::expired(&schema, older_than).unwrap_or_else(|e| fail(e));
     let mut tables = vec![OUTBOX.to_owned()];
     if let Some(older_than) = older_than {

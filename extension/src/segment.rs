@@ -66,16 +66,22 @@ fn lock_segments(schema: &str) -> SpiResult<bool> {
     }))
 }
 
-/// Creates the segments that will take the events of the next two pruner passes (and at least
-/// one segment beyond the current one), each with `event_outbox`'s columns, defaults and
-/// indexes, owned by `event_outbox`'s owner and belonging to the extension. Returns how many it
-/// created. Segments start at multiples of `segment_interval` since the Unix epoch, or where the
-/// last one ends.
-pub fn create_ahead(schema: &str) -> SpiResult<i64> {
-    let Some(interval) = guc::segment_interval() else {
-        return Ok(0);
+/// The time each new segment covers: `pg_outbox.segment_interval`, at least a
+/// [`MOST_SEGMENTS_PER_RETENTION`]th of the retention; `None` when segments are off.
+pub fn interval() -> Option<Duration> {
+    guc::segment_interval().map(|i| i.max(guc::retention() / MOST_SEGMENTS_PER_RETENTION))
+}
+
+/// Creates the segments that will take the events of the next `ahead` (and at least the current
+/// one), each with `event_outbox`'s columns, defaults and indexes, owned by `event_outbox`'s
+/// owner and belonging to the extension. Returns how long from now the segments cover, when
+/// there are segments. Segments start at multiples of the interval since the Unix epoch, or
+/// where the last one ends. Every read of `event_outbox` opens each of them, empty or not, so
+/// the worker creates only the current and the next one, and comes back before they run out.
+pub fn create_ahead(schema: &str, ahead: Duration) -> SpiResult<Option<Duration>> {
+    let Some(interval) = interval() else {
+        return Ok(None);
     };
-    let interval = interval.max(guc::retention() / MOST_SEGMENTS_PER_RETENTION);
     // SAFETY: plain reads of backend-global state.
     let in_extension_script = unsafe { pg_sys::creating_extension };
     if in_extension_script
@@ -84,12 +90,12 @@ pub fn create_ahead(schema: &str) -> SpiResult<i64> {
         }
     {
         // Called from another extension's script: what it creates would belong to that one.
-        return Ok(0);
+        return Ok(None);
     }
     if !lock_segments(schema)? {
-        return Ok(0);
+        return Ok(None);
     }
-    let horizon = (2 * guc::prune_interval()).max(interval);
+    let horizon = ahead.max(interval);
     let names = Spi::connect_mut(|client| {
         client
             .update(
@@ -122,15 +128,25 @@ pub fn create_ahead(schema: &str) -> SpiResult<i64> {
             .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
             .collect::<SpiResult<Vec<String>>>()
     })?;
-    if names.is_empty() {
-        return Ok(0);
+    if !names.is_empty() {
+        create_tables(schema, &names, in_extension_script)?;
     }
+    let covered = Spi::get_one::<f64>(&format!(
+        "SELECT extract(epoch FROM max(ends_at) - clock_timestamp())::float8 \
+         FROM {schema}.outbox_segments"
+    ))?;
+    Ok(covered.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
+}
+
+/// Creates the tables of the new segments `names`; objects that CREATE EXTENSION's script
+/// creates belong to the extension already.
+fn create_tables(schema: &str, names: &[String], in_extension_script: bool) -> SpiResult<()> {
     let owner = Spi::get_one::<String>(&format!(
         "SELECT relowner::regrole::text FROM pg_catalog.pg_class \
          WHERE oid = '{schema}.event_outbox'::regclass"
     ))?
     .unwrap_or_default();
-    for name in &names {
+    for name in names {
         let table = format!("{schema}.{}", quote_identifier(name));
         Spi::run(&format!(
             "CREATE TABLE {table} (LIKE {schema}.event_outbox INCLUDING ALL); \
@@ -139,12 +155,12 @@ pub fn create_ahead(schema: &str) -> SpiResult<i64> {
              COMMENT ON TABLE {table} IS \
                 'pg_outbox: a segment of event_outbox (see outbox_segments), dropped by the pruner once its events expire'"
         ))?;
-        // Objects that CREATE EXTENSION's script creates belong to the extension already.
         if !in_extension_script {
             Spi::run(&format!("ALTER EXTENSION pg_outbox ADD TABLE {table}"))?;
         }
     }
-    Ok(names.len() as i64)
+    debug1!("pg_outbox: created {} segments", names.len());
+    Ok(())
 }
 
 /// Whether this database's objects have segments: not before `ALTER EXTENSION pg_outbox UPDATE`

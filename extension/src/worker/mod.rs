@@ -61,6 +61,17 @@ pub fn connect(attempts: &'static ConnectAttempts, worker: &str, database: &str)
     // A missing database ends the process here with FATAL; the count above stays.
     BackgroundWorker::connect_worker_to_spi(Some(database), None);
     attempts.get().store(0, Ordering::Relaxed);
+    // The workers run as a superuser and name their own objects with their schema: no function
+    // or operator that some role created in public may be picked up in their place.
+    // SAFETY: sets this worker's own session setting, before any transaction.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
 }
 
 /// A worker's waits for something to change in its database, each logged once when it begins

@@ -68,12 +68,15 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
         database,
         waiting: Waiting::default(),
         busy_segments: HashMap::new(),
+        next_segments: None,
     };
     let mut next_pass = Instant::now();
     let mut last_pass = Instant::now();
     loop {
-        if !BackgroundWorker::wait_latch(Some(next_pass.saturating_duration_since(Instant::now())))
-        {
+        let wake = pruner
+            .next_segments
+            .map_or(next_pass, |at| at.min(next_pass));
+        if !BackgroundWorker::wait_latch(Some(wake.saturating_duration_since(Instant::now()))) {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -86,6 +89,8 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
             pruner.pass();
             last_pass = Instant::now();
             next_pass = last_pass + guc::prune_interval();
+        } else if pruner.next_segments.is_some_and(|at| Instant::now() >= at) {
+            pruner.segments_due();
         }
         if shutdown_requested() {
             break;
@@ -103,6 +108,8 @@ struct Pruner {
     waiting: Waiting,
     /// Expired segments the last passes could not drop, and in how many passes in a row.
     busy_segments: HashMap<String, u32>,
+    /// When to create the next segments, if before the next pass.
+    next_segments: Option<Instant>,
 }
 
 impl Pruner {
@@ -133,11 +140,7 @@ impl Pruner {
         self.waiting.over();
 
         report_activity(c"pruning");
-        let created = BackgroundWorker::transaction(|| segment::create_ahead(&schema))
-            .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
-        if created > 0 {
-            debug1!("pg_outbox pruner created {created} segments");
-        }
+        self.create_segments(&schema);
         let mut total = 0;
         let expired = BackgroundWorker::transaction(|| segment::expired(&schema, None))
             .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
@@ -173,8 +176,7 @@ impl Pruner {
             }
         }
         // A pass slowed by a large backlog must not outrun the segments created ahead.
-        BackgroundWorker::transaction(|| segment::create_ahead(&schema))
-            .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"));
+        self.create_segments(&schema);
         if total > 0 {
             debug1!("pg_outbox pruner deleted {total} expired events");
             // A background worker's table statistics are only published when it asks, and
@@ -187,6 +189,26 @@ impl Pruner {
 }
 
 impl Pruner {
+    /// Creates the current segment and the next, and sets when to come back for more: one
+    /// interval before they run out.
+    fn create_segments(&mut self, schema: &str) {
+        let covered = segment::interval().and_then(|interval| {
+            BackgroundWorker::transaction(|| segment::create_ahead(schema, 2 * interval))
+                .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"))
+                .map(|covered| covered.saturating_sub(interval))
+        });
+        self.next_segments = covered.map(|wait| Instant::now() + wait);
+    }
+
+    /// Creates segments between passes, when they are about to run out.
+    fn segments_due(&mut self) {
+        let schema = BackgroundWorker::transaction(|| extension_schema().ok().flatten());
+        match schema {
+            Some(schema) => self.create_segments(&schema),
+            None => self.next_segments = None,
+        }
+    }
+
     /// An expired segment could not be dropped without waiting. It is tried again next pass;
     /// after [`BUSY_PASSES_BEFORE_WARNING`] passes in a row, and as many after each warning, the
     /// server log says why it may be.

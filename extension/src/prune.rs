@@ -5,6 +5,8 @@
 //! `outbox_prune()` runs them all in the caller's transaction, for servers that cannot preload
 //! the library.
 
+use std::time::Duration;
+
 use pgrx::datum::DatumWithOid;
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -80,8 +82,8 @@ pub fn prune_batch(
 /// returns how many it removed. Without `older_than` it prunes as the worker does, and leaves
 /// the events of a segment until all of them have expired; with it, it also deletes the older
 /// events of the segments that still hold younger ones, so that none older is left. It also
-/// creates the segments ahead, as the worker does, so that calling it from a scheduler is all a
-/// server without the worker needs.
+/// creates the current segment and the next, as the worker does, so that calling it from a
+/// scheduler at least every `segment_interval` is all a server without the worker needs.
 ///
 /// It runs with its owner's rights (with a pinned `search_path`), so a pruning role needs only
 /// EXECUTE on it, not the row locks, writes and DDL that pruning takes. Call it in a
@@ -101,8 +103,9 @@ fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
         OutboxError::SnapshotIsolation.report("outbox_prune");
     }
     let fail = |e: pgrx::spi::Error| -> ! { pgrx::error!("outbox_prune: {e}") };
-    // Enough for a scheduler that calls it about every other prune_interval.
-    segment::create_ahead(&schema, 2 * guc::prune_interval()).unwrap_or_else(|e| fail(e));
+    // The current segment and the next, as the worker keeps them.
+    let ahead = segment::interval().map_or(Duration::ZERO, |interval| 2 * interval);
+    segment::create_ahead(&schema, ahead).unwrap_or_else(|e| fail(e));
     let expired = segment::expired(&schema, older_than).unwrap_or_else(|e| fail(e));
     let mut tables = vec![OUTBOX.to_owned()];
     if let Some(older_than) = older_than {

@@ -77,7 +77,8 @@ pub fn interval() -> Option<Duration> {
 /// owner and belonging to the extension. Returns how long from now the segments cover, when
 /// there are segments. Segments start at multiples of the interval since the Unix epoch, or
 /// where the last one ends. Every read of `event_outbox` opens each of them, empty or not, so
-/// the worker creates only the current and the next one, and comes back before they run out.
+/// callers ask for the current one and the next only (the worker comes back before they run
+/// out).
 pub fn create_ahead(schema: &str, ahead: Duration) -> SpiResult<Option<Duration>> {
     let Some(interval) = interval() else {
         return Ok(None);

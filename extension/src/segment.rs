@@ -177,34 +177,29 @@ fn has_segments(schema: &str) -> SpiResult<bool> {
 /// The segments whose last event is older than `older_than` (or `pg_outbox.retention` when
 /// `None`), oldest first.
 pub fn expired(schema: &str, older_than: Option<Interval>) -> SpiResult<Vec<String>> {
-    if !has_segments(schema)? {
-        return Ok(Vec::new());
-    }
-    Spi::connect(|client| {
-        client
-            .select(
-                format!(
-                    "SELECT name::text FROM {schema}.outbox_segments \
-                     WHERE ends_at <= clock_timestamp() - coalesce($1, make_interval(secs => $2)) \
-                     ORDER BY starts_at"
-                )
-                .as_str(),
-                None,
-                &[
-                    older_than.map_or_else(
-                        || DatumWithOid::null_oid(pg_sys::INTERVALOID),
-                        DatumWithOid::from,
-                    ),
-                    guc::retention().as_secs_f64().into(),
-                ],
-            )?
-            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
-            .collect()
-    })
+    let older_than = older_than.map_or_else(
+        || DatumWithOid::null_oid(pg_sys::INTERVALOID),
+        DatumWithOid::from,
+    );
+    names_where(
+        schema,
+        "ends_at <= clock_timestamp() - coalesce($1, make_interval(secs => $2))",
+        &[older_than, guc::retention().as_secs_f64().into()],
+    )
 }
 
 /// The segments that began more than `older_than` ago: those that hold events that old.
 pub fn started_before(schema: &str, older_than: Interval) -> SpiResult<Vec<String>> {
+    names_where(
+        schema,
+        "starts_at < clock_timestamp() - $1",
+        &[older_than.into()],
+    )
+}
+
+/// The names of the segments that meet `condition`, oldest first; none before the objects have
+/// segments.
+fn names_where(schema: &str, condition: &str, args: &[DatumWithOid]) -> SpiResult<Vec<String>> {
     if !has_segments(schema)? {
         return Ok(Vec::new());
     }
@@ -213,11 +208,11 @@ pub fn started_before(schema: &str, older_than: Interval) -> SpiResult<Vec<Strin
             .select(
                 format!(
                     "SELECT name::text FROM {schema}.outbox_segments \
-                     WHERE starts_at < clock_timestamp() - $1 ORDER BY starts_at"
+                     WHERE {condition} ORDER BY starts_at"
                 )
                 .as_str(),
                 None,
-                &[older_than.into()],
+                args,
             )?
             .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
             .collect()

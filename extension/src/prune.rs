@@ -13,11 +13,11 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiResult};
 
 use crate::error::OutboxError;
+use crate::guc;
+use crate::segment;
 
 /// The outbox table, whose own rows (not its segments') are deleted in batches.
 pub const OUTBOX: &str = "event_outbox";
-use crate::guc;
-use crate::segment;
 
 /// The extension's schema, quoted, when `pg_outbox` is installed in this database.
 pub fn extension_schema() -> SpiResult<Option<String>> {

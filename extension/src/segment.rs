@@ -56,12 +56,8 @@ const NO_SEGMENT_RECHECK_US: i64 = 1_000_000;
 /// database's objects predate segments (0.2.0, before `ALTER EXTENSION pg_outbox UPDATE`):
 /// either way there is nothing to do now. It does not conflict with publishers' reads.
 fn lock_segments(schema: &str) -> SpiResult<bool> {
-    let relid = Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT to_regclass(format('%s.outbox_segments', $1::text))::oid",
-        &[schema.into()],
-    )?;
     // SAFETY: a conditional lock never waits; it is released when the transaction ends.
-    Ok(relid.is_some_and(|relid| unsafe {
+    Ok(segments_relid(schema)?.is_some_and(|relid| unsafe {
         pg_sys::ConditionalLockRelationOid(relid, pg_sys::ShareRowExclusiveLock as i32)
     }))
 }
@@ -108,13 +104,13 @@ pub fn create_ahead(schema: &str, ahead: Duration) -> SpiResult<Option<Duration>
                             to_timestamp(floor(extract(epoch FROM clock_timestamp())::float8 / $1) * $1) \
                         ) AS first) \
                      INSERT INTO {schema}.outbox_segments (name, starts_at, ends_at) \
-                     SELECT format('event_outbox_%s', to_char(s AT TIME ZONE 'UTC', 'YYYYMMDD\"_\"HH24MISS')), \
-                            s, s + step.step \
+                     SELECT n.name, s, s + step.step \
                      FROM step, first, \
-                          generate_series(first.first, clock_timestamp() + make_interval(secs => $2), step.step) s \
+                          generate_series(first.first, clock_timestamp() + make_interval(secs => $2), step.step) s, \
+                          LATERAL (SELECT format('event_outbox_%s', \
+                              to_char(s AT TIME ZONE 'UTC', 'YYYYMMDD\"_\"HH24MISS')) AS name) n \
                      WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class \
-                         WHERE relnamespace = '{schema}'::regnamespace \
-                           AND relname = format('event_outbox_%s', to_char(s AT TIME ZONE 'UTC', 'YYYYMMDD\"_\"HH24MISS'))) \
+                         WHERE relnamespace = '{schema}'::regnamespace AND relname = n.name) \
                      ORDER BY s LIMIT $3 \
                      RETURNING name::text"
                 )
@@ -164,14 +160,13 @@ fn create_tables(schema: &str, names: &[String], in_extension_script: bool) -> S
     Ok(())
 }
 
-/// Whether this database's objects have segments: not before `ALTER EXTENSION pg_outbox UPDATE`
-/// from 0.2.0.
-fn has_segments(schema: &str) -> SpiResult<bool> {
-    Spi::get_one_with_args::<bool>(
-        "SELECT to_regclass(format('%s.outbox_segments', $1::text)) IS NOT NULL",
+/// `outbox_segments`, if this database's objects have segments: not before `ALTER EXTENSION
+/// pg_outbox UPDATE` from 0.2.0.
+fn segments_relid(schema: &str) -> SpiResult<Option<pg_sys::Oid>> {
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT to_regclass(format('%s.outbox_segments', $1::text))::oid",
         &[schema.into()],
     )
-    .map(|exists| exists == Some(true))
 }
 
 /// The segments whose last event is older than `older_than` (or `pg_outbox.retention` when
@@ -200,7 +195,7 @@ pub fn started_before(schema: &str, older_than: Interval) -> SpiResult<Vec<Strin
 /// The names of the segments that meet `condition`, oldest first; none before the objects have
 /// segments.
 fn names_where(schema: &str, condition: &str, args: &[DatumWithOid]) -> SpiResult<Vec<String>> {
-    if !has_segments(schema)? {
+    if segments_relid(schema)?.is_none() {
         return Ok(Vec::new());
     }
     Spi::connect(|client| {
@@ -522,12 +517,7 @@ fn look_up(
          LEFT JOIN pg_catalog.pg_class c ON c.relname = s.name AND c.relnamespace = $2 \
          WHERE s.ends_at > $1 ORDER BY s.starts_at LIMIT 1"
     );
-    let reader = Segment {
-        relid: pg_sys::Oid::INVALID,
-        table: String::new(),
-        owner,
-    };
-    let found = reader.as_owner_pinned(|| {
+    let found = as_user(owner, true, || {
         Spi::connect(|client| {
             // SAFETY: a timestamptz datum is its 64-bit value.
             let at = unsafe {

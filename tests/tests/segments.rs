@@ -38,6 +38,13 @@ async fn publish(client: &impl GenericClient) -> (String, String) {
     (row.get(0), row.get(1))
 }
 
+/// Publishes one event on `channel` as `client`'s role.
+async fn publish_on(client: &Client, channel: &str) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute("SELECT outbox_publish($1, 'u1', '{}')", &[&channel])
+        .await
+}
+
 /// Whether the table `name` exists, and whether `outbox_segments` lists it.
 async fn segment_exists(client: &Client, name: &str) -> (bool, bool) {
     let row = client
@@ -180,16 +187,10 @@ async fn publishing_into_a_segment_needs_only_insert_on_event_outbox_whose_secur
         }
     };
 
-    publisher
-        .execute("SELECT outbox_publish('granted', 'u1', '{}')", &[])
-        .await
-        .unwrap();
+    publish_on(&publisher, "granted").await.unwrap();
     assert_ne!(table_of("granted").await, "event_outbox");
 
-    let refused = stranger
-        .execute("SELECT outbox_publish('refused', 'u1', '{}')", &[])
-        .await
-        .unwrap_err();
+    let refused = publish_on(&stranger, "refused").await.unwrap_err();
     assert_eq!(refused.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
     assert!(
         refused
@@ -207,15 +208,9 @@ async fn publishing_into_a_segment_needs_only_insert_on_event_outbox_whose_secur
          CREATE POLICY only_allowed ON event_outbox FOR INSERT TO publisher \
            WITH CHECK (channel = 'allowed')",
     );
-    publisher
-        .execute("SELECT outbox_publish('allowed', 'u1', '{}')", &[])
-        .await
-        .unwrap();
+    publish_on(&publisher, "allowed").await.unwrap();
     assert_eq!(table_of("allowed").await, "event_outbox");
-    let denied = publisher
-        .execute("SELECT outbox_publish('denied', 'u1', '{}')", &[])
-        .await
-        .unwrap_err();
+    let denied = publish_on(&publisher, "denied").await.unwrap_err();
     assert_eq!(
         denied.code(),
         Some(&SqlState::INSUFFICIENT_PRIVILEGE),
@@ -233,10 +228,7 @@ async fn publishing_into_a_segment_needs_only_insert_on_event_outbox_whose_secur
            $$ BEGIN NEW.payload := NEW.payload || '{\"marked\": true}'; RETURN NEW; END $$; \
          CREATE TRIGGER mark BEFORE INSERT ON event_outbox FOR EACH ROW EXECUTE FUNCTION mark()",
     );
-    publisher
-        .execute("SELECT outbox_publish('triggered', 'u1', '{}')", &[])
-        .await
-        .unwrap();
+    publish_on(&publisher, "triggered").await.unwrap();
     assert_eq!(table_of("triggered").await, "event_outbox");
     let marked: bool = admin
         .query_one(

@@ -63,11 +63,17 @@ pub fn connect(attempts: &'static ConnectAttempts, worker: &str, database: &str)
     attempts.get().store(0, Ordering::Relaxed);
     // The workers run as a superuser and name their own objects with their schema: no function
     // or operator that some role created in public may be picked up in their place.
-    // SAFETY: sets this worker's own session setting, before any transaction.
+    set_for_session(c"search_path", c"pg_catalog, pg_temp");
+}
+
+/// Sets `name` to `value` for the rest of this worker's session, over any configured value;
+/// called between transactions.
+pub fn set_for_session(name: &CStr, value: &CStr) {
+    // SAFETY: sets this process's own setting, outside any transaction.
     unsafe {
         pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         )

@@ -55,15 +55,7 @@ pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
     log!("pg_outbox pruner started in database \"{database}\"");
 
     // A snapshot taken at a transaction's start could miss rows of a segment it drops.
-    // SAFETY: sets this worker's own session default, before any transaction.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"default_transaction_isolation".as_ptr(),
-            c"read committed".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        )
-    };
+    worker::set_for_session(c"default_transaction_isolation", c"read committed");
     let mut pruner = Pruner {
         database,
         waiting: Waiting::default(),
@@ -186,9 +178,7 @@ impl Pruner {
         }
         report_activity(c"idle");
     }
-}
 
-impl Pruner {
     /// Creates the current segment and the next, and sets when to come back for more: one
     /// interval before they run out.
     fn create_segments(&mut self, schema: &str) {

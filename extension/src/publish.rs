@@ -19,7 +19,7 @@ use crate::error::OutboxError;
 use crate::guc::{self, NotifyPayload};
 use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
 use crate::notify::notify;
-use crate::segment::{self, Segment};
+use crate::segment::{self, Column};
 use crate::worker::notifier;
 
 const FUNCTION: &str = "outbox_publish";
@@ -62,9 +62,9 @@ pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo)
 
 /// One validated call.
 struct Publish<'a> {
-    channel: &'a str,
-    user_id: &'a str,
-    origin: Option<&'a str>,
+    channel: TextArgument<'a>,
+    user_id: TextArgument<'a>,
+    origin: Option<TextArgument<'a>>,
     payload: pg_sys::Datum,
     /// The function's schema, which is the extension's: where `event_outbox` lives.
     namespace: pg_sys::Oid,
@@ -77,6 +77,7 @@ impl<'a> Publish<'a> {
     /// `fcinfo` must be a valid call of `outbox_publish`.
     unsafe fn from_fcinfo(fcinfo: pg_sys::FunctionCallInfo) -> Result<Self, OutboxError> {
         let nargs = unsafe { (*fcinfo).nargs } as usize;
+        // SAFETY: arguments 0, 1 and 2 are text, text and jsonb; 3, when present, is text.
         let required = |n: usize, argument: &'static str| -> Result<(), OutboxError> {
             if unsafe { pg_arg_is_null(fcinfo, n) } {
                 Err(OutboxError::NullArgument { argument })
@@ -84,21 +85,21 @@ impl<'a> Publish<'a> {
                 Ok(())
             }
         };
-        required(0, "channel")?;
-        required(1, "user_id")?;
+        let text = |n: usize, argument: &'static str| {
+            unsafe { TextArgument::read(fcinfo, n) }.ok_or(OutboxError::NullArgument { argument })
+        };
+        let channel = text(0, "channel")?;
+        let user_id = text(1, "user_id")?;
         required(2, "payload")?;
-        // SAFETY: arguments 0 and 1 are non-NULL text; 3, when present and non-NULL, is text.
-        let channel: &str = unsafe { pg_getarg(fcinfo, 0) }.unwrap_or_default();
-        let user_id: &str = unsafe { pg_getarg(fcinfo, 1) }.unwrap_or_default();
-        let origin: Option<&str> = if nargs > 3 {
-            unsafe { pg_getarg(fcinfo, 3) }
+        let origin = if nargs > 3 {
+            unsafe { TextArgument::read(fcinfo, 3) }
         } else {
             None
         };
-        check_name("channel", channel, CHANNEL_MAX_BYTES)?;
-        check_user_id(user_id)?;
+        check_name("channel", channel.text, CHANNEL_MAX_BYTES)?;
+        check_user_id(user_id.text)?;
         if let Some(origin) = origin {
-            check_name("origin", origin, ORIGIN_MAX_BYTES)?;
+            check_name("origin", origin.text, ORIGIN_MAX_BYTES)?;
         }
 
         let payload = unsafe { pg_getarg_datum_raw(fcinfo, 2) };
@@ -136,31 +137,35 @@ impl<'a> Publish<'a> {
         let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
         let created_at = unsafe { pg_sys::GetCurrentTimestamp() };
 
-        // SAFETY: each datum matches the type oid it is paired with, and lives for the call.
-        let args = unsafe {
-            [
-                DatumWithOid::from(pgrx::Uuid::from_bytes(*id.as_bytes())),
-                DatumWithOid::from(self.channel),
-                DatumWithOid::from(self.user_id),
-                DatumWithOid::new(self.payload, pg_sys::JSONBOID),
-                self.origin.map_or_else(
-                    || DatumWithOid::null_oid(pg_sys::TEXTOID),
-                    DatumWithOid::from,
-                ),
-                DatumWithOid::new(pg_sys::Datum::from(created_at), pg_sys::TIMESTAMPTZOID),
-                DatumWithOid::new(pg_sys::Datum::from(xid), pg_sys::XID8OID),
-            ]
-        };
+        let row: [Column; 8] = [
+            (
+                c"id",
+                pg_sys::UUIDOID,
+                pgrx::Uuid::from_bytes(*id.as_bytes()).into_datum(),
+            ),
+            (c"channel", pg_sys::TEXTOID, Some(self.channel.datum)),
+            (c"user_id", pg_sys::TEXTOID, Some(self.user_id.datum)),
+            (c"payload", pg_sys::JSONBOID, Some(self.payload)),
+            (c"origin", pg_sys::TEXTOID, self.origin.map(|o| o.datum)),
+            (
+                c"created_at",
+                pg_sys::TIMESTAMPTZOID,
+                Some(pg_sys::Datum::from(created_at)),
+            ),
+            (c"xid", pg_sys::XID8OID, Some(pg_sys::Datum::from(xid))),
+            (
+                c"notify_deferred",
+                pg_sys::BOOLOID,
+                Some(pg_sys::Datum::from(deferred)),
+            ),
+        ];
         // SAFETY: a syscache lookup by name; a missing table is an invalid oid.
         let outbox = unsafe { pg_sys::get_relname_relid(c"event_outbox".as_ptr(), self.namespace) };
-        let segment = segment::for_event(self.namespace, outbox, created_at);
-        let insert = insert_statement(self.namespace, outbox, segment.as_deref(), deferred);
-        let run = || Spi::connect_mut(|client| client.update(&*insert, None, &args).map(|_| ()));
-        match &segment {
-            Some(segment) => segment.as_owner(run),
-            None => run(),
+        let stored = segment::for_event(self.namespace, outbox, created_at)
+            .is_some_and(|segment| segment.insert(&row).is_ok());
+        if !stored {
+            insert_into_outbox(self.namespace, outbox, &row, deferred);
         }
-        .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not insert the event: {e}"));
 
         if deferred {
             notifier::wake_at_commit();
@@ -168,9 +173,9 @@ impl<'a> Publish<'a> {
         }
         let notification = Notification {
             id,
-            channel: self.channel,
-            user_id: self.user_id,
-            origin: self.origin,
+            channel: self.channel.text,
+            user_id: self.user_id.text,
+            origin: self.origin.map(|o| o.text),
             xid,
             created_at_us: created_at + POSTGRES_EPOCH_UNIX_US,
         };
@@ -204,83 +209,98 @@ fn inline_text(payload: pg_sys::Datum) -> Option<String> {
     }
 }
 
-/// A prepared INSERT: the table it inserts into, whether it marks rows deferred, the statement.
+/// A text argument as read, and as its datum, which goes into the row unchanged.
+#[derive(Clone, Copy)]
+struct TextArgument<'a> {
+    text: &'a str,
+    datum: pg_sys::Datum,
+}
+
+impl TextArgument<'_> {
+    /// Argument `n`, or `None` when it is NULL.
+    ///
+    /// # Safety
+    /// Argument `n` of `fcinfo` must exist and be of type text.
+    unsafe fn read<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<TextArgument<'a>> {
+        // SAFETY: as the caller promises.
+        unsafe {
+            Some(TextArgument {
+                text: pg_getarg(fcinfo, n)?,
+                datum: pg_getarg_datum_raw(fcinfo, n),
+            })
+        }
+    }
+}
+
+/// A prepared INSERT into `event_outbox`: the table's oid, whether it marks rows deferred, the
+/// statement.
 type CachedInsert = (pg_sys::Oid, bool, Rc<OwnedPreparedStatement>);
 
 thread_local! {
-    /// The prepared INSERTs into `event_outbox` and into the current segment, kept for the life
-    /// of the backend (a segment's until the next one takes over).
+    /// The prepared INSERTs into `event_outbox`, kept for the life of the backend.
     static INSERTS: RefCell<Vec<CachedInsert>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The prepared INSERT into `segment`, or into `event_outbox` (oid `outbox`) in `namespace`
-/// when there is none; prepared on first use. Postgres re-plans it by itself after DDL on the
-/// table; a table re-created (with the extension) has a new oid and is prepared anew.
+/// Inserts `row` into `event_outbox` (oid `outbox`) in `namespace` with an INSERT, which applies what a
+/// segment would bypass (row-level security, triggers, rules, the caller's privileges) and
+/// fills in the defaults of columns the row does not name. The statement is prepared on first
+/// use; Postgres re-plans it by itself after DDL on the table, and a table re-created (with the
+/// extension) has a new oid and is prepared anew.
 ///
 /// Only deferred rows name `notify_deferred` (its default is false): a server running this
 /// library over a database not yet updated from 0.1.0, which lacks the column, still publishes
 /// in transaction mode until `ALTER EXTENSION pg_outbox UPDATE` runs.
-fn insert_statement(
-    namespace: pg_sys::Oid,
-    outbox: pg_sys::Oid,
-    segment: Option<&Segment>,
-    deferred: bool,
-) -> Rc<OwnedPreparedStatement> {
-    let relid = segment.map_or(outbox, |s| s.relid);
-    if let Some(statement) = INSERTS.with_borrow(|cached| {
+fn insert_into_outbox(namespace: pg_sys::Oid, outbox: pg_sys::Oid, row: &[Column], deferred: bool) {
+    let columns: Vec<&Column> = row
+        .iter()
+        .filter(|(name, _, _)| deferred || *name != c"notify_deferred")
+        .collect();
+    let cached = INSERTS.with_borrow(|cached| {
         cached
             .iter()
-            .find(|(table, marks, _)| *table == relid && *marks == deferred)
+            .find(|(table, marks, _)| *table == outbox && *marks == deferred)
             .map(|(_, _, s)| Rc::clone(s))
-    }) {
-        return statement;
-    }
-    let table = match segment {
-        Some(segment) => segment.table.clone(),
-        None => {
-            // SAFETY: the oid names the schema this function lives in, which exists during the
-            // call.
-            let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(namespace)) };
-            format!(
-                "{}.event_outbox",
-                quote_identifier(schema.to_string_lossy())
-            )
-        }
-    };
-    let (deferred_column, deferred_value) = if deferred {
-        (", notify_deferred", ", true")
-    } else {
-        ("", "")
-    };
-    let sql = format!(
-        "INSERT INTO {table} \
-         (id, channel, user_id, payload, origin, created_at, xid{deferred_column}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7{deferred_value})"
-    );
-    let types = [
-        pg_sys::UUIDOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::JSONBOID,
-        pg_sys::TEXTOID,
-        pg_sys::TIMESTAMPTZOID,
-        pg_sys::XID8OID,
-    ]
-    .map(PgOid::from);
-    let prepare =
-        || Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|s| s.keep()));
-    let statement = match segment {
-        Some(segment) => segment.as_owner_pinned(prepare),
-        None => prepare(),
-    }
-    .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not prepare the insert: {e}"));
-    let statement = Rc::new(statement);
-    INSERTS.with_borrow_mut(|cached| {
-        // Segments that were left behind are never inserted into again.
-        cached.retain(|(table, _, _)| *table == outbox || *table == relid);
-        cached.push((relid, deferred, Rc::clone(&statement)));
     });
-    statement
+    let statement = cached.unwrap_or_else(|| {
+        let statement = Rc::new(prepare_insert(namespace, &columns));
+        INSERTS.with_borrow_mut(|cached| {
+            cached.retain(|(table, _, _)| *table == outbox);
+            cached.push((outbox, deferred, Rc::clone(&statement)));
+        });
+        statement
+    });
+    // SAFETY: each datum matches the type oid it is paired with, and lives for the call.
+    let args: Vec<DatumWithOid> = columns
+        .iter()
+        .map(|(_, type_oid, value)| unsafe {
+            match value {
+                Some(value) => DatumWithOid::new(*value, *type_oid),
+                None => DatumWithOid::null_oid(*type_oid),
+            }
+        })
+        .collect();
+    Spi::connect_mut(|client| client.update(&*statement, None, &args).map(|_| ()))
+        .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not insert the event: {e}"));
+}
+
+/// Prepares `INSERT INTO <schema>.event_outbox (<columns>) VALUES ($1, ...)`.
+fn prepare_insert(namespace: pg_sys::Oid, columns: &[&Column]) -> OwnedPreparedStatement {
+    // SAFETY: the oid names the schema this function lives in, which exists during the call.
+    let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(namespace)) };
+    let names: Vec<String> = columns
+        .iter()
+        .map(|(name, _, _)| name.to_string_lossy().into_owned())
+        .collect();
+    let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("${n}")).collect();
+    let sql = format!(
+        "INSERT INTO {}.event_outbox ({}) VALUES ({})",
+        quote_identifier(schema.to_string_lossy()),
+        names.join(", "),
+        placeholders.join(", ")
+    );
+    let types: Vec<PgOid> = columns.iter().map(|(_, t, _)| PgOid::from(*t)).collect();
+    Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|s| s.keep()))
+        .unwrap_or_else(|e| pgrx::error!("{FUNCTION}: could not prepare the insert: {e}"))
 }
 
 /// Channels and origins: 1 to `limit` bytes of [`crate::error::NAME_CHARACTERS`].

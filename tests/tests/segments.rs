@@ -1,6 +1,7 @@
 //! Segments: events go into the child table of their time, which the pruner drops whole once
 //! its last event has expired, never while a transaction that wrote in it is open; publishing
-//! into one needs only the grants on `event_outbox`, whose own security still applies.
+//! into one needs only the grants on `event_outbox`, whose own security still applies, and
+//! stores rows that are checked and indexed as an INSERT's.
 
 use std::time::Duration;
 
@@ -291,4 +292,99 @@ async fn a_publisher_cannot_borrow_the_owners_rights_through_its_search_path() {
         .unwrap()
         .get(0);
     assert_eq!(in_segment, 1, "the event still went into its segment");
+}
+
+#[tokio::test]
+async fn a_row_stored_straight_into_a_segment_is_checked_and_indexed_like_an_insert() {
+    let cluster = cluster("1h", "1d");
+    let mut client = cluster.connect("postgres").await;
+    // Constraints of event_outbox reach its segments, and hold for what publish stores there.
+    client
+        .batch_execute(
+            "CREATE EXTENSION amcheck; \
+             ALTER TABLE event_outbox ADD CONSTRAINT no_secrets CHECK (channel <> 'secrets')",
+        )
+        .await
+        .unwrap();
+    let refused = publish_on(&client, "secrets").await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&SqlState::CHECK_VIOLATION),
+        "{refused}"
+    );
+
+    // Several events in one statement, then read back in the same transaction through the
+    // indexes alone; amcheck then finds every row of the segment in each of its indexes.
+    let transaction = client.transaction().await.unwrap();
+    transaction
+        .batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+        .await
+        .unwrap();
+    let ids: Vec<uuid::Uuid> = transaction
+        .query(
+            "SELECT outbox_publish('chat', 'u' || n, jsonb_build_object('n', n)) \
+             FROM generate_series(1, 50) n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let (tables, by_id, by_xid): (Vec<String>, i64, i64) = {
+        let row = transaction
+            .query_one(
+                "SELECT array_agg(DISTINCT tableoid::regclass::text), \
+                        count(*) FILTER (WHERE id = ANY ($1)), \
+                        (SELECT count(*) FROM event_outbox WHERE xid = pg_current_xact_id()) \
+                 FROM event_outbox WHERE id = ANY ($1)",
+                &[&ids],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    transaction.commit().await.unwrap();
+    assert_eq!((by_id, by_xid), (50, 50));
+    assert!(
+        !tables.iter().any(|table| table == "event_outbox"),
+        "the events went into their segment: {tables:?}"
+    );
+    let checked: i64 = client
+        .query_one(
+            "SELECT count(bt_index_check(indexrelid, true)) FROM pg_index \
+             WHERE indrelid::regclass::text = ANY ($1)",
+            &[&tables],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        checked,
+        3 * tables.len() as i64,
+        "the id, created_at and xid indexes"
+    );
+
+    // A column added to event_outbox reaches the segments, but only an INSERT fills its
+    // default: events go to event_outbox itself until it is dropped again.
+    client
+        .batch_execute("ALTER TABLE event_outbox ADD COLUMN tenant text NOT NULL DEFAULT 'acme'")
+        .await
+        .unwrap();
+    let (table, _) = publish(&client).await;
+    assert_eq!(table, "event_outbox");
+    let tenants: Vec<String> = client
+        .query("SELECT DISTINCT tenant FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(tenants, ["acme"]);
+    client
+        .batch_execute("ALTER TABLE event_outbox DROP COLUMN tenant")
+        .await
+        .unwrap();
+    let (table, _) = publish(&client).await;
+    assert_ne!(table, "event_outbox", "a dropped column is no obstacle");
 }

@@ -29,6 +29,10 @@ use pgrx::spi::{quote_identifier, SpiResult};
 use crate::guc;
 use crate::worker::notifier;
 
+mod insert;
+
+pub use insert::Column;
+
 /// The most segments `pg_outbox.retention` spans: a longer `segment_interval` is used when the
 /// configured one is shorter than a 24th of the retention. Every read of `event_outbox` opens
 /// and locks each segment and its indexes, and a day of 10-minute segments would take some 600
@@ -332,36 +336,18 @@ fn lock_exclusively(relid: pg_sys::Oid) -> bool {
 /// A segment a publisher inserts into.
 pub struct Segment {
     pub relid: pg_sys::Oid,
-    /// Its schema-qualified, quoted name.
-    pub table: String,
-    owner: pg_sys::Oid,
-}
-
-impl Segment {
-    /// Runs `insert`, the execution of a prepared, schema-qualified INSERT with typed
-    /// parameters, with the segment owner's rights. The caller's right to publish was checked
-    /// on `event_outbox` ([`for_event`]), whose grants are the ones users manage; the segments
-    /// carry none.
-    pub fn as_owner<R>(&self, insert: impl FnOnce() -> R) -> R {
-        as_user(self.owner, false, insert)
-    }
-
-    /// Runs `analyze`, which parses SQL text, with the segment owner's rights and
-    /// `search_path` pinned to `pg_catalog, pg_temp`, so that no function or operator of the
-    /// caller's schemas can be picked up with the owner's rights.
-    pub fn as_owner_pinned<R>(&self, analyze: impl FnOnce() -> R) -> R {
-        as_user(self.owner, true, analyze)
-    }
 }
 
 /// Runs `f` as `user` in a security-restricted operation, as SECURITY DEFINER functions and
-/// foreign-key checks run, with `search_path` pinned when `pin_search_path`. An error inside
-/// restores the caller's identity and settings as the (sub)transaction aborts.
-fn as_user<R>(user: pg_sys::Oid, pin_search_path: bool, f: impl FnOnce() -> R) -> R {
+/// foreign-key checks run, with `search_path` pinned to `pg_catalog, pg_temp`, so that no
+/// function or operator of the caller's schemas can be picked up with `user`'s rights. An error
+/// inside restores the caller's identity and settings as the (sub)transaction aborts.
+fn as_user<R>(user: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let mut caller = pg_sys::Oid::INVALID;
     let mut context = 0;
-    // SAFETY: saving and switching the current user; restored below.
-    unsafe {
+    // SAFETY: saving and switching the current user, then a GUC nesting level of our own, set
+    // as fmgr_security_definer does; both undone below.
+    let nest_level = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut caller, &mut context);
         pg_sys::SetUserIdAndSecContext(
             user,
@@ -369,9 +355,6 @@ fn as_user<R>(user: pg_sys::Oid, pin_search_path: bool, f: impl FnOnce() -> R) -
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
-    }
-    // SAFETY: a GUC nesting level of our own, set and popped as fmgr_security_definer does.
-    let nest_level = pin_search_path.then(|| unsafe {
         let level = pg_sys::NewGUCNestLevel();
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
@@ -384,13 +367,11 @@ fn as_user<R>(user: pg_sys::Oid, pin_search_path: bool, f: impl FnOnce() -> R) -
             false,
         );
         level
-    });
+    };
     let result = f();
     // SAFETY: pops the level pushed above, then restores what was saved.
     unsafe {
-        if let Some(level) = nest_level {
-            pg_sys::AtEOXact_GUC(true, level);
-        }
+        pg_sys::AtEOXact_GUC(true, nest_level);
         pg_sys::SetUserIdAndSecContext(caller, context);
     }
     result
@@ -510,14 +491,14 @@ fn look_up(
     // SAFETY: get_namespace_name returned a palloc'd C string.
     let schema = quote_identifier(unsafe { CStr::from_ptr(schema) }.to_string_lossy());
     let sql = format!(
-        "SELECT s.name::text, c.oid, c.relowner, \
+        "SELECT c.oid, \
                 (extract(epoch FROM s.starts_at) * 1000000)::int8 - 946684800000000, \
                 (extract(epoch FROM s.ends_at) * 1000000)::int8 - 946684800000000 \
          FROM {schema}.outbox_segments s \
          LEFT JOIN pg_catalog.pg_class c ON c.relname = s.name AND c.relnamespace = $2 \
          WHERE s.ends_at > $1 ORDER BY s.starts_at LIMIT 1"
     );
-    let found = as_user(owner, true, || {
+    let found = as_user(owner, || {
         Spi::connect(|client| {
             // SAFETY: a timestamptz datum is its 64-bit value.
             let at = unsafe {
@@ -530,29 +511,20 @@ fn look_up(
                 return Ok(None);
             }
             Ok::<_, pgrx::spi::Error>(Some((
-                row.get::<String>(1)?
-                    .map(|name| format!("{schema}.{}", quote_identifier(name))),
-                row.get::<pg_sys::Oid>(2)?,
-                row.get::<pg_sys::Oid>(3)?,
-                row.get::<i64>(4)?.unwrap_or_default(),
-                row.get::<i64>(5)?.unwrap_or_default(),
+                row.get::<pg_sys::Oid>(1)?,
+                row.get::<i64>(2)?.unwrap_or_default(),
+                row.get::<i64>(3)?.unwrap_or_default(),
             )))
         })
     });
     match found {
-        Ok(Some((Some(table), Some(relid), Some(owner), from, until))) if from <= created_at => {
-            Route {
-                parent,
-                from,
-                until,
-                segment: Some(Rc::new(Segment {
-                    relid,
-                    table,
-                    owner,
-                })),
-            }
-        }
-        Ok(Some((_, _, _, from, _))) if from > created_at => none_until(from),
+        Ok(Some((Some(relid), from, until))) if from <= created_at => Route {
+            parent,
+            from,
+            until,
+            segment: Some(Rc::new(Segment { relid })),
+        },
+        Ok(Some((_, from, _))) if from > created_at => none_until(from),
         _ => none_until(i64::MAX),
     }
 }

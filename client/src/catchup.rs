@@ -17,7 +17,8 @@ use crate::error::Error;
 use crate::event::Event;
 
 /// The advance statement for the extension in `schema`; with `filter_channels`, `$2` is the
-/// `text[]` of channels to read.
+/// `text[]` of channels to read. Both snapshots come from the CTE, parsed or taken once: under
+/// a generic plan, a cast of `$1` in the WHERE clause would parse it again for every row.
 pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
     let schema = quote_ident(schema);
     let channel_filter = if filter_channels {
@@ -26,7 +27,7 @@ pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
         ""
     };
     format!(
-        "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s) \
+        "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s, $1::text::pg_snapshot AS f) \
          SELECT snap.s::text AS snapshot, \
                 COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
                 e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
@@ -34,10 +35,10 @@ pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
          FROM snap LEFT JOIN LATERAL ( \
              SELECT id, channel, user_id, payload, origin, created_at, xid \
              FROM {schema}.event_outbox \
-             WHERE xid >= pg_snapshot_xmin($1::text::pg_snapshot) \
+             WHERE xid >= pg_snapshot_xmin(snap.f) \
                AND xid < pg_snapshot_xmax(snap.s) \
                AND pg_visible_in_snapshot(xid, snap.s) \
-               AND NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot) \
+               AND NOT pg_visible_in_snapshot(xid, snap.f) \
                {channel_filter} \
              ORDER BY xid, id) e ON true"
     )

@@ -1,5 +1,5 @@
 //! The relay's advance query reads `event_outbox`'s segments through their xid index, not a
-//! scan of the whole table, so a catch-up costs what it returns.
+//! scan of the whole table, and parses its snapshot once, so a catch-up costs what it returns.
 
 use pg_outbox_tests::Cluster;
 
@@ -53,4 +53,13 @@ async fn the_advance_query_uses_the_xid_index() {
             "the advance query does not read {segment} through its xid index:\n{plan}"
         );
     }
+    // The cursor's snapshot is parsed once per query, not once per row checked.
+    let per_row: Vec<&str> = plan
+        .lines()
+        .filter(|line| line.contains("Filter:") && line.contains("::pg_snapshot"))
+        .collect();
+    assert!(
+        per_row.is_empty(),
+        "a row filter parses a snapshot: {per_row:?}\n{plan}"
+    );
 }

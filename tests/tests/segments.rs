@@ -312,6 +312,11 @@ async fn a_row_stored_straight_into_a_segment_is_checked_and_indexed_like_an_ins
         Some(&SqlState::CHECK_VIOLATION),
         "{refused}"
     );
+    let detail = refused.as_db_error().and_then(|e| e.detail()).unwrap_or("");
+    assert!(
+        detail.contains("secrets"),
+        "the failing row is shown: {detail}"
+    );
 
     // Several events in one statement, then read back in the same transaction through the
     // indexes alone; amcheck then finds every row of the segment in each of its indexes.
@@ -387,4 +392,17 @@ async fn a_row_stored_straight_into_a_segment_is_checked_and_indexed_like_an_ins
         .unwrap();
     let (table, _) = publish(&client).await;
     assert_ne!(table, "event_outbox", "a dropped column is no obstacle");
+
+    // A segment with a trigger of its own is not written to without an INSERT: its events go
+    // into event_outbox itself, as for a column of its own.
+    client
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN RAISE EXCEPTION 'not here'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse()"
+        ))
+        .await
+        .unwrap();
+    let (table, _) = publish(&client).await;
+    assert_eq!(table, "event_outbox");
 }

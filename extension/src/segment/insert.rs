@@ -17,8 +17,10 @@ use super::Segment;
 /// One column of an event's row: its name, its type, its value (`None` for NULL).
 pub type Column = (&'static CStr, pg_sys::Oid, Option<pg_sys::Datum>);
 
-/// The segment has a column the row does not fill, or fills with another type: columns added
-/// to `event_outbox` reach its segments, and only an INSERT can fill in their defaults.
+/// The row cannot be stored without an INSERT: the segment has a column the row does not fill
+/// or fills with another type (columns added to `event_outbox` reach its segments, and only an
+/// INSERT fills in their defaults), or something of its own for an INSERT to apply (triggers,
+/// rules, row-level security), or the call runs in parallel mode, where an INSERT refuses.
 #[derive(Debug)]
 pub struct Unfit;
 
@@ -31,23 +33,44 @@ impl Segment {
         // lives until the matching close or free. An ERROR raised inside (a constraint, a
         // duplicate id) aborts the transaction, which releases what is still open.
         unsafe {
+            if pg_sys::IsInParallelMode() {
+                return Err(Unfit);
+            }
             let relation = pg_sys::table_open(self.relid, pg_sys::NoLock as i32);
+            let class = &*(*relation).rd_rel;
             let descriptor = (*relation).rd_att;
             let natts = usize::try_from((*descriptor).natts).unwrap_or_default();
-            let Some((values, nulls)) = tuple_for((*descriptor).attrs.as_slice(natts), row) else {
+            let tuple = (class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+                && !(class.relhastriggers || class.relhasrules || class.relrowsecurity))
+                .then(|| tuple_for((*descriptor).attrs.as_slice(natts), row))
+                .flatten();
+            let Some((values, nulls)) = tuple else {
                 pg_sys::table_close(relation, pg_sys::NoLock as i32);
                 return Err(Unfit);
             };
 
+            // Everything the insert allocates (the slot, the indexes' descriptions, TOAST's
+            // scratch) goes into the executor state's context, freed with it: a caller may
+            // publish many events in one long-lived memory context.
             let estate = pg_sys::CreateExecutorState();
-            let info = PgMemoryContexts::For((*estate).es_query_cxt).switch_to(|_| {
+            PgMemoryContexts::For((*estate).es_query_cxt).switch_to(|_| {
                 let rte = pg_sys::palloc0(size_of::<pg_sys::RangeTblEntry>())
                     .cast::<pg_sys::RangeTblEntry>();
                 (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
                 (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
                 (*rte).relid = self.relid;
-                (*rte).relkind = pg_sys::RELKIND_RELATION as std::ffi::c_char;
+                (*rte).relkind = class.relkind;
                 (*rte).rellockmode = pg_sys::RowExclusiveLock as i32;
+                // The columns this call provides, which an error's "Failing row contains"
+                // detail may show to a caller without SELECT on the segment, as for an INSERT.
+                for (index, null) in nulls.iter().enumerate() {
+                    if !*null {
+                        (*rte).insertedCols = pg_sys::bms_add_member(
+                            (*rte).insertedCols,
+                            index as i32 + 1 - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                        );
+                    }
+                }
                 pg_sys::ExecInitRangeTable(
                     estate,
                     pg_sys::lappend(std::ptr::null_mut(), rte.cast()),
@@ -59,22 +82,21 @@ impl Segment {
                 // Where AFTER triggers look their relation up, as in the apply worker.
                 (*estate).es_opened_result_relations =
                     pg_sys::lappend((*estate).es_opened_result_relations, info.cast());
-                info
+                (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+
+                let slot =
+                    pg_sys::ExecInitExtraTupleSlot(estate, descriptor, &pg_sys::TTSOpsVirtual);
+                std::slice::from_raw_parts_mut((*slot).tts_values, natts).copy_from_slice(&values);
+                std::slice::from_raw_parts_mut((*slot).tts_isnull, natts).copy_from_slice(&nulls);
+                pg_sys::ExecStoreVirtualTuple(slot);
+
+                pg_sys::AfterTriggerBeginQuery();
+                pg_sys::ExecOpenIndices(info, false);
+                pg_sys::ExecSimpleRelationInsert(info, estate, slot);
+                pg_sys::ExecCloseIndices(info);
+                pg_sys::AfterTriggerEndQuery(estate);
+                pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
             });
-            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-
-            let slot = pg_sys::ExecInitExtraTupleSlot(estate, descriptor, &pg_sys::TTSOpsVirtual);
-            std::slice::from_raw_parts_mut((*slot).tts_values, natts).copy_from_slice(&values);
-            std::slice::from_raw_parts_mut((*slot).tts_isnull, natts).copy_from_slice(&nulls);
-            pg_sys::ExecStoreVirtualTuple(slot);
-
-            pg_sys::AfterTriggerBeginQuery();
-            pg_sys::ExecOpenIndices(info, false);
-            pg_sys::ExecSimpleRelationInsert(info, estate, slot);
-            pg_sys::ExecCloseIndices(info);
-            pg_sys::AfterTriggerEndQuery(estate);
-
-            pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
             pg_sys::FreeExecutorState(estate);
             pg_sys::table_close(relation, pg_sys::NoLock as i32);
         }
@@ -83,7 +105,8 @@ impl Segment {
 }
 
 /// The values and NULL flags of a tuple of `attributes` holding `row`, or `None` unless the
-/// live attributes are exactly `row`'s columns, with their types. Dropped attributes are NULL.
+/// live attributes are exactly `row`'s columns, with their types and no type modifier (which
+/// only an INSERT applies). Dropped attributes are NULL.
 fn tuple_for(
     attributes: &[pg_sys::FormData_pg_attribute],
     row: &[Column],
@@ -97,9 +120,9 @@ fn tuple_for(
         } else {
             // SAFETY: an attribute name is a NUL-terminated NameData.
             let name = unsafe { CStr::from_ptr(attribute.attname.data.as_ptr()) };
-            let (_, _, value) = row
-                .iter()
-                .find(|(column, type_oid, _)| *column == name && *type_oid == attribute.atttypid)?;
+            let (_, _, value) = row.iter().find(|(column, type_oid, _)| {
+                *column == name && *type_oid == attribute.atttypid && attribute.atttypmod == -1
+            })?;
             filled += 1;
             *value
         };

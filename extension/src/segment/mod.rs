@@ -12,10 +12,10 @@
 //! while publishers insert into its siblings. Readers query `event_outbox`, which reads its
 //! children too, and need no change.
 //!
-//! Publishers find their segment themselves ([`for_event`]) and insert into it directly. When
-//! no segment covers their clock (segments turned off, a pruner that has not run yet, a
-//! restored dump), they insert into `event_outbox` itself, whose rows the pruner deletes one
-//! by one as before.
+//! Publishers find their segment themselves ([`for_event`]) and store their row into it directly
+//! ([`Segment::insert`]). When no segment covers their clock (segments turned off, a pruner that
+//! has not run yet, a restored dump), they insert into `event_outbox` itself, whose rows the
+//! pruner deletes one by one as before.
 
 use std::cell::RefCell;
 use std::ffi::CStr;

@@ -5,8 +5,6 @@
 //! `outbox_prune()` runs them all in the caller's transaction, for servers that cannot preload
 //! the library.
 
-use std::time::Duration;
-
 use pgrx::datum::DatumWithOid;
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -103,9 +101,7 @@ fn outbox_prune(older_than: default!(Option<Interval>, "NULL")) -> i64 {
         OutboxError::SnapshotIsolation.report("outbox_prune");
     }
     let fail = |e: pgrx::spi::Error| -> ! { pgrx::error!("outbox_prune: {e}") };
-    // The current segment and the next, as the worker keeps them.
-    let ahead = segment::interval().map_or(Duration::ZERO, |interval| 2 * interval);
-    segment::create_ahead(&schema, ahead).unwrap_or_else(|e| fail(e));
+    segment::create_ahead(&schema).unwrap_or_else(|e| fail(e));
     let expired = segment::expired(&schema, older_than).unwrap_or_else(|e| fail(e));
     let mut tables = vec![OUTBOX.to_owned()];
     if let Some(older_than) = older_than {

@@ -72,14 +72,13 @@ pub fn interval() -> Option<Duration> {
     guc::segment_interval().map(|i| i.max(guc::retention() / MOST_SEGMENTS_PER_RETENTION))
 }
 
-/// Creates the segments that will take the events of the next `ahead` (and at least the current
-/// one), each with `event_outbox`'s columns, defaults and indexes, owned by `event_outbox`'s
-/// owner and belonging to the extension. Returns how long from now the segments cover, when
-/// there are segments. Segments start at multiples of the interval since the Unix epoch, or
-/// where the last one ends. Every read of `event_outbox` opens each of them, empty or not, so
-/// callers ask for the current one and the next only (the worker comes back before they run
-/// out).
-pub fn create_ahead(schema: &str, ahead: Duration) -> SpiResult<Option<Duration>> {
+/// Creates the current segment and the next, those of them that do not exist yet, each with
+/// `event_outbox`'s columns, defaults and indexes, owned by `event_outbox`'s owner and
+/// belonging to the extension. Returns how long from now the segments cover, when there are
+/// segments. Segments start at multiples of the interval since the Unix epoch, or where the
+/// last one ends. No more are created ahead: every read of `event_outbox` opens each of them,
+/// empty or not (the worker comes back before they run out).
+pub fn create_ahead(schema: &str) -> SpiResult<Option<Duration>> {
     let Some(interval) = interval() else {
         return Ok(None);
     };
@@ -96,7 +95,7 @@ pub fn create_ahead(schema: &str, ahead: Duration) -> SpiResult<Option<Duration>
     if !lock_segments(schema)? {
         return Ok(None);
     }
-    let horizon = ahead.max(interval);
+    let horizon = 2 * interval;
     let names = Spi::connect_mut(|client| {
         client
             .update(

@@ -183,7 +183,7 @@ impl Pruner {
     /// interval before they run out.
     fn create_segments(&mut self, schema: &str) {
         let covered = segment::interval().and_then(|interval| {
-            BackgroundWorker::transaction(|| segment::create_ahead(schema, 2 * interval))
+            BackgroundWorker::transaction(|| segment::create_ahead(schema))
                 .unwrap_or_else(|e| pgrx::error!("pg_outbox pruner: {e}"))
                 .map(|covered| covered.saturating_sub(interval))
         });

@@ -42,7 +42,7 @@ impl RelayBuilder {
             backoff_max: Duration::from_secs(60),
             deliver_own_origin: false,
             sweep_interval: Duration::from_secs(2),
-            fetch_interval: Duration::from_millis(5),
+            fetch_interval: Duration::from_millis(25),
             schema: "public".to_owned(),
             application_name: None,
             connect_timeout: Duration::from_secs(10),
@@ -108,10 +108,13 @@ impl RelayBuilder {
         self
     }
 
-    /// The shortest time between two queries that fetch referenced rows. The first reference
-    /// after a quiet spell is fetched at once; references arriving within this interval of the
-    /// last fetch wait for the next one and share it, so a busy relay runs one query per many
-    /// events instead of one per notification. It bounds the latency it adds. Default: 5 ms.
+    /// The shortest time between two queries that fetch referenced rows, unless 32 notified
+    /// rows already wait. The first reference after a quiet spell is fetched at once;
+    /// references arriving within this interval of the last fetch wait for the next one and
+    /// share it, and once 32 rows wait the fetch starts without waiting for the interval. So
+    /// a relay runs at most one fetch per interval at low rates, one per 32 events at high
+    /// rates (under 0.05 queries per event from 1,300 events/s up, at the default), and never
+    /// one per notification. It bounds the latency a fetch adds. Default: 25 ms.
     pub fn fetch_interval(mut self, interval: Duration) -> Self {
         self.fetch_interval = interval;
         self

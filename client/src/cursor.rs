@@ -209,6 +209,11 @@ impl Cursor {
         !self.queue.is_empty()
     }
 
+    /// How many notified rows wait for an advance: references, and the events behind them.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
     /// How many delivered ids are kept beyond `S` (memory held by the dedupe set, and rows the
     /// next advance reads again).
     pub fn delivered_beyond(&self) -> usize {

@@ -149,17 +149,54 @@ fn settle(cluster: &Cluster, database: &str, table: &str) {
     cluster.psql(database, "CHECKPOINT");
 }
 
+/// The order of the runs with pruning: the segment's, the layout adopted, once per round and
+/// between the others, so that its ratio is a median of runs spread over the figure like the
+/// runs without pruning are, not one 6-second run.
+fn schedule(options: &Options) -> Vec<usize> {
+    let deletes: Vec<usize> = (1..PRUNINGS.len()).collect();
+    let rounds = options.rounds().max(1);
+    let mut order = Vec::new();
+    for round in 0..rounds {
+        order.push(0);
+        // One DELETE arm after each segment run; the last round takes whatever is left.
+        let from = round.min(deletes.len());
+        let to = if round + 1 == rounds {
+            deletes.len()
+        } else {
+            (round + 1).min(deletes.len())
+        };
+        order.extend(&deletes[from..to]);
+    }
+    order
+}
+
+/// One run with pruning.
+struct Outcome {
+    with: f64,
+    pruned_in: Option<Duration>,
+    loaded: String,
+    after: String,
+    catch_up: Option<retention::CatchUp>,
+}
+
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     let backlog = backlog(options);
     let drained = crate::drain::spawn(cluster).await;
     let publish = || publishers(options);
     let admin = cluster.connect("postgres").await;
     let size = || retention::size(cluster, "postgres");
+    // Every run, with pruning or without, starts right after a checkpoint: a run with pruning
+    // follows one (see [`settle`]), and the first writes after a checkpoint log full pages.
+    let without_pruning = || {
+        cluster.psql("postgres", "CHECKPOINT");
+        tps(cluster, &publish())
+    };
 
     // Without pruning before, between and after the runs with pruning.
-    let mut without = vec![tps(cluster, &publish())];
-    let mut rows = Vec::new();
-    for pruning in &PRUNINGS {
+    let mut without = vec![without_pruning()];
+    let mut outcomes: Vec<Vec<Outcome>> = PRUNINGS.iter().map(|_| Vec::new()).collect();
+    for arm in schedule(options) {
+        let pruning = &PRUNINGS[arm];
         // Each prune starts from the same table: a million live rows, no dead ones left over
         // from the previous prune.
         cluster.psql("postgres", "TRUNCATE event_outbox");
@@ -187,11 +224,13 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             }
         };
         let loaded = size();
-        let catch_up = if *pruning == Pruning::Segment || *pruning == DEFAULT_DELETE {
-            Some(retention::catch_up(&admin).await)
-        } else {
-            None
-        };
+        let first_of_its_arm = outcomes[arm].is_empty();
+        let catch_up =
+            if first_of_its_arm && (*pruning == Pruning::Segment || *pruning == DEFAULT_DELETE) {
+                Some(retention::catch_up(&admin).await)
+            } else {
+                None
+            };
         let pruned_before = rows_pruned(&admin).await;
         cluster.psql(
             "postgres",
@@ -213,8 +252,14 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_pause");
         }
         cluster.psql("postgres", "SELECT pg_reload_conf()");
-        rows.push((pruning, with, pruned_in, loaded, size(), catch_up));
-        without.push(tps(cluster, &publish()));
+        outcomes[arm].push(Outcome {
+            with,
+            pruned_in,
+            loaded,
+            after: size(),
+            catch_up,
+        });
+        without.push(without_pruning());
     }
     drained.stop().await;
     drop(admin);
@@ -224,6 +269,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         "Publishing while the pruner removes an expired backlog",
         &[
             "the backlog lies in, and the pruner removes it by",
+            "runs",
             "publish tx/s while pruning",
             "vs without pruning",
             "time to prune",
@@ -237,27 +283,38 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
          (as the pruner finds a segment once it expires), or into event_outbox itself; then \
          VACUUM ANALYZE and CHECKPOINT, so that deleting them writes full-page images, as for \
          rows written hours before; then prune_interval set to 1 s. DELETE batches of 10,000 \
-         rows, a transaction each. Publishers insert into the current segment all along. \
-         Without pruning: {base:.0} tx/s (median of the runs before, between and after).",
-        options.run_time().as_secs()
+         rows, a transaction each. Publishers insert into the current segment all along. A run \
+         without pruning (each after a CHECKPOINT too) comes before the first run with pruning \
+         and after each; the segment's runs are spread over the figure, one per round. Medians \
+         of an arm's runs (sizes from its first). Without pruning: {base:.0} tx/s (median of \
+         {} runs).",
+        options.run_time().as_secs(),
+        without.len()
     );
     let (mut segment, mut plain) = (None, None);
-    for (pruning, with, pruned_in, loaded, after, catch_up) in rows {
+    for (pruning, runs) in PRUNINGS.iter().zip(outcomes) {
+        let with = median(&runs.iter().map(|r| r.with).collect::<Vec<_>>());
+        let pruned_in = median_duration(runs.iter().map(|r| r.pruned_in));
+        let runs_count = runs.len();
+        let Some(first) = runs.into_iter().next() else {
+            continue;
+        };
         table.row(vec![
             pruning.name(),
+            runs_count.to_string(),
             format!("{with:.0}"),
             ratio(with, base),
             pruned_in.map_or("not done in 10 min".into(), |d| {
                 format!("{:.1} s", d.as_secs_f64())
             }),
-            format!("{loaded} → {after}"),
+            format!("{} → {}", first.loaded, first.after),
         ]);
-        let arm = catch_up.map(|catch_up| Arm {
+        let arm = first.catch_up.map(|catch_up| Arm {
             without: without.clone(),
             with,
             pruned_in,
-            loaded,
-            after,
+            loaded: first.loaded,
+            after: first.after,
             catch_up,
         });
         if *pruning == Pruning::Segment {
@@ -277,6 +334,12 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         .await,
     );
     tables
+}
+
+/// The median of the prune times, `None` if any prune did not finish.
+fn median_duration(times: impl Iterator<Item = Option<Duration>>) -> Option<Duration> {
+    let seconds: Option<Vec<f64>> = times.map(|t| t.map(|d| d.as_secs_f64())).collect();
+    seconds.map(|s| Duration::from_secs_f64(median(&s)))
 }
 
 /// `outbox_prune_state.rows_pruned`: a one-row read, so watching the prune costs the

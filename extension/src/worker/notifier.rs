@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic, PgOid};
@@ -318,9 +319,9 @@ struct Batches {
     /// Whether `position` moved since it was last recorded.
     moved: bool,
     recorded_at: Instant,
-    /// Takes the new snapshot.
-    current: OwnedPreparedStatement,
-    /// The deferred rows visible in the new snapshot and not in the position.
+    /// The deferred rows visible in the new snapshot and not in the position, each with the
+    /// new snapshot: the statement's own unless one is given. One row of NULLs and the snapshot
+    /// when there are none.
     rows: OwnedPreparedStatement,
     /// Records the position and counts what was sent.
     record: OwnedPreparedStatement,
@@ -346,23 +347,28 @@ impl Batches {
             unrecorded_rows: 0,
             moved: false,
             recorded_at: Instant::now(),
-            current: prepare("SELECT pg_current_snapshot()::text".into(), &[]),
             rows: prepare(
-                // The snapshots are parsed once, in the CTE: under a generic plan a cast of a
-                // parameter in the WHERE clause is evaluated again for every row, and parsing
-                // them took a sixth of the worker's time at 64 writers.
+                // The snapshots are parsed (and the new one printed) once, in the CTE: under a
+                // generic plan a cast of a parameter in the WHERE clause is evaluated again for
+                // every row, and parsing them took a sixth of the worker's time at 64 writers.
+                // Taking the new snapshot here rather than in a statement of its own saves a
+                // statement per batch; the scan runs on that same snapshot, so it sees every row
+                // visible in it.
                 format!(
-                    "WITH s AS MATERIALIZED (SELECT $1::pg_snapshot AS old, $2::pg_snapshot AS new) \
-                     SELECT e.id, e.channel, e.user_id, e.origin, e.xid::text::int8, \
+                    "WITH s AS MATERIALIZED ( \
+                         SELECT old, new, new::text AS new_text \
+                         FROM (SELECT $1::pg_snapshot AS old, \
+                                      coalesce($2::pg_snapshot, pg_current_snapshot()) AS new) x) \
+                     SELECT s.new_text, e.id, e.channel, e.user_id, e.origin, e.xid::text::int8, \
                             (extract(epoch FROM e.created_at) * 1000000)::int8, \
                             CASE WHEN $3 THEN e.payload::text END \
-                     FROM s CROSS JOIN LATERAL ( \
+                     FROM s LEFT JOIN LATERAL ( \
                          SELECT * FROM {schema}.event_outbox \
                          WHERE xid >= pg_snapshot_xmin(s.old) \
                            AND xid < pg_snapshot_xmax(s.new) \
                            AND pg_visible_in_snapshot(xid, s.new) \
                            AND NOT pg_visible_in_snapshot(xid, s.old) \
-                           AND notify_deferred) e \
+                           AND notify_deferred) e ON true \
                      ORDER BY e.xid, e.id"
                 ),
                 &[text, text, PgOid::from(pg_sys::BOOLOID)],
@@ -391,25 +397,27 @@ impl Batches {
         let inline = guc::notify_payload() == NotifyPayload::Inline;
         let position = self.position.as_str();
         let (reached, notified, more) = Spi::connect_mut(|client| {
-            let Some(current) = client
-                .select(&self.current, None, &[])?
-                .first()
-                .get_one::<String>()?
-            else {
-                pgrx::error!("pg_outbox notifier: pg_current_snapshot() returned NULL");
-            };
-            let mut reached = current.clone();
             let mut rows = client.select(
                 &self.rows,
                 Some((MAX_BATCH_ROWS + 1) as _),
-                &[position.into(), current.as_str().into(), inline.into()],
+                &[
+                    position.into(),
+                    DatumWithOid::null_oid(pg_sys::TEXTOID),
+                    inline.into(),
+                ],
             )?;
+            rows = rows.first();
+            let Some(current) = rows.get_one::<String>()? else {
+                pgrx::error!("pg_outbox notifier: pg_current_snapshot() returned NULL");
+            };
+            rows = rows.rewind();
+            let mut reached = current.clone();
             // Rows from this xid on wait for the next batch.
             let mut stop_at = None;
             let more = rows.len() > MAX_BATCH_ROWS;
             if more {
                 let xid = |row: Option<pgrx::spi::SpiHeapTupleData>| {
-                    row.and_then(|row| row.get::<i64>(5).ok().flatten())
+                    row.and_then(|row| row.get::<i64>(6).ok().flatten())
                         .and_then(|xid| u64::try_from(xid).ok())
                         .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: a row without xid"))
                 };
@@ -432,13 +440,15 @@ impl Batches {
             let mut notified = 0_i64;
             for row in rows {
                 let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
-                    row.get::<pgrx::Uuid>(1)?,
-                    row.get::<&str>(2)?,
+                    row.get::<pgrx::Uuid>(2)?,
                     row.get::<&str>(3)?,
-                    row.get::<i64>(5)?,
+                    row.get::<&str>(4)?,
                     row.get::<i64>(6)?,
+                    row.get::<i64>(7)?,
                 ) else {
-                    continue; // Columns are NOT NULL; nothing to notify for a row that is not.
+                    // No row to notify (the columns are NOT NULL): the one row of a batch
+                    // without any, which carries only the snapshot.
+                    continue;
                 };
                 let xid = u64::try_from(xid).unwrap_or_default();
                 if stop_at.is_some_and(|stop_at| xid >= stop_at) {
@@ -448,12 +458,12 @@ impl Batches {
                     id: uuid::Uuid::from_bytes(*id.as_bytes()),
                     channel,
                     user_id,
-                    origin: row.get::<&str>(4)?,
+                    origin: row.get::<&str>(5)?,
                     xid,
                     created_at_us,
                 };
                 let document = row
-                    .get::<&str>(7)?
+                    .get::<&str>(8)?
                     .and_then(|payload| notification.inline(payload))
                     .unwrap_or_else(|| notification.reference());
                 notify(&document);

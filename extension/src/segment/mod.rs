@@ -46,8 +46,8 @@ const MOST_CREATED_AT_ONCE: i64 = 24;
 /// How often a drop tries to lock a segment away from the relays reading it, and the wait
 /// between two tries: about 200 ms in all. It never queues for the lock: a queued exclusive lock
 /// would hold up every read of `event_outbox` behind it. Tries 0.7 ms apart fall at a different
-/// point of a periodic reader's cycle each time (the notifier's is 2 ms), so they find the gap
-/// between two reads; tries every 2 ms or 5 ms could keep landing inside them.
+/// point of a periodic reader's cycle each time (the notifier's is 4 ms), so they find the gap
+/// between two reads; tries every 2 ms or 4 ms could keep landing inside them.
 const EXCLUSIVE_LOCK_ATTEMPTS: u32 = 300;
 const EXCLUSIVE_LOCK_RETRY_AFTER: Duration = Duration::from_micros(700);
 

@@ -40,7 +40,10 @@ const RESTART_AFTER: Duration = Duration::from_secs(1);
 
 /// The shortest time between the starts of two batches: at most this much latency is added,
 /// and at most `1 / MIN_BATCH_INTERVAL` batches run per second however many commits wake it.
-const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// Most of a batch's cost is per batch (starting a plan over every segment, a commit, waking
+/// the listeners): at 10,000 events/s the worker took 15.2 ms of CPU per 1,000 events with
+/// 2 ms, 11.5 ms with 4 ms, on the same two cores as the publishers.
+const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(4);
 
 /// How often the worker runs a batch when no publisher wakes it.
 const IDLE_TICK: Duration = Duration::from_secs(5);

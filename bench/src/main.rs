@@ -54,6 +54,16 @@ impl Options {
         }
     }
 
+    /// Rounds of the publish-rate figure: its ratios against the bare INSERT are targets, and
+    /// single 6-second runs of one variant spread over ±15% here.
+    fn publish_rounds(&self) -> usize {
+        if self.smoke {
+            1
+        } else {
+            5
+        }
+    }
+
     fn run_time(&self) -> Duration {
         Duration::from_secs(if self.smoke { 1 } else { 6 })
     }

@@ -70,7 +70,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     per_clients.note = format!(
         "pgbench -M prepared, {} s runs, {} interleaved rounds (each starting one variant further along), medians; a listener drains notifications throughout.",
         options.run_time().as_secs(),
-        options.rounds()
+        options.publish_rounds()
     );
     tables.push(per_clients);
 
@@ -118,7 +118,7 @@ fn interleaved<'v>(
     run: impl Fn(&Variant) -> Run,
 ) -> Vec<(&'v str, f64)> {
     let mut samples = vec![Vec::new(); variants.len()];
-    for round in 0..options.rounds() {
+    for round in 0..options.publish_rounds() {
         for offset in 0..variants.len() {
             let at = (round + offset) % variants.len();
             cluster.psql("postgres", "TRUNCATE event_outbox, bare_outbox");

@@ -5,7 +5,7 @@
 use pg_outbox_tests::Cluster;
 
 use crate::pgbench::{tps, Run};
-use crate::report::{median, rate, ratio, Table};
+use crate::report::{median, rate, Table};
 use crate::Options;
 
 struct Variant {
@@ -53,6 +53,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             "clients",
             "variant",
             "tx/s (median)",
+            "rounds' range",
             "vs PL/pgSQL",
             "vs bare INSERT",
         ],
@@ -68,7 +69,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         add_rows(&mut per_clients, &clients.to_string(), &rates);
     }
     per_clients.note = format!(
-        "pgbench -M prepared, {} s runs, {} interleaved rounds (each starting one variant further along), medians; a listener drains notifications throughout.",
+        "pgbench -M prepared, {} s runs, {} interleaved rounds (each starting one variant further along); a listener drains notifications throughout. Rates: medians of the rounds; ratios: medians of the rounds' ratios, each round's run against the other variant's run of the same round.",
         options.run_time().as_secs(),
         options.publish_rounds()
     );
@@ -83,6 +84,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             "events per tx",
             "variant",
             "events/s (median)",
+            "rounds' range",
             "vs PL/pgSQL",
             "vs bare INSERT",
         ],
@@ -95,9 +97,9 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             options: variant.options.to_owned(),
             variables: vec![("batch".to_owned(), batch.to_string())],
         });
-        let events: Vec<(&str, f64)> = rates
-            .iter()
-            .map(|(name, tps)| (*name, tps * f64::from(batch)))
+        let events: Vec<(&str, Vec<f64>)> = rates
+            .into_iter()
+            .map(|(name, tps)| (name, tps.iter().map(|t| t * f64::from(batch)).collect()))
             .collect();
         add_rows(&mut batches, &batch.to_string(), &events);
     }
@@ -107,7 +109,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     tables
 }
 
-/// Runs every variant once per round and returns each one's median rate. Each round starts one
+/// Runs every variant once per round and returns each one's rates, by round. Each round starts one
 /// variant further along, so that no variant always runs right after the same other one or at
 /// the same point of a round (a checkpoint or autovacuum that recurs with the rounds' rhythm
 /// would otherwise land on the same variant every time).
@@ -116,7 +118,7 @@ fn interleaved<'v>(
     options: &Options,
     variants: &'v [Variant],
     run: impl Fn(&Variant) -> Run,
-) -> Vec<(&'v str, f64)> {
+) -> Vec<(&'v str, Vec<f64>)> {
     let mut samples = vec![Vec::new(); variants.len()];
     for round in 0..options.publish_rounds() {
         for offset in 0..variants.len() {
@@ -128,25 +130,35 @@ fn interleaved<'v>(
     variants
         .iter()
         .zip(samples)
-        .map(|(variant, samples)| (variant.name, median(&samples)))
+        .map(|(variant, samples)| (variant.name, samples))
         .collect()
 }
 
-fn add_rows(table: &mut Table, label: &str, rates: &[(&str, f64)]) {
+/// One row per variant: its median rate, the range of its rounds, and its ratios to the
+/// PL/pgSQL function and the bare INSERT, each the median of the rounds' own ratios: a round's
+/// runs are minutes apart at most, so pairing them leaves out the machine's slower drifts.
+fn add_rows(table: &mut Table, label: &str, rates: &[(&str, Vec<f64>)]) {
     let find = |name: &str| {
         rates
             .iter()
             .find(|(n, _)| *n == name)
-            .map_or(f64::NAN, |(_, r)| *r)
+            .map_or(&[][..], |(_, r)| r.as_slice())
     };
     let (plpgsql, bare) = (find(PLPGSQL.name), find(BARE.name));
-    for (name, value) in rates {
+    let paired = |rounds: &[f64], base: &[f64]| {
+        let ratios: Vec<f64> = rounds.iter().zip(base).map(|(v, b)| v / b).collect();
+        format!("{:.2}×", median(&ratios))
+    };
+    for (name, rounds) in rates {
+        let low = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         table.row(vec![
             label.to_owned(),
             (*name).to_owned(),
-            rate(*value),
-            ratio(*value, plpgsql),
-            ratio(*value, bare),
+            rate(median(rounds)),
+            format!("{}–{}", rate(low), rate(high)),
+            paired(rounds, plpgsql),
+            paired(rounds, bare),
         ]);
     }
 }

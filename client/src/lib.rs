@@ -52,7 +52,8 @@
 //!   tell).
 //! - **Both notification forms.** Inline notifications (`pg_outbox.notify_payload = 'inline'`)
 //!   are delivered without a query; references are resolved in batches: one query fetches
-//!   everything pending, never one query per event.
+//!   everything pending, never one query per event: at most one per `fetch_interval`, sooner
+//!   once 32 events wait ([`RelayBuilder::fetch_interval`]).
 //! - **Idle sweep.** Every `sweep_interval` of idleness the relay runs the same query: it moves
 //!   the cursor forward (bounding the dedupe set), delivers rows whose notification was lost or
 //!   undecodable, and proves the connection alive.

@@ -17,8 +17,10 @@ use crate::error::Error;
 use crate::event::Event;
 
 /// The advance statement for the extension in `schema`; with `filter_channels`, `$2` is the
-/// `text[]` of channels to read. Both snapshots come from the CTE, parsed or taken once: under
-/// a generic plan, a cast of `$1` in the WHERE clause would parse it again for every row.
+/// `text[]` of channels to read. Both snapshots come from the CTE, parsed or taken once, and
+/// the new one printed there once: under a generic plan, a cast of `$1` in the WHERE clause
+/// would parse it again for every row checked, and a cast of the new snapshot in the select
+/// list printed it again for every row returned (a sixth of the query's time at 64 writers).
 pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
     let schema = quote_ident(schema);
     let channel_filter = if filter_channels {
@@ -27,8 +29,10 @@ pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
         ""
     };
     format!(
-        "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s, $1::text::pg_snapshot AS f) \
-         SELECT snap.s::text AS snapshot, \
+        "WITH snap AS MATERIALIZED ( \
+             SELECT s, f, s::text AS s_text \
+             FROM (SELECT pg_current_snapshot() AS s, $1::text::pg_snapshot AS f) taken) \
+         SELECT snap.s_text AS snapshot, \
                 COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
                 e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
                 e.xid::text AS xid \

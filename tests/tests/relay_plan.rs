@@ -1,5 +1,6 @@
 //! The relay's advance query reads `event_outbox`'s segments through their xid index, not a
-//! scan of the whole table, and parses its snapshot once, so a catch-up costs what it returns.
+//! scan of the whole table, and parses and prints its snapshots once, so a catch-up costs what
+//! it returns.
 
 use pg_outbox_tests::Cluster;
 
@@ -26,7 +27,7 @@ async fn the_advance_query_uses_the_xid_index() {
         .await
         .unwrap();
     let plan: Vec<String> = client
-        .query("EXPLAIN EXECUTE advance('1000:1000:')", &[])
+        .query("EXPLAIN (VERBOSE) EXECUTE advance('1000:1000:')", &[])
         .await
         .unwrap()
         .iter()
@@ -61,5 +62,14 @@ async fn the_advance_query_uses_the_xid_index() {
     assert!(
         per_row.is_empty(),
         "a row filter parses a snapshot: {per_row:?}\n{plan}"
+    );
+    // And the new snapshot is printed once, not again for every row returned.
+    let printed_per_row: Vec<&str> = plan
+        .lines()
+        .filter(|line| line.contains("Output:") && line.contains("(snap.s)::text"))
+        .collect();
+    assert!(
+        printed_per_row.is_empty(),
+        "every row prints the snapshot: {printed_per_row:?}\n{plan}"
     );
 }

@@ -75,7 +75,7 @@ const SETUPS: [Setup; 5] = [
         notify_mode: "worker",
         fetch_interval_ms: None,
     },
-    // More, smaller fetches: the latency side of the trade (the default until 0.4.0).
+    // More, smaller fetches: the latency side of the trade (the default before 25 ms).
     Setup {
         receiver: Receiver::Client,
         notify_payload: "reference",

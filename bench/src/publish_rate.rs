@@ -5,7 +5,7 @@
 use pg_outbox_tests::Cluster;
 
 use crate::pgbench::{tps, Run};
-use crate::report::{median, rate, Table};
+use crate::report::{median, quantile, rate, Table};
 use crate::Options;
 
 struct Variant {
@@ -150,13 +150,15 @@ fn add_rows(table: &mut Table, label: &str, rates: &[(&str, Vec<f64>)]) {
         format!("{:.2}×", median(&ratios))
     };
     for (name, rounds) in rates {
-        let low = rounds.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         table.row(vec![
             label.to_owned(),
             (*name).to_owned(),
             rate(median(rounds)),
-            format!("{}–{}", rate(low), rate(high)),
+            format!(
+                "{}–{}",
+                rate(quantile(rounds, 0.0)),
+                rate(quantile(rounds, 1.0))
+            ),
             paired(rounds, plpgsql),
             paired(rounds, bare),
         ]);

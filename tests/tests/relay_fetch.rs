@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, Collector};
+use relay_support::{publish, relay, Collector, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_waiting_references_are_fetched_at_once_in_one_query() {
@@ -26,9 +26,15 @@ async fn thirty_two_waiting_references_are_fetched_at_once_in_one_query() {
         .await
         .unwrap();
 
-    // The start ran an advance: one reference now waits for the interval.
+    // The start ran an advance: one reference now waits for the interval, however long the
+    // relay has had it.
     let advances = relay.metrics().advances;
     let first = publish(&client, "chat", "u1", r#"{"n":0}"#, None).await;
+    cluster
+        .wait_for("the first notification", WAIT, || async {
+            (relay.metrics().received >= 1).then_some(())
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !chat.has(first),

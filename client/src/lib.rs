@@ -135,23 +135,28 @@ pub use relay::{Relay, Topic};
 #[cfg(feature = "tls")]
 pub use rustls;
 
-/// Decodes one notification payload as the relay does: the event it describes, and whether its
-/// payload came inline (a reference's event carries a `null` payload). For the fuzz target and
-/// the round-trip tests. Not a stable API.
+/// Decodes one notification payload as the relay does: the events it carries, each with whether
+/// its payload came inline (a reference's event carries a `null` payload). For the fuzz target
+/// and the round-trip tests. Not a stable API.
 #[doc(hidden)]
-pub fn __decode_notification(payload: &str) -> Result<(Event, bool), NotificationError> {
-    let notice = notification::decode(payload)?;
-    let inline = notice.payload.is_some();
-    let event = Event::new(
-        notice.id,
-        notice.channel,
-        notice.user_id,
-        notice.origin,
-        notice.xid,
-        notice.created_at,
-        notice.payload.unwrap_or(serde_json::Value::Null),
-    );
-    Ok((event, inline))
+pub fn __decode_notification(payload: &str) -> Result<Vec<(Event, bool)>, NotificationError> {
+    let notices = notification::decode(payload)?;
+    Ok(notices
+        .into_iter()
+        .map(|notice| {
+            let inline = notice.payload.is_some();
+            let event = Event::new(
+                notice.id,
+                notice.channel,
+                notice.user_id,
+                notice.origin,
+                notice.xid,
+                notice.created_at,
+                notice.payload.unwrap_or(serde_json::Value::Null),
+            );
+            (event, inline)
+        })
+        .collect())
 }
 
 /// Runs what a relay does with what it reads from the network, without a network: a cursor at
@@ -167,7 +172,7 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
     let mut steps = Vec::new();
     let mut rows = Vec::new();
     for payload in payloads {
-        if let Ok(notice) = notification::decode(payload) {
+        for notice in notification::decode(payload).unwrap_or_default() {
             if let Some(event) = notice.clone().into_event() {
                 rows.push(Ok(event));
             }

@@ -424,21 +424,22 @@ impl Listener {
         }
         let metrics = &self.shared.metrics;
         Metrics::add(&metrics.received, 1);
-        let notice = match notification::decode(n.payload()) {
-            Ok(notice) => notice,
+        let notices = match notification::decode(n.payload()) {
+            Ok(notices) => notices,
             Err(err) => {
                 Metrics::add(&metrics.decode_errors, 1);
                 let prefix: String = n.payload().chars().take(200).collect();
                 warn!(error = %err, payload = %prefix, "skipping a pg_outbox notification");
-                // If a row stands behind it, the next advance finds it.
+                // If rows stand behind it, the next advance finds them.
                 self.advance_wanted = true;
                 return;
             }
         };
-        if !self.cfg.channels.is_empty() && !self.cfg.channels.contains(&notice.channel) {
-            return;
+        for notice in notices {
+            if self.cfg.channels.is_empty() || self.cfg.channels.contains(&notice.channel) {
+                self.cursor.on_notice(notice, &mut self.steps);
+            }
         }
-        self.cursor.on_notice(notice, &mut self.steps);
     }
 
     /// Runs one advance on the current connection and delivers what it settles.

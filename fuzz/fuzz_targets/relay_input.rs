@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
     // The whole input as one payload, then each part.
     let _ = pg_outbox_client::__decode_notification(text);
     for payload in &payloads {
-        if let Ok((event, inline)) = pg_outbox_client::__decode_notification(payload) {
+        let events = pg_outbox_client::__decode_notification(payload).unwrap_or_default();
+        for (event, inline) in events {
             // What a subscriber may call on any event.
             let _ = (event.id(), event.channel(), event.user_id(), event.origin());
             let _ = (event.xid(), event.created_at(), inline);

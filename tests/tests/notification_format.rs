@@ -1,8 +1,9 @@
 //! The notification format from both ends, without a server.
 //!
 //! - A round trip: a copy of the extension's encoder (`extension/src/notification.rs`, which
-//!   needs pgrx and so cannot be linked here) encodes any event, and the client's decoder gives
-//!   back exactly that event. Documents the extension really sends are decoded too.
+//!   needs pgrx and so cannot be linked here) encodes any event or batch of events, and the
+//!   client's decoder gives back exactly those events. Documents the extension really sends are
+//!   decoded too.
 //! - A bounded fuzz that `cargo test` runs: the decoder, the snapshot parser and the cursor fed
 //!   with arbitrary, mutated and hostile input never panic. `make fuzz` runs libFuzzer on the same
 //!   entry points for longer (see docs/fuzzing.md).
@@ -25,12 +26,28 @@ struct Notification {
     created_at_us: i64,
 }
 
-/// The extension's encoder, byte for byte: `Notification::reference` and `inline` without the
-/// 8000-byte cut (the decoder must read any size).
+/// The extension's encoder, byte for byte: a version 1 document, `Notification::reference` and
+/// `inline` without the 8000-byte cut (the decoder must read any size).
 fn encode(n: &Notification, payload_json: Option<&str>) -> String {
+    format!("{{\"v\":1,{}}}", fields(n, payload_json))
+}
+
+/// A version 2 document carrying `events`, as the extension's `BatchDocuments` writes it, without
+/// the cut.
+fn encode_batch(events: &[(Notification, Option<String>)]) -> String {
+    let objects: Vec<String> = events
+        .iter()
+        .map(|(n, payload)| format!("{{{}}}", fields(n, payload.as_deref())))
+        .collect();
+    format!("{{\"v\":2,\"events\":[{}]}}", objects.join(","))
+}
+
+/// `Notification::write_fields`: the event's keys and values, without braces.
+fn fields(n: &Notification, payload_json: Option<&str>) -> String {
     let json_string = |s: &str| Value::from(s).to_string();
-    let mut doc = format!(
-        "{{\"v\":1,\"id\":\"{}\",\"channel\":{},\"user_id\":{},\"origin\":{},\"xid\":{},\"created_at_us\":{}",
+    let mut fields =
+        format!(
+        "\"id\":\"{}\",\"channel\":{},\"user_id\":{},\"origin\":{},\"xid\":{},\"created_at_us\":{}",
         n.id.hyphenated(),
         json_string(&n.channel),
         json_string(&n.user_id),
@@ -39,11 +56,17 @@ fn encode(n: &Notification, payload_json: Option<&str>) -> String {
         n.created_at_us,
     );
     if let Some(payload) = payload_json {
-        doc.push_str(",\"payload\":");
-        doc.push_str(payload);
+        fields.push_str(",\"payload\":");
+        fields.push_str(payload);
     }
-    doc.push('}');
-    doc
+    fields
+}
+
+/// The one event of a document, and whether it came inline.
+fn decode_one(doc: &str) -> (pg_outbox_client::Event, bool) {
+    let mut events = __decode_notification(doc).unwrap();
+    assert_eq!(events.len(), 1, "{doc}");
+    events.remove(0)
 }
 
 fn unix_micros(us: i64) -> SystemTime {
@@ -109,7 +132,7 @@ proptest! {
     #[test]
     fn every_reference_decodes_to_what_was_encoded(n in notification()) {
         let doc = encode(&n, None);
-        let (event, inline) = __decode_notification(&doc).unwrap();
+        let (event, inline) = decode_one(&doc);
         prop_assert!(!inline);
         prop_assert_eq!(event.id(), n.id);
         prop_assert_eq!(event.channel(), n.channel.as_str());
@@ -132,7 +155,7 @@ proptest! {
         } else {
             payload.to_string()
         };
-        let (event, inline) = __decode_notification(&encode(&n, Some(&text))).unwrap();
+        let (event, inline) = decode_one(&encode(&n, Some(&text)));
         prop_assert!(inline);
         prop_assert_eq!(event.id(), n.id);
         prop_assert_eq!(event.user_id(), n.user_id.as_str());
@@ -142,13 +165,37 @@ proptest! {
         let expected: Value = serde_json::from_str(&text).unwrap();
         prop_assert_eq!(event.payload(), &expected);
     }
+
+    #[test]
+    fn every_batch_decodes_to_its_events_in_order(
+        events in proptest::collection::vec(
+            (notification(), proptest::option::of(json_value().prop_map(|v| v.to_string()))),
+            0..8,
+        ),
+    ) {
+        let decoded = __decode_notification(&encode_batch(&events)).unwrap();
+        prop_assert_eq!(decoded.len(), events.len());
+        for ((event, inline), (n, payload)) in decoded.iter().zip(&events) {
+            prop_assert_eq!(event.id(), n.id);
+            prop_assert_eq!(event.channel(), n.channel.as_str());
+            prop_assert_eq!(event.user_id(), n.user_id.as_str());
+            prop_assert_eq!(event.origin(), n.origin.as_deref());
+            prop_assert_eq!(event.xid(), n.xid);
+            prop_assert_eq!(event.created_at(), unix_micros(n.created_at_us));
+            prop_assert_eq!(*inline, payload.is_some());
+            let expected: Value = payload
+                .as_deref()
+                .map_or(Value::Null, |text| serde_json::from_str(text).unwrap());
+            prop_assert_eq!(event.payload(), &expected);
+        }
+    }
 }
 
 #[test]
 fn documents_the_extension_sends_decode() {
     // From the README, and from the extension's own tests (jsonb_out's spacing).
     let readme = r#"{"v":1,"id":"01a21fa8-bb11-747f-8924-37cb92a08747","channel":"chat","user_id":"alice","origin":null,"xid":726,"created_at_us":1795827481361761}"#;
-    let (event, inline) = __decode_notification(readme).unwrap();
+    let (event, inline) = decode_one(readme);
     assert!(!inline);
     assert_eq!(event.xid(), 726);
     assert_eq!(event.created_at(), unix_micros(1_795_827_481_361_761));
@@ -161,24 +208,35 @@ fn documents_the_extension_sends_decode() {
         xid: 745,
         created_at_us: 1_764_290_000_123_456,
     };
-    let (event, inline) = __decode_notification(&encode(&n, Some(r#"{"a": [1, 2]}"#))).unwrap();
+    let (event, inline) = decode_one(&encode(&n, Some(r#"{"a": [1, 2]}"#)));
     assert!(inline);
     assert_eq!(event.user_id(), "user \"1\"\n");
     assert_eq!(event.payload()["a"][1], 2);
     // An inline `null` payload is still inline.
-    let (_, inline) = __decode_notification(&encode(&n, Some("null"))).unwrap();
+    let (_, inline) = decode_one(&encode(&n, Some("null")));
     assert!(inline);
 }
 
-/// A valid document with random edits: what a forged or truncated notification looks like.
+/// A valid document (either version) with random edits: what a forged or truncated
+/// notification looks like.
 fn mutated_document() -> impl Strategy<Value = String> {
     let edit = (
         any::<prop::sample::Index>(),
         0..4usize,
         "[{}\\[\\]\":,0-9a-z\\\\ -]{0,4}",
     );
-    (notification(), proptest::collection::vec(edit, 1..6)).prop_map(|(n, edits)| {
-        let mut doc: Vec<char> = encode(&n, Some(r#"{"k": [1, "x"]}"#)).chars().collect();
+    let document = prop_oneof![
+        notification().prop_map(|n| encode(&n, Some(r#"{"k": [1, "x"]}"#))),
+        proptest::collection::vec(notification(), 1..4).prop_map(|events| {
+            let events: Vec<_> = events
+                .into_iter()
+                .map(|n| (n, Some("[1]".to_owned())))
+                .collect();
+            encode_batch(&events)
+        }),
+    ];
+    (document, proptest::collection::vec(edit, 1..6)).prop_map(|(doc, edits)| {
+        let mut doc: Vec<char> = doc.chars().collect();
         for (at, remove, insert) in edits {
             let at = at.index(doc.len() + 1);
             let end = (at + remove).min(doc.len());
@@ -240,6 +298,11 @@ proptest! {
     ) {
         let mut all: Vec<String> = payloads;
         all.extend(valid.iter().map(|(n, inline)| encode(n, inline.then_some("{}"))));
+        let batch: Vec<_> = valid
+            .into_iter()
+            .map(|(n, inline)| (n, inline.then(|| "{}".to_owned())))
+            .collect();
+        all.push(encode_batch(&batch));
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         __fuzz_relay_input(&start, &refs, &next);
     }

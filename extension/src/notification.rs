@@ -1,5 +1,6 @@
-//! The notification document: what a LISTEN session receives for each published event.
+//! The notification documents: what a LISTEN session receives.
 //!
+//! Version 1, one event, sent by `outbox_publish` in transaction mode:
 //! ```json
 //! {"v":1,"id":"…","channel":"chat","user_id":"u1","origin":null,"xid":745,"created_at_us":1764290000123456}
 //! ```
@@ -7,12 +8,16 @@
 //! 8000-byte NOTIFY limit; without it, the document is a reference and listeners read the row.
 //! `xid` is the publishing transaction's id (as stored in `event_outbox.xid`), for snapshot-exact
 //! catch-up; `created_at_us` is `created_at` in microseconds since the Unix epoch.
+//!
+//! Version 2, the events of one notifier batch, each as in version 1 without its `v`, in as few
+//! documents as fit under the limit: `{"v":2,"events":[{"id":…},…]}`. Every notification costs a
+//! queue entry, a protocol message and a wakeup in every listener, whatever it carries.
 
 use std::fmt::Write;
 
 use uuid::Uuid;
 
-/// The format's version, the `v` key; a listener refuses versions it does not know.
+/// The version of a document that carries one event.
 pub const VERSION: u32 = 1;
 
 /// NOTIFY payloads must be shorter than this (`NOTIFY_PAYLOAD_MAX_LENGTH` in `async.c`).
@@ -32,28 +37,32 @@ pub struct Notification<'a> {
 impl Notification<'_> {
     /// The reference document: everything but the payload.
     pub fn reference(&self) -> String {
-        let mut doc = self.open();
-        doc.push('}');
-        doc
+        self.document(None)
     }
 
     /// The inline document carrying `payload_json`, or `None` when it would not fit in a
     /// notification (the caller then sends the reference).
     pub fn inline(&self, payload_json: &str) -> Option<String> {
-        let mut doc = self.open();
-        doc.push_str(",\"payload\":");
-        doc.push_str(payload_json);
-        doc.push('}');
+        let doc = self.document(Some(payload_json));
         (doc.len() < NOTIFY_PAYLOAD_LIMIT).then_some(doc)
     }
 
-    /// The document without its closing brace.
-    fn open(&self) -> String {
-        let mut doc = String::with_capacity(192 + self.user_id.len());
+    /// The version 1 document.
+    fn document(&self, payload_json: Option<&str>) -> String {
+        let mut doc =
+            String::with_capacity(200 + self.user_id.len() + payload_json.map_or(0, str::len));
         // Writing into a String cannot fail.
+        let _ = write!(doc, "{{\"v\":{VERSION},");
+        self.write_fields(&mut doc, payload_json);
+        doc.push('}');
+        doc
+    }
+
+    /// Writes the event's keys and values, without braces, and the payload when given.
+    fn write_fields(&self, out: &mut String, payload_json: Option<&str>) {
         let _ = write!(
-            doc,
-            "{{\"v\":{VERSION},\"id\":\"{}\",\"channel\":{},\"user_id\":{},\"origin\":{},\"xid\":{},\"created_at_us\":{}",
+            out,
+            "\"id\":\"{}\",\"channel\":{},\"user_id\":{},\"origin\":{},\"xid\":{},\"created_at_us\":{}",
             self.id.hyphenated(),
             json_string(self.channel),
             json_string(self.user_id),
@@ -61,12 +70,87 @@ impl Notification<'_> {
             self.xid,
             self.created_at_us,
         );
-        doc
+        if let Some(payload) = payload_json {
+            out.push_str(",\"payload\":");
+            out.push_str(payload);
+        }
     }
 }
 
 fn json_string(value: &str) -> String {
     serde_json::Value::from(value).to_string()
+}
+
+/// How a version 2 document starts.
+const BATCH_OPEN: &str = "{\"v\":2,\"events\":[";
+const BATCH_CLOSE: &str = "]}";
+
+/// Packs the events of one notifier batch into version 2 documents, each sent through `send`
+/// as soon as the next event does not fit in it.
+pub struct BatchDocuments<F: FnMut(&str)> {
+    doc: String,
+    events: usize,
+    send: F,
+}
+
+impl<F: FnMut(&str)> BatchDocuments<F> {
+    pub fn new(send: F) -> Self {
+        let mut doc = String::with_capacity(NOTIFY_PAYLOAD_LIMIT);
+        doc.push_str(BATCH_OPEN);
+        BatchDocuments {
+            doc,
+            events: 0,
+            send,
+        }
+    }
+
+    /// Adds an event: inline when `payload_json` is given and the event fits in a document of
+    /// its own, as a reference otherwise.
+    pub fn push(&mut self, event: &Notification, payload_json: Option<&str>) {
+        if self.append(event, payload_json) {
+            return;
+        }
+        if self.events > 0 {
+            self.flush();
+            if self.append(event, payload_json) {
+                return;
+            }
+        }
+        // A reference alone always fits: its strings are bounded by `outbox_publish`'s checks
+        // (at most 1024 + 255 + 63 bytes, 6 bytes each once escaped at worst).
+        let appended = self.append(event, None);
+        debug_assert!(appended, "a reference alone fits in a notification");
+    }
+
+    /// Sends the last document.
+    pub fn finish(mut self) {
+        self.flush();
+    }
+
+    /// Appends the event if the document still fits under the limit with it.
+    fn append(&mut self, event: &Notification, payload_json: Option<&str>) -> bool {
+        let start = self.doc.len();
+        self.doc.push_str(if self.events == 0 { "{" } else { ",{" });
+        event.write_fields(&mut self.doc, payload_json);
+        self.doc.push('}');
+        if self.doc.len() + BATCH_CLOSE.len() < NOTIFY_PAYLOAD_LIMIT {
+            self.events += 1;
+            true
+        } else {
+            self.doc.truncate(start);
+            false
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.events == 0 {
+            return;
+        }
+        self.doc.push_str(BATCH_CLOSE);
+        (self.send)(&self.doc);
+        self.doc.truncate(BATCH_OPEN.len());
+        self.events = 0;
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -109,5 +193,73 @@ mod tests {
         assert_eq!(doc["origin"], "replica-a");
         let big = format!("\"{}\"", "x".repeat(NOTIFY_PAYLOAD_LIMIT));
         assert_eq!(n.inline(&big), None);
+    }
+
+    /// Packs `events` (each with its payload, if inline) and returns the documents sent.
+    fn pack(events: &[(Notification, Option<String>)]) -> Vec<serde_json::Value> {
+        let mut sent = Vec::new();
+        let mut documents = BatchDocuments::new(|doc: &str| {
+            assert!(doc.len() < NOTIFY_PAYLOAD_LIMIT, "{} bytes", doc.len());
+            sent.push(serde_json::from_str(doc).unwrap());
+        });
+        for (event, payload) in events {
+            documents.push(event, payload.as_deref());
+        }
+        documents.finish();
+        sent
+    }
+
+    #[pg_test]
+    fn a_batch_goes_out_in_as_few_documents_as_fit_in_order() {
+        let event = |xid, payload: Option<usize>| {
+            let n = Notification { xid, ..sample() };
+            (n, payload.map(|len| format!("\"{}\"", "x".repeat(len))))
+        };
+        assert!(pack(&[]).is_empty());
+
+        // 100 references of some 130 bytes: two documents, every event once, in order.
+        let references: Vec<_> = (0..100).map(|xid| event(xid, None)).collect();
+        let sent = pack(&references);
+        assert_eq!(sent.len(), 2);
+        let xids: Vec<u64> = sent
+            .iter()
+            .flat_map(|doc| {
+                assert_eq!(doc["v"], 2);
+                doc["events"].as_array().unwrap().clone()
+            })
+            .map(|e| {
+                assert!(e.get("v").is_none() && e.get("payload").is_none());
+                e["xid"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(xids, (0..100).collect::<Vec<_>>());
+
+        // An inline event too large for the current document starts the next one; one too
+        // large for any goes as a reference, in the next document if this one is too full.
+        let sent = pack(&[
+            event(1, Some(10)),
+            event(2, Some(7700)),
+            event(3, Some(NOTIFY_PAYLOAD_LIMIT)),
+            event(4, Some(10)),
+        ]);
+        let events: Vec<Vec<(u64, bool)>> = sent
+            .iter()
+            .map(|doc| {
+                doc["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| (e["xid"].as_u64().unwrap(), e.get("payload").is_some()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                vec![(1, true)],
+                vec![(2, true)],
+                vec![(3, false), (4, true)]
+            ]
+        );
     }
 }

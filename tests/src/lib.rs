@@ -8,6 +8,7 @@
 //! PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
 //! `postgres` OS user (through `runuser`), exactly as the README's set-up does.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -343,6 +344,7 @@ impl Cluster {
         Listener {
             client,
             notifications,
+            batched: VecDeque::new(),
         }
     }
 
@@ -605,19 +607,29 @@ pub struct Listener {
     /// The listening session itself, for queries on the same connection.
     pub client: Client,
     notifications: mpsc::UnboundedReceiver<Notification>,
+    /// The events of a batch (version 2) notification not yet returned by [`Listener::next`].
+    batched: VecDeque<serde_json::Value>,
 }
 
 impl Listener {
-    /// The next notification's payload parsed as JSON; panics if none arrives within 10 s.
+    /// The next event's notification document parsed as JSON, a version 1 document or one event
+    /// of a version 2 batch (without its `v`); panics if none arrives within 10 s.
     pub async fn next(&mut self) -> serde_json::Value {
-        let notification = tokio::time::timeout(Duration::from_secs(10), self.notifications.recv())
-            .await
-            .expect("a notification within 10 s")
-            .expect("the listener connection is open");
-        assert_eq!(notification.channel(), "pg_outbox");
-        serde_json::from_str(notification.payload()).unwrap_or_else(|e| {
-            panic!("notification is not JSON ({e}): {}", notification.payload())
-        })
+        loop {
+            if let Some(event) = self.batched.pop_front() {
+                return event;
+            }
+            let raw = self.next_raw().await;
+            let mut doc: serde_json::Value = serde_json::from_str(&raw)
+                .unwrap_or_else(|e| panic!("notification is not JSON ({e}): {raw}"));
+            if doc["v"] != 2 {
+                return doc;
+            }
+            match doc["events"].take() {
+                serde_json::Value::Array(events) => self.batched.extend(events),
+                _ => panic!("a version 2 notification without events: {raw}"),
+            }
+        }
     }
 
     /// The raw payload of the next notification; panics if none arrives within 10 s.
@@ -626,6 +638,7 @@ impl Listener {
             .await
             .expect("a notification within 10 s")
             .expect("the listener connection is open");
+        assert_eq!(notification.channel(), "pg_outbox");
         notification.payload().to_owned()
     }
 }

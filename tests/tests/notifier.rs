@@ -75,6 +75,35 @@ async fn inline_payloads_come_from_the_worker_too() {
 }
 
 #[tokio::test]
+async fn a_batch_goes_out_in_as_few_notifications_as_fit() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let mut publisher = cluster.connect("postgres").await;
+    let tx = publisher.transaction().await.unwrap();
+    let mut expected = Vec::new();
+    for n in 0..100 {
+        expected.push(publish(&tx, n).await);
+    }
+    tx.commit().await.unwrap();
+
+    // 100 references of some 120 bytes each: two documents under the 8000-byte limit.
+    let mut ids = Vec::new();
+    let mut documents = 0;
+    while ids.len() < expected.len() {
+        let raw = listener.next_raw().await;
+        assert!(raw.len() < 8000, "{} bytes", raw.len());
+        let doc: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(doc["v"], 2, "{raw:.200}");
+        for event in doc["events"].as_array().unwrap() {
+            ids.push(event["id"].as_str().unwrap().to_owned());
+        }
+        documents += 1;
+    }
+    assert_eq!(ids, expected);
+    assert_eq!(documents, 2, "notifications for 100 events");
+}
+
+#[tokio::test]
 async fn concurrent_publishers_are_each_notified_exactly_once() {
     let cluster = worker_mode_cluster();
     let mut listener = cluster.listener("postgres").await;

@@ -5,10 +5,14 @@
 //! How it stays exact, PgQ-style: the worker's position is the last snapshot it has covered.
 //! Each batch, in one transaction, takes a new snapshot and notifies the deferred rows whose xid
 //! is visible in the new snapshot and not in the old one: every committed row lands in exactly
-//! one batch whatever order transactions commit in, and a rolled-back row in none. The position
-//! is recorded in `outbox_notifier_state.snapshot` at most every [`RECORD_INTERVAL`] (with that
-//! batch) and when the worker stops, so a worker that resumes after a crash or an error notifies
-//! at most that last stretch again, and relays drop what they already have.
+//! one batch whatever order transactions commit in, and a rolled-back row in none. A batch goes
+//! out in as few notifications as fit (version 2 documents, see [`crate::notification`]), not
+//! one per row: each is a queue entry, and a message and a wakeup in every listener.
+//!
+//! The position is recorded in `outbox_notifier_state.snapshot` at most every
+//! [`RECORD_INTERVAL`] (with that batch) and when the worker stops, so a worker that resumes
+//! after a crash or an error notifies at most that last stretch again, and relays drop what they
+//! already have.
 //!
 //! How it wakes: a publishing backend that deferred a notification sets this worker's latch
 //! from its commit callback, after the commit is visible. Without publishers it wakes every
@@ -27,7 +31,7 @@ use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic, PgOid};
 
 use crate::guc::{self, NotifyMode, NotifyPayload};
-use crate::notification::Notification;
+use crate::notification::{BatchDocuments, Notification};
 use crate::notify::notify;
 use crate::prune::extension_schema;
 use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
@@ -441,6 +445,7 @@ impl Batches {
                 }
             }
             let mut notified = 0_i64;
+            let mut documents = BatchDocuments::new(notify);
             for row in rows {
                 let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
                     row.get::<pgrx::Uuid>(2)?,
@@ -465,13 +470,10 @@ impl Batches {
                     xid,
                     created_at_us,
                 };
-                let document = row
-                    .get::<&str>(8)?
-                    .and_then(|payload| notification.inline(payload))
-                    .unwrap_or_else(|| notification.reference());
-                notify(&document);
+                documents.push(&notification, row.get::<&str>(8)?);
                 notified += 1;
             }
+            documents.finish();
             Ok::<_, pgrx::spi::SpiError>((reached, notified, more))
         })
         .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));

@@ -550,16 +550,24 @@ async fn a_relay_goes_on_past_payloads_serde_json_cannot_read() {
         all.wait_for_all(&cluster, "the events around the unreadable ones", &expected)
             .await;
         assert_eq!(relay.metrics().reconnects, 0, "inline {inline}");
-        // Each unreadable row is reported to its subscribers, once, and skipped.
-        let reported: Vec<_> = all
-            .gaps()
-            .into_iter()
-            .filter_map(|gap| match gap {
-                Gap::Unreadable { id, .. } => Some(id),
-                _ => None,
+        // Each unreadable row is reported to its subscribers, once, and skipped. Inline, the
+        // events around them are delivered from their notifications, possibly before the
+        // advance that reads the undecodable ones' rows has reported them: wait for it.
+        let reported = || -> Vec<_> {
+            all.gaps()
+                .into_iter()
+                .filter_map(|gap| match gap {
+                    Gap::Unreadable { id, .. } => Some(id),
+                    _ => None,
+                })
+                .collect()
+        };
+        cluster
+            .wait_for("the unreadable rows' gaps", relay_support::WAIT, || async {
+                (reported().len() >= unreadable.len()).then_some(())
             })
-            .collect();
-        assert_eq!(reported, unreadable, "inline {inline}");
+            .await;
+        assert_eq!(reported(), unreadable, "inline {inline}");
         relay.shutdown().await;
     }
 }

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use pg_outbox_client::{__decode_notification, __fuzz_relay_input, Snapshot};
+use pg_outbox_client::{__decode_notification, __fuzz_relay_input, Event, Snapshot};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -63,7 +63,7 @@ fn fields(n: &Notification, payload_json: Option<&str>) -> String {
 }
 
 /// The one event of a document, and whether it came inline.
-fn decode_one(doc: &str) -> (pg_outbox_client::Event, bool) {
+fn decode_one(doc: &str) -> (Event, bool) {
     let mut events = __decode_notification(doc).unwrap();
     assert_eq!(events.len(), 1, "{doc}");
     events.remove(0)
@@ -128,18 +128,24 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// Fails the case unless `event` carries `n`'s metadata.
+fn same_metadata(event: &Event, n: &Notification) -> Result<(), TestCaseError> {
+    prop_assert_eq!(event.id(), n.id);
+    prop_assert_eq!(event.channel(), n.channel.as_str());
+    prop_assert_eq!(event.user_id(), n.user_id.as_str());
+    prop_assert_eq!(event.origin(), n.origin.as_deref());
+    prop_assert_eq!(event.xid(), n.xid);
+    prop_assert_eq!(event.created_at(), unix_micros(n.created_at_us));
+    Ok(())
+}
+
 proptest! {
     #[test]
     fn every_reference_decodes_to_what_was_encoded(n in notification()) {
         let doc = encode(&n, None);
         let (event, inline) = decode_one(&doc);
         prop_assert!(!inline);
-        prop_assert_eq!(event.id(), n.id);
-        prop_assert_eq!(event.channel(), n.channel.as_str());
-        prop_assert_eq!(event.user_id(), n.user_id.as_str());
-        prop_assert_eq!(event.origin(), n.origin.as_deref());
-        prop_assert_eq!(event.xid(), n.xid);
-        prop_assert_eq!(event.created_at(), unix_micros(n.created_at_us));
+        same_metadata(&event, &n)?;
         prop_assert_eq!(event.payload(), &Value::Null);
     }
 
@@ -157,9 +163,7 @@ proptest! {
         };
         let (event, inline) = decode_one(&encode(&n, Some(&text)));
         prop_assert!(inline);
-        prop_assert_eq!(event.id(), n.id);
-        prop_assert_eq!(event.user_id(), n.user_id.as_str());
-        prop_assert_eq!(event.xid(), n.xid);
+        same_metadata(&event, &n)?;
         // Numbers are serde_json's to parse (without its `float_roundtrip` feature a float may
         // come back one ulp off): the payload is what serde_json reads from the text.
         let expected: Value = serde_json::from_str(&text).unwrap();
@@ -176,12 +180,7 @@ proptest! {
         let decoded = __decode_notification(&encode_batch(&events)).unwrap();
         prop_assert_eq!(decoded.len(), events.len());
         for ((event, inline), (n, payload)) in decoded.iter().zip(&events) {
-            prop_assert_eq!(event.id(), n.id);
-            prop_assert_eq!(event.channel(), n.channel.as_str());
-            prop_assert_eq!(event.user_id(), n.user_id.as_str());
-            prop_assert_eq!(event.origin(), n.origin.as_deref());
-            prop_assert_eq!(event.xid(), n.xid);
-            prop_assert_eq!(event.created_at(), unix_micros(n.created_at_us));
+            same_metadata(event, n)?;
             prop_assert_eq!(*inline, payload.is_some());
             let expected: Value = payload
                 .as_deref()

@@ -116,8 +116,9 @@ impl<F: FnMut(&str)> BatchDocuments<F> {
                 return;
             }
         }
-        // A reference alone always fits: its strings are bounded by `outbox_publish`'s checks
-        // (at most 1024 + 255 + 63 bytes, 6 bytes each once escaped at worst).
+        // A reference alone always fits: `outbox_publish` bounds the user id (escaped, at most
+        // 6 × 1024 bytes, `USER_ID_MAX_BYTES`) and allows the channel and origin only
+        // characters JSON does not escape (63 and 255 bytes).
         let appended = self.append(event, None);
         debug_assert!(appended, "a reference alone fits in a notification");
     }

@@ -81,7 +81,8 @@ impl Metrics {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MetricsSnapshot {
-    /// `pg_outbox` notifications read from the connection.
+    /// `pg_outbox` notifications read from the connection. In worker mode one notification
+    /// carries a batch of events, so this can be far below `delivered`.
     pub received: u64,
     /// Events handed to the fan-out (once per event, whatever the number of subscribers).
     pub delivered: u64,

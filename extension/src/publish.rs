@@ -20,7 +20,7 @@ use crate::guc::{self, NotifyPayload};
 use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
 use crate::notify::notify;
 use crate::segment::{self, Column};
-use crate::worker::notifier;
+use crate::worker::{handoff, notifier};
 
 const FUNCTION: &str = "outbox_publish";
 
@@ -127,8 +127,8 @@ impl<'a> Publish<'a> {
         })
     }
 
-    /// Inserts the row, queues the notification (or leaves it to the notifier worker), returns
-    /// the event's id.
+    /// Inserts the row, queues the notification (or hands the event over to the notifier
+    /// worker), returns the event's id.
     fn run(&self) -> Uuid {
         let deferred = notifier::takes_over_notification();
         let id = Uuid::now_v7();
@@ -167,10 +167,6 @@ impl<'a> Publish<'a> {
             insert_into_outbox(self.namespace, outbox, &row, deferred);
         }
 
-        if deferred {
-            notifier::wake_at_commit();
-            return id;
-        }
         let notification = Notification {
             id,
             channel: self.channel.text,
@@ -179,6 +175,10 @@ impl<'a> Publish<'a> {
             xid,
             created_at_us: created_at + POSTGRES_EPOCH_UNIX_US,
         };
+        if deferred {
+            handoff::stage(&notification, self.payload);
+            return id;
+        }
         let document = match guc::notify_payload() {
             NotifyPayload::Reference => notification.reference(),
             NotifyPayload::Inline => inline_text(self.payload)

@@ -207,6 +207,117 @@ async fn a_stopped_worker_records_its_position_so_its_successor_sends_nothing_tw
     assert_eq!(listener.next().await["id"], after.as_str());
 }
 
+#[tokio::test]
+async fn events_of_a_rolled_back_savepoint_are_never_notified() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let mut publisher = cluster.connect("postgres").await;
+    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let tx = publisher.transaction().await.unwrap();
+    let kept_before = publish(&tx, 1).await;
+    tx.batch_execute("SAVEPOINT a").await.unwrap();
+    publish(&tx, 2).await;
+    tx.batch_execute("SAVEPOINT b").await.unwrap();
+    publish(&tx, 3).await;
+    tx.batch_execute("ROLLBACK TO SAVEPOINT a").await.unwrap();
+    let kept_after = publish(&tx, 4).await;
+    tx.batch_execute("SAVEPOINT c").await.unwrap();
+    let released = publish(&tx, 5).await;
+    tx.batch_execute("RELEASE SAVEPOINT c").await.unwrap();
+    tx.commit().await.unwrap();
+    let next = publish(&publisher, 6).await;
+
+    for id in [&kept_before, &kept_after, &released, &next] {
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+}
+
+#[tokio::test]
+async fn a_prepared_transaction_is_notified_once_committed_never_once_rolled_back() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("max_prepared_transactions", "2")
+        .start();
+    let mut listener = cluster.listener("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let prepare = |n: i64, name: &str| {
+        format!("BEGIN; SELECT outbox_publish('chat', 'u1', '{{\"n\": {n}}}'); PREPARE TRANSACTION '{name}'")
+    };
+    publisher.batch_execute(&prepare(1, "kept")).await.unwrap();
+    publisher
+        .batch_execute(&prepare(2, "dropped"))
+        .await
+        .unwrap();
+    for finish in ["ROLLBACK PREPARED 'dropped'", "COMMIT PREPARED 'kept'"] {
+        publisher.batch_execute(finish).await.unwrap();
+    }
+    let after = publish(&publisher, 3).await;
+
+    let kept: String = publisher
+        .query_one(
+            "SELECT id::text FROM event_outbox WHERE payload = '{\"n\": 1}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listener.next().await["id"], kept.as_str());
+    assert_eq!(listener.next().await["id"], after.as_str());
+    assert!(cluster.log().contains(READS_THE_TABLE));
+}
+
+#[tokio::test]
+async fn a_transaction_too_large_to_hand_over_is_read_from_the_table() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    // 500 payloads of 10 kB each, all small enough to go inline: 5 MB, more than the 4 MB the
+    // handoff buffer holds.
+    let ids: Vec<String> = publisher
+        .query(
+            "SELECT outbox_publish('chat', 'u1', jsonb_build_object('n', n, 'pad', repeat('x', 10000)))::text \
+             FROM generate_series(1, 500) n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let after = publish(&publisher, 501).await;
+    for (n, id) in ids.iter().chain([&after]).enumerate() {
+        assert_eq!(listener.next().await["id"], id.as_str(), "notification {n}");
+    }
+    assert!(cluster.log().contains(READS_THE_TABLE));
+}
+
+/// What the notifier logs when it goes back to reading `event_outbox`.
+const READS_THE_TABLE: &str =
+    "pg_outbox notifier reads event_outbox until the transactions through xid";
+
+/// Publishes until the notifier takes events from the handoff: a notifier that starts reads the
+/// table until the transactions that existed then have ended.
+async fn until_the_handoff_is_used(
+    cluster: &Cluster,
+    publisher: &tokio_postgres::Client,
+    listener: &mut pg_outbox_tests::Listener,
+) {
+    for _ in 0..100 {
+        let id = publish(publisher, 0).await;
+        assert_eq!(listener.next().await["id"], id.as_str());
+        if cluster
+            .log()
+            .contains("pg_outbox notifier takes events from the publishers' handoff")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the notifier never used the handoff\n{}", cluster.log());
+}
+
 /// Runs `work` while the notifier is down: it is stopped, and its successor kept from starting
 /// by a lock on its state row (a worker starting, or one recording its position as it stops,
 /// waits on it); returns once a new notifier runs.

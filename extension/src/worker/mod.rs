@@ -1,5 +1,6 @@
 //! The background workers pg_outbox registers when it is preloaded: the pruner deletes expired
-//! events, the notifier sends the notifications of transactions that deferred them.
+//! events, the notifier sends the notifications of transactions that deferred them, which hand
+//! their events over to it through shared memory ([`handoff`]).
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -9,8 +10,10 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::PgAtomic;
 
+pub mod handoff;
 pub mod notifier;
 pub mod pruner;
+mod snapshot;
 
 /// What `pg_stat_activity.query` shows while the extension is missing from the database.
 pub const WAITING_FOR_EXTENSION: &CStr = c"waiting for CREATE EXTENSION pg_outbox";

@@ -3,29 +3,34 @@
 //! notify lock), and this worker sends their notifications right after they commit.
 //!
 //! How it stays exact, PgQ-style: the worker's position is the last snapshot it has covered.
-//! Each batch, in one transaction, takes a new snapshot and notifies the deferred rows whose xid
-//! is visible in the new snapshot and not in the old one: every committed row lands in exactly
-//! one batch whatever order transactions commit in, and a rolled-back row in none. A batch goes
-//! out in as few notifications as fit (version 2 documents, see [`crate::notification`]), not
-//! one per row: each is a queue entry, and a message and a wakeup in every listener.
+//! Each batch takes a new snapshot and notifies the deferred events of the transactions that
+//! are visible in the new snapshot and not in the old one: every committed event lands in
+//! exactly one batch whatever order transactions commit in, and a rolled-back one in none. A
+//! batch goes out in as few notifications as fit (version 2 documents, see
+//! [`crate::notification`]), not one per event: each is a queue entry, and a message and a
+//! wakeup in every listener.
+//!
+//! Where the events come from: publishers hand them over through shared memory
+//! ([`crate::worker::handoff`]), so a batch reads no table. When some may be missing there (a
+//! transaction too large for the buffer, a prepared one, a notifier that restarted), batches
+//! read the same rows from `event_outbox`, with the same snapshots, until those transactions
+//! have all ended.
 //!
 //! The position is recorded in `outbox_notifier_state.snapshot` at most every
 //! [`RECORD_INTERVAL`] (with that batch) and when the worker stops, so a worker that resumes
 //! after a crash or an error notifies at most that last stretch again, and relays drop what they
 //! already have.
 //!
-//! How it wakes: a publishing backend that deferred a notification sets this worker's latch
-//! from its commit callback, after the commit is visible. Without publishers it wakes every
+//! How it wakes: a publishing backend that handed events over sets this worker's latch from its
+//! commit callback, after the commit is visible. Without publishers it wakes every
 //! [`IDLE_TICK`] to move its snapshot forward (so the next batch's range stays small) and to
 //! pick up transactions committed by `COMMIT PREPARED`, which runs no callback of the publisher.
 
-use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
-use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic, PgOid};
@@ -34,6 +39,8 @@ use crate::guc::{self, NotifyMode, NotifyPayload};
 use crate::notification::{BatchDocuments, Notification};
 use crate::notify::notify;
 use crate::prune::extension_schema;
+use crate::worker::handoff::{self, Record};
+use crate::worker::snapshot::Snapshot;
 use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
@@ -84,6 +91,7 @@ pub fn register() {
     pg_shmem_init!(NOTIFIER = AtomicU64::new(0));
     pg_shmem_init!(CONNECT_ATTEMPTS = AtomicU32::new(0));
     pg_shmem_init!(HOLD_OFF_UNTIL = AtomicU64::new(0));
+    handoff::register();
     PRELOADED.store(true, Ordering::Relaxed);
     BackgroundWorkerBuilder::new(BACKEND_TYPE)
         .set_type(BACKEND_TYPE)
@@ -104,40 +112,6 @@ pub fn takes_over_notification() -> bool {
     // SAFETY: a plain read of this backend's database id.
     let database = u64::from(u32::from(unsafe { pg_sys::MyDatabaseId }));
     state >> 32 == database
-}
-
-thread_local! {
-    /// Whether this backend registered [`on_transaction_end`].
-    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
-    /// Whether the current transaction deferred a notification.
-    static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Makes the current transaction wake the notifier when it commits.
-pub fn wake_at_commit() {
-    if !CALLBACK_REGISTERED.get() {
-        // SAFETY: registers a callback that lives as long as the library, once per backend.
-        unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
-        CALLBACK_REGISTERED.set(true);
-    }
-    WAKE_AT_COMMIT.set(true);
-}
-
-/// Runs at the end of every transaction of a backend that once deferred a notification. At
-/// `COMMIT` the transaction is already visible to new snapshots, so the woken notifier finds it.
-#[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WAKE_AT_COMMIT.replace(false) => wake(),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            WAKE_AT_COMMIT.set(false);
-        }
-        _ => {}
-    }
 }
 
 /// Keeps the notifier from starting a batch for `duration` from now, or lets it go on at once
@@ -167,7 +141,7 @@ fn unix_micros() -> u64 {
 }
 
 /// Sets the notifier's latch, if it is running.
-fn wake() {
+pub fn wake() {
     let procno = NOTIFIER.get().load(Ordering::Acquire) & u64::from(u32::MAX);
     if procno == 0 {
         return; // Not running: it catches up from its stored snapshot when it starts.
@@ -320,15 +294,20 @@ impl Setup {
 /// The worker's position and its statements, prepared once per worker: a batch plans nothing.
 struct Batches {
     /// The snapshot covered by the last committed batch.
-    position: String,
+    position: Snapshot,
     /// Rows notified since the position was last recorded.
     unrecorded_rows: i64,
     /// Whether `position` moved since it was last recorded.
     moved: bool,
     recorded_at: Instant,
-    /// The deferred rows visible in the new snapshot and not in the position, each with the
-    /// new snapshot: the statement's own unless one is given. One row of NULLs and the snapshot
-    /// when there are none.
+    /// Handed-over records of transactions that had not ended at the position.
+    waiting: Vec<Record>,
+    /// Whether the last batch read `event_outbox`, so that a change is logged once.
+    from_table: bool,
+    /// The current snapshot.
+    snapshot: OwnedPreparedStatement,
+    /// The deferred rows of the transactions visible in the new snapshot and not in the old
+    /// one; one row of NULLs when there are none.
     rows: OwnedPreparedStatement,
     /// Records the position and counts what was sent.
     record: OwnedPreparedStatement,
@@ -349,24 +328,26 @@ impl Batches {
         .ok()
         .flatten()
         .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: outbox_notifier_state has no row"));
+        // An earlier notifier may have drained records of transactions still running, which
+        // died with it: until every transaction that exists now has ended, read the table.
+        handoff::mark_all_unhanded();
         Batches {
-            position,
+            position: parse_snapshot(&position),
             unrecorded_rows: 0,
             moved: false,
             recorded_at: Instant::now(),
+            waiting: Vec::new(),
+            from_table: true,
+            snapshot: prepare("SELECT pg_current_snapshot()::text".to_owned(), &[]),
             rows: prepare(
-                // The snapshots are parsed (and the new one printed) once, in the CTE: under a
-                // generic plan a cast of a parameter in the WHERE clause is evaluated again for
-                // every row, and parsing them took a sixth of the worker's time at 64 writers.
-                // Taking the new snapshot here rather than in a statement of its own saves a
-                // statement per batch; the scan runs on that same snapshot, so it sees every row
-                // visible in it.
+                // The snapshots are parsed once, in the CTE: under a generic plan a cast of a
+                // parameter in the WHERE clause is evaluated again for every row, and parsing
+                // them took a sixth of the worker's time at 64 writers. The scan runs on a
+                // snapshot taken after the new one, so it sees every row visible in it.
                 format!(
                     "WITH s AS MATERIALIZED ( \
-                         SELECT old, new, new::text AS new_text \
-                         FROM (SELECT $1::pg_snapshot AS old, \
-                                      coalesce($2::pg_snapshot, pg_current_snapshot()) AS new) x) \
-                     SELECT s.new_text, e.id, e.channel, e.user_id, e.origin, e.xid::text::int8, \
+                         SELECT $1::pg_snapshot AS old, $2::pg_snapshot AS new) \
+                     SELECT e.id, e.channel, e.user_id, e.origin, e.xid::text::int8, \
                             (extract(epoch FROM e.created_at) * 1000000)::int8, \
                             CASE WHEN $3 THEN e.payload::text END \
                      FROM s LEFT JOIN LATERAL ( \
@@ -392,39 +373,115 @@ impl Batches {
         }
     }
 
-    /// One batch, in the caller's transaction: notifies the deferred rows that committed since
-    /// the position and moves it forward, recording it when [`RECORD_INTERVAL`] has passed.
-    /// If the transaction fails the worker exits, so the position in memory never runs ahead of
-    /// a committed batch.
+    /// One batch, in the caller's transaction: notifies the deferred events of the
+    /// transactions that committed since the position and moves it forward, recording it when
+    /// [`RECORD_INTERVAL`] has passed. If the transaction fails the worker exits, so the
+    /// position in memory never runs ahead of a committed batch.
     ///
-    /// More than [`MAX_BATCH_ROWS`] rows to send: the batch ends before the transaction of the
-    /// row after the first [`MAX_BATCH_ROWS`], at a position made from the new snapshot by
-    /// [`snapshot_below`], and the next batch goes on from there.
+    /// The snapshot is taken before the handoff buffer is drained, and [`handoff`] says why
+    /// that makes the records of every transaction it sees ended already drained.
     fn run(&mut self) -> Sent {
         let inline = guc::notify_payload() == NotifyPayload::Inline;
-        let position = self.position.as_str();
-        let (reached, notified, more) = Spi::connect_mut(|client| {
+        let new = Spi::connect(|client| {
+            client
+                .select(&self.snapshot, None, &[])?
+                .first()
+                .get_one::<String>()
+        })
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
+        .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: pg_current_snapshot() returned NULL"));
+        let new = parse_snapshot(&new);
+        let mut records = std::mem::take(&mut self.waiting);
+        match handoff::drain() {
+            Ok(drained) => records.extend(drained),
+            Err(handoff::Malformed) => {
+                warning!("pg_outbox notifier: the handoff buffer held malformed records; reading event_outbox instead");
+                handoff::mark_all_unhanded();
+            }
+        }
+        // Read after the snapshot, so that it covers every transaction the snapshot sees.
+        let from_table = handoff::unhanded_through() >= self.position.xmin;
+        if from_table != self.from_table {
+            self.from_table = from_table;
+            if from_table {
+                log!(
+                    "pg_outbox notifier reads event_outbox until the transactions through xid {} have ended: their events were not all handed over (too many at once, a prepared transaction, or a restart)",
+                    handoff::unhanded_through()
+                );
+            } else {
+                log!("pg_outbox notifier takes events from the publishers' handoff");
+            }
+        }
+
+        let mut documents = BatchDocuments::new(notify);
+        let (reached, mut notified, more) = if from_table {
+            self.send_from_table(&new, inline, &mut documents)
+        } else {
+            (new, 0, false)
+        };
+        // SAFETY: a plain read of this backend's database.
+        let database = u32::from(unsafe { pg_sys::MyDatabaseId });
+        let mut committed = Vec::new();
+        for record in records {
+            if record.database != database || self.position.sees(record.xid) {
+                continue; // Not this database's, or covered by an earlier batch.
+            }
+            if !reached.sees(record.xid) {
+                self.waiting.push(record);
+            } else if !from_table && did_commit(record.xid) {
+                committed.push(record);
+            }
+        }
+        committed.sort_by_key(|record| record.xid);
+        for record in &committed {
+            for event in &record.events {
+                let payload = if inline { event.payload_json() } else { None };
+                documents.push(&event.notification(record.xid), payload.as_deref());
+                notified += 1;
+            }
+        }
+        documents.finish();
+
+        self.moved |= reached != self.position;
+        self.position = reached;
+        self.unrecorded_rows += notified;
+        if self.recorded_at.elapsed() >= RECORD_INTERVAL {
+            self.record();
+        }
+        Sent { notified, more }
+    }
+
+    /// Sends the deferred rows of `event_outbox` of the transactions visible in `new` and not
+    /// in the position; returns the snapshot they cover, how many went out, and whether more
+    /// wait.
+    ///
+    /// More than [`MAX_BATCH_ROWS`] rows to send: the batch ends before the transaction of the
+    /// row after the first [`MAX_BATCH_ROWS`], at `new` cut off there ([`Snapshot::below`]),
+    /// and the next batch goes on from there.
+    fn send_from_table<F: FnMut(&str)>(
+        &self,
+        new: &Snapshot,
+        inline: bool,
+        documents: &mut BatchDocuments<F>,
+    ) -> (Snapshot, i64, bool) {
+        let position = self.position.to_string();
+        Spi::connect_mut(|client| {
             let mut rows = client.select(
                 &self.rows,
                 Some((MAX_BATCH_ROWS + 1) as _),
                 &[
-                    position.into(),
-                    DatumWithOid::null_oid(pg_sys::TEXTOID),
+                    position.as_str().into(),
+                    new.to_string().into(),
                     inline.into(),
                 ],
             )?;
-            rows = rows.first();
-            let Some(current) = rows.get_one::<String>()? else {
-                pgrx::error!("pg_outbox notifier: pg_current_snapshot() returned NULL");
-            };
-            rows = rows.rewind();
-            let mut reached = current.clone();
+            let mut reached = new.clone();
             // Rows from this xid on wait for the next batch.
             let mut stop_at = None;
             let more = rows.len() > MAX_BATCH_ROWS;
             if more {
                 let xid = |row: Option<pgrx::spi::SpiHeapTupleData>| {
-                    row.and_then(|row| row.get::<i64>(6).ok().flatten())
+                    row.and_then(|row| row.get::<i64>(5).ok().flatten())
                         .and_then(|xid| u64::try_from(xid).ok())
                         .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: a row without xid"))
                 };
@@ -432,30 +489,33 @@ impl Batches {
                 let after_last = xid(rows.nth(MAX_BATCH_ROWS - 1));
                 if after_last > first {
                     stop_at = Some(after_last);
-                    reached = snapshot_below(&current, after_last);
+                    reached = new.below(after_last);
                     rows = rows.rewind();
                 } else {
                     // The first transaction alone has more rows than a batch: all of it, alone.
-                    reached = snapshot_below(&current, first + 1);
+                    reached = new.below(first + 1);
                     rows = client.select(
                         &self.rows,
                         None,
-                        &[position.into(), reached.as_str().into(), inline.into()],
+                        &[
+                            position.as_str().into(),
+                            reached.to_string().into(),
+                            inline.into(),
+                        ],
                     )?;
                 }
             }
             let mut notified = 0_i64;
-            let mut documents = BatchDocuments::new(notify);
             for row in rows {
                 let (Some(id), Some(channel), Some(user_id), Some(xid), Some(created_at_us)) = (
-                    row.get::<pgrx::Uuid>(2)?,
+                    row.get::<pgrx::Uuid>(1)?,
+                    row.get::<&str>(2)?,
                     row.get::<&str>(3)?,
-                    row.get::<&str>(4)?,
+                    row.get::<i64>(5)?,
                     row.get::<i64>(6)?,
-                    row.get::<i64>(7)?,
                 ) else {
                     // No row to notify (the columns are NOT NULL): the one row of a batch
-                    // without any, which carries only the snapshot.
+                    // without any.
                     continue;
                 };
                 let xid = u64::try_from(xid).unwrap_or_default();
@@ -466,24 +526,16 @@ impl Batches {
                     id: uuid::Uuid::from_bytes(*id.as_bytes()),
                     channel,
                     user_id,
-                    origin: row.get::<&str>(5)?,
+                    origin: row.get::<&str>(4)?,
                     xid,
                     created_at_us,
                 };
-                documents.push(&notification, row.get::<&str>(8)?);
+                documents.push(&notification, row.get::<&str>(7)?);
                 notified += 1;
             }
-            documents.finish();
             Ok::<_, pgrx::spi::SpiError>((reached, notified, more))
         })
-        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"));
-        self.moved |= reached != self.position;
-        self.position = reached;
-        self.unrecorded_rows += notified;
-        if self.recorded_at.elapsed() >= RECORD_INTERVAL {
-            self.record();
-        }
-        Sent { notified, more }
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
     }
 
     /// Records the position, in the caller's transaction, if it moved.
@@ -493,7 +545,10 @@ impl Batches {
                 client.update(
                     &self.record,
                     None,
-                    &[self.position.as_str().into(), self.unrecorded_rows.into()],
+                    &[
+                        self.position.to_string().into(),
+                        self.unrecorded_rows.into(),
+                    ],
                 )?;
                 Ok::<_, pgrx::spi::SpiError>(())
             })
@@ -512,64 +567,15 @@ struct Sent {
     more: bool,
 }
 
-/// `snapshot` (a `pg_snapshot` in text form) as a reader would have seen it had no transaction
-/// from `bound` on existed: every xid below `bound` is visible exactly as in `snapshot`, none
-/// from `bound` on. A batch that ends there has sent exactly the rows below `bound`, and the rows
-/// of transactions still running in `snapshot` stay for later batches.
-fn snapshot_below(snapshot: &str, bound: u64) -> String {
-    let mut parts = snapshot.splitn(3, ':');
-    let mut number = || parts.next().and_then(|n| n.parse::<u64>().ok());
-    let (Some(xmin), Some(xmax)) = (number(), number()) else {
-        pgrx::error!("pg_outbox notifier: not a pg_snapshot: {snapshot}");
-    };
-    let xmax = xmax.min(bound);
-    let xmin = xmin.min(xmax);
-    let running: Vec<&str> = parts
-        .next()
-        .unwrap_or_default()
-        .split(',')
-        .filter(|xid| xid.parse::<u64>().is_ok_and(|xid| xid < xmax))
-        .collect();
-    format!("{xmin}:{xmax}:{}", running.join(","))
+fn parse_snapshot(text: &str) -> Snapshot {
+    Snapshot::parse(text)
+        .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: not a pg_snapshot: {text}"))
 }
 
-#[cfg(any(test, feature = "pg_test"))]
-#[pgrx::pg_schema]
-mod tests {
-    use pgrx::prelude::*;
-
-    use super::snapshot_below;
-
-    #[pg_test]
-    fn a_snapshot_below_a_bound_sees_what_the_snapshot_saw_below_it_and_nothing_from_it() {
-        let cases = [
-            ("100:110:102,105", 104),
-            ("100:110:102,105", 102),
-            ("100:110:102,105", 90),
-            ("100:110:102,105", 200),
-            ("100:110:", 105),
-            ("100:100:", 100),
-        ];
-        for (snapshot, bound) in cases {
-            let below = snapshot_below(snapshot, bound);
-            for xid in 80..=120_u64 {
-                // PostgreSQL parses the result (and would reject a malformed one) and decides.
-                let (seen_below, seen) = Spi::get_two_with_args::<bool, bool>(
-                    "SELECT pg_visible_in_snapshot($1::text::xid8, $2::text::pg_snapshot), \
-                            pg_visible_in_snapshot($1::text::xid8, $3::text::pg_snapshot)",
-                    &[
-                        xid.to_string().into(),
-                        below.clone().into(),
-                        snapshot.to_owned().into(),
-                    ],
-                )
-                .unwrap();
-                assert_eq!(
-                    seen_below,
-                    Some(xid < bound && seen == Some(true)),
-                    "{snapshot} below {bound} is {below}; xid {xid}"
-                );
-            }
-        }
-    }
+/// Whether `xid`, which a snapshot sees as ended, committed (rather than rolled back).
+fn did_commit(xid: u64) -> bool {
+    // The low 32 bits name it in the commit log, which keeps far older transactions than any
+    // still in the buffer.
+    // SAFETY: a commit log lookup of an ended transaction.
+    unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid as u32)) }
 }

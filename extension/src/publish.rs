@@ -176,7 +176,11 @@ impl<'a> Publish<'a> {
             created_at_us: created_at + POSTGRES_EPOCH_UNIX_US,
         };
         if deferred {
-            handoff::stage(&notification, self.payload);
+            if stored || !segment::has_rules_of_its_own(outbox) {
+                handoff::stage(&notification, self.payload);
+            } else {
+                handoff::leave_to_table(xid);
+            }
             return id;
         }
         let document = match guc::notify_payload() {

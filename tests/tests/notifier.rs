@@ -72,6 +72,50 @@ async fn inline_payloads_come_from_the_worker_too() {
     let notification = listener.next().await;
     assert_eq!(notification["id"], id.as_str());
     assert_eq!(notification["payload"], json!({ "n": 7 }));
+
+    // And through the handoff, which carries the payload itself.
+    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let id = publish(&publisher, 8).await;
+    let notification = listener.next().await;
+    assert_eq!(notification["id"], id.as_str());
+    assert_eq!(notification["payload"], json!({ "n": 8 }));
+}
+
+#[tokio::test]
+async fn with_a_trigger_on_the_outbox_the_notifier_sends_what_was_stored() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.notify_payload", "'inline'")
+        .start();
+    let mut listener = cluster.listener("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    publisher
+        .batch_execute(
+            r#"CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   IF NEW.payload ? 'skip' THEN RETURN NULL; END IF;
+                   NEW.payload := NEW.payload || '{"stamped": true}';
+                   RETURN NEW;
+               END $$;
+               CREATE TRIGGER stamp BEFORE INSERT ON event_outbox
+                   FOR EACH ROW EXECUTE FUNCTION stamp()"#,
+        )
+        .await
+        .unwrap();
+    let stamped = publish(&publisher, 1).await;
+    publisher
+        .query_one(PUBLISH, &[&"chat", &"u1", &json!({ "skip": true })])
+        .await
+        .unwrap();
+    let last = publish(&publisher, 2).await;
+
+    for (id, n) in [(&stamped, 1), (&last, 2)] {
+        let notification = listener.next().await;
+        assert_eq!(notification["id"], id.as_str());
+        assert_eq!(notification["payload"], json!({ "n": n, "stamped": true }));
+    }
+    assert!(cluster.log().contains(READS_THE_TABLE));
 }
 
 #[tokio::test]
@@ -269,7 +313,11 @@ async fn a_prepared_transaction_is_notified_once_committed_never_once_rolled_bac
 
 #[tokio::test]
 async fn a_transaction_too_large_to_hand_over_is_read_from_the_table() {
-    let cluster = worker_mode_cluster();
+    // Payloads are handed over only when they may go inline.
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.notify_payload", "'inline'")
+        .start();
     let mut listener = cluster.listener("postgres").await;
     let publisher = cluster.connect("postgres").await;
     until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;

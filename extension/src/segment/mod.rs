@@ -443,22 +443,35 @@ fn parent_owner_if_plain(parent: pg_sys::Oid) -> Option<pg_sys::Oid> {
     if parent == pg_sys::Oid::INVALID {
         return None;
     }
+    // SAFETY: a plain privilege check.
+    if unsafe { pg_sys::pg_class_aclcheck(parent, pg_sys::GetUserId(), pg_sys::ACL_INSERT as _) }
+        != pg_sys::AclResult::ACLCHECK_OK
+    {
+        return None;
+    }
+    let (owner, own_rules) = owner_and_rules(parent)?;
+    (!own_rules).then_some(owner)
+}
+
+/// Whether `event_outbox` (`parent`) has row-level security, triggers or rules of its own: an
+/// INSERT into it may then store something other than the values given, or nothing.
+pub fn has_rules_of_its_own(parent: pg_sys::Oid) -> bool {
+    owner_and_rules(parent).is_none_or(|(_, own_rules)| own_rules)
+}
+
+/// The table's owner, and whether it has row-level security, triggers or rules.
+fn owner_and_rules(relid: pg_sys::Oid) -> Option<(pg_sys::Oid, bool)> {
     // SAFETY: a relcache lookup and its release; the fields read are plain values.
     unsafe {
-        if pg_sys::pg_class_aclcheck(parent, pg_sys::GetUserId(), pg_sys::ACL_INSERT as _)
-            != pg_sys::AclResult::ACLCHECK_OK
-        {
-            return None;
-        }
-        let relation = pg_sys::RelationIdGetRelation(parent);
+        let relation = pg_sys::RelationIdGetRelation(relid);
         if relation.is_null() {
             return None;
         }
         let class = &*(*relation).rd_rel;
-        let plain = !(class.relrowsecurity || class.relhastriggers || class.relhasrules);
+        let own_rules = class.relrowsecurity || class.relhastriggers || class.relhasrules;
         let owner = class.relowner;
         pg_sys::RelationClose(relation);
-        plain.then_some(owner)
+        Some((owner, own_rules))
     }
 }
 

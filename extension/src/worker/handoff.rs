@@ -28,7 +28,7 @@
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic, PgSharedMemoryInitialization};
@@ -56,10 +56,21 @@ static BUFFER: SharedBuffer = SharedBuffer {
 static UNHANDED_THROUGH: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"pg_outbox_unhanded_through") };
 
+/// Whether the notifier sends payloads inline, as it last read `pg_outbox.notify_payload`:
+/// publishers hand payloads over only then, which in reference mode saves copying them and
+/// leaves the buffer to metadata. An event handed over without one goes out as a reference.
+static INLINE: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_outbox_handoff_inline") };
+
 /// Reserves the shared memory; called from `_PG_init` while preloading.
 pub fn register() {
     pg_shmem_init!(BUFFER = ());
     pg_shmem_init!(UNHANDED_THROUGH = AtomicU64::new(0));
+    pg_shmem_init!(INLINE = AtomicBool::new(false));
+}
+
+/// Says whether the notifier sends payloads inline (the notifier's side).
+pub fn set_inline(inline: bool) {
+    INLINE.get().store(inline, Ordering::Relaxed);
 }
 
 /// Marks the events of `xid` and of every earlier transaction as possibly missing from the
@@ -341,13 +352,15 @@ struct Staged {
     events: Vec<u8>,
     /// Where each event starts in `events`, and the subtransaction that published it.
     starts: Vec<(pg_sys::SubTransactionId, usize)>,
-    /// More than the buffer could ever hold: the notifier reads this transaction from the table.
-    too_large: bool,
+    /// Some events cannot be handed over: the notifier reads this transaction from the table.
+    from_table: bool,
 }
 
 thread_local! {
     static STAGED: RefCell<Option<Staged>> = const { RefCell::new(None) };
-    /// Whether the committing transaction handed events over (or marked them unhanded).
+    /// The current transaction is past `PRE_COMMIT`: its record is in the buffer already.
+    static HANDED_OVER: Cell<bool> = const { Cell::new(false) };
+    /// Whether the committing transaction handed events over (or left them to the table).
     static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
     /// Whether this backend registered its transaction callbacks.
     static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
@@ -355,6 +368,41 @@ thread_local! {
 
 /// Stages one event of the current transaction for the notifier; `payload` is its jsonb datum.
 pub fn stage(event: &Notification, payload: pg_sys::Datum) {
+    // Detoasted before anything is borrowed: reading a toasted value can wait, and a FATAL
+    // raised meanwhile runs the callbacks below on the way out.
+    let payload = INLINE.get().load(Ordering::Relaxed).then(|| {
+        // SAFETY: a non-NULL jsonb datum is a varlena; its size is read without detoasting,
+        // and a detoasted copy has a 4-byte header and lives in the current memory context.
+        unsafe {
+            (pg_sys::toast_raw_datum_size(payload) <= INLINE_CANDIDATE_BYTES).then(|| {
+                let value = pg_sys::pg_detoast_datum(payload.cast_mut_ptr());
+                std::slice::from_raw_parts(value.cast::<u8>(), pgrx::varlena::varsize_any(value))
+            })
+        }
+    });
+    // SAFETY: a plain read of the transaction state.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    with_staged(event.xid, |staged| {
+        if staged.from_table {
+            return;
+        }
+        staged.starts.push((subtransaction, staged.events.len()));
+        encode_event(&mut staged.events, event, payload.flatten());
+        if RECORD_HEADER + staged.events.len() > CAPACITY {
+            staged.from_table = true;
+        }
+    });
+}
+
+/// Leaves the events of transaction `xid` to the notifier's read of the table: for a publish
+/// that went through `event_outbox`'s own triggers, rules or policies, which may have stored
+/// something other than what was published, or nothing.
+pub fn leave_to_table(xid: u64) {
+    with_staged(xid, |staged| staged.from_table = true);
+}
+
+/// Runs `f` on the staged events of transaction `xid`.
+fn with_staged(xid: u64, f: impl FnOnce(&mut Staged)) {
     if !CALLBACKS_REGISTERED.replace(true) {
         // SAFETY: registers callbacks that live as long as the library, once per backend.
         unsafe {
@@ -362,52 +410,49 @@ pub fn stage(event: &Notification, payload: pg_sys::Datum) {
             pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
         }
     }
-    // SAFETY: a plain read of the transaction state.
-    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    if HANDED_OVER.get() {
+        // Published at PRE_COMMIT or PRE_PREPARE (by another extension's callback), after
+        // this transaction handed its record over; it has not ended, so marking it is still in
+        // time.
+        mark_unhanded(xid);
+        WAKE_AT_COMMIT.set(true);
+        return;
+    }
     STAGED.with_borrow_mut(|staged| {
-        let staged = staged.get_or_insert_with(|| Staged {
-            xid: event.xid,
-            events: Vec::new(),
-            starts: Vec::new(),
-            too_large: false,
-        });
-        if staged.too_large {
-            return;
-        }
-        staged.starts.push((subtransaction, staged.events.len()));
-        // SAFETY: a non-NULL jsonb datum is a varlena; its size is read without detoasting,
-        // and a detoasted copy has a 4-byte header and lives in the current memory context.
-        unsafe {
-            if pg_sys::toast_raw_datum_size(payload) <= INLINE_CANDIDATE_BYTES {
-                let value = pg_sys::pg_detoast_datum(payload.cast_mut_ptr());
-                let bytes = std::slice::from_raw_parts(
-                    value.cast::<u8>(),
-                    pgrx::varlena::varsize_any(value),
-                );
-                encode_event(&mut staged.events, event, Some(bytes));
-            } else {
-                encode_event(&mut staged.events, event, None);
-            }
-        }
-        if RECORD_HEADER + staged.events.len() > CAPACITY {
-            staged.too_large = true;
+        let staged = match staged {
+            Some(staged) if staged.xid == xid => staged,
+            _ => staged.insert(Staged {
+                xid,
+                events: Vec::new(),
+                starts: Vec::new(),
+                from_table: false,
+            }),
+        };
+        f(staged);
+        if staged.from_table {
             staged.events = Vec::new();
             staged.starts = Vec::new();
         }
     });
 }
 
+/// Takes the staged events out, unless they are borrowed: only by [`stage`], which a FATAL
+/// can interrupt, and then the process is on its way out anyway.
+fn take_staged() -> Option<Staged> {
+    STAGED.with(|staged| staged.try_borrow_mut().ok()?.take())
+}
+
 /// Puts a committing transaction's record into the buffer, or marks its xid when it does not
 /// fit.
 fn hand_over(staged: Staged) {
-    if staged.starts.is_empty() && !staged.too_large {
+    if staged.starts.is_empty() && !staged.from_table {
         return; // Every event was rolled back with its savepoint.
     }
     WAKE_AT_COMMIT.set(true);
     // SAFETY: a plain read of this backend's database.
     let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     let len = RECORD_HEADER + staged.events.len();
-    let handed = !staged.too_large
+    let handed = !staged.from_table
         && BUFFER.locked(|used, bytes| {
             let Some(record) = bytes.get_mut(*used..*used + len) else {
                 return false;
@@ -434,20 +479,29 @@ unsafe extern "C-unwind" fn on_transaction_end(
     match event {
         // Still in progress: the notifier cannot see it as ended until its record is in.
         XACT_EVENT_PRE_COMMIT => {
-            if let Some(staged) = STAGED.take() {
+            HANDED_OVER.set(true);
+            if let Some(staged) = take_staged() {
                 hand_over(staged);
             }
         }
         // Visible to new snapshots now, so the woken notifier finds it ended.
-        XACT_EVENT_COMMIT if WAKE_AT_COMMIT.replace(false) => notifier::wake(),
+        XACT_EVENT_COMMIT => {
+            if WAKE_AT_COMMIT.replace(false) {
+                notifier::wake();
+            }
+            HANDED_OVER.set(false);
+            take_staged();
+        }
         // It commits later, in whatever session runs COMMIT PREPARED.
         XACT_EVENT_PRE_PREPARE => {
-            if let Some(staged) = STAGED.take() {
+            HANDED_OVER.set(true);
+            if let Some(staged) = take_staged() {
                 mark_unhanded(staged.xid);
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
-            STAGED.take();
+            take_staged();
+            HANDED_OVER.set(false);
             WAKE_AT_COMMIT.set(false);
         }
         _ => {}
@@ -466,8 +520,13 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     if event != pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         return;
     }
-    STAGED.with_borrow_mut(|staged| {
-        let Some(staged) = staged else { return };
+    STAGED.with(|staged| {
+        let Ok(mut staged) = staged.try_borrow_mut() else {
+            return; // Borrowed by a stage() that a FATAL interrupted: the process is exiting.
+        };
+        let Some(staged) = staged.as_mut() else {
+            return;
+        };
         if let Some(first) = staged
             .starts
             .iter()

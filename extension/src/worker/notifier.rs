@@ -302,8 +302,9 @@ struct Batches {
     recorded_at: Instant,
     /// Handed-over records of transactions that had not ended at the position.
     waiting: Vec<Record>,
-    /// Whether the last batch read `event_outbox`, so that a change is logged once.
+    /// Whether the last batch read `event_outbox`.
     from_table: bool,
+    source_changes: SourceChanges,
     /// The current snapshot.
     snapshot: OwnedPreparedStatement,
     /// The deferred rows of the transactions visible in the new snapshot and not in the old
@@ -328,6 +329,10 @@ impl Batches {
         .ok()
         .flatten()
         .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: outbox_notifier_state has no row"));
+        // Publishers hand payloads over only when the notifier sends them inline. Said before
+        // the mark below: a transaction that gets its xid after the mark stages its events
+        // after this, and those before are read from the table.
+        handoff::set_inline(guc::notify_payload() == NotifyPayload::Inline);
         // An earlier notifier may have drained records of transactions still running, which
         // died with it: until every transaction that exists now has ended, read the table.
         handoff::mark_all_unhanded();
@@ -338,6 +343,7 @@ impl Batches {
             recorded_at: Instant::now(),
             waiting: Vec::new(),
             from_table: true,
+            source_changes: SourceChanges::default(),
             snapshot: prepare("SELECT pg_current_snapshot()::text".to_owned(), &[]),
             rows: prepare(
                 // The snapshots are parsed once, in the CTE: under a generic plan a cast of a
@@ -382,6 +388,7 @@ impl Batches {
     /// that makes the records of every transaction it sees ended already drained.
     fn run(&mut self) -> Sent {
         let inline = guc::notify_payload() == NotifyPayload::Inline;
+        handoff::set_inline(inline);
         let new = Spi::connect(|client| {
             client
                 .select(&self.snapshot, None, &[])?
@@ -403,14 +410,16 @@ impl Batches {
         let from_table = handoff::unhanded_through() >= self.position.xmin;
         if from_table != self.from_table {
             self.from_table = from_table;
-            if from_table {
-                log!(
-                    "pg_outbox notifier reads event_outbox until the transactions through xid {} have ended: their events were not all handed over (too many at once, a prepared transaction, or a restart)",
-                    handoff::unhanded_through()
-                );
-            } else {
-                log!("pg_outbox notifier takes events from the publishers' handoff");
-            }
+            self.source_changes.note(from_table, || {
+                if from_table {
+                    format!(
+                        "pg_outbox notifier reads event_outbox until the transactions through xid {} have ended: their events were not all handed over (too many at once, a prepared transaction, a trigger, rule or policy on event_outbox, or a restart)",
+                        handoff::unhanded_through()
+                    )
+                } else {
+                    "pg_outbox notifier takes events from the publishers' handoff".to_owned()
+                }
+            });
         }
 
         let mut documents = BatchDocuments::new(notify);
@@ -427,7 +436,13 @@ impl Batches {
                 continue; // Not this database's, or covered by an earlier batch.
             }
             if !reached.sees(record.xid) {
-                self.waiting.push(record);
+                if more {
+                    // Catching up from the table, far behind: keeping every newer record until
+                    // then would hold the whole backlog in memory. The table has them too.
+                    handoff::mark_unhanded(record.xid);
+                } else {
+                    self.waiting.push(record);
+                }
             } else if !from_table && did_commit(record.xid) {
                 committed.push(record);
             }
@@ -557,6 +572,28 @@ impl Batches {
         self.moved = false;
         self.unrecorded_rows = 0;
         self.recorded_at = Instant::now();
+    }
+}
+
+/// Logs where batches take their events from when it changes, each way at most once per
+/// [`SOURCE_CHANGE_LOG_INTERVAL`]: with a trigger on `event_outbox`, every publish sends the
+/// notifier to the table for a batch or two.
+#[derive(Default)]
+struct SourceChanges {
+    /// When a change to the table, and one to the handoff, were last logged.
+    logged_at: [Option<Instant>; 2],
+}
+
+/// See [`SourceChanges`].
+const SOURCE_CHANGE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl SourceChanges {
+    fn note(&mut self, to_table: bool, message: impl FnOnce() -> String) {
+        let logged_at = &mut self.logged_at[usize::from(to_table)];
+        if logged_at.is_none_or(|at| at.elapsed() >= SOURCE_CHANGE_LOG_INTERVAL) {
+            *logged_at = Some(Instant::now());
+            log!("{}", message());
+        }
     }
 }
 

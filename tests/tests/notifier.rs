@@ -83,13 +83,8 @@ async fn inline_payloads_come_from_the_worker_too() {
 
 #[tokio::test]
 async fn with_a_trigger_on_the_outbox_the_notifier_sends_what_was_stored() {
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.notify_mode", "'worker'")
-        .setting("pg_outbox.notify_payload", "'inline'")
-        .start();
-    let mut listener = cluster.listener("postgres").await;
-    let publisher = cluster.connect("postgres").await;
-    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let (cluster, mut listener, publisher) =
+        with_the_handoff_in_use(&[("pg_outbox.notify_payload", "'inline'")]).await;
     publisher
         .batch_execute(
             r#"CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -253,10 +248,7 @@ async fn a_stopped_worker_records_its_position_so_its_successor_sends_nothing_tw
 
 #[tokio::test]
 async fn events_of_a_rolled_back_savepoint_are_never_notified() {
-    let cluster = worker_mode_cluster();
-    let mut listener = cluster.listener("postgres").await;
-    let mut publisher = cluster.connect("postgres").await;
-    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let (_cluster, mut listener, mut publisher) = with_the_handoff_in_use(&[]).await;
     let tx = publisher.transaction().await.unwrap();
     let kept_before = publish(&tx, 1).await;
     tx.batch_execute("SAVEPOINT a").await.unwrap();
@@ -278,13 +270,8 @@ async fn events_of_a_rolled_back_savepoint_are_never_notified() {
 
 #[tokio::test]
 async fn a_prepared_transaction_is_notified_once_committed_never_once_rolled_back() {
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.notify_mode", "'worker'")
-        .setting("max_prepared_transactions", "2")
-        .start();
-    let mut listener = cluster.listener("postgres").await;
-    let publisher = cluster.connect("postgres").await;
-    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let (cluster, mut listener, publisher) =
+        with_the_handoff_in_use(&[("max_prepared_transactions", "2")]).await;
     let prepare = |n: i64, name: &str| {
         format!("BEGIN; SELECT outbox_publish('chat', 'u1', '{{\"n\": {n}}}'); PREPARE TRANSACTION '{name}'")
     };
@@ -314,13 +301,8 @@ async fn a_prepared_transaction_is_notified_once_committed_never_once_rolled_bac
 #[tokio::test]
 async fn a_transaction_too_large_to_hand_over_is_read_from_the_table() {
     // Payloads are handed over only when they may go inline.
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.notify_mode", "'worker'")
-        .setting("pg_outbox.notify_payload", "'inline'")
-        .start();
-    let mut listener = cluster.listener("postgres").await;
-    let publisher = cluster.connect("postgres").await;
-    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    let (cluster, mut listener, publisher) =
+        with_the_handoff_in_use(&[("pg_outbox.notify_payload", "'inline'")]).await;
     // 500 payloads of 10 kB each, all small enough to go inline: 5 MB, more than the 4 MB the
     // handoff buffer holds.
     let ids: Vec<String> = publisher
@@ -344,6 +326,22 @@ async fn a_transaction_too_large_to_hand_over_is_read_from_the_table() {
 /// What the notifier logs when it goes back to reading `event_outbox`.
 const READS_THE_TABLE: &str =
     "pg_outbox notifier reads event_outbox until the transactions through xid";
+
+/// A cluster in worker mode, with `settings` too, a listener and a publisher, once the notifier
+/// takes events from the handoff.
+async fn with_the_handoff_in_use(
+    settings: &[(&str, &str)],
+) -> (Cluster, pg_outbox_tests::Listener, tokio_postgres::Client) {
+    let mut builder = Cluster::builder().setting("pg_outbox.notify_mode", "'worker'");
+    for (name, value) in settings {
+        builder = builder.setting(name, value);
+    }
+    let cluster = builder.start();
+    let mut listener = cluster.listener("postgres").await;
+    let publisher = cluster.connect("postgres").await;
+    until_the_handoff_is_used(&cluster, &publisher, &mut listener).await;
+    (cluster, listener, publisher)
+}
 
 /// Publishes until the notifier takes events from the handoff: a notifier that starts reads the
 /// table until the transactions that existed then have ended.

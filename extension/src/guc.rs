@@ -1,7 +1,7 @@
 //! Every `pg_outbox.*` setting: what it means, its default and unit, and a typed accessor, so no
 //! caller handles raw integers or units.
 //!
-//! All settings but `pg_outbox.database` reload on SIGHUP. `notify_payload` and
+//! All settings but `pg_outbox.database` and `pg_outbox.handoff_buffer` reload on SIGHUP. `notify_payload` and
 //! `max_payload_bytes` are also settable by a superuser per database or role (`ALTER DATABASE …
 //! SET`), since they shape what publishers in that database send.
 
@@ -58,6 +58,10 @@ static DATABASE: GucSetting<Option<CString>> =
 static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 /// The notification queue fraction above which the pruner warns in the server log.
 static QUEUE_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.1);
+/// The size of the buffer in shared memory through which publishers hand their events to the
+/// notifier (0: none, the notifier reads every batch from the table); read once at server start.
+/// Kilobytes.
+static HANDOFF_BUFFER: GucSetting<i32> = GucSetting::<i32>::new(4096);
 /// Who notifies: the publishing transaction or the notifier worker.
 static NOTIFY_MODE: GucSetting<NotifyMode> = GucSetting::<NotifyMode>::new(NotifyMode::Transaction);
 /// Reference or inline notifications.
@@ -162,7 +166,22 @@ pub fn init(preloading: bool) {
             GucContext::Postmaster,
             GucFlags::default(),
         );
+        GucRegistry::define_int_guc(
+            c"pg_outbox.handoff_buffer",
+            c"The shared memory through which worker-mode publishers hand their events to the notifier (0: none).",
+            c"Read at server start. A transaction whose events do not fit, or any while it is full, is read from event_outbox instead, at more CPU per event.",
+            &HANDOFF_BUFFER,
+            0,
+            1024 * 1024,
+            GucContext::Postmaster,
+            GucFlags::UNIT_KB,
+        );
     }
+}
+
+/// See [`HANDOFF_BUFFER`]; read by the postmaster, which sizes the buffer.
+pub fn handoff_buffer_bytes() -> usize {
+    usize::try_from(HANDOFF_BUFFER.get()).unwrap_or(0) * 1024
 }
 
 pub fn retention() -> Duration {

@@ -323,6 +323,32 @@ async fn a_transaction_too_large_to_hand_over_is_read_from_the_table() {
     assert!(cluster.log().contains(READS_THE_TABLE));
 }
 
+#[tokio::test]
+async fn without_a_handoff_buffer_the_notifier_reads_every_batch_from_the_table() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.handoff_buffer", "0")
+        .start();
+    let mut listener = cluster.listener("postgres").await;
+    let mut publisher = cluster.connect("postgres").await;
+    let tx = publisher.transaction().await.unwrap();
+    let first = publish(&tx, 1).await;
+    tx.batch_execute("SAVEPOINT a").await.unwrap();
+    publish(&tx, 2).await;
+    tx.batch_execute("ROLLBACK TO SAVEPOINT a").await.unwrap();
+    tx.commit().await.unwrap();
+    let mut expected = vec![first];
+    for n in 3..20 {
+        expected.push(publish(&publisher, n).await);
+    }
+    for id in &expected {
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+    let log = cluster.log();
+    assert!(log.contains("without a handoff buffer (pg_outbox.handoff_buffer = 0)"));
+    assert!(!log.contains("pg_outbox notifier takes events from the publishers' handoff"));
+}
+
 /// What the notifier logs when it goes back to reading `event_outbox`.
 const READS_THE_TABLE: &str =
     "pg_outbox notifier reads event_outbox until the transactions through xid";

@@ -19,8 +19,8 @@
 //! When a transaction's events are not all in the buffer, the greatest such xid is kept in
 //! [`UNHANDED_THROUGH`], and the notifier reads its batches from `event_outbox` (exact, with the
 //! same snapshots) until every transaction up to that xid has ended:
-//! - its events did not fit in the buffer ([`CAPACITY`]): a huge transaction, or a notifier
-//!   that is down while publishers go on;
+//! - its events did not fit in the buffer (`pg_outbox.handoff_buffer`, 4 MB by default): a huge
+//!   transaction, or a notifier that is down while publishers go on;
 //! - it was prepared for two-phase commit: `COMMIT PREPARED` runs in another session, without
 //!   the staged events;
 //! - a notifier stopped while it held drained records of transactions still running: its
@@ -34,13 +34,9 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic, PgSharedMemoryInitialization};
 use uuid::Uuid;
 
+use crate::guc;
 use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
 use crate::worker::notifier;
-
-/// The shared buffer's size in bytes. A record takes some 100 bytes per event plus the user id,
-/// channel and origin, and the payload when it is small enough to go inline; at 10,000 events/s
-/// and a batch every 4 ms the notifier drains a few tens of kilobytes at a time.
-pub const CAPACITY: usize = 4 << 20;
 
 /// Payloads larger than this (in their binary form) are not handed over: they never fit in a
 /// notification, which then carries a reference.
@@ -48,7 +44,7 @@ const INLINE_CANDIDATE_BYTES: usize = 2 * NOTIFY_PAYLOAD_LIMIT;
 
 static BUFFER: SharedBuffer = SharedBuffer {
     name: c"pg_outbox_handoff",
-    area: UnsafeCell::new(std::ptr::null_mut()),
+    head: UnsafeCell::new(std::ptr::null_mut()),
 };
 
 /// The greatest xid whose events may be missing from the buffer: the notifier reads
@@ -79,6 +75,11 @@ pub fn mark_unhanded(xid: u64) {
     UNHANDED_THROUGH.get().fetch_max(xid, Ordering::AcqRel);
 }
 
+/// How many bytes of records the buffer holds (`pg_outbox.handoff_buffer`).
+pub fn capacity() -> usize {
+    BUFFER.capacity()
+}
+
 /// See [`UNHANDED_THROUGH`].
 pub fn unhanded_through() -> u64 {
     UNHANDED_THROUGH.get().load(Ordering::Acquire)
@@ -95,23 +96,25 @@ pub fn mark_all_unhanded() {
 // ---------------------------------------------------------------------------------------------
 // The shared buffer
 
-/// Records appended one after the other; the notifier takes them all at once.
+/// The head of the shared buffer; `capacity` bytes of records follow it, appended one after the
+/// other, and the notifier takes them all at once. A record takes some 100 bytes per event plus
+/// the user id, channel and origin, and the payload when it may go inline: at 10,000 events/s
+/// and a batch every 4 ms the notifier drains a few tens of kilobytes at a time.
 #[repr(C)]
-struct Area {
+struct Head {
     lock: *mut pg_sys::LWLock,
+    capacity: usize,
     used: usize,
-    bytes: [u8; CAPACITY],
 }
 
-/// [`Area`] in shared memory, set up by hand: `PgLwLock` would build its value on the stack,
-/// and 4 MB is half of the postmaster's.
+/// The buffer in shared memory, set up by hand: its size is a setting.
 struct SharedBuffer {
     name: &'static CStr,
-    area: UnsafeCell<*mut Area>,
+    head: UnsafeCell<*mut Head>,
 }
 
-// SAFETY: the pointer is set once in the postmaster, before any backend forks, and the area it
-// points to is only touched under its LWLock.
+// SAFETY: the pointer is set once in the postmaster, before any backend forks, and the buffer
+// it points to is only touched under its LWLock.
 unsafe impl Sync for SharedBuffer {}
 
 impl PgSharedMemoryInitialization for SharedBuffer {
@@ -120,7 +123,7 @@ impl PgSharedMemoryInitialization for SharedBuffer {
     unsafe fn on_shmem_request(&'static self) {
         // SAFETY: called from the shmem request hook, as the trait requires.
         unsafe {
-            pg_sys::RequestAddinShmemSpace(size_of::<Area>());
+            pg_sys::RequestAddinShmemSpace(size_of::<Head>() + guc::handoff_buffer_bytes());
             pg_sys::RequestNamedLWLockTranche(self.name.as_ptr(), 1);
         }
     }
@@ -131,36 +134,58 @@ impl PgSharedMemoryInitialization for SharedBuffer {
         unsafe {
             let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
             pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let capacity = guc::handoff_buffer_bytes();
             let mut found = false;
-            let area = pg_sys::ShmemInitStruct(self.name.as_ptr(), size_of::<Area>(), &mut found)
-                .cast::<Area>();
+            let head = pg_sys::ShmemInitStruct(
+                self.name.as_ptr(),
+                size_of::<Head>() + capacity,
+                &mut found,
+            )
+            .cast::<Head>();
             if !found {
                 let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(self.name.as_ptr())).lock;
-                (&raw mut (*area).lock).write(lock);
-                (&raw mut (*area).used).write(0);
+                head.write(Head {
+                    lock,
+                    capacity,
+                    used: 0,
+                });
             }
-            *self.area.get() = area;
+            *self.head.get() = head;
             pg_sys::LWLockRelease(init_lock);
         }
     }
 }
 
 impl SharedBuffer {
+    /// How many bytes of records the buffer holds.
+    fn capacity(&self) -> usize {
+        // SAFETY: set before any backend forked; `capacity` never changes after.
+        unsafe {
+            self.head
+                .get()
+                .read()
+                .as_ref()
+                .map_or(0, |head| head.capacity)
+        }
+    }
+
     /// Runs `f` on the used length and the bytes under the buffer's lock. `f` must not raise
     /// a PostgreSQL error.
-    fn locked<R>(&self, f: impl FnOnce(&mut usize, &mut [u8; CAPACITY]) -> R) -> R {
+    fn locked<R>(&self, f: impl FnOnce(&mut usize, &mut [u8]) -> R) -> R {
         // SAFETY: set before any backend forked, in every process that preloaded the library,
         // which is the only kind that hands events over.
-        let area = unsafe { *self.area.get() };
+        let head = unsafe { *self.head.get() };
         assert!(
-            !area.is_null(),
+            !head.is_null(),
             "pg_outbox: the handoff buffer is not set up"
         );
-        // SAFETY: the area is valid for the server's life; the lock serialises access to it.
+        // SAFETY: the buffer is valid for the server's life, its bytes right after the head;
+        // the lock serialises access to it.
         unsafe {
-            let lock = (*area).lock;
+            let lock = (*head).lock;
             pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let result = f(&mut (*area).used, &mut (*area).bytes);
+            let bytes = std::slice::from_raw_parts_mut(head.add(1).cast::<u8>(), (*head).capacity);
+            let result = f(&mut (*head).used, bytes);
             pg_sys::LWLockRelease(lock);
             result
         }
@@ -388,7 +413,7 @@ pub fn stage(event: &Notification, payload: pg_sys::Datum) {
         }
         staged.starts.push((subtransaction, staged.events.len()));
         encode_event(&mut staged.events, event, payload.flatten());
-        if RECORD_HEADER + staged.events.len() > CAPACITY {
+        if RECORD_HEADER + staged.events.len() > BUFFER.capacity() {
             staged.from_table = true;
         }
     });

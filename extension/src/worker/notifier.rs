@@ -162,7 +162,15 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     let database = guc::database();
     worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     advertise(true);
-    log!("pg_outbox notifier started in database \"{database}\"");
+    match handoff::capacity() {
+        0 => log!(
+            "pg_outbox notifier started in database \"{database}\", without a handoff buffer (pg_outbox.handoff_buffer = 0): it reads every batch from event_outbox"
+        ),
+        bytes => log!(
+            "pg_outbox notifier started in database \"{database}\", with a {} kB handoff buffer",
+            bytes / 1024
+        ),
+    }
     // A batch's commit need not wait for its WAL flush: if it is lost in a crash, the restarted
     // worker sends those notifications again, and relays drop what they already have. Its
     // statements keep one plan (the xid index, whatever the snapshots) instead of being planned

@@ -23,6 +23,28 @@ pub const VERSION: u32 = 1;
 /// NOTIFY payloads must be shorter than this (`NOTIFY_PAYLOAD_MAX_LENGTH` in `async.c`).
 pub const NOTIFY_PAYLOAD_LIMIT: usize = 8000;
 
+/// Payloads whose binary (jsonb) size is above this are never rendered to go inline: their
+/// text could not fit in a notification (the binary size is a cheap upper-bound proxy, and
+/// skipping the rendering saves the work).
+pub const INLINE_CANDIDATE_BYTES: usize = 2 * NOTIFY_PAYLOAD_LIMIT;
+
+/// A jsonb value as JSON text, as `jsonb_out` prints it.
+///
+/// # Safety
+/// `jsonb` must be a non-NULL jsonb datum.
+pub unsafe fn jsonb_text(jsonb: pgrx::pg_sys::Datum) -> String {
+    use pgrx::pg_sys;
+    // SAFETY: jsonb's output function takes a jsonb datum and returns a palloc'd C string.
+    unsafe {
+        let text = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), jsonb);
+        let json = std::ffi::CStr::from_ptr(text)
+            .to_string_lossy()
+            .into_owned();
+        pg_sys::pfree(text.cast());
+        json
+    }
+}
+
 /// The metadata of one published event, as it goes into its notification.
 #[derive(Debug, Clone)]
 pub struct Notification<'a> {

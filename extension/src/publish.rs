@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::error::OutboxError;
 use crate::guc::{self, NotifyPayload};
-use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
+use crate::notification::{jsonb_text, Notification, INLINE_CANDIDATE_BYTES};
 use crate::notify::notify;
 use crate::segment::{self, Column};
 use crate::worker::{handoff, notifier};
@@ -194,22 +194,12 @@ impl<'a> Publish<'a> {
     }
 }
 
-/// The payload as JSON text, unless it is so large that it could never fit in a notification
-/// (its binary size is a cheap upper-bound proxy; skipping the rendering saves the work).
+/// The payload as JSON text, unless it is so large that it could never fit in a notification.
 fn inline_text(payload: pg_sys::Datum) -> Option<String> {
     // SAFETY: `payload` is a non-NULL jsonb datum.
-    let size = unsafe { pg_sys::toast_raw_datum_size(payload) };
-    if size > 2 * NOTIFY_PAYLOAD_LIMIT {
-        return None;
-    }
-    // SAFETY: jsonb's output function takes a jsonb datum and returns a palloc'd C string.
     unsafe {
-        let text = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), payload);
-        Some(
-            std::ffi::CStr::from_ptr(text)
-                .to_string_lossy()
-                .into_owned(),
-        )
+        (pg_sys::toast_raw_datum_size(payload) <= INLINE_CANDIDATE_BYTES)
+            .then(|| jsonb_text(payload))
     }
 }
 

@@ -35,12 +35,8 @@ use pgrx::{pg_shmem_init, PgAtomic, PgSharedMemoryInitialization};
 use uuid::Uuid;
 
 use crate::guc;
-use crate::notification::{Notification, NOTIFY_PAYLOAD_LIMIT};
+use crate::notification::{jsonb_text, Notification, INLINE_CANDIDATE_BYTES};
 use crate::worker::notifier;
-
-/// Payloads larger than this (in their binary form) are not handed over: they never fit in a
-/// notification, which then carries a reference.
-const INLINE_CANDIDATE_BYTES: usize = 2 * NOTIFY_PAYLOAD_LIMIT;
 
 static BUFFER: SharedBuffer = SharedBuffer {
     name: c"pg_outbox_handoff",
@@ -211,11 +207,11 @@ pub struct Record {
 
 /// One event of a [`Record`].
 pub struct HandedEvent {
-    pub id: Uuid,
-    pub created_at_us: i64,
-    pub channel: String,
-    pub user_id: String,
-    pub origin: Option<String>,
+    id: Uuid,
+    created_at_us: i64,
+    channel: String,
+    user_id: String,
+    origin: Option<String>,
     /// The jsonb value, with its varlena header, when it was small enough to go inline.
     payload: Option<Vec<u8>>,
 }
@@ -236,17 +232,11 @@ impl HandedEvent {
     pub fn payload_json(&self) -> Option<String> {
         let bytes = self.payload.as_ref()?;
         // SAFETY: a palloc'd copy is aligned as a varlena must be; the bytes are a whole jsonb
-        // value with its 4-byte header, written by `encode_event`; jsonb_out returns a
-        // palloc'd C string.
+        // value with its 4-byte header, written by `encode_event`.
         unsafe {
             let copy = pg_sys::palloc(bytes.len()).cast::<u8>();
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), copy, bytes.len());
-            let text = pg_sys::OidOutputFunctionCall(
-                pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
-                pg_sys::Datum::from(copy),
-            );
-            let json = CStr::from_ptr(text).to_string_lossy().into_owned();
-            pg_sys::pfree(text.cast());
+            let json = jsonb_text(pg_sys::Datum::from(copy));
             pg_sys::pfree(copy.cast());
             Some(json)
         }

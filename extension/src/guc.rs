@@ -1,9 +1,9 @@
 //! Every `pg_outbox.*` setting: what it means, its default and unit, and a typed accessor, so no
 //! caller handles raw integers or units.
 //!
-//! All settings but `pg_outbox.database` and `pg_outbox.handoff_buffer` reload on SIGHUP. `notify_payload` and
-//! `max_payload_bytes` are also settable by a superuser per database or role (`ALTER DATABASE …
-//! SET`), since they shape what publishers in that database send.
+//! All settings but `pg_outbox.database` and `pg_outbox.handoff_buffer` reload on SIGHUP.
+//! `notify_payload` and `max_payload_bytes` are also settable by a superuser per database or
+//! role (`ALTER DATABASE … SET`), since they shape what publishers in that database send.
 
 use std::ffi::CString;
 use std::time::Duration;

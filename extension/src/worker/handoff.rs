@@ -23,6 +23,8 @@
 //!   transaction, or a notifier that is down while publishers go on;
 //! - it was prepared for two-phase commit: `COMMIT PREPARED` runs in another session, without
 //!   the staged events;
+//! - it published through a trigger, rule or policy of `event_outbox`, which may have stored
+//!   something other than what was published ([`leave_to_table`]);
 //! - a notifier stopped while it held drained records of transactions still running: its
 //!   successor marks every xid assigned before it started.
 

@@ -415,14 +415,14 @@ impl Batches {
             }
         }
         // Read after the snapshot, so that it covers every transaction the snapshot sees.
-        let from_table = handoff::unhanded_through() >= self.position.xmin;
+        let unhanded_through = handoff::unhanded_through();
+        let from_table = unhanded_through >= self.position.xmin;
         if from_table != self.from_table {
             self.from_table = from_table;
             self.source_changes.note(from_table, || {
                 if from_table {
                     format!(
-                        "pg_outbox notifier reads event_outbox until the transactions through xid {} have ended: their events were not all handed over (too many at once, a prepared transaction, a trigger, rule or policy on event_outbox, or a restart)",
-                        handoff::unhanded_through()
+                        "pg_outbox notifier reads event_outbox until the transactions through xid {unhanded_through} have ended: their events were not all handed over (too many at once, a prepared transaction, a trigger, rule or policy on event_outbox, or a restart)"
                     )
                 } else {
                     "pg_outbox notifier takes events from the publishers' handoff".to_owned()

@@ -84,6 +84,9 @@ fn gap_value(gap: &Gap) -> serde_json::Value {
         } => {
             json!({"gap": {"kind": "unreadable", "id": id.to_string(), "channel": channel, "user_id": user_id, "reason": reason}})
         }
+        Gap::Rewound { floor_xid } => {
+            json!({"gap": {"kind": "rewound", "floor_xid": floor_xid}})
+        }
         other => json!({"gap": {"kind": "other", "detail": format!("{other:?}")}}),
     }
 }

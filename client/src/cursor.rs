@@ -10,7 +10,8 @@
 //! visible in `S2` and not in `S` (PgQ's batch rule), so every committed row is seen, and the
 //! dedupe set makes it delivered once, whatever order transactions commit in.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
@@ -51,6 +52,17 @@ impl Snapshot {
     /// `pg_visible_in_snapshot` decides it.
     pub fn is_visible(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
+    }
+
+    /// This snapshot with every xid from `floor` on made invisible: what it saw of the history
+    /// below `floor`, and nothing above.
+    pub(crate) fn below(&self, floor: u64) -> Snapshot {
+        let xmax = self.xmax.min(floor);
+        Snapshot {
+            xmin: self.xmin.min(floor),
+            xmax,
+            xip: self.xip.iter().copied().filter(|&xid| xid < xmax).collect(),
+        }
     }
 }
 
@@ -111,6 +123,9 @@ pub(crate) struct Advance {
     pub snapshot: Snapshot,
     pub pruned_through_xid: u64,
     pub rows: Vec<Result<Event, Unreadable>>,
+    /// [`Cursor::heard`] when the query was sent: every notice counted in it had its
+    /// transaction visible to the query's snapshot, if the notice is genuine.
+    pub heard_before: u64,
 }
 
 /// A row whose payload this client cannot parse: settled like any row, reported as a gap.
@@ -151,6 +166,12 @@ pub(crate) enum Step {
     Duplicate,
     /// Report a gap.
     Gap(Gap),
+    /// A notice heard before an advance whose snapshot cannot see its transaction: forged.
+    /// Followed by its [`Gap::Missing`].
+    Forged,
+    /// A notice dropped because [`MAX_WAITING`] rows already wait; the next advance reads its
+    /// row, if there is one.
+    Overflow,
 }
 
 /// A notified row waiting for its turn: ready (inline), or a reference to fetch.
@@ -174,18 +195,69 @@ impl Pending {
             Pending::Reference(notice) => notice.xid,
         }
     }
+
+    fn channel_and_user(&self) -> (&str, &str) {
+        match self {
+            Pending::Ready(event) => (event.channel(), event.user_id()),
+            Pending::Reference(notice) => (&notice.channel, &notice.user_id),
+        }
+    }
+}
+
+/// At most this many notified rows wait in the queue. A notification beyond it is dropped: its
+/// row, if it exists, is read by the next advance anyway (caught up, in xid order), so the bound
+/// costs order, never an event, and a flood of forged notifications cannot grow the relay.
+pub(crate) const MAX_WAITING: usize = 65_536;
+
+/// A row settled beyond the cursor's snapshot.
+#[derive(Debug)]
+struct Settled {
+    xid: u64,
+    /// [`Cursor::heard`] when it was settled.
+    heard: u64,
+}
+
+/// How many of the rows with the greatest xids the cursor keeps as witnesses.
+const WITNESSES: usize = 256;
+
+/// The rows with the greatest xids among those the cursor has covered (delivered, skipped, or
+/// already there when it started): after the server lost part of its history, the greatest of
+/// them that still exists bounds the xids the server may have handed out again.
+#[derive(Debug, Default)]
+struct Witnesses(BinaryHeap<Reverse<(u64, Uuid)>>);
+
+impl Witnesses {
+    fn add(&mut self, xid: u64, id: Uuid) {
+        if self.0.len() >= WITNESSES {
+            match self.0.peek() {
+                Some(Reverse((least, _))) if *least >= xid => return,
+                _ => {}
+            }
+            self.0.pop();
+        }
+        self.0.push(Reverse((xid, id)));
+    }
 }
 
 /// The relay's position in the outbox.
 #[derive(Debug)]
 pub(crate) struct Cursor {
     snapshot: Snapshot,
-    /// Ids delivered whose xid is not visible in `snapshot`, with their xid.
-    delivered: HashMap<Uuid, u64>,
+    /// Ids delivered whose xid is not visible in `snapshot`, with their xid and when they were
+    /// delivered (see `heard`).
+    delivered: HashMap<Uuid, Settled>,
     /// Notified rows not yet delivered, in notification (= commit) order. Its head is never
     /// `Ready`: ready events are delivered as soon as nothing is ahead of them.
     queue: VecDeque<Pending>,
     queued: HashSet<Uuid>,
+    /// When each queued row's notice was heard (see [`Cursor::heard`]), parallel to `queue`.
+    heard_at: VecDeque<u64>,
+    /// How many notices were heard so far: the clock that tells a forged notice from a genuine
+    /// one. PostgreSQL delivers a notification only once its sender's transaction is visible to
+    /// new snapshots, so a notice heard before an advance's query was sent whose xid that query's
+    /// snapshot still cannot see names a transaction that never committed: it was forged.
+    heard: u64,
+    witnesses: Witnesses,
 }
 
 impl Cursor {
@@ -196,7 +268,53 @@ impl Cursor {
             delivered: HashMap::new(),
             queue: VecDeque::new(),
             queued: HashSet::new(),
+            heard_at: VecDeque::new(),
+            heard: 0,
+            witnesses: Witnesses::default(),
         }
+    }
+
+    /// The notice clock: pass it with the next advance (`Advance::heard_before`).
+    pub fn heard(&self) -> u64 {
+        self.heard
+    }
+
+    /// Rows visible in the starting snapshot, as witnesses (see [`Cursor::witnesses`]).
+    pub fn witness(&mut self, rows: impl IntoIterator<Item = (u64, Uuid)>) {
+        for (xid, id) in rows {
+            self.witnesses.add(xid, id);
+        }
+    }
+
+    /// The covered rows a recovery checks for, as `(xid, id)`: the witnesses and the ids
+    /// delivered beyond the snapshot.
+    pub fn witnesses(&self) -> Vec<(u64, Uuid)> {
+        let mut rows: Vec<(u64, Uuid)> = self.witnesses.0.iter().map(|r| r.0).collect();
+        rows.extend(
+            self.delivered
+                .iter()
+                .map(|(id, settled)| (settled.xid, *id)),
+        );
+        rows
+    }
+
+    /// After the server lost part of its history: forgets everything from xid `floor` on, so
+    /// the next advance reads those xids again. Below `floor` the old history holds; from it on,
+    /// every row the cursor covered is gone, so none is delivered twice. The queue is dropped:
+    /// what it announced is read again, or is gone.
+    pub fn rewind(&mut self, floor: u64) {
+        self.snapshot = self.snapshot.below(floor);
+        self.delivered.retain(|_, settled| settled.xid < floor);
+        self.queue.clear();
+        self.queued.clear();
+        self.heard_at.clear();
+        let kept: Vec<_> = self
+            .witnesses
+            .0
+            .drain()
+            .filter(|r| r.0 .0 < floor)
+            .collect();
+        self.witnesses.0.extend(kept);
     }
 
     /// The snapshot `S`.
@@ -224,27 +342,42 @@ impl Cursor {
         self.snapshot.is_visible(xid) || self.delivered.contains_key(&id)
     }
 
+    fn settle(&mut self, id: Uuid, xid: u64) {
+        let heard = self.heard;
+        self.delivered.insert(id, Settled { xid, heard });
+    }
+
     fn deliver(&mut self, event: Event, notified: bool, out: &mut Vec<Step>) {
-        self.delivered.insert(event.id(), event.xid());
+        self.settle(event.id(), event.xid());
         out.push(Step::Deliver { event, notified });
     }
 
     /// Settles a row that cannot be delivered, and reports it.
     fn skip(&mut self, unreadable: Unreadable, out: &mut Vec<Step>) {
-        self.delivered.insert(unreadable.id, unreadable.xid);
+        self.settle(unreadable.id, unreadable.xid);
         out.push(Step::Gap(unreadable.into_gap()));
+    }
+
+    fn enqueue(&mut self, pending: Pending) {
+        self.queued.insert(pending.id());
+        self.queue.push_back(pending);
+        self.heard_at.push_back(self.heard);
     }
 
     /// A live notification: deliver it now (inline, nothing ahead of it), queue it, or drop it
     /// as a duplicate.
     pub fn on_notice(&mut self, notice: Notice, out: &mut Vec<Step>) {
+        self.heard += 1;
         if self.is_seen(notice.id, notice.xid) || self.queued.contains(&notice.id) {
             out.push(Step::Duplicate);
             return;
         }
+        if self.queue.len() >= MAX_WAITING {
+            out.push(Step::Overflow);
+            return;
+        }
         if notice.payload.is_none() {
-            self.queued.insert(notice.id);
-            self.queue.push_back(Pending::Reference(notice));
+            self.enqueue(Pending::Reference(notice));
             return;
         }
         let Some(event) = notice.into_event() else {
@@ -253,8 +386,7 @@ impl Cursor {
         if self.queue.is_empty() {
             self.deliver(event, true, out);
         } else {
-            self.queued.insert(event.id());
-            self.queue.push_back(Pending::Ready(event));
+            self.enqueue(Pending::Ready(event));
         }
     }
 
@@ -265,9 +397,9 @@ impl Cursor {
             snapshot: next,
             pruned_through_xid,
             rows,
+            heard_before,
         } = advance;
-        if pruned_through_xid >= self.snapshot.xmin && !self.snapshot.is_visible(pruned_through_xid)
-        {
+        if self.may_have_lost_to_pruning(&next, pruned_through_xid) {
             out.push(Step::Gap(Gap::Pruned {
                 pruned_through_xid,
                 cursor_xmin: self.snapshot.xmin,
@@ -286,9 +418,23 @@ impl Cursor {
         }
 
         let mut later = VecDeque::new();
-        for pending in std::mem::take(&mut self.queue) {
+        let mut later_heard = VecDeque::new();
+        let heard_at = std::mem::take(&mut self.heard_at);
+        for (pending, heard) in std::mem::take(&mut self.queue).into_iter().zip(heard_at) {
             if !next.is_visible(pending.xid()) {
-                later.push_back(pending);
+                if heard <= heard_before {
+                    self.queued.remove(&pending.id());
+                    let (channel, user_id) = pending.channel_and_user();
+                    out.push(Step::Forged);
+                    out.push(Step::Gap(Gap::Missing {
+                        id: pending.id(),
+                        channel: channel.to_owned(),
+                        user_id: user_id.to_owned(),
+                    }));
+                } else {
+                    later.push_back(pending);
+                    later_heard.push_back(heard);
+                }
                 continue;
             }
             self.queued.remove(&pending.id());
@@ -321,10 +467,37 @@ impl Cursor {
             }
         }
 
-        self.delivered.retain(|_, xid| !next.is_visible(*xid));
+        // Ids delivered beyond the new snapshot stay for the dedupe, but not those whose xid
+        // it should see and cannot: forged inline notices, which would otherwise stay forever.
+        let (delivered, witnesses) = (&mut self.delivered, &mut self.witnesses);
+        delivered.retain(|id, settled| {
+            if next.is_visible(settled.xid) {
+                witnesses.add(settled.xid, *id);
+                return false;
+            }
+            settled.heard > heard_before
+        });
         self.snapshot = next;
         self.queue = later;
+        self.heard_at = later_heard;
         self.pump(out);
+    }
+
+    /// Whether rows the cursor has not read may have been pruned, given the greatest pruned xid.
+    ///
+    /// Rows are pruned by age, so a transaction running in `S` that commits late can have its
+    /// rows pruned at once, even below greater xids the cursor already saw. Such a transaction
+    /// has ended by the advance's snapshot `next` (rows of one still running cannot have been
+    /// pruned); any that is at or below the pruned xid may have lost rows. So may every xid
+    /// from `S`'s `xmax` on, which the cursor never saw.
+    fn may_have_lost_to_pruning(&self, next: &Snapshot, pruned_through_xid: u64) -> bool {
+        pruned_through_xid >= self.snapshot.xmax
+            || self
+                .snapshot
+                .xip
+                .iter()
+                .take_while(|&&xid| xid <= pruned_through_xid)
+                .any(|&xid| next.is_visible(xid))
     }
 
     /// Delivers the ready events at the head of the queue.
@@ -333,6 +506,7 @@ impl Cursor {
             let Some(Pending::Ready(event)) = self.queue.pop_front() else {
                 break;
             };
+            self.heard_at.pop_front();
             self.queued.remove(&event.id());
             if self.is_seen(event.id(), event.xid()) {
                 out.push(Step::Duplicate);
@@ -386,6 +560,7 @@ mod tests {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
             rows: rows.iter().map(|&(n, xid)| Ok(event(n, xid))).collect(),
+            heard_before: 0,
         }
     }
 
@@ -408,6 +583,7 @@ mod tests {
                 snapshot: snap("103:103:"),
                 pruned_through_xid: 0,
                 rows: vec![unreadable(1, 100), unreadable(2, 101), Ok(event(3, 102))],
+                heard_before: 0,
             },
             &mut out,
         );
@@ -627,6 +803,7 @@ mod tests {
                             snapshot: s2,
                             pruned_through_xid: 0,
                             rows,
+                            heard_before: 0,
                         },
                         &mut out,
                     );
@@ -644,6 +821,7 @@ mod tests {
                     snapshot: snapshot_after(n),
                     pruned_through_xid: 0,
                     rows,
+                    heard_before: 0,
                 },
                 &mut out,
             );
@@ -678,6 +856,104 @@ mod tests {
         let mut out = Vec::new();
         cursor.on_advance(advance("107:107:", 103, &[]), &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_late_commit_below_the_pruned_xid_is_a_gap_even_when_that_xid_was_seen() {
+        // 100 was running in S; 103 committed before S. The pruner then removed rows through
+        // 103, and 100, committed late with old rows, may have been among them.
+        let mut cursor = Cursor::new(snap("100:105:100"));
+        let mut out = Vec::new();
+        cursor.on_advance(advance("106:106:", 103, &[]), &mut out);
+        assert!(matches!(out.as_slice(), [Step::Gap(Gap::Pruned { .. })]));
+    }
+
+    #[test]
+    fn a_reference_no_later_snapshot_can_see_is_forged_and_settled() {
+        let mut cursor = Cursor::new(snap("100:100:"));
+        let mut out = Vec::new();
+        cursor.on_notice(notice(1, 5_000, false), &mut out);
+        // An advance sent before the notice was heard may not see it yet: it waits.
+        let mut early = advance("101:101:", 0, &[]);
+        early.heard_before = 0;
+        cursor.on_advance(early, &mut out);
+        assert!(out.is_empty());
+        assert!(cursor.needs_advance());
+        // One sent after cannot see it either: its transaction never committed.
+        let mut later = advance("102:102:", 0, &[]);
+        later.heard_before = cursor.heard();
+        cursor.on_advance(later, &mut out);
+        assert!(matches!(
+            out.as_slice(),
+            [Step::Forged, Step::Gap(Gap::Missing { .. })]
+        ));
+        assert!(!cursor.needs_advance());
+        // A forged inline notice is delivered (inline events cannot be told from real ones), but
+        // its id is not kept once an advance shows it false.
+        let mut out = Vec::new();
+        cursor.on_notice(notice(2, 9_000, true), &mut out);
+        assert_eq!(delivered(&out), [2]);
+        let mut next = advance("103:103:", 0, &[]);
+        next.heard_before = cursor.heard();
+        cursor.on_advance(next, &mut out);
+        assert_eq!(cursor.delivered_beyond(), 0);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_what_overflows_is_read_by_the_advance() {
+        let mut cursor = Cursor::new(snap("100:100:"));
+        let mut out = Vec::new();
+        for n in 0..MAX_WAITING as u128 {
+            cursor.on_notice(notice(n, 100, false), &mut out);
+        }
+        let overflow = MAX_WAITING as u128;
+        cursor.on_notice(notice(overflow, 101, false), &mut out);
+        assert!(matches!(out.as_slice(), [Step::Overflow]));
+        assert_eq!(cursor.waiting(), MAX_WAITING);
+        let mut out = Vec::new();
+        let mut rows: Vec<(u128, u64)> = (0..MAX_WAITING as u128).map(|n| (n, 100)).collect();
+        rows.push((overflow, 101));
+        cursor.on_advance(advance("102:102:", 0, &rows), &mut out);
+        assert_eq!(delivered(&out).len(), MAX_WAITING + 1);
+        assert_eq!(delivered(&out).last(), Some(&overflow));
+    }
+
+    #[test]
+    fn below_keeps_what_a_snapshot_saw_under_the_floor() {
+        let s = snap("100:110:102,105,108");
+        for floor in [0, 99, 100, 103, 105, 109, 110, 200] {
+            let b = s.below(floor);
+            assert!(b.to_string().parse::<Snapshot>().is_ok(), "{b}");
+            for xid in 90..120 {
+                assert_eq!(
+                    b.is_visible(xid),
+                    s.is_visible(xid) && xid < floor,
+                    "{floor} {xid}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_rewind_reads_reused_xids_again_and_delivers_nothing_twice() {
+        let mut cursor = Cursor::new(snap("100:100:"));
+        let mut out = Vec::new();
+        cursor.on_advance(
+            advance("110:110:", 0, &[(1, 100), (2, 104), (3, 108)]),
+            &mut out,
+        );
+        assert_eq!(delivered(&out), [1, 2, 3]);
+        let mut witnesses: Vec<u64> = cursor.witnesses().iter().map(|w| w.0).collect();
+        witnesses.sort_unstable();
+        assert_eq!(witnesses, [100, 104, 108]);
+        // The server crashed: 108 is gone, and it hands out 105.. again. Row 2 (xid 104)
+        // survived, so the floor is 105.
+        cursor.rewind(105);
+        assert_eq!(cursor.snapshot().to_string(), "105:105:");
+        let mut out = Vec::new();
+        // The catch-up reads everything the new snapshot sees from the floor on.
+        cursor.on_advance(advance("107:107:", 0, &[(4, 105), (5, 106)]), &mut out);
+        assert_eq!(delivered(&out), [4, 5]);
     }
 
     #[test]

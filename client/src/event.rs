@@ -146,8 +146,22 @@ pub enum Gap {
         /// What the JSON parser said.
         reason: String,
     },
+    /// The server lost part of the history the relay had read (a crash before commits that
+    /// wrote no WAL of their own were flushed, a failover to a standby that was behind, a
+    /// restore) and none of the rows the relay keeps as witnesses survived, so it cannot tell
+    /// exactly where the old history ends. It reads again every transaction from `floor_xid` on
+    /// (none it delivered from there exists any more); events of transactions below it that
+    /// the server handed out again may be missing. Sent to every subscriber.
+    ///
+    /// When a witness survives (the usual case) the relay recovers exactly and reports nothing.
+    Rewound {
+        /// The transaction id from which the relay reads again.
+        floor_xid: u64,
+    },
     /// A row announced by a notification was gone when the relay fetched it (deleted or pruned
-    /// in between). Sent to the subscribers of its channel and user.
+    /// in between), or the notification was forged (its transaction never committed: see
+    /// [`MetricsSnapshot::forged`](crate::MetricsSnapshot::forged)). Sent to the subscribers of
+    /// its channel and user.
     Missing {
         /// The row's id.
         id: Uuid,

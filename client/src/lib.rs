@@ -57,12 +57,31 @@
 //! - **Idle sweep.** Every `sweep_interval` of idleness the relay runs the same query: it moves
 //!   the cursor forward (bounding the dedupe set), delivers rows whose notification was lost or
 //!   undecodable, and proves the connection alive.
-//! - **Gaps are reported, never hidden.** If `outbox_prune_state.pruned_through_xid` is at or
-//!   above the cursor's horizon and not visible in *S*, rows the relay never read may have been
-//!   pruned: every subscriber gets a [`Delivery::Gap`] and [`MetricsSnapshot::gaps`] counts it.
-//!   The check knows only the greatest pruned xid: it cannot see a pruned row of a transaction
-//!   that was running in *S* when every greater pruned row was already visible in *S*. A row
-//!   announced by a notification but gone when fetched is reported as [`Gap::Missing`].
+//! - **Gaps are reported, never hidden.** Rows the relay never read may have been pruned when
+//!   `outbox_prune_state.pruned_through_xid` is at or above *S*'s `xmax`, or at or above a
+//!   transaction that was running in *S* and has ended since (rows are pruned by age, so a
+//!   transaction that commits late can lose its rows at once): every subscriber then gets a
+//!   [`Delivery::Gap`] ([`Gap::Pruned`]) and [`MetricsSnapshot::gaps`] counts it. The check is
+//!   conservative: a long transaction that published nothing can raise it too. A row announced
+//!   by a notification but gone when fetched is reported as [`Gap::Missing`].
+//! - **Forged notifications** (any role that can connect can `NOTIFY pg_outbox`): PostgreSQL
+//!   delivers a notification only once its transaction is visible to new snapshots, so a
+//!   reference that a query sent after it arrived still cannot see names a transaction that
+//!   never committed. It is settled as [`Gap::Missing`] and counted in
+//!   [`MetricsSnapshot::forged`]; it never holds the relay up. At most 65,536 notified rows wait
+//!   for a fetch: past that a notification is dropped and its row, if any, is read by the next
+//!   advance. (A forged *inline* event cannot be told from a real one: see the README.)
+//! - **Crashes, failovers and restores.** A server that crashes before commits that wrote no
+//!   WAL of their own were flushed, a standby promoted while it was behind, or a restored
+//!   backup hands out again transaction ids the relay already saw as committed. At every
+//!   connection the relay compares the server's system identifier, timeline and start time
+//!   with the previous ones (and watches for a snapshot whose `xmax` goes back); on a change it
+//!   checks which of the rows it covered last (its witnesses: the 256 with the greatest xids,
+//!   and those delivered beyond *S*) still exist, rewinds *S* to one past the greatest that
+//!   does, and reads everything from there again: the new transactions are delivered, nothing
+//!   delivered before is repeated ([`MetricsSnapshot::rewinds`] counts these). Events the relay
+//!   delivered from transactions the server then lost cannot be taken back. If no witness
+//!   survived, every subscriber gets [`Gap::Rewound`].
 //! - **Own origin.** A relay with an [`instance_id`](RelayBuilder::instance_id) skips the events
 //!   published with that origin unless [`deliver_own_origin`](RelayBuilder::deliver_own_origin).
 //! - **Slow subscribers** never block the relay or each other: each has a bounded buffer; when
@@ -179,11 +198,13 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
             cursor.on_notice(notice, &mut steps);
         }
     }
+    let heard_before = cursor.heard();
     cursor.on_advance(
         cursor::Advance {
             snapshot: next,
             pruned_through_xid: 0,
             rows,
+            heard_before,
         },
         &mut steps,
     );

@@ -21,7 +21,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
 use tracing::{debug, debug_span, field, info, info_span, warn, Instrument, Span};
 
-use crate::catchup;
+use crate::catchup::{self, Floor, ServerRun};
 use crate::config::{backoff_delay, entropy, RelayBuilder};
 use crate::cursor::{Advance, Cursor, Step};
 use crate::error::Error;
@@ -271,6 +271,11 @@ pub(crate) struct Listener {
     last_advance: Instant,
     /// Events settled by the cursor and waiting to be handed to subscribers in one batch.
     batch: Vec<Event>,
+    /// The server run whose history the cursor follows.
+    server: ServerRun,
+    /// An advance saw the server's transaction ids go back: check the history at the next
+    /// connection, even if the server's run looks the same.
+    history_went_back: bool,
 }
 
 impl Listener {
@@ -288,13 +293,14 @@ impl Listener {
                 return Err(err);
             }
         }
-        let snapshot = match timeout(
-            cfg.connect_timeout,
-            catchup::current(&conn.queries, &cfg.schema),
-        )
-        .await
-        {
-            Ok(Ok(snapshot)) => snapshot,
+        let begin = async {
+            let snapshot = catchup::current(&conn.queries, &cfg.schema).await?;
+            let server = catchup::server_run(&conn.queries, &cfg.schema).await?;
+            let witnesses = catchup::start_witnesses(&conn.queries, &snapshot, &cfg.schema).await?;
+            Ok((snapshot, server, witnesses))
+        };
+        let (snapshot, server, witnesses) = match timeout(cfg.connect_timeout, begin).await {
+            Ok(Ok(begun)) => begun,
             Ok(Err(err)) => {
                 conn.close().await;
                 return Err(err);
@@ -308,10 +314,12 @@ impl Listener {
             }
         };
         info!(snapshot = %snapshot, "pg_outbox relay listening");
+        let mut cursor = Cursor::new(snapshot);
+        cursor.witness(witnesses);
         let mut listener = Listener {
             cfg,
             shared,
-            cursor: Cursor::new(snapshot),
+            cursor,
             conn: Some(conn),
             lost: None,
             advance_wanted: false,
@@ -320,6 +328,8 @@ impl Listener {
             steps: Vec::new(),
             last_advance: Instant::now(),
             batch: Vec::new(),
+            server,
+            history_went_back: false,
         };
         // One advance now proves the relay may read the outbox (privileges are checked when a
         // statement runs, not when it is prepared), and settles what committed meanwhile.
@@ -467,9 +477,11 @@ impl Listener {
         );
         let (client, statement) = (Arc::clone(&conn.queries), conn.advance.clone());
         let (from, channels) = (self.cursor.snapshot().clone(), self.cfg.channels.clone());
+        let heard_before = self.cursor.heard();
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let query = async move {
-            let query = catchup::advance(&client, &statement, &from, &channels, &schema);
+            let query =
+                catchup::advance(&client, &statement, &from, heard_before, &channels, &schema);
             timeout(query_timeout, query)
                 .await
                 .map_err(|_| Error::Timeout {
@@ -488,6 +500,16 @@ impl Listener {
         let advance = result?;
         let _entered = span.enter();
         Metrics::add(&self.shared.metrics.advances, 1);
+        if advance.snapshot.xmax() < self.cursor.snapshot().xmax() {
+            // Transaction ids went back on what looked like the same server: its history is
+            // not the one the cursor read. Reconnect, and check it.
+            self.history_went_back = true;
+            return Err(Error::ConnectionLost(format!(
+                "the server's transaction ids went back, from {} to {}",
+                self.cursor.snapshot().xmax(),
+                advance.snapshot.xmax()
+            )));
+        }
         self.advance_wanted = false;
         self.cursor.on_advance(advance, &mut self.steps);
         span.record("settled", self.steps.len());
@@ -521,6 +543,10 @@ impl Listener {
                     self.batch.push(event);
                 }
                 Step::Duplicate => Metrics::add(&metrics.duplicates, 1),
+                Step::Forged => Metrics::add(&metrics.forged, 1),
+                Step::Overflow => {
+                    debug!("a pg_outbox notification was dropped: too many rows wait for a fetch")
+                }
                 Step::Gap(gap) => {
                     deliver_batch(&self.shared, &mut self.batch);
                     Metrics::add(&metrics.gaps, 1);
@@ -600,11 +626,67 @@ impl Listener {
         }
     }
 
-    /// LISTEN first, then catch up from the cursor.
+    /// LISTEN first, then check the server's history, then catch up from the cursor.
     async fn try_reconnect(&mut self) -> Result<(), Error> {
-        self.conn = Some(Conn::open(&self.cfg).await?);
+        let conn = Conn::open(&self.cfg).await?;
+        let run = catchup::server_run(&conn.queries, &self.cfg.schema);
+        let run = timeout(self.cfg.query_timeout, run)
+            .await
+            .map_err(|_| Error::Timeout {
+                doing: "reading the server's identity",
+                after: self.cfg.query_timeout,
+            })?;
+        self.conn = Some(conn);
+        let run = run?;
+        if run != self.server || self.history_went_back {
+            self.rewind(&run).await?;
+        }
         self.counts_caught_up = true;
         self.advance().await
+    }
+
+    /// The server restarted, failed over or was restored, and may have lost transactions the
+    /// cursor saw, handing their ids out again: rewinds the cursor to the floor its witnesses
+    /// prove, so the catch-up reads every xid from there again, and reports a gap where no
+    /// witness survived.
+    async fn rewind(&mut self, run: &ServerRun) -> Result<(), Error> {
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
+        let witnesses = self.cursor.witnesses();
+        let floor = catchup::floor(&conn.queries, &witnesses, &self.cfg.schema);
+        let floor =
+            timeout(self.cfg.query_timeout, floor)
+                .await
+                .map_err(|_| Error::Timeout {
+                    doing: "checking the server's history",
+                    after: self.cfg.query_timeout,
+                })??;
+        let from = self.cursor.snapshot().clone();
+        let floor_xid = match floor {
+            Floor::Exact(xid) => xid,
+            Floor::Assumed(xid) => {
+                self.steps.push(Step::Gap(Gap::Rewound { floor_xid: xid }));
+                xid
+            }
+        };
+        self.cursor.rewind(floor_xid);
+        warn!(
+            previous = ?self.server,
+            now = ?run,
+            cursor = %from,
+            rewound_to = %self.cursor.snapshot(),
+            witnesses = witnesses.len(),
+            exact = matches!(floor, Floor::Exact(_)),
+            "pg_outbox relay reached a new run of the server: reading again from the floor of \
+             the history it still holds"
+        );
+        Metrics::add(&self.shared.metrics.rewinds, 1);
+        self.server = run.clone();
+        self.history_went_back = false;
+        self.flush();
+        Ok(())
     }
 
     async fn stop(mut self) {

@@ -40,6 +40,8 @@ pub(crate) struct Metrics {
     pub gaps: AtomicU64,
     pub reconnects: AtomicU64,
     pub advances: AtomicU64,
+    pub forged: AtomicU64,
+    pub rewinds: AtomicU64,
     latency: [AtomicU64; BUCKETS_US.len() + 1],
 }
 
@@ -72,6 +74,8 @@ impl Metrics {
             gaps: self.gaps.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             advances: self.advances.load(Relaxed),
+            forged: self.forged.load(Relaxed),
+            rewinds: self.rewinds.load(Relaxed),
             latency: Latency { buckets },
         }
     }
@@ -106,6 +110,14 @@ pub struct MetricsSnapshot {
     pub reconnects: u64,
     /// Advance queries run (catch-up, batched fetches of references, sweeps).
     pub advances: u64,
+    /// Notifications naming a transaction that no snapshot taken after them could see: forged
+    /// (any role that can connect can `NOTIFY pg_outbox`). Each is reported as
+    /// [`Gap::Missing`](crate::Gap::Missing) and settled.
+    pub forged: u64,
+    /// Connections that reached a new run of the server (a restart, a crash, a failover, a
+    /// restore) or saw its transaction ids go back, after which the relay read again from the
+    /// floor of the history the server still holds (see [`Gap::Rewound`](crate::Gap::Rewound)).
+    pub rewinds: u64,
     /// Commit-to-delivery latency of delivered events.
     pub latency: Latency,
 }

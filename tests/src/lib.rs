@@ -490,6 +490,16 @@ impl Cluster {
         });
     }
 
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`): no checkpoint, and WAL
+    /// not yet written out is lost; the next start runs crash recovery.
+    pub fn crash(&self) {
+        self.run_pg("pg_ctl", |cmd| {
+            cmd.arg("-D")
+                .arg(self.data_dir())
+                .args(["-w", "-m", "immediate", "stop"]);
+        });
+    }
+
     /// Starts a stopped server again.
     pub fn pg_ctl_start(&self) {
         self.run_pg("pg_ctl", |cmd| {

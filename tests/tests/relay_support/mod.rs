@@ -23,7 +23,12 @@ pub fn relay(cluster: &Cluster, application_name: &str) -> RelayBuilder {
 
 /// [`relay`], connecting as `user`.
 pub fn relay_as(cluster: &Cluster, application_name: &str, user: &str) -> RelayBuilder {
-    Relay::builder(cluster.config("postgres", user))
+    relay_with(cluster.config("postgres", user), application_name)
+}
+
+/// [`relay`], connecting with `config`.
+pub fn relay_with(config: tokio_postgres::Config, application_name: &str) -> RelayBuilder {
+    Relay::builder(config)
         .application_name(application_name)
         .backoff(Duration::from_millis(20), Duration::from_millis(300))
         .sweep_interval(Duration::from_millis(250))

@@ -1,0 +1,70 @@
+//! Forged notifications: any role that can connect can `NOTIFY pg_outbox`. A reference to a
+//! transaction that never committed is settled as a missing event, counted, and forgotten; it
+//! does not pin the relay to fetching forever.
+
+mod relay_support;
+
+use std::collections::HashSet;
+
+use pg_outbox_client::Gap;
+use pg_outbox_tests::Cluster;
+use relay_support::{publish, relay, wait_for_advances, Collector, WAIT};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_references_are_settled_as_missing_and_the_relay_goes_on() {
+    let cluster = Cluster::start();
+    cluster.psql("postgres", "CREATE ROLE mallory LOGIN");
+    let relay = relay(&cluster, "relay_forged").build().unwrap();
+    let chat = Collector::spawn(relay.subscribe("chat"));
+    relay.start().await.unwrap();
+
+    let mallory = cluster.connect_as("postgres", "mallory").await;
+    let far: u64 = mallory
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse::<u64>()
+        .unwrap()
+        + 1_000_000;
+    let forged: Vec<Uuid> = (0..40u128)
+        .map(|n| Uuid::from_u128(0xf0_0000 + n))
+        .collect();
+    for (n, id) in forged.iter().enumerate() {
+        let document = format!(
+            r#"{{"v":1,"id":"{id}","channel":"chat","user_id":"u1","origin":null,"xid":{},"created_at_us":1795827481361761}}"#,
+            far + n as u64
+        );
+        mallory
+            .execute("SELECT pg_notify('pg_outbox', $1)", &[&document])
+            .await
+            .unwrap();
+    }
+
+    cluster
+        .wait_for("the forged references settled", WAIT, || async {
+            (relay.metrics().forged == 40).then_some(())
+        })
+        .await;
+    let missing: HashSet<Uuid> = chat
+        .gaps()
+        .iter()
+        .filter_map(|gap| match gap {
+            Gap::Missing { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(missing, forged.iter().copied().collect());
+
+    // Nothing waits any more: a real event goes straight through, and the relay is back to its
+    // idle sweeps.
+    let client = cluster.connect("postgres").await;
+    let real = publish(&client, "chat", "u1", "{}", None).await;
+    chat.wait_for_all(&cluster, "a real event", &HashSet::from([real]))
+        .await;
+    wait_for_advances(&cluster, &relay, 2).await;
+    chat.assert_exactly("real events", &HashSet::from([real]));
+    assert_eq!(relay.metrics().forged, 40);
+    relay.shutdown().await;
+}

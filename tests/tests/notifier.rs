@@ -349,6 +349,52 @@ async fn without_a_handoff_buffer_the_notifier_reads_every_batch_from_the_table(
     assert!(!log.contains("pg_outbox notifier takes events from the publishers' handoff"));
 }
 
+#[tokio::test]
+async fn a_batch_cut_below_transactions_the_position_saw_sends_nothing_twice() {
+    // Every batch from the table, where batches are cut at 10,000 rows.
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.handoff_buffer", "0")
+        .start();
+    let mut listener = cluster.listener("postgres").await;
+    let mut big = cluster.connect("postgres").await;
+    let small = cluster.connect("postgres").await;
+
+    // A transaction with more rows than a batch stays open while later ones are notified: the
+    // notifier's position sees them ended, and it still running.
+    let tx = big.transaction().await.unwrap();
+    let big_ids: HashSet<String> = tx
+        .query(
+            "SELECT outbox_publish('chat', 'u1', jsonb_build_object('n', n))::text \
+             FROM generate_series(1, 10001) n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for n in 0..50 {
+        let id = publish(&small, n).await;
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+    // Its commit makes a batch that is cut right after it: the batch after must not send the
+    // 50 again.
+    tx.commit().await.unwrap();
+    let mut seen = HashSet::new();
+    while seen.len() < big_ids.len() {
+        let notification = listener.next().await;
+        let id = notification["id"].as_str().unwrap().to_owned();
+        assert!(
+            big_ids.contains(&id),
+            "not of the large transaction: {notification}"
+        );
+        assert!(seen.insert(id), "twice: {notification}");
+    }
+    let after = publish(&small, 50).await;
+    assert_eq!(listener.next().await["id"], after.as_str());
+}
+
 /// What the notifier logs when it goes back to reading `event_outbox`.
 const READS_THE_TABLE: &str =
     "pg_outbox notifier reads event_outbox until the transactions through xid";

@@ -479,8 +479,10 @@ impl Batches {
     /// wait.
     ///
     /// More than [`MAX_BATCH_ROWS`] rows to send: the batch ends before the transaction of the
-    /// row after the first [`MAX_BATCH_ROWS`], at `new` cut off there ([`Snapshot::below`]),
-    /// and the next batch goes on from there.
+    /// row after the first [`MAX_BATCH_ROWS`]. It has sent what `new` cut off there
+    /// ([`Snapshot::below`]) sees, so it ends at the position joined with that
+    /// ([`Snapshot::union`]): the cut alone would forget the transactions above the cut that the
+    /// position had seen ended, and the next batch would send them again.
     fn send_from_table<F: FnMut(&str)>(
         &self,
         new: &Snapshot,
@@ -512,17 +514,18 @@ impl Batches {
                 let after_last = xid(rows.nth(MAX_BATCH_ROWS - 1));
                 if after_last > first {
                     stop_at = Some(after_last);
-                    reached = new.below(after_last);
+                    reached = self.position.union(&new.below(after_last));
                     rows = rows.rewind();
                 } else {
                     // The first transaction alone has more rows than a batch: all of it, alone.
-                    reached = new.below(first + 1);
+                    let sent = new.below(first + 1);
+                    reached = self.position.union(&sent);
                     rows = client.select(
                         &self.rows,
                         None,
                         &[
                             position.as_str().into(),
-                            reached.to_string().into(),
+                            sent.to_string().into(),
                             inline.into(),
                         ],
                     )?;

@@ -56,6 +56,26 @@ impl Snapshot {
                 .collect(),
         }
     }
+
+    /// The snapshot that sees what `self` or `other` sees, and nothing else. Every xid below the
+    /// greater `xmax` that neither sees is in one of the running lists, so this is a snapshot.
+    pub fn union(&self, other: &Snapshot) -> Snapshot {
+        let xmax = self.xmax.max(other.xmax);
+        let mut running: Vec<u64> = self
+            .running
+            .iter()
+            .chain(&other.running)
+            .copied()
+            .filter(|xid| !self.sees(*xid) && !other.sees(*xid))
+            .collect();
+        running.sort_unstable();
+        running.dedup();
+        Snapshot {
+            xmin: running.first().copied().unwrap_or(xmax),
+            xmax,
+            running,
+        }
+    }
 }
 
 impl fmt::Display for Snapshot {
@@ -124,6 +144,30 @@ mod tests {
                     postgres_sees(xid, &below),
                     xid < bound && postgres_sees(xid, &snapshot),
                     "{text} below {bound} is {below}; xid {xid}"
+                );
+            }
+        }
+    }
+
+    #[pg_test]
+    fn a_union_sees_what_either_snapshot_sees_and_nothing_else() {
+        let cases = [
+            // A cut at a transaction running at the position (100), over xids it saw ended.
+            ("100:151:100", "151:151:", 101, "151:151:"),
+            ("100:151:100,120", "160:160:", 120, "120:151:120"),
+            ("100:110:102,105", "103:115:104,112", 200, "112:115:112"),
+            ("100:110:", "120:130:125", 200, "125:130:125"),
+        ];
+        for (position, new, bound, expected) in cases {
+            let position = Snapshot::parse(position).unwrap();
+            let sent = Snapshot::parse(new).unwrap().below(bound);
+            let union = position.union(&sent);
+            assert_eq!(union.to_string(), expected);
+            for xid in 80..=170_u64 {
+                assert_eq!(
+                    postgres_sees(xid, &union),
+                    postgres_sees(xid, &position) || postgres_sees(xid, &sent),
+                    "{position} with {sent} is {union}; xid {xid}"
                 );
             }
         }

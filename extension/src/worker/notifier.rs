@@ -161,6 +161,7 @@ pub fn wake() {
 pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     let database = guc::database();
     worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
+    // Whether publishers defer is left as an earlier notifier left it until `Setup::look` says.
     advertise(true);
     match handoff::capacity() {
         0 => log!(
@@ -193,6 +194,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         // exits with that error and its successor looks again.
         if !matches!(setup, Setup::Ready(_)) {
             setup = BackgroundWorker::transaction(Setup::look);
+            serve(!matches!(setup, Setup::NeedsUpdate));
         }
         match &mut setup {
             Setup::Ready(batches) => {
@@ -235,7 +237,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
             }),
             Setup::NeedsUpdate => waiting.wait(c"waiting for ALTER EXTENSION pg_outbox UPDATE", || {
                 format!(
-                    "pg_outbox in database \"{database}\" predates the notifier; the notifier waits for ALTER EXTENSION pg_outbox UPDATE there"
+                    "pg_outbox in database \"{database}\" predates the notifier (before 0.2.0): worker mode waits for ALTER EXTENSION pg_outbox UPDATE there, and until then publishers there notify in their own transactions (transaction mode)"
                 )
             }),
         }
@@ -259,19 +261,39 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// Publishes (or withdraws) this process as the notifier of its database.
+/// Publishes (or withdraws) this process as the running notifier, for [`wake`]. The database
+/// stays as it is: while a notifier that served it restarts, publishers there go on deferring
+/// and its successor catches up from the recorded position.
 fn advertise(running: bool) {
-    // SAFETY: plain reads of this process's own identity.
-    let (database, procno) =
-        unsafe { (u32::from(pg_sys::MyDatabaseId), (*pg_sys::MyProc).pgprocno) };
+    // SAFETY: a plain read of this process's own identity.
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let procno = if running {
         u64::try_from(procno).map_or(0, |p| p + 1)
     } else {
         0
     };
-    NOTIFIER
+    set_bits(u64::from(u32::MAX), procno);
+}
+
+/// Says whether publishers in this database leave their notifications to the notifier
+/// ([`takes_over_notification`]): not while its objects predate 0.2.0, whose `event_outbox` has
+/// no `notify_deferred` column to mark them with.
+fn serve(serving: bool) {
+    // SAFETY: a plain read of this process's database.
+    let database = u64::from(u32::from(unsafe { pg_sys::MyDatabaseId }));
+    set_bits(
+        u64::from(u32::MAX) << 32,
+        if serving { database << 32 } else { 0 },
+    );
+}
+
+/// Replaces the bits of [`NOTIFIER`] under `mask` by `value`.
+fn set_bits(mask: u64, value: u64) {
+    let _ = NOTIFIER
         .get()
-        .store((u64::from(database) << 32) | procno, Ordering::Release);
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+            Some((state & !mask) | value)
+        });
 }
 
 /// What the worker found in its database.

@@ -72,8 +72,11 @@ test-extension: setup
 	cd extension && cargo pgrx test $(PG_FEATURE) $(RUNAS) --pgdata $(PGRX_TEST_DIR)/data
 
 # cargo pgrx test installs its own test build; put the real extension back before end-to-end
-# tests use it.
+# tests use it. The fixture is another extension that publishes from its PRE_COMMIT callback.
+FIXTURE := tests/fixtures/pre_commit_publisher
 test-e2e: install-debug
+	$(MAKE) -C $(FIXTURE) PG_CONFIG=$(PG_CONFIG) with_llvm=no
+	$(if $(SUDO),sudo) $(MAKE) -C $(FIXTURE) PG_CONFIG=$(PG_CONFIG) with_llvm=no install
 	cargo test --workspace --exclude pg_outbox
 
 ## fuzz: libFuzzer on everything the client parses from the network, for FUZZ_SECONDS;
@@ -105,4 +108,5 @@ soak: setup
 
 clean:
 	cargo clean
+	$(MAKE) -C $(FIXTURE) PG_CONFIG=$(PG_CONFIG) clean
 	rm -rf $(PGRX_TEST_DIR)

@@ -28,6 +28,9 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init(preloading);
     if preloading {
         worker::register();
+        // Inherited by every backend: only a preloaded library stages events
+        // (`notifier::takes_over_notification`), and a staging backend must find them there.
+        worker::handoff::register_callbacks();
     }
 }
 

@@ -395,6 +395,24 @@ async fn a_batch_cut_below_transactions_the_position_saw_sends_nothing_twice() {
     assert_eq!(listener.next().await["id"], after.as_str());
 }
 
+#[tokio::test]
+async fn a_first_publish_from_another_extensions_pre_commit_callback_is_handed_over() {
+    let (cluster, mut listener, publisher) = with_the_handoff_in_use(&[]).await;
+    // tests/fixtures/pre_commit_publisher, installed by `make test-e2e`.
+    cluster.psql("postgres", "CREATE EXTENSION pre_commit_publisher");
+    // A new session whose first publish happens inside that extension's PRE_COMMIT callback.
+    let mut session = cluster.connect("postgres").await;
+    let tx = session.transaction().await.unwrap();
+    tx.execute("SELECT publish_at_commit('at_commit')", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let after = publish(&publisher, 1).await;
+    let first = listener.next().await;
+    assert_eq!(first["channel"], "at_commit", "{first}");
+    assert_eq!(listener.next().await["id"], after.as_str());
+}
+
 /// What the notifier logs when it goes back to reading `event_outbox`.
 const READS_THE_TABLE: &str =
     "pg_outbox notifier reads event_outbox until the transactions through xid";

@@ -62,6 +62,18 @@ pub fn register() {
     pg_shmem_init!(INLINE = AtomicBool::new(false));
 }
 
+/// Registers the transaction callbacks, from `_PG_init` while preloading: every process
+/// inherits them. Registered at a first publish made inside another extension's `PRE_COMMIT`
+/// callback, they would miss that `PRE_COMMIT` (PostgreSQL prepends, and is mid-walk), and the
+/// staged events would be dropped at COMMIT, neither handed over nor marked unhanded.
+pub fn register_callbacks() {
+    // SAFETY: callbacks that live as long as the library, registered once per process.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
+    }
+}
+
 /// Says whether the notifier sends payloads inline (the notifier's side).
 pub fn set_inline(inline: bool) {
     INLINE.get().store(inline, Ordering::Relaxed);
@@ -379,8 +391,6 @@ thread_local! {
     static HANDED_OVER: Cell<bool> = const { Cell::new(false) };
     /// Whether the committing transaction handed events over (or left them to the table).
     static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
-    /// Whether this backend registered its transaction callbacks.
-    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Stages one event of the current transaction for the notifier; `payload` is its jsonb datum.
@@ -420,13 +430,6 @@ pub fn leave_to_table(xid: u64) {
 
 /// Runs `f` on the staged events of transaction `xid`.
 fn with_staged(xid: u64, f: impl FnOnce(&mut Staged)) {
-    if !CALLBACKS_REGISTERED.replace(true) {
-        // SAFETY: registers callbacks that live as long as the library, once per backend.
-        unsafe {
-            pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
-            pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
-        }
-    }
     if HANDED_OVER.get() {
         // Published at PRE_COMMIT or PRE_PREPARE (by another extension's callback), after
         // this transaction handed its record over; it has not ended, so marking it is still in
@@ -486,7 +489,7 @@ fn hand_over(staged: Staged) {
     }
 }
 
-/// Runs at the end of every transaction of a backend that once staged an event.
+/// Runs at the end of every transaction of every process of a server that preloads the library.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_transaction_end(
     event: pg_sys::XactEvent::Type,

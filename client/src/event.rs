@@ -172,7 +172,7 @@ pub enum Gap {
     },
 }
 
-/// What a subscription yields, in commit order.
+/// What a subscription yields, in the relay's delivery order (see the crate documentation).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Delivery {

@@ -382,7 +382,7 @@ impl Fanout {
     }
 }
 
-/// A stream of [`Delivery`] items for one subscriber, in commit order.
+/// A stream of [`Delivery`] items for one subscriber, in the relay's delivery order.
 ///
 /// Its buffer holds at most `subscriber_buffer` events (or the topic's own `buffer`) besides
 /// the rest of the batch it is reading; when full, later events are dropped for this subscriber only and a

@@ -3,7 +3,8 @@
 //! Publishing is SQL, in the caller's transaction: `SELECT outbox_publish(channel, user_id,
 //! payload [, origin])`. This crate is the other side: one [`Relay`] per process keeps one
 //! dedicated `LISTEN pg_outbox` connection and hands each committed event to local subscribers,
-//! exactly once, in commit order, across disconnects.
+//! exactly once, in the order described under [Delivery guarantees](#delivery-guarantees),
+//! across disconnects, restarts and failovers.
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
@@ -47,9 +48,14 @@
 //!   Every committed row lands exactly once, whatever order transactions commit in: a
 //!   transaction open across a reconnect is delivered when it commits. Rolled-back publishes
 //!   are never delivered.
-//! - **Order.** Events notified live are delivered in commit (notification) order; rows caught
-//!   up from the table without a notification follow, in `xid` order (the best the table can
-//!   tell).
+//! - **Order.** Live events are delivered in the order their notifications were sent; rows read
+//!   from the table without their notification having been seen (after a reconnect, in a sweep,
+//!   past a full queue) follow, in `xid` order. The events of one transaction arrive together, in
+//!   publish order. Between transactions: commit order with `pg_outbox.notify_mode =
+//!   'transaction'`; with `'worker'`, commit order between the notifier's batches (at least 4 ms
+//!   apart; 10,000 rows each while it catches up a backlog) and `xid` order within one; with both
+//!   modes in use, a worker-mode transaction is delivered after the transaction-mode ones that
+//!   commit before its batch does. Do not infer causality between transactions from it.
 //! - **Both notification forms.** Inline notifications (`pg_outbox.notify_payload = 'inline'`)
 //!   are delivered without a query; references are resolved in batches: one query fetches
 //!   everything pending, never one query per event: at most one per `fetch_interval`, sooner

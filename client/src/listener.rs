@@ -519,7 +519,7 @@ impl Listener {
 
     /// Hands the cursor's steps to the subscribers and the counters. Events go to the fan-out in
     /// one batch (each subscriber is locked and woken once per batch, not once per event); a gap
-    /// first flushes the events before it, so every stream keeps commit order.
+    /// first flushes the events before it, so every stream keeps the delivery order.
     fn flush(&mut self) {
         if self.steps.is_empty() {
             return;

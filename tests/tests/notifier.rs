@@ -413,6 +413,40 @@ async fn a_first_publish_from_another_extensions_pre_commit_callback_is_handed_o
     assert_eq!(listener.next().await["id"], after.as_str());
 }
 
+#[tokio::test]
+async fn order_is_commit_order_between_batches_and_xid_order_within_one() {
+    let cluster = worker_mode_cluster();
+    let mut listener = cluster.listener("postgres").await;
+    let admin = cluster.connect("postgres").await;
+    let (mut first, mut second) = (
+        cluster.connect("postgres").await,
+        cluster.connect("postgres").await,
+    );
+    let direct = cluster.connect("postgres").await;
+    direct
+        .batch_execute("SET pg_outbox.notify_mode = 'transaction'")
+        .await
+        .unwrap();
+    let order = while_the_notifier_is_down(&cluster, &admin, || async move {
+        // Two worker-mode transactions commit in the reverse of their xid order...
+        let earlier = first.transaction().await.unwrap();
+        let a = publish(&earlier, 1).await;
+        let later = second.transaction().await.unwrap();
+        let b = publish(&later, 2).await;
+        later.commit().await.unwrap();
+        earlier.commit().await.unwrap();
+        // ...then a transaction-mode one, which notifies at its own commit.
+        let t = publish(&direct, 3).await;
+        [t, a, b]
+    })
+    .await;
+    // The transaction-mode event first, then the notifier's batch, in xid order: `a`, committed
+    // last, before `b`.
+    for id in &order {
+        assert_eq!(listener.next().await["id"], id.as_str());
+    }
+}
+
 /// What the notifier logs when it goes back to reading `event_outbox`.
 const READS_THE_TABLE: &str =
     "pg_outbox notifier reads event_outbox until the transactions through xid";

@@ -203,9 +203,9 @@ pub(crate) enum Floor {
 
 /// Finds the floor from the witnesses `(xid, id)`: one past the greatest xid among those whose
 /// row still exists, or was pruned (the prune state is durable, and so is the history it
-/// pruned through). Transactions commit in the WAL in xid-independent order, but a row that
-/// survived proves its transaction did, and with it every xid below its own: the server
-/// assigns xids again only from past the last one its recovered history holds.
+/// pruned through). A row that survived proves its transaction is in the history the server
+/// recovered, and after recovery the server assigns xids only from past the greatest one that
+/// history holds: neither that xid nor any below it is handed out again.
 pub(crate) async fn floor(
     client: &Client,
     witnesses: &[(u64, Uuid)],
@@ -216,7 +216,7 @@ pub(crate) async fn floor(
         "SELECT (SELECT max(c.xid::xid8)::text FROM unnest($1::uuid[], $2::text[]) AS c(id, xid) \
                   WHERE c.xid::xid8 <= p.pruned \
                      OR EXISTS (SELECT 1 FROM {schema_q}.event_outbox e WHERE e.id = c.id)), \
-                p.pruned::text \
+                p.pruned::text, pg_snapshot_xmax(pg_current_snapshot())::text \
          FROM (SELECT COALESCE((SELECT pruned_through_xid FROM {schema_q}.outbox_prune_state \
                                  LIMIT 1), '0') AS pruned) p"
     );
@@ -228,14 +228,16 @@ pub(crate) async fn floor(
         .map_err(|e| Error::from_query(e, schema))?;
     let surviving: Option<&str> = row.try_get(0).map_err(protocol)?;
     let pruned = parse_xid(row.try_get(1).map_err(protocol)?)?;
+    // Never above what the server has assigned: from a floor there, the next snapshot's xmax
+    // would look as if it went back.
+    let assigned = parse_xid(row.try_get(2).map_err(protocol)?)?;
     let pruned_floor = if pruned == 0 { 0 } else { pruned + 1 };
-    Ok(
-        match (surviving, witnesses.iter().map(|(xid, _)| *xid).min()) {
-            (Some(xid), _) => Floor::Exact((parse_xid(xid)? + 1).max(pruned_floor)),
-            (None, None) => Floor::Exact(pruned_floor),
-            (None, Some(least)) => Floor::Assumed(least.max(pruned_floor)),
-        },
-    )
+    let least = witnesses.iter().map(|(xid, _)| *xid).min();
+    Ok(match (surviving, least) {
+        (Some(xid), _) => Floor::Exact((parse_xid(xid)? + 1).max(pruned_floor).min(assigned)),
+        (None, None) => Floor::Exact(pruned_floor.min(assigned)),
+        (None, Some(least)) => Floor::Assumed(least.max(pruned_floor).min(assigned)),
+    })
 }
 
 fn parse_xid(text: &str) -> Result<u64, Error> {

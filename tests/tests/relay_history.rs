@@ -218,3 +218,34 @@ async fn a_late_commit_pruned_below_a_seen_xid_is_reported_as_a_gap() {
     assert!(matches!(gaps.as_slice(), [Gap::Pruned { .. }]), "{gaps:?}");
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_with_none_of_the_relays_witnesses_is_reported_as_a_gap() {
+    let cluster = Cluster::start();
+    let relay = relay_as(&cluster, "relay_rewound", "postgres")
+        .build()
+        .unwrap();
+    let all = Collector::spawn(relay.subscribe_all());
+    relay.start().await.unwrap();
+    let before = publish_n(&cluster, 3).await;
+    all.wait_for_all(
+        &cluster,
+        "the events before",
+        &before.iter().copied().collect(),
+    )
+    .await;
+
+    // As if the server came back from a backup older than everything the relay read: none of
+    // the rows it could check exists, and nothing was pruned to explain it.
+    cluster.psql("postgres", "DELETE FROM event_outbox");
+    cluster.restart();
+    let after = publish_n(&cluster, 1).await;
+    let expected: HashSet<Uuid> = before.iter().chain(&after).copied().collect();
+    all.wait_for_all(&cluster, "the event after the restart", &expected)
+        .await;
+    all.assert_exactly("around a lost history", &expected);
+    assert_eq!(relay.metrics().rewinds, 1);
+    let gaps = all.gaps();
+    assert!(matches!(gaps.as_slice(), [Gap::Rewound { .. }]), "{gaps:?}");
+    relay.shutdown().await;
+}

@@ -1,7 +1,6 @@
 //! The relay's builder, its documented defaults, and the reconnect backoff.
 
-use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::error::Error;
 use crate::relay::Relay;
@@ -113,8 +112,8 @@ impl RelayBuilder {
     /// references arriving within this interval of the last fetch wait for the next one and
     /// share it, and once 32 rows wait the fetch starts without waiting for the interval. So
     /// a relay runs at most one fetch per interval at low rates, one per 32 events at high
-    /// rates (under 0.05 queries per event from 1,300 events/s up, at the default), and never
-    /// one per notification. It bounds the latency a fetch adds. Default: 25 ms.
+    /// rates, and never one per notification (queries per event and latency at each rate:
+    /// BENCHMARKS.md). It bounds the latency a fetch adds. Default: 25 ms.
     pub fn fetch_interval(mut self, interval: Duration) -> Self {
         self.fetch_interval = interval;
         self
@@ -226,65 +225,9 @@ impl RelayBuilder {
     }
 }
 
-/// Quotes `name` as an SQL identifier.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The delay before reconnect attempt `attempt` (1-based): `min · 2^(attempt-1)` capped at
-/// `max`, then jittered into its upper half by `entropy`.
-pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, entropy: u64) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    let base = min.saturating_mul(factor).min(max);
-    let half = base / 2;
-    let jitter_nanos = match u64::try_from(half.as_nanos()) {
-        Ok(0) | Err(_) => 0,
-        Ok(span) => entropy % (span + 1),
-    };
-    half + Duration::from_nanos(jitter_nanos)
-}
-
-/// Entropy for jitter without a random-number crate: the standard library's randomly keyed
-/// hasher over the clock and a salt.
-pub(crate) fn entropy(salt: u64) -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    hasher.write_u128(now);
-    hasher.write_u64(salt);
-    hasher.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_within_bounds_with_jitter() {
-        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
-        for attempt in 1..40 {
-            let full = min
-                .saturating_mul(1u32.checked_shl(attempt - 1).unwrap_or(u32::MAX))
-                .min(max);
-            for e in [0, 1, u64::MAX / 3, u64::MAX] {
-                let d = backoff_delay(attempt, min, max, e);
-                assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
-            }
-        }
-        assert_eq!(backoff_delay(1, min, max, 0), Duration::from_millis(500));
-        assert_eq!(backoff_delay(40, min, max, 0), Duration::from_secs(30));
-        assert_ne!(entropy(1), entropy(1));
-    }
-
-    #[test]
-    fn identifiers_are_quoted() {
-        assert_eq!(quote_ident("public"), "\"public\"");
-        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
-    }
 
     #[test]
     fn build_checks_settings() {

@@ -12,109 +12,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::fmt;
-use std::str::FromStr;
 
 use uuid::Uuid;
 
 use crate::event::{Event, Gap};
-use crate::notification::Notice;
-
-/// A `pg_snapshot` (text form `xmin:xmax:xip1,xip2,…`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    xmin: u64,
-    xmax: u64,
-    /// Sorted, each in `xmin..xmax`.
-    xip: Vec<u64>,
-}
-
-/// A snapshot's text form was not understood.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid pg_snapshot {text:?}: {reason}")]
-pub struct SnapshotParseError {
-    text: String,
-    reason: &'static str,
-}
-
-impl Snapshot {
-    /// The oldest transaction id still running in this snapshot: every xid below it is settled.
-    pub fn xmin(&self) -> u64 {
-        self.xmin
-    }
-
-    /// The first transaction id not yet assigned in this snapshot.
-    pub fn xmax(&self) -> u64 {
-        self.xmax
-    }
-
-    /// Whether transaction `xid` had committed (or aborted) when this snapshot was taken, as
-    /// `pg_visible_in_snapshot` decides it.
-    pub fn is_visible(&self, xid: u64) -> bool {
-        xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
-    }
-
-    /// This snapshot with every xid from `floor` on made invisible: what it saw of the history
-    /// below `floor`, and nothing above.
-    pub(crate) fn below(&self, floor: u64) -> Snapshot {
-        let xmax = self.xmax.min(floor);
-        Snapshot {
-            xmin: self.xmin.min(floor),
-            xmax,
-            xip: self.xip.iter().copied().filter(|&xid| xid < xmax).collect(),
-        }
-    }
-}
-
-impl FromStr for Snapshot {
-    type Err = SnapshotParseError;
-
-    fn from_str(text: &str) -> Result<Snapshot, SnapshotParseError> {
-        let err = |reason| SnapshotParseError {
-            text: text.chars().take(200).collect(),
-            reason,
-        };
-        let mut parts = text.trim().splitn(3, ':');
-        let xmin = parts.next().ok_or_else(|| err("no xmin"))?;
-        let xmax = parts.next().ok_or_else(|| err("no xmax"))?;
-        let xip = parts.next().ok_or_else(|| err("no xip list"))?;
-        let xmin: u64 = xmin.parse().map_err(|_| err("xmin is not a number"))?;
-        let xmax: u64 = xmax.parse().map_err(|_| err("xmax is not a number"))?;
-        if xmin > xmax {
-            return Err(err("xmin is above xmax"));
-        }
-        let mut list = Vec::new();
-        for item in xip.split(',').filter(|s| !s.is_empty()) {
-            let xid: u64 = item
-                .parse()
-                .map_err(|_| err("an xip entry is not a number"))?;
-            if xid < xmin || xid >= xmax {
-                return Err(err("an xip entry is outside xmin..xmax"));
-            }
-            list.push(xid);
-        }
-        list.sort_unstable();
-        list.dedup();
-        Ok(Snapshot {
-            xmin,
-            xmax,
-            xip: list,
-        })
-    }
-}
-
-impl fmt::Display for Snapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:", self.xmin, self.xmax)?;
-        for (i, xid) in self.xip.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{xid}")?;
-        }
-        Ok(())
-    }
-}
+use crate::notification::{self, Notice};
+pub(crate) use pg_outbox_wire::Snapshot;
 
 /// The result of one advance query: the snapshot it took, the prune state it read and the rows
 /// visible in that snapshot but not in the cursor's (ordered by xid, id).
@@ -380,7 +283,7 @@ impl Cursor {
             self.enqueue(Pending::Reference(notice));
             return;
         }
-        let Some(event) = notice.into_event() else {
+        let Some(event) = notification::into_event(notice) else {
             return;
         };
         if self.queue.is_empty() {
@@ -402,7 +305,7 @@ impl Cursor {
         if self.may_have_lost_to_pruning(&next, pruned_through_xid) {
             out.push(Step::Gap(Gap::Pruned {
                 pruned_through_xid,
-                cursor_xmin: self.snapshot.xmin,
+                cursor_xmin: self.snapshot.xmin(),
             }));
         }
 
@@ -491,10 +394,10 @@ impl Cursor {
     /// pruned); any that is at or below the pruned xid may have lost rows. So may every xid
     /// from `S`'s `xmax` on, which the cursor never saw.
     fn may_have_lost_to_pruning(&self, next: &Snapshot, pruned_through_xid: u64) -> bool {
-        pruned_through_xid >= self.snapshot.xmax
+        pruned_through_xid >= self.snapshot.xmax()
             || self
                 .snapshot
-                .xip
+                .xip()
                 .iter()
                 .take_while(|&&xid| xid <= pruned_through_xid)
                 .any(|&xid| next.is_visible(xid))
@@ -610,42 +513,6 @@ mod tests {
                 _ => None,
             })
             .collect()
-    }
-
-    #[test]
-    fn parses_and_prints_snapshots() {
-        let s = snap("10:20:12,15");
-        assert_eq!((s.xmin(), s.xmax()), (10, 20));
-        assert_eq!(s.to_string(), "10:20:12,15");
-        assert_eq!(snap("5:5:").to_string(), "5:5:");
-        assert_eq!(snap("10:20:15,12,12").to_string(), "10:20:12,15");
-        for bad in [
-            "", "1", "1:2", "a:2:", "3:2:", "1:5:7", "1:5:0", "1:5:x", "-1:5:",
-        ] {
-            assert!(bad.parse::<Snapshot>().is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn visibility_follows_pg_visible_in_snapshot() {
-        let s = snap("10:20:12,15");
-        for (xid, visible) in [
-            (0, true),
-            (9, true),
-            (10, true),
-            (11, true),
-            (12, false),
-            (15, false),
-            (19, true),
-            (20, false),
-            (u64::MAX, false),
-        ] {
-            assert_eq!(s.is_visible(xid), visible, "xid {xid}");
-        }
-        // xmin itself is normally in the xip list; when not, it is visible.
-        let s = snap("10:20:10");
-        assert!(!s.is_visible(10));
-        assert!(s.is_visible(11));
     }
 
     #[test]
@@ -916,22 +783,6 @@ mod tests {
         cursor.on_advance(advance("102:102:", 0, &rows), &mut out);
         assert_eq!(delivered(&out).len(), MAX_WAITING + 1);
         assert_eq!(delivered(&out).last(), Some(&overflow));
-    }
-
-    #[test]
-    fn below_keeps_what_a_snapshot_saw_under_the_floor() {
-        let s = snap("100:110:102,105,108");
-        for floor in [0, 99, 100, 103, 105, 109, 110, 200] {
-            let b = s.below(floor);
-            assert!(b.to_string().parse::<Snapshot>().is_ok(), "{b}");
-            for xid in 90..120 {
-                assert_eq!(
-                    b.is_visible(xid),
-                    s.is_visible(xid) && xid < floor,
-                    "{floor} {xid}"
-                );
-            }
-        }
     }
 
     #[test]

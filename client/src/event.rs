@@ -184,7 +184,9 @@ pub enum Delivery {
         /// How many events were dropped for this subscriber.
         missed: u64,
     },
-    /// Events were lost for every relay (see [`Gap`]).
+    /// Events this relay could not deliver: pruned or gone before it read them, or (for
+    /// [`Gap::Unreadable`]) a payload this client cannot parse, which another client may.
+    /// See [`Gap`] for which subscribers get each.
     Gap(Gap),
 }
 

@@ -295,10 +295,11 @@ impl Fanout {
     }
 
     pub fn subscribe(&self, filter: Filter, capacity: usize) -> Subscription {
+        debug_assert!(capacity >= 1, "callers keep a buffer of at least 1");
         let mut index = self.index();
         let slot = Arc::new(Slot {
             filter,
-            capacity: capacity.max(1),
+            capacity,
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
                 events: 0,
@@ -423,6 +424,12 @@ impl Subscription {
         let reading = self.reading.as_ref().map_or(0, Run::len);
         let queue = self.slot.lock();
         reading + queue.events + queue.markers
+    }
+
+    /// Its buffer, in events: how many may be queued besides the batch being read before it
+    /// lags.
+    pub fn capacity(&self) -> usize {
+        self.slot.capacity
     }
 
     /// Whether nothing is left to read.

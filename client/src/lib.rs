@@ -2,7 +2,8 @@
 //!
 //! Publishing is SQL, in the caller's transaction: `SELECT outbox_publish(channel, user_id,
 //! payload [, origin])`. This crate is the other side: one [`Relay`] per process keeps one
-//! dedicated `LISTEN pg_outbox` connection and hands each committed event to local subscribers,
+//! dedicated `LISTEN pg_outbox` connection (and a second one for its queries) and hands each
+//! committed event to local subscribers,
 //! exactly once, in the order described under [Delivery guarantees](#delivery-guarantees),
 //! across disconnects, restarts and failovers.
 //!
@@ -133,13 +134,16 @@
 
 #![warn(missing_docs)]
 
-mod catchup;
+mod advance;
+mod backoff;
 mod config;
+mod connection;
 mod cursor;
 mod error;
 mod event;
 mod fanout;
 mod health;
+mod history;
 mod listener;
 mod metrics;
 mod notification;
@@ -147,13 +151,13 @@ mod relay;
 mod tls;
 
 pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
-pub use cursor::{Snapshot, SnapshotParseError};
 pub use error::Error;
 pub use event::{DecodeError, Delivery, Event, Gap};
 pub use fanout::Subscription;
 pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
+pub use pg_outbox_wire::{Snapshot, SnapshotParseError};
 pub use relay::{Relay, Topic};
 
 /// The rustls version the `tls` feature uses, for building a [`rustls::ClientConfig`].
@@ -198,7 +202,7 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
     let mut rows = Vec::new();
     for payload in payloads {
         for notice in notification::decode(payload).unwrap_or_default() {
-            if let Some(event) = notice.clone().into_event() {
+            if let Some(event) = notification::into_event(notice.clone()) {
                 rows.push(Ok(event));
             }
             cursor.on_notice(notice, &mut steps);
@@ -221,7 +225,7 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
 /// exposed for the end-to-end test that checks its plan. Not a stable API.
 #[doc(hidden)]
 pub fn __advance_sql(schema: &str) -> String {
-    catchup::advance_sql(schema, false)
+    advance::advance_sql(schema, false)
 }
 
 /// The README's examples, compiled as doc tests.

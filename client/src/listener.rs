@@ -12,25 +12,25 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Statement};
-use tracing::{debug, debug_span, field, info, info_span, warn, Instrument, Span};
+use tokio_postgres::Notification;
+use tracing::{debug, debug_span, field, info, warn, Instrument, Span};
 
-use crate::catchup::{self, Floor, ServerRun};
-use crate::config::{backoff_delay, entropy, RelayBuilder};
+use crate::advance;
+use crate::backoff::{backoff_delay, entropy};
+use crate::config::RelayBuilder;
+use crate::connection::{describe_close, Conn, ConnEvent};
 use crate::cursor::{Advance, Cursor, Step};
 use crate::error::Error;
 use crate::event::{Event, Gap};
 use crate::fanout::Fanout;
 use crate::health::Health;
+use crate::history::{self, Floor, ServerRun};
 use crate::metrics::Metrics;
 use crate::notification::{self, CHANNEL};
-use crate::tls;
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
@@ -52,203 +52,6 @@ pub(crate) struct Shared {
     pub fanout: Fanout,
     pub metrics: Metrics,
     pub health: watch::Sender<Health>,
-}
-
-pub(crate) enum ConnEvent {
-    Notification(Notification),
-    Closed(Option<tokio_postgres::Error>),
-}
-
-/// The relay's two connections to the server: one that only LISTENs, and one for its queries.
-///
-/// A backend sends notifications only between the statements it runs, so on a single
-/// connection every advance held up the notifications behind it for as long as it ran: on a
-/// busy server, tens of milliseconds. LISTEN holds before the query connection takes its first
-/// snapshot, so every snapshot it takes is younger than the LISTEN.
-struct Conn {
-    listen: Client,
-    /// Shared with the advance under way, which runs alongside the listener's other work.
-    queries: Arc<Client>,
-    /// What both connections say (notifications, and either one's end).
-    events: mpsc::UnboundedReceiver<ConnEvent>,
-    drivers: [JoinHandle<()>; 2],
-    advance: Statement,
-}
-
-impl Conn {
-    /// Connects, refuses a standby, LISTENs, then connects for queries and prepares the
-    /// advance statement.
-    async fn open(cfg: &RelayBuilder) -> Result<Conn, Error> {
-        let span = info_span!("pg_outbox_connect", tls = cfg.tls.name());
-        Conn::open_inner(cfg).instrument(span).await
-    }
-
-    async fn open_inner(cfg: &RelayBuilder) -> Result<Conn, Error> {
-        let (tx, events) = mpsc::unbounded_channel();
-        let connect = || async {
-            timeout(
-                cfg.connect_timeout,
-                tls::connect(&cfg.pg, &cfg.tls, Some(tx.clone())),
-            )
-            .await
-            .map_err(|_| Error::Timeout {
-                doing: "connecting",
-                after: cfg.connect_timeout,
-            })?
-            .map_err(Error::Connect)
-        };
-        let (listen, listen_driver) = connect().await?;
-        let (queries, queries_driver) = match connect().await {
-            Ok(connected) => connected,
-            Err(err) => {
-                listen_driver.abort();
-                return Err(err);
-            }
-        };
-        let drivers = [listen_driver, queries_driver];
-        debug!("connected");
-        let schema = cfg.schema.as_str();
-        let setup = async {
-            let row = queries
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| Error::from_query(e, schema))?;
-            let in_recovery: bool = row.try_get(0).map_err(|e| Error::Protocol(e.to_string()))?;
-            if in_recovery {
-                return Err(Error::Standby);
-            }
-            listen
-                .batch_execute(&format!("LISTEN {CHANNEL}"))
-                .await
-                .map_err(|e| Error::from_query(e, schema))?;
-            // One plan for the advance, kept (the xid index suits every snapshot pair), rather
-            // than planning it again at each fetch.
-            queries
-                .batch_execute("SET plan_cache_mode = force_generic_plan")
-                .await
-                .map_err(|e| Error::from_query(e, schema))?;
-            queries
-                .prepare(&catchup::advance_sql(schema, !cfg.channels.is_empty()))
-                .await
-                .map_err(|e| Error::from_query(e, schema))
-        };
-        let failed = |err| {
-            drivers.iter().for_each(JoinHandle::abort);
-            Err(err)
-        };
-        let advance = match timeout(cfg.connect_timeout, setup).await {
-            Ok(Ok(statement)) => statement,
-            Ok(Err(err)) => return failed(err),
-            Err(_) => {
-                return failed(Error::Timeout {
-                    doing: "setting up LISTEN",
-                    after: cfg.connect_timeout,
-                })
-            }
-        };
-        Ok(Conn {
-            listen,
-            queries: Arc::new(queries),
-            events,
-            drivers,
-            advance,
-        })
-    }
-
-    /// Proves LISTEN holds across transactions: a notification sent from another session on a
-    /// private channel must arrive. Through a pooler in transaction mode it does not.
-    async fn verify_listen(&mut self, cfg: &RelayBuilder) -> Result<(), Error> {
-        let channel = format!(
-            "pg_outbox_probe_{:016x}",
-            entropy(u64::from(std::process::id()))
-        );
-        let schema = cfg.schema.as_str();
-        self.listen
-            .batch_execute(&format!("LISTEN {channel}"))
-            .await
-            .map_err(|e| Error::from_query(e, schema))?;
-        let mut probe_cfg = cfg.pg.clone();
-        let name = format!("{}_probe", cfg.pg.get_application_name().unwrap_or(""));
-        probe_cfg.application_name(&name);
-        let (probe, probe_driver) = tls::connect(&probe_cfg, &cfg.tls, None)
-            .await
-            .map_err(Error::Connect)?;
-        let sent = probe
-            .execute("SELECT pg_notify($1, 'probe')", &[&channel])
-            .await
-            .map_err(|e| Error::from_query(e, schema));
-        drop(probe);
-        if let Err(err) = probe_driver.await {
-            debug!(error = %err, "probe connection task ended abnormally");
-        }
-        sent?;
-        let deadline = Instant::now() + cfg.connect_timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ConnEvent::Notification(n))) if n.channel() == channel => break,
-                // Committed before the starting snapshot is taken: not to be delivered.
-                Ok(Some(ConnEvent::Notification(_))) => continue,
-                Ok(Some(ConnEvent::Closed(err))) => {
-                    return Err(Error::ConnectionLost(describe_close(err.as_ref())))
-                }
-                Ok(None) => return Err(Error::ConnectionLost("connection task ended".into())),
-                Err(_) => {
-                    return Err(Error::TransactionPooler(
-                        "a notification sent to it from another session never arrived",
-                    ))
-                }
-            }
-        }
-        self.listen
-            .batch_execute(&format!("UNLISTEN {channel}"))
-            .await
-            .map_err(|e| Error::from_query(e, schema))
-    }
-
-    /// Closes both connections and waits (briefly) for their tasks.
-    async fn close(self) {
-        drop((self.listen, self.queries));
-        for mut driver in self.drivers {
-            if timeout(Duration::from_secs(2), &mut driver).await.is_err() {
-                driver.abort();
-            }
-        }
-    }
-}
-
-/// Drives the connection and forwards what it says; the only place `poll_message` is called.
-pub(crate) async fn drive<S, T>(
-    mut connection: Connection<S, T>,
-    tx: mpsc::UnboundedSender<ConnEvent>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
-        let event = match message {
-            Some(Ok(AsyncMessage::Notification(n))) => ConnEvent::Notification(n),
-            Some(Ok(AsyncMessage::Notice(notice))) => {
-                debug!(notice = %notice, "server notice on the relay connection");
-                continue;
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(err)) => ConnEvent::Closed(Some(err)),
-            None => ConnEvent::Closed(None),
-        };
-        let closed = matches!(event, ConnEvent::Closed(_));
-        if tx.send(event).is_err() || closed {
-            // The listener is gone (dropping the connection closes it), or the connection is.
-            return;
-        }
-    }
-}
-
-fn describe_close(err: Option<&tokio_postgres::Error>) -> String {
-    match err {
-        Some(err) => err.to_string(),
-        None => "the server closed the connection".into(),
-    }
 }
 
 /// The listener task's state.
@@ -294,9 +97,9 @@ impl Listener {
             }
         }
         let begin = async {
-            let snapshot = catchup::current(&conn.queries, &cfg.schema).await?;
-            let server = catchup::server_run(&conn.queries, &cfg.schema).await?;
-            let witnesses = catchup::start_witnesses(&conn.queries, &snapshot, &cfg.schema).await?;
+            let snapshot = advance::current(&conn.queries, &cfg.schema).await?;
+            let server = history::server_run(&conn.queries, &cfg.schema).await?;
+            let witnesses = history::start_witnesses(&conn.queries, &snapshot, &cfg.schema).await?;
             Ok((snapshot, server, witnesses))
         };
         let (snapshot, server, witnesses) = match timeout(cfg.connect_timeout, begin).await {
@@ -481,7 +284,7 @@ impl Listener {
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let query = async move {
             let query =
-                catchup::advance(&client, &statement, &from, heard_before, &channels, &schema);
+                advance::advance(&client, &statement, &from, heard_before, &channels, &schema);
             timeout(query_timeout, query)
                 .await
                 .map_err(|_| Error::Timeout {
@@ -629,7 +432,7 @@ impl Listener {
     /// LISTEN first, then check the server's history, then catch up from the cursor.
     async fn try_reconnect(&mut self) -> Result<(), Error> {
         let conn = Conn::open(&self.cfg).await?;
-        let run = catchup::server_run(&conn.queries, &self.cfg.schema);
+        let run = history::server_run(&conn.queries, &self.cfg.schema);
         let run = timeout(self.cfg.query_timeout, run)
             .await
             .map_err(|_| Error::Timeout {
@@ -655,7 +458,7 @@ impl Listener {
             .as_ref()
             .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
         let witnesses = self.cursor.witnesses();
-        let floor = catchup::floor(&conn.queries, &witnesses, &self.cfg.schema);
+        let floor = history::floor(&conn.queries, &witnesses, &self.cfg.schema);
         let floor =
             timeout(self.cfg.query_timeout, floor)
                 .await

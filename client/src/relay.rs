@@ -94,7 +94,14 @@ impl Relay {
                 );
             }
         }
-        let buffer = topic.buffer.unwrap_or(self.inner.config.subscriber_buffer);
+        let buffer = match topic.buffer {
+            Some(0) => {
+                warn!("Topic::buffer(0): a subscription's buffer is at least 1 event; using 1");
+                1
+            }
+            Some(events) => events,
+            None => self.inner.config.subscriber_buffer,
+        };
         self.inner.shared.fanout.subscribe(topic.filter, buffer)
     }
 
@@ -216,9 +223,10 @@ impl Topic {
         self
     }
 
-    /// This subscription's buffer, in events, instead of the relay's `subscriber_buffer`
-    /// (at least 1): how many it may have queued, besides the batch it is reading, before it
-    /// lags.
+    /// This subscription's buffer, in events, instead of the relay's `subscriber_buffer`: how
+    /// many it may have queued, besides the batch it is reading, before it lags. At least 1,
+    /// as for [`RelayBuilder::subscriber_buffer`] (which refuses 0 when the relay is built):
+    /// `subscribe_to` takes 0 as 1, and logs a warning.
     pub fn buffer(mut self, events: usize) -> Topic {
         self.buffer = Some(events);
         self
@@ -241,6 +249,16 @@ mod tests {
         drop(relay);
         assert!(subscription.recv().await.is_none());
         assert_eq!(*health.borrow(), Health::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_topic_buffer_of_zero_is_a_buffer_of_one() {
+        let relay = RelayBuilder::from_connection_string("host=/nonexistent")
+            .unwrap()
+            .build()
+            .unwrap();
+        let subscription = relay.subscribe_to(Topic::all().buffer(0));
+        assert_eq!(subscription.capacity(), 1);
     }
 
     #[tokio::test]

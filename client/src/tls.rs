@@ -1,14 +1,7 @@
-//! How the relay's connections are opened: plain, or TLS through rustls (feature `tls`).
+//! The transport security of the relay's connections: plain, or TLS through rustls (feature
+//! `tls`).
 
 use std::fmt;
-
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_postgres::{Client, Config, Connection, NoTls};
-use tracing::debug;
-
-use crate::listener::{drive, ConnEvent};
 
 /// The transport security of the relay's connections.
 #[derive(Clone, Default)]
@@ -36,44 +29,6 @@ impl Tls {
 impl fmt::Debug for Tls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// Connects with `tls` and spawns the connection's task: with `events`, the task forwards
-/// notifications and the connection's end there; without, it only drives the connection.
-pub(crate) async fn connect(
-    pg: &Config,
-    tls: &Tls,
-    events: Option<mpsc::UnboundedSender<ConnEvent>>,
-) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
-    match tls {
-        Tls::Plain => {
-            let (client, connection) = pg.connect(NoTls).await?;
-            Ok((client, spawn(connection, events)))
-        }
-        #[cfg(feature = "tls")]
-        Tls::Rustls(make) => {
-            let (client, connection) = pg.connect(make.clone()).await?;
-            Ok((client, spawn(connection, events)))
-        }
-    }
-}
-
-fn spawn<S, T>(
-    connection: Connection<S, T>,
-    events: Option<mpsc::UnboundedSender<ConnEvent>>,
-) -> JoinHandle<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    match events {
-        Some(tx) => tokio::spawn(drive(connection, tx)),
-        None => tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(error = %err, "short-lived pg_outbox connection ended with an error");
-            }
-        }),
     }
 }
 

@@ -1,0 +1,117 @@
+//! Which run of the server's history a connection reached, and, when it changed, where the
+//! history the relay read still holds: the witnesses and the floor a rewind goes back to.
+
+use std::time::SystemTime;
+
+use pg_outbox_wire::quote_ident;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::advance::{parse_xid, protocol};
+use crate::cursor::Snapshot;
+use crate::error::Error;
+
+/// How many witnesses the relay reads at start: the rows with the greatest xids visible in its
+/// starting snapshot.
+const START_WITNESSES: i64 = 64;
+
+/// The rows with the greatest xids visible in `snapshot`, as `(xid, id)`: the relay's first
+/// witnesses (see [`floor`]), so that a relay that has delivered nothing yet still knows which
+/// history it started from.
+pub(crate) async fn start_witnesses(
+    client: &Client,
+    snapshot: &Snapshot,
+    schema: &str,
+) -> Result<Vec<(u64, Uuid)>, Error> {
+    let sql = format!(
+        "SELECT xid::text, id FROM {}.event_outbox \
+         WHERE pg_visible_in_snapshot(xid, $1::text::pg_snapshot) ORDER BY xid DESC LIMIT $2",
+        quote_ident(schema)
+    );
+    let rows = client
+        .query(&sql, &[&snapshot.to_string(), &START_WITNESSES])
+        .await
+        .map_err(|e| Error::from_query(e, schema))?;
+    rows.iter()
+        .map(|row| {
+            let xid: &str = row.try_get(0).map_err(protocol)?;
+            Ok((parse_xid(xid)?, row.try_get(1).map_err(protocol)?))
+        })
+        .collect()
+}
+
+/// Which server, and which run of its history, a connection reached: a new system identifier,
+/// timeline or start time means transaction ids the relay saw may have been handed out again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ServerRun {
+    pub system_identifier: String,
+    pub timeline: String,
+    pub started_at: SystemTime,
+}
+
+/// Reads the server's identity and run (all functions any role may call).
+pub(crate) async fn server_run(client: &Client, schema: &str) -> Result<ServerRun, Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
+                    substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
+                    pg_postmaster_start_time()",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::from_query(e, schema))?;
+    Ok(ServerRun {
+        system_identifier: row.try_get(0).map_err(protocol)?,
+        timeline: row.try_get(1).map_err(protocol)?,
+        started_at: row.try_get(2).map_err(protocol)?,
+    })
+}
+
+/// Where the history the relay read still holds, after the server may have lost part of it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Floor {
+    /// Every xid below this is the one the relay saw; from it on, none of the rows the relay
+    /// covered exists any more.
+    Exact(u64),
+    /// None of the witnesses exists any more: the history below the least of them is assumed.
+    Assumed(u64),
+}
+
+/// Finds the floor from the witnesses `(xid, id)`: one past the greatest xid among those whose
+/// row still exists, or was pruned (the prune state is durable, and so is the history it
+/// pruned through). A row that survived proves its transaction is in the history the server
+/// recovered, and after recovery the server assigns xids only from past the greatest one that
+/// history holds: neither that xid nor any below it is handed out again.
+pub(crate) async fn floor(
+    client: &Client,
+    witnesses: &[(u64, Uuid)],
+    schema: &str,
+) -> Result<Floor, Error> {
+    let schema_q = quote_ident(schema);
+    let sql = format!(
+        "SELECT (SELECT max(c.xid::xid8)::text FROM unnest($1::uuid[], $2::text[]) AS c(id, xid) \
+                  WHERE c.xid::xid8 <= p.pruned \
+                     OR EXISTS (SELECT 1 FROM {schema_q}.event_outbox e WHERE e.id = c.id)), \
+                p.pruned::text, pg_snapshot_xmax(pg_current_snapshot())::text \
+         FROM (SELECT COALESCE((SELECT pruned_through_xid FROM {schema_q}.outbox_prune_state \
+                                 LIMIT 1), '0') AS pruned) p"
+    );
+    let ids: Vec<Uuid> = witnesses.iter().map(|(_, id)| *id).collect();
+    let xids: Vec<String> = witnesses.iter().map(|(xid, _)| xid.to_string()).collect();
+    let row = client
+        .query_one(&sql, &[&ids, &xids])
+        .await
+        .map_err(|e| Error::from_query(e, schema))?;
+    let surviving: Option<&str> = row.try_get(0).map_err(protocol)?;
+    let pruned = parse_xid(row.try_get(1).map_err(protocol)?)?;
+    // Never above what the server has assigned: from a floor there, the next snapshot's xmax
+    // would look as if it went back.
+    let assigned = parse_xid(row.try_get(2).map_err(protocol)?)?;
+    let pruned_floor = if pruned == 0 { 0 } else { pruned + 1 };
+    let least = witnesses.iter().map(|(xid, _)| *xid).min();
+    Ok(match (surviving, least) {
+        (Some(xid), _) => Floor::Exact((parse_xid(xid)? + 1).max(pruned_floor).min(assigned)),
+        (None, None) => Floor::Exact(pruned_floor.min(assigned)),
+        (None, Some(least)) => Floor::Assumed(least.max(pruned_floor).min(assigned)),
+    })
+}

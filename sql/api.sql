@@ -54,7 +54,11 @@ REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;
 
 -- The first segments, so that the first events go into one rather than into event_outbox itself;
--- the pruner creates the next ones. outbox_prune() creates segments ahead, and finds nothing to
--- prune in an empty outbox. Creating the extension is no prune: its record stays empty.
-SELECT outbox_prune();
-UPDATE outbox_prune_state SET last_pruned_at = NULL;
+-- the pruner creates the next ones. The function serves this script alone: declared, called,
+-- dropped.
+CREATE FUNCTION outbox_create_first_segments() RETURNS void
+    VOLATILE PARALLEL UNSAFE
+    LANGUAGE c
+    AS 'MODULE_PATHNAME', 'outbox_create_first_segments_wrapper';
+SELECT outbox_create_first_segments();
+DROP FUNCTION outbox_create_first_segments();

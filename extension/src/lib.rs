@@ -1,9 +1,17 @@
 //! pg_outbox: a transactional outbox for PostgreSQL.
 //!
-//! `outbox_publish()` inserts an event into `event_outbox` and sends its notification in the
-//! caller's transaction ([`publish`]); a background worker deletes expired events inside the
-//! database ([`worker::pruner`], [`prune`]); every setting lives in [`guc`].
+//! - Where publish happens: `outbox_publish()` ([`publish`]) stores the event into the current
+//!   segment of `event_outbox` ([`segment`]) and sends its notification ([`notify`]; the
+//!   documents are `pg_outbox_wire`'s, [`notification`]) in the caller's transaction, or, in
+//!   worker mode, hands the event over through shared memory ([`worker::handoff`]) to the
+//!   notifier ([`worker::notifier`]), which notifies right after the commit.
+//! - Where pruning happens: the pruner worker ([`worker::pruner`]) drops expired segments and
+//!   deletes expired rows ([`prune`]), by the database clock.
+//! - What the workers and publishers share in shared memory: [`worker::shared`]. Settings, with
+//!   typed accessors: [`guc`]. Errors and their SQLSTATEs: [`error`]. Catalog look-ups:
+//!   [`catalog`].
 
+mod catalog;
 mod error;
 mod guc;
 mod notification;
@@ -29,13 +37,15 @@ pub extern "C-unwind" fn _PG_init() {
     if preloading {
         worker::register();
         // Inherited by every backend: only a preloaded library stages events
-        // (`notifier::takes_over_notification`), and a staging backend must find them there.
+        // (`shared::takes_over_notification`), and a staging backend must find them there.
         worker::handoff::register_callbacks();
     }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
 mod sql_api_tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod wire_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

@@ -10,21 +10,13 @@ use pgrx::datum::Interval;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiResult};
 
+use crate::catalog::extension_schema;
 use crate::error::OutboxError;
 use crate::guc;
 use crate::segment;
 
 /// The outbox table, whose own rows (not its segments') are deleted in batches.
 pub const OUTBOX: &str = "event_outbox";
-
-/// The extension's schema, quoted, when `pg_outbox` is installed in this database.
-pub fn extension_schema() -> SpiResult<Option<String>> {
-    Spi::get_one(
-        "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
-         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
-         WHERE e.extname = 'pg_outbox'",
-    )
-}
 
 /// Deletes up to `batch_size` of the oldest rows of `table` (`event_outbox` or one segment, by
 /// itself: ONLY) created more than `older_than` before now (or `pg_outbox.retention` when

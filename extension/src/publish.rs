@@ -20,7 +20,7 @@ use crate::guc::{self, NotifyPayload};
 use crate::notification::{jsonb_text, Notification, INLINE_CANDIDATE_BYTES};
 use crate::notify::notify;
 use crate::segment::{self, Column};
-use crate::worker::{handoff, notifier};
+use crate::worker::{handoff, shared};
 
 const FUNCTION: &str = "outbox_publish";
 
@@ -130,7 +130,7 @@ impl<'a> Publish<'a> {
     /// Inserts the row, queues the notification (or hands the event over to the notifier
     /// worker), returns the event's id.
     fn run(&self) -> Uuid {
-        let deferred = notifier::takes_over_notification();
+        let deferred = shared::takes_over_notification();
         let id = Uuid::now_v7();
         // SAFETY: plain calls into the transaction manager and the clock. Asking for the
         // top-level id assigns one if the transaction has none yet, as the INSERT would.

@@ -27,7 +27,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiResult};
 
 use crate::guc;
-use crate::worker::notifier;
+use crate::worker::shared;
 
 mod insert;
 
@@ -70,6 +70,23 @@ fn lock_segments(schema: &str) -> SpiResult<bool> {
 /// [`MOST_SEGMENTS_PER_RETENTION`]th of the retention; `None` when segments are off.
 pub fn interval() -> Option<Duration> {
     guc::segment_interval().map(|i| i.max(guc::retention() / MOST_SEGMENTS_PER_RETENTION))
+}
+
+/// `outbox_create_first_segments()`: the first segments, for `CREATE EXTENSION` only, so that
+/// the first events go into a segment rather than into `event_outbox` itself; the pruner (or
+/// `outbox_prune()`) creates the next ones. `sql/api.sql` declares it, calls it and drops it:
+/// no SQL function of that name outlives the install script.
+#[pg_extern(sql = false)]
+fn outbox_create_first_segments() {
+    let schema = crate::catalog::extension_schema()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            pgrx::error!("pg_outbox: creating the first segments outside its install script")
+        });
+    if let Err(e) = create_ahead(&schema) {
+        pgrx::error!("pg_outbox: creating the first segments: {e}");
+    }
 }
 
 /// Creates the current segment and the next, those of them that do not exist yet, each with
@@ -312,7 +329,7 @@ pub fn drop(schema: &str, name: &str) -> SpiResult<Option<i64>> {
 /// its segments for a moment each. The notifier starts no batch meanwhile (its batches, back to
 /// back under load, would otherwise leave no gap), and goes on as soon as this returns.
 fn lock_exclusively(relid: pg_sys::Oid) -> bool {
-    notifier::hold_off(Some(
+    shared::hold_off(Some(
         EXCLUSIVE_LOCK_RETRY_AFTER * EXCLUSIVE_LOCK_ATTEMPTS + EXCLUSIVE_LOCK_RETRY_AFTER,
     ));
     let mut locked = false;
@@ -328,7 +345,7 @@ fn lock_exclusively(relid: pg_sys::Oid) -> bool {
             unsafe { pg_sys::pg_usleep(EXCLUSIVE_LOCK_RETRY_AFTER.as_micros() as _) };
         }
     }
-    notifier::hold_off(None);
+    shared::hold_off(None);
     locked
 }
 

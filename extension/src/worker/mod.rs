@@ -13,7 +13,7 @@ use pgrx::PgAtomic;
 pub mod handoff;
 pub mod notifier;
 pub mod pruner;
-mod snapshot;
+pub mod shared;
 
 /// What `pg_stat_activity.query` shows while the extension is missing from the database.
 pub const WAITING_FOR_EXTENSION: &CStr = c"waiting for CREATE EXTENSION pg_outbox";
@@ -108,8 +108,8 @@ impl Waiting {
 }
 
 /// Shows what a worker does in `pg_stat_activity.query`.
-pub fn report_activity(activity: &'static CStr) {
-    // SAFETY: the string is static; pgstat copies it into shared memory.
+pub fn report_activity(activity: &CStr) {
+    // SAFETY: a valid C string; pgstat copies it into shared memory.
     unsafe {
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr())
     };

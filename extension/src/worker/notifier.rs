@@ -7,7 +7,7 @@
 //! are visible in the new snapshot and not in the old one: every committed event lands in
 //! exactly one batch whatever order transactions commit in, and a rolled-back one in none. A
 //! batch goes out in as few notifications as fit (version 2 documents, see
-//! [`crate::notification`]), not one per event: each is a queue entry, and a message and a
+//! [`pg_outbox_wire::notification`]), not one per event: each is a queue entry, and a message and a
 //! wakeup in every listener.
 //!
 //! Where the events come from: publishers hand them over through shared memory
@@ -26,8 +26,9 @@
 //! [`IDLE_TICK`] to move its snapshot forward (so the next batch's range stays small) and to
 //! pick up transactions committed by `COMMIT PREPARED`, which runs no callback of the publisher.
 
+use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
@@ -35,13 +36,13 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic, PgOid};
 
-use crate::guc::{self, NotifyMode, NotifyPayload};
-use crate::notification::{BatchDocuments, Notification};
+use crate::catalog::extension_schema;
+use crate::guc::{self, NotifyPayload};
 use crate::notify::notify;
-use crate::prune::extension_schema;
 use crate::worker::handoff::{self, Record};
-use crate::worker::snapshot::Snapshot;
+use crate::worker::shared;
 use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
+use pg_outbox_wire::{BatchDocuments, Notification, Snapshot};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox notifier";
@@ -52,8 +53,8 @@ const RESTART_AFTER: Duration = Duration::from_secs(1);
 /// The shortest time between the starts of two batches: at most this much latency is added,
 /// and at most `1 / MIN_BATCH_INTERVAL` batches run per second however many commits wake it.
 /// Most of a batch's cost is per batch (starting a plan over every segment, a commit, waking
-/// the listeners): at 10,000 events/s the worker took 15.2 ms of CPU per 1,000 events with
-/// 2 ms, 11.5 ms with 4 ms, on the same two cores as the publishers.
+/// the listeners), so the interval trades the worker's CPU per event against latency: 4 ms
+/// measured cheaper than 2 ms at 10,000 events/s (BENCHMARKS.md has the figures).
 const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(4);
 
 /// How often the worker runs a batch when no publisher wakes it.
@@ -69,30 +70,15 @@ const MAX_BATCH_ROWS: usize = 10_000;
 /// worker's time under load.
 const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Where the notifier is, in shared memory: the database it serves in the high 32 bits, and its
-/// `pgprocno + 1` in the low 32 bits (0 while it is not running). 0 until it first connects.
-static NOTIFIER: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox_notifier") };
-
 /// The notifier's failed connection attempts in a row (see [`worker::connect`]).
 static CONNECT_ATTEMPTS: ConnectAttempts = unsafe { PgAtomic::new(c"pg_outbox_notifier_connect") };
-
-/// Until when (microseconds since the Unix epoch) the notifier starts no batch: under load its
-/// batches run back to back, each reading `event_outbox` and so holding every segment, and a
-/// segment can only be dropped between two of them ([`hold_off`]).
-static HOLD_OFF_UNTIL: PgAtomic<AtomicU64> =
-    unsafe { PgAtomic::new(c"pg_outbox_notifier_hold_off") };
-
-/// Whether this process inherited a preloaded library, so [`NOTIFIER`] exists.
-static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// Reserves the shared memory and registers the worker; called from `_PG_init` while
 /// preloading.
 pub fn register() {
-    pg_shmem_init!(NOTIFIER = AtomicU64::new(0));
     pg_shmem_init!(CONNECT_ATTEMPTS = AtomicU32::new(0));
-    pg_shmem_init!(HOLD_OFF_UNTIL = AtomicU64::new(0));
+    shared::register();
     handoff::register();
-    PRELOADED.store(true, Ordering::Relaxed);
     BackgroundWorkerBuilder::new(BACKEND_TYPE)
         .set_type(BACKEND_TYPE)
         .set_library("pg_outbox")
@@ -102,59 +88,6 @@ pub fn register() {
         .load();
 }
 
-/// Whether a publish in this session should leave its notification to the notifier: worker
-/// mode is on, and the notifier serves this database.
-pub fn takes_over_notification() -> bool {
-    if guc::notify_mode() != NotifyMode::Worker || !PRELOADED.load(Ordering::Relaxed) {
-        return false;
-    }
-    let state = NOTIFIER.get().load(Ordering::Acquire);
-    // SAFETY: a plain read of this backend's database id.
-    let database = u64::from(u32::from(unsafe { pg_sys::MyDatabaseId }));
-    state >> 32 == database
-}
-
-/// Keeps the notifier from starting a batch for `duration` from now, or lets it go on at once
-/// (`None`): for the pruner, while it tries to lock a segment. A batch under way finishes. The
-/// hold-off expires by itself, so a pruner that dies holding it delays nothing for long.
-pub fn hold_off(duration: Option<Duration>) {
-    if !PRELOADED.load(Ordering::Relaxed) {
-        return;
-    }
-    let until = duration.map_or(0, |d| unix_micros().saturating_add(d.as_micros() as u64));
-    HOLD_OFF_UNTIL.get().store(until, Ordering::Release);
-}
-
-/// How long the notifier is still held off, if it is.
-fn held_off_for() -> Option<Duration> {
-    let until = HOLD_OFF_UNTIL.get().load(Ordering::Acquire);
-    until
-        .checked_sub(unix_micros())
-        .filter(|left| *left > 0)
-        .map(Duration::from_micros)
-}
-
-fn unix_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
-/// Sets the notifier's latch, if it is running.
-pub fn wake() {
-    let procno = NOTIFIER.get().load(Ordering::Acquire) & u64::from(u32::MAX);
-    if procno == 0 {
-        return; // Not running: it catches up from its stored snapshot when it starts.
-    }
-    // SAFETY: `procno - 1` was a valid index into ProcGlobal->allProcs when the notifier stored
-    // it; the array lives for the whole server. If the notifier died since, the slot may belong
-    // to another process, whose latch then wakes up for nothing, which latches allow.
-    unsafe {
-        let proc = (*pg_sys::ProcGlobal).allProcs.add((procno - 1) as usize);
-        pg_sys::SetLatch(&raw mut (*proc).procLatch);
-    }
-}
-
 /// The worker's entry point.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -162,7 +95,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     let database = guc::database();
     worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     // Whether publishers defer is left as an earlier notifier left it until `Setup::look` says.
-    advertise(true);
+    shared::advertise(true);
     match handoff::capacity() {
         0 => log!(
             "pg_outbox notifier started in database \"{database}\", without a handoff buffer (pg_outbox.handoff_buffer = 0): it reads every batch from event_outbox"
@@ -194,13 +127,13 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
         // exits with that error and its successor looks again.
         if !matches!(setup, Setup::Ready(_)) {
             setup = BackgroundWorker::transaction(Setup::look);
-            serve(!matches!(setup, Setup::NeedsUpdate));
+            shared::serve(!matches!(setup, Setup::NeedsUpdate));
         }
         match &mut setup {
             Setup::Ready(batches) => {
                 waiting.over();
                 // The pruner is dropping a segment: let it find the outbox unread.
-                while let Some(left) = held_off_for() {
+                while let Some(left) = shared::held_off_for() {
                     // SAFETY: a plain sleep, bounded by the pruner's short hold-off.
                     unsafe { pg_sys::pg_usleep(left.min(Duration::from_millis(1)).as_micros() as _) };
                 }
@@ -228,7 +161,7 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                         log!("pg_outbox notifier caught up");
                     }
                 }
-                report_activity(c"idle");
+                report_activity(&batches.state());
             }
             Setup::NotInstalled => waiting.wait(WAITING_FOR_EXTENSION, || {
                 format!(
@@ -254,46 +187,11 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     if let Setup::Ready(batches) = &mut setup {
         BackgroundWorker::transaction(AssertUnwindSafe(|| batches.record()));
     }
-    advertise(false);
+    shared::advertise(false);
     log!("pg_outbox notifier stopping");
     // Exit with 1 so that the postmaster restarts a worker stopped by pg_terminate_backend.
     // SAFETY: ends this process the way Postgres expects a backend to end.
     unsafe { pg_sys::proc_exit(1) };
-}
-
-/// Publishes (or withdraws) this process as the running notifier, for [`wake`]. The database
-/// stays as it is: while a notifier that served it restarts, publishers there go on deferring
-/// and its successor catches up from the recorded position.
-fn advertise(running: bool) {
-    // SAFETY: a plain read of this process's own identity.
-    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
-    let procno = if running {
-        u64::try_from(procno).map_or(0, |p| p + 1)
-    } else {
-        0
-    };
-    set_bits(u64::from(u32::MAX), procno);
-}
-
-/// Says whether publishers in this database leave their notifications to the notifier
-/// ([`takes_over_notification`]): not while its objects predate 0.2.0, whose `event_outbox` has
-/// no `notify_deferred` column to mark them with.
-fn serve(serving: bool) {
-    // SAFETY: a plain read of this process's database.
-    let database = u64::from(u32::from(unsafe { pg_sys::MyDatabaseId }));
-    set_bits(
-        u64::from(u32::MAX) << 32,
-        if serving { database << 32 } else { 0 },
-    );
-}
-
-/// Replaces the bits of [`NOTIFIER`] under `mask` by `value`.
-fn set_bits(mask: u64, value: u64) {
-    let _ = NOTIFIER
-        .get()
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-            Some((state & !mask) | value)
-        });
 }
 
 /// What the worker found in its database.
@@ -332,8 +230,12 @@ struct Batches {
     recorded_at: Instant,
     /// Handed-over records of transactions that had not ended at the position.
     waiting: Vec<Record>,
-    /// Whether the last batch read `event_outbox`.
+    /// Whether the last batch read `event_outbox`, and through which xid it must.
     from_table: bool,
+    unhanded_through: u64,
+    /// How many batches ran since the worker started, and how many of them read `event_outbox`.
+    batches: u64,
+    table_batches: u64,
     source_changes: SourceChanges,
     /// The current snapshot.
     snapshot: OwnedPreparedStatement,
@@ -362,10 +264,10 @@ impl Batches {
         // Publishers hand payloads over only when the notifier sends them inline. Said before
         // the mark below: a transaction that gets its xid after the mark stages its events
         // after this, and those before are read from the table.
-        handoff::set_inline(guc::notify_payload() == NotifyPayload::Inline);
+        shared::set_inline(guc::notify_payload() == NotifyPayload::Inline);
         // An earlier notifier may have drained records of transactions still running, which
         // died with it: until every transaction that exists now has ended, read the table.
-        handoff::mark_all_unhanded();
+        shared::mark_all_unhanded();
         Batches {
             position: parse_snapshot(&position),
             unrecorded_rows: 0,
@@ -373,6 +275,9 @@ impl Batches {
             recorded_at: Instant::now(),
             waiting: Vec::new(),
             from_table: true,
+            unhanded_through: 0,
+            batches: 0,
+            table_batches: 0,
             source_changes: SourceChanges::default(),
             snapshot: prepare("SELECT pg_current_snapshot()::text".to_owned(), &[]),
             rows: prepare(
@@ -418,7 +323,7 @@ impl Batches {
     /// that makes the records of every transaction it sees ended already drained.
     fn run(&mut self) -> Sent {
         let inline = guc::notify_payload() == NotifyPayload::Inline;
-        handoff::set_inline(inline);
+        shared::set_inline(inline);
         let new = Spi::connect(|client| {
             client
                 .select(&self.snapshot, None, &[])?
@@ -433,12 +338,15 @@ impl Batches {
             Ok(drained) => records.extend(drained),
             Err(handoff::Malformed) => {
                 warning!("pg_outbox notifier: the handoff buffer held malformed records; reading event_outbox instead");
-                handoff::mark_all_unhanded();
+                shared::mark_all_unhanded();
             }
         }
         // Read after the snapshot, so that it covers every transaction the snapshot sees.
-        let unhanded_through = handoff::unhanded_through();
-        let from_table = unhanded_through >= self.position.xmin;
+        let unhanded_through = shared::unhanded_through();
+        let from_table = unhanded_through >= self.position.xmin();
+        self.unhanded_through = unhanded_through;
+        self.batches += 1;
+        self.table_batches += u64::from(from_table);
         if from_table != self.from_table {
             self.from_table = from_table;
             self.source_changes.note(from_table, || {
@@ -462,14 +370,14 @@ impl Batches {
         let database = u32::from(unsafe { pg_sys::MyDatabaseId });
         let mut committed = Vec::new();
         for record in records {
-            if record.database != database || self.position.sees(record.xid) {
+            if record.database != database || self.position.is_visible(record.xid) {
                 continue; // Not this database's, or covered by an earlier batch.
             }
-            if !reached.sees(record.xid) {
+            if !reached.is_visible(record.xid) {
                 if more {
                     // Catching up from the table, far behind: keeping every newer record until
                     // then would hold the whole backlog in memory. The table has them too.
-                    handoff::mark_unhanded(record.xid);
+                    shared::mark_unhanded(record.xid);
                 } else {
                     self.waiting.push(record);
                 }
@@ -494,6 +402,22 @@ impl Batches {
             self.record();
         }
         Sent { notified, more }
+    }
+
+    /// What the worker reports in `pg_stat_activity.query` between batches: where the last one
+    /// took its events from, and how many read `event_outbox` since it started, so that an
+    /// operator (or a test) sees the slow path taken without reading the log.
+    fn state(&self) -> CString {
+        let source = if self.from_table {
+            format!("event_outbox through xid {}", self.unhanded_through)
+        } else {
+            "handoff".to_owned()
+        };
+        CString::new(format!(
+            "idle (last batch from {source}; {} of {} batches read event_outbox)",
+            self.table_batches, self.batches
+        ))
+        .unwrap_or_default()
     }
 
     /// Sends the deferred rows of `event_outbox` of the transactions visible in `new` and not
@@ -638,8 +562,8 @@ struct Sent {
 }
 
 fn parse_snapshot(text: &str) -> Snapshot {
-    Snapshot::parse(text)
-        .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: not a pg_snapshot: {text}"))
+    text.parse()
+        .unwrap_or_else(|e| pgrx::error!("pg_outbox notifier: {e}"))
 }
 
 /// Whether `xid`, which a snapshot sees as ended, committed (rather than rolled back).

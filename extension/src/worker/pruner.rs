@@ -17,8 +17,9 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 
+use crate::catalog::extension_schema;
 use crate::guc;
-use crate::prune::{extension_schema, prune_batch, OUTBOX};
+use crate::prune::{prune_batch, OUTBOX};
 use crate::segment;
 use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
 

@@ -7,6 +7,10 @@
 //!
 //! PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
 //! `postgres` OS user (through `runuser`), exactly as the README's set-up does.
+//!
+//! What the tests of one subject share lives in a module of its own: [`relay`] (relays tuned
+//! for tests, publishing, collectors), [`pruner`] (aged rows, and the pruner as
+//! `pg_stat_activity` shows it) and [`callers`] (the examples in other languages).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -20,6 +24,21 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+
+pub mod callers;
+pub mod pruner;
+pub mod relay;
+
+/// How long any single wait of a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The repository's root.
+pub fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the repository")
+        .to_owned()
+}
 
 /// Settings every test cluster starts with, before the builder's own.
 const BASE_SETTINGS: &[(&str, &str)] = &[
@@ -654,10 +673,10 @@ impl Listener {
 }
 
 /// Runs a command to completion and panics with its output when it fails.
-fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e} (scripts/setup.sh installs it)"));
     if !output.status.success() {
         panic!(
             "{cmd:?} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",

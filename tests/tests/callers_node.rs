@@ -1,16 +1,14 @@
 //! `examples/node/publish.js` (node-postgres) publishes in a committed and a rolled-back
 //! transaction while a Rust relay receives: only the committed event arrives.
 
-mod callers_support;
-mod relay_support;
-
 use std::process::Command;
 
-use callers_support::{committed_event_of, repo};
+use pg_outbox_tests::callers::committed_event_of;
+use pg_outbox_tests::repository;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_publishes_in_its_transaction() {
-    let example = repo().join("examples/node");
+    let example = repository().join("examples/node");
     assert!(
         example.join("node_modules/pg").is_dir(),
         "examples/node has no node_modules: run scripts/setup.sh (npm ci --prefix examples/node)"

@@ -1,12 +1,10 @@
 //! `examples/python/publish.py` (psycopg 3) publishes in a committed and a rolled-back
 //! transaction while a Rust relay receives: only the committed event arrives.
 
-mod callers_support;
-mod relay_support;
-
 use std::process::Command;
 
-use callers_support::{committed_event_of, repo};
+use pg_outbox_tests::callers::committed_event_of;
+use pg_outbox_tests::repository;
 
 /// Debian's interpreter, which `apt-get install python3-psycopg` (scripts/setup.sh) serves,
 /// rather than whatever `python3` comes first on PATH.
@@ -24,7 +22,7 @@ async fn python_publishes_in_its_transaction() {
     let event = committed_event_of("callers_python", |url| {
         let mut python = python();
         python
-            .arg(repo().join("examples/python/publish.py"))
+            .arg(repository().join("examples/python/publish.py"))
             .arg(url);
         python
     })

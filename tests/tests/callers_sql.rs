@@ -2,18 +2,15 @@
 //! the trigger on an application table publishes each committed change, while a Rust relay
 //! receives.
 
-mod callers_support;
-mod relay_support;
-
 use std::collections::HashSet;
 
-use callers_support::{assert_committed_only, relay, repo};
-use pg_outbox_tests::Cluster;
-use relay_support::committed_ids;
+use pg_outbox_tests::callers::assert_committed_only;
+use pg_outbox_tests::relay::{self, committed_ids};
+use pg_outbox_tests::{repository, Cluster};
 use uuid::Uuid;
 
 fn example(name: &str) -> String {
-    std::fs::read_to_string(repo().join("examples/sql").join(name))
+    std::fs::read_to_string(repository().join("examples/sql").join(name))
         .unwrap_or_else(|e| panic!("read examples/sql/{name}: {e}"))
 }
 
@@ -29,7 +26,7 @@ fn echoed(output: &str, label: &str) -> Uuid {
 async fn the_psql_session_and_the_trigger_publish_only_what_commits() {
     let cluster = Cluster::start();
     let client = cluster.connect("postgres").await;
-    let (relay, all) = relay(&cluster, "callers_sql").await;
+    let (relay, all) = relay::started(&cluster, "callers_sql").await;
 
     let output = cluster.psql_script("postgres", &example("publish.sql"));
     let committed = echoed(&output, "committed ");

@@ -2,11 +2,7 @@
 //! file's default_version) and every other place agrees: META.json, and an upgrade path in
 //! `sql/` from every earlier install script to it.
 
-use std::path::PathBuf;
-
-fn repository() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use pg_outbox_tests::repository;
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repository().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))

@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
+use pg_outbox_tests::pruner::{insert_aged, pruner_pid, pruner_state, rows_pruned};
 use pg_outbox_tests::Cluster;
-use pruner_support::{insert_aged, pruner_pid, pruner_state, rows_pruned};
 use tokio_postgres::Client;
-
-mod pruner_support;
 
 const WAIT: Duration = Duration::from_secs(30);
 

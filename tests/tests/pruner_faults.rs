@@ -5,11 +5,9 @@
 
 use std::time::Duration;
 
-use pg_outbox_tests::Cluster;
-use pruner_support::{insert_aged, pruner_pid, pruner_state, rows_pruned, WAIT};
+use pg_outbox_tests::pruner::{insert_aged, pruner_pid, pruner_state, rows_pruned};
+use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::Client;
-
-mod pruner_support;
 
 /// Longer than the worker's 5 s restart delay plus a few 1 s intervals: a crash loop shows.
 const QUIET: Duration = Duration::from_secs(7);

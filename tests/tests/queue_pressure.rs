@@ -9,10 +9,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use pg_outbox_tests::relay::{relay, Collector};
 use pg_outbox_tests::Cluster;
 use tokio_postgres::Client;
-
-mod relay_support;
 
 async fn queue_usage(client: &Client) -> f64 {
     client
@@ -41,11 +40,11 @@ async fn publish_batch(client: &Client, n: i32) -> Vec<uuid::Uuid> {
 async fn a_listener_stuck_in_a_transaction_makes_the_queue_grow_until_it_ends() {
     let cluster = Cluster::start();
     let client = cluster.connect("postgres").await;
-    let relay = relay_support::relay(&cluster, "queue_pressure_relay")
+    let relay = relay(&cluster, "queue_pressure_relay")
         .subscriber_buffer(100_000) // batches of 2000 land at once: no lag for the collector
         .build()
         .unwrap();
-    let delivered = relay_support::Collector::spawn(relay.subscribe_all());
+    let delivered = Collector::spawn(relay.subscribe_all());
     relay.start().await.unwrap();
 
     // Nothing is held yet: whatever the queue holds, everyone has read it.

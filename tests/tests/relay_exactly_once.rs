@@ -2,12 +2,10 @@
 //! notify modes (by the transaction, by the notifier worker) at once, some transactions rolled
 //! back: each relay delivers every committed event exactly once and no rolled-back one.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
+use pg_outbox_tests::relay::{committed_ids, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
-use relay_support::{committed_ids, relay, wait_for_advances, Collector};
 use uuid::Uuid;
 
 const PUBLISHERS: usize = 4;

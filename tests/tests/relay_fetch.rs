@@ -1,13 +1,11 @@
 //! References share their fetches: within `fetch_interval` of the last fetch a reference waits,
 //! and once 32 notified rows wait, the fetch starts without waiting for the interval.
 
-mod relay_support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, Collector, WAIT};
+use pg_outbox_tests::relay::{publish, relay, Collector};
+use pg_outbox_tests::{Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_waiting_references_are_fetched_at_once_in_one_query() {

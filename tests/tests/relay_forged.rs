@@ -2,13 +2,11 @@
 //! transaction that never committed is settled as a missing event, counted, and forgotten; it
 //! does not pin the relay to fetching forever.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
 use pg_outbox_client::Gap;
-use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, wait_for_advances, Collector, WAIT};
+use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
+use pg_outbox_tests::{Cluster, WAIT};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,16 +1,14 @@
 //! Rows pruned before a disconnected relay could read them are reported as a gap (a marker to
 //! every subscriber and a counter), never silently skipped.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
 use pg_outbox_client::Gap;
-use pg_outbox_tests::Cluster;
-use relay_support::{
+use pg_outbox_tests::relay::{
     create_relay_role, publish, relay_as, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
 };
+use pg_outbox_tests::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_pruned_while_disconnected_are_reported_as_a_gap() {

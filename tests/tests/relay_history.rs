@@ -6,16 +6,14 @@
 //! committed; a relay that trusted its old snapshot would skip the new transactions that get
 //! them.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
 use pg_outbox_client::Gap;
-use pg_outbox_tests::Cluster;
-use relay_support::{
+use pg_outbox_tests::relay::{
     create_relay_role, publish, relay_as, relay_with, set_login, wait_for_advances, wait_listening,
-    wait_reconnecting, Collector, WAIT,
+    wait_reconnecting, Collector,
 };
+use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::config::TargetSessionAttrs;
 use uuid::Uuid;
 

@@ -1,13 +1,11 @@
 //! A subscriber that does not keep up is told how many events it missed, and never slows the
 //! relay or another subscriber down.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
 use pg_outbox_client::{Delivery, Topic};
-use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, Collector};
+use pg_outbox_tests::relay::{committed_ids, publish, relay, Collector};
+use pg_outbox_tests::{Cluster, WAIT};
 
 const BUFFER: usize = 16;
 const EVENTS: usize = 200;
@@ -29,7 +27,7 @@ async fn a_slow_subscriber_lags_while_a_fast_one_gets_everything() {
         ),
     );
     let client = cluster.connect("postgres").await;
-    let all: HashSet<_> = relay_support::committed_ids(&client).await;
+    let all: HashSet<_> = committed_ids(&client).await;
     assert_eq!(all.len(), EVENTS);
     fast.wait_for_all(&cluster, "every event, fast", &all).await;
     fast.assert_exactly("fast subscriber", &all);
@@ -52,7 +50,7 @@ async fn a_slow_subscriber_lags_while_a_fast_one_gets_everything() {
 
     // Once it has read, it receives again.
     let next = publish(&client, "chat", "u1", "{}", None).await;
-    let item = tokio::time::timeout(relay_support::WAIT, slow.recv())
+    let item = tokio::time::timeout(WAIT, slow.recv())
         .await
         .expect("the next event")
         .expect("an open stream");

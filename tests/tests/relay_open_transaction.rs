@@ -1,15 +1,13 @@
 //! A publishing transaction that is open while the relay's cursor is taken, or across a
 //! reconnect, is delivered when it commits: the cursor is a snapshot, not "the greatest id seen".
 
-mod relay_support;
-
 use std::collections::HashSet;
 
-use pg_outbox_tests::Cluster;
-use relay_support::{
+use pg_outbox_tests::relay::{
     create_relay_role, publish, relay, relay_as, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
 };
+use pg_outbox_tests::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_at_start_is_delivered_when_it_commits() {

@@ -1,11 +1,9 @@
 //! Origin dedup: a relay does not deliver the events its own replica published, unless asked to.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
+use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, wait_for_advances, Collector};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_events_are_skipped_unless_asked_for() {

@@ -1,11 +1,9 @@
 //! Subscriptions by channel and user see only their own events.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
+use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, wait_for_advances, Collector};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_subscriptions_see_only_their_user() {

@@ -1,11 +1,10 @@
 //! Through a pooler in transaction mode LISTEN does not hold: `start()` says so and names the
 //! fix, instead of relaying nothing; a session-mode pooler works.
 
-mod relay_support;
-
 use std::time::Duration;
 
 use pg_outbox_client::{Error, RelayBuilder};
+use pg_outbox_tests::relay::{publish, Collector};
 use pg_outbox_tests::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,10 +25,10 @@ async fn a_session_mode_pooler_works() {
     let cluster = Cluster::start();
     let bouncer = cluster.pgbouncer("session").await;
     let relay = RelayBuilder::new(bouncer.config()).build().unwrap();
-    let all = relay_support::Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_all());
     relay.start().await.unwrap();
     let client = cluster.connect("postgres").await;
-    let id = relay_support::publish(&client, "chat", "u1", "{}", None).await;
+    let id = publish(&client, "chat", "u1", "{}", None).await;
     all.wait_for_all(&cluster, "the event", &[id].into()).await;
     relay.shutdown().await;
 }

@@ -2,16 +2,14 @@
 //! are killed again and again and the server is restarted; every relay still delivers every
 //! committed event exactly once.
 
-mod relay_support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_outbox_tests::Cluster;
-use relay_support::{
-    committed_ids, relay, try_publish, wait_for_advances, wait_listening, Collector, WAIT,
+use pg_outbox_tests::relay::{
+    committed_ids, relay, try_publish, wait_for_advances, wait_listening, Collector,
 };
+use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::NoTls;
 
 const PUBLISHERS: usize = 3;

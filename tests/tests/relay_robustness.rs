@@ -2,14 +2,12 @@
 //! events nobody subscribes to, payloads that do not fit the subscriber's type, and
 //! notifications for rows that do not exist.
 
-mod relay_support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
 use pg_outbox_client::{Gap, Health};
+use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, Collector};
 
 #[derive(serde::Deserialize, Debug)]
 #[allow(dead_code)]

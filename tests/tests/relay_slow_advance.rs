@@ -1,13 +1,11 @@
 //! An advance that cannot finish holds up no notification: the relay LISTENs on a connection of
 //! its own, and keeps delivering inline events while its query connection waits.
 
-mod relay_support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, Collector, WAIT};
+use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
+use pg_outbox_tests::{Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inline_events_arrive_while_an_advance_waits_on_a_lock() {
@@ -56,7 +54,7 @@ async fn inline_events_arrive_while_an_advance_waits_on_a_lock() {
 
     // Once it finishes, it reads the same rows again: none is delivered twice.
     lock.rollback().await.unwrap();
-    relay_support::wait_for_advances(&cluster, &relay, 2).await;
+    wait_for_advances(&cluster, &relay, 2).await;
     all.assert_exactly("relay", &expected);
     relay.shutdown().await;
 }

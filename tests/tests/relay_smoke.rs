@@ -1,12 +1,10 @@
 //! A relay started on a fresh cluster delivers what is published after `start()`, and stops.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
 use pg_outbox_client::Health;
+use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
-use relay_support::{publish, relay, Collector};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_what_is_published_after_start_then_stops() {
@@ -33,7 +31,7 @@ async fn delivers_what_is_published_after_start_then_stops() {
     }
     all.wait_for_all(&cluster, "events published after start", &expected)
         .await;
-    relay_support::wait_for_advances(&cluster, &relay, 2).await;
+    wait_for_advances(&cluster, &relay, 2).await;
     all.assert_exactly("relay", &expected);
     assert!(
         !all.has(before),

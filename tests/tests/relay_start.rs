@@ -1,11 +1,8 @@
 //! `start()` fails fast with an error that names the cause; a relay whose handles are all
 //! dropped stops.
 
-mod relay_support;
-
 use pg_outbox_client::{Error, Health, RelayBuilder};
-use pg_outbox_tests::Cluster;
-use relay_support::relay;
+use pg_outbox_tests::{relay, Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_without_the_extension_is_named() {
@@ -20,7 +17,7 @@ async fn a_database_without_the_extension_is_named() {
     assert!(err.to_string().contains("CREATE EXTENSION pg_outbox"));
     assert_eq!(relay.health(), Health::NotStarted);
 
-    let relay = relay_support::relay(&cluster, "relay_schema")
+    let relay = relay::relay(&cluster, "relay_schema")
         .schema("elsewhere")
         .build()
         .unwrap();
@@ -41,7 +38,7 @@ async fn an_unreachable_server_is_a_connect_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_every_handle_stops_the_relay() {
     let cluster = Cluster::start();
-    let relay = relay(&cluster, "relay_dropped").build().unwrap();
+    let relay = relay::relay(&cluster, "relay_dropped").build().unwrap();
     let mut subscription = relay.subscribe_all();
     relay.start().await.unwrap();
     let mut health = relay.watch_health();
@@ -49,26 +46,19 @@ async fn dropping_every_handle_stops_the_relay() {
     drop(relay);
     assert!(clone.health().is_listening());
     drop(clone);
-    tokio::time::timeout(
-        relay_support::WAIT,
-        health.wait_for(|h| *h == Health::Stopped),
-    )
-    .await
-    .expect("the relay stops")
-    .ok();
+    tokio::time::timeout(WAIT, health.wait_for(|h| *h == Health::Stopped))
+        .await
+        .expect("the relay stops")
+        .ok();
     assert!(subscription.recv().await.is_none());
     cluster
-        .wait_for(
-            "the relay's backends to go",
-            relay_support::WAIT,
-            || async {
-                let n = cluster.psql(
+        .wait_for("the relay's backends to go", WAIT, || async {
+            let n = cluster.psql(
                 "postgres",
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay_dropped'",
             );
-                (n == "0").then_some(())
-            },
-        )
+            (n == "0").then_some(())
+        })
         .await;
 }
 
@@ -92,7 +82,7 @@ async fn a_role_that_cannot_read_the_outbox_is_refused_at_start() {
         "postgres",
         "CREATE ROLE blind LOGIN; GRANT SELECT ON outbox_prune_state TO blind",
     );
-    let relay = relay_support::relay_as(&cluster, "relay_blind", "blind")
+    let relay = relay::relay_as(&cluster, "relay_blind", "blind")
         .build()
         .unwrap();
     let err = relay.start().await.unwrap_err();

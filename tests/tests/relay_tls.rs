@@ -2,13 +2,11 @@
 //! verifies its certificate against the CA it was given, and refuses a certificate it cannot
 //! verify.
 
-mod relay_support;
-
 use std::collections::HashSet;
 
 use pg_outbox_client::{Error, RelayBuilder};
+use pg_outbox_tests::relay::{publish, Collector};
 use pg_outbox_tests::Cluster;
-use relay_support::{publish, Collector};
 
 fn tls_relay(cluster: &Cluster, name: &str, ca_pem: &[u8]) -> Result<RelayBuilder, Error> {
     RelayBuilder::from_connection_string(&format!(

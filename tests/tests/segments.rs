@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use pg_outbox_tests::Cluster;
-use pruner_support::{rows_pruned, WAIT};
+use pg_outbox_tests::pruner::rows_pruned;
+use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
-
-mod pruner_support;
 
 /// A cluster with segments of `interval`, a pruner pass every second and the retention given.
 fn cluster(interval: &str, retention: &str) -> Cluster {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pg_outbox_client::Gap;
-use pg_outbox_tests::{Cluster, Listener};
+use pg_outbox_tests::{relay, Cluster, Listener, WAIT};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
@@ -519,8 +519,6 @@ async fn drop_extension_while_publishing_is_a_clean_error_then_works_again() {
     assert_eq!(error.code(), Some(&SqlState::INVALID_PARAMETER_VALUE));
 }
 
-mod relay_support;
-
 /// JSON that jsonb stores but serde_json (the client's parser, also behind tokio-postgres's
 /// jsonb) refuses: a number beyond f64, and nesting past its recursion limit of 128.
 fn unreadable_by_serde() -> [String; 2] {
@@ -535,17 +533,13 @@ async fn a_relay_goes_on_past_payloads_serde_json_cannot_read() {
             .setting("pg_outbox.notify_payload", mode)
             .start();
         let client = cluster.connect("postgres").await;
-        let relay = relay_support::relay(&cluster, "torture_relay")
-            .build()
-            .unwrap();
-        let all = relay_support::Collector::spawn(relay.subscribe_all());
-        relay.start().await.unwrap();
-        let before = relay_support::publish(&client, "chat", "u", "{}", None).await;
+        let (relay, all) = relay::started(&cluster, "torture_relay").await;
+        let before = relay::publish(&client, "chat", "u", "{}", None).await;
         let mut unreadable = Vec::new();
         for payload in unreadable_by_serde() {
-            unreadable.push(relay_support::publish(&client, "chat", "u", &payload, None).await);
+            unreadable.push(relay::publish(&client, "chat", "u", &payload, None).await);
         }
-        let after = relay_support::publish(&client, "chat", "u", "{}", None).await;
+        let after = relay::publish(&client, "chat", "u", "{}", None).await;
         let expected = [before, after].into_iter().collect();
         all.wait_for_all(&cluster, "the events around the unreadable ones", &expected)
             .await;
@@ -563,7 +557,7 @@ async fn a_relay_goes_on_past_payloads_serde_json_cannot_read() {
                 .collect()
         };
         cluster
-            .wait_for("the unreadable rows' gaps", relay_support::WAIT, || async {
+            .wait_for("the unreadable rows' gaps", WAIT, || async {
                 (reported().len() >= unreadable.len()).then_some(())
             })
             .await;

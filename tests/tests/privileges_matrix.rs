@@ -16,9 +16,10 @@
 //! - `ungranted`: may use the extension's schema but was granted nothing on its objects.
 //! - `connect_only`: may only connect (PUBLIC's default CONNECT), not even use the schema.
 //!
-//! The extension lives in schema `outbox` here (`CREATE EXTENSION pg_outbox SCHEMA outbox`), so
-//! that `ungranted` and `connect_only` differ; with a non-default schema, roles also need
-//! `USAGE` on it.
+//! The matrix is checked twice: with the extension in schema `outbox` (`CREATE EXTENSION
+//! pg_outbox SCHEMA outbox`), where `ungranted` and `connect_only` differ and roles also need
+//! `USAGE` on the schema, and in the default schema `public`, where the README's grants alone
+//! must be enough.
 
 use std::fmt;
 use std::time::Duration;
@@ -26,12 +27,16 @@ use std::time::Duration;
 use pg_outbox_tests::{Cluster, Listener};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
+use uuid::Uuid;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
     /// `outbox_publish(..)`.
     Publish,
-    /// The relay's own advance query (both outbox tables), as `pg_outbox_client` runs it.
+    /// A plain `INSERT` into `event_outbox`, which `outbox_publish` needs its caller to hold.
+    Insert,
+    /// The relay's own advance query (both outbox tables), as `pg_outbox_client` runs it, which
+    /// must return an event published meanwhile.
     Read,
     /// `outbox_prune(interval)`.
     Prune,
@@ -43,13 +48,13 @@ enum Action {
 
 use Action::*;
 
-const ACTIONS: [Action; 5] = [Publish, Read, Prune, Stats, Listen];
+const ACTIONS: [Action; 6] = [Publish, Insert, Read, Prune, Stats, Listen];
 
 /// Each role and what the README says it may do; everything else is refused.
 const MATRIX: &[(&str, &[Action])] = &[
-    ("postgres", &[Publish, Read, Prune, Stats, Listen]),
-    ("ext_owner", &[Publish, Read, Prune, Stats, Listen]),
-    ("app_publisher", &[Publish, Listen]),
+    ("postgres", &[Publish, Insert, Read, Prune, Stats, Listen]),
+    ("ext_owner", &[Publish, Insert, Read, Prune, Stats, Listen]),
+    ("app_publisher", &[Publish, Insert, Listen]),
     ("app_relay", &[Read, Listen]),
     ("monitoring", &[Stats, Listen]),
     ("app_pruner", &[Prune, Listen]),
@@ -57,10 +62,9 @@ const MATRIX: &[(&str, &[Action])] = &[
     ("connect_only", &[Listen]),
 ];
 
-/// The README's grants, run by the extension's owner with the schema on its `search_path`,
-/// plus the schema usage a non-default schema needs.
+/// The README's grants, run by the extension's owner with the extension's schema on its
+/// `search_path`.
 const README_GRANTS: &str = "
-    SET search_path = outbox;
     -- A role that publishes (the app's own role, usually)
     GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO app_publisher;
     GRANT INSERT ON event_outbox TO app_publisher;
@@ -73,8 +77,6 @@ const README_GRANTS: &str = "
 
     -- A role that prunes by hand (when the worker cannot be preloaded)
     GRANT EXECUTE ON FUNCTION outbox_prune(interval) TO app_pruner;
-
-    GRANT USAGE ON SCHEMA outbox TO app_publisher, app_relay, monitoring, app_pruner, ungranted;
 ";
 
 /// What one attempt did.
@@ -111,9 +113,10 @@ fn outcome<T>(result: Result<T, tokio_postgres::Error>) -> Outcome {
     }
 }
 
-/// A cluster whose `postgres` database has `pg_outbox` in schema `outbox`, created by
-/// `ext_owner` while it was a superuser, and every role of [`MATRIX`] with the README's grants.
-async fn cluster_with_roles() -> (Cluster, Client) {
+/// A cluster whose `postgres` database has `pg_outbox` in `schema`, created by `ext_owner` while
+/// it was a superuser, and every role of [`MATRIX`] with the README's grants (plus the schema
+/// usage a schema other than `public` needs).
+async fn cluster_with_roles(schema: &str) -> (Cluster, Client) {
     let cluster = Cluster::builder()
         .setting("pg_outbox.prune_interval", "'1s'")
         .create_extension(false)
@@ -147,8 +150,14 @@ async fn cluster_with_roles() -> (Cluster, Client) {
     );
 
     let owner = cluster.connect_as("postgres", "ext_owner").await;
+    if schema != "public" {
+        owner
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+    }
     owner
-        .batch_execute("CREATE SCHEMA outbox; CREATE EXTENSION pg_outbox SCHEMA outbox")
+        .batch_execute(&format!("CREATE EXTENSION pg_outbox SCHEMA {schema}"))
         .await
         .unwrap();
     drop(owner);
@@ -162,9 +171,9 @@ async fn cluster_with_roles() -> (Cluster, Client) {
         .query_one(
             "SELECT e.extowner::regrole::text, c.relowner::regrole::text, p.proowner::regrole::text
              FROM pg_extension e, pg_class c, pg_proc p
-             WHERE e.extname = 'pg_outbox' AND c.oid = 'outbox.event_outbox'::regclass
-               AND p.oid = 'outbox.outbox_publish'::regproc",
-            &[],
+             WHERE e.extname = 'pg_outbox' AND c.oid = format('%I.event_outbox', $1::text)::regclass
+               AND p.oid = format('%I.outbox_publish', $1::text)::regproc",
+            &[&schema],
         )
         .await
         .unwrap();
@@ -191,18 +200,50 @@ async fn cluster_with_roles() -> (Cluster, Client) {
 
     // The owner, no longer a superuser, grants what the README says.
     let owner = cluster.connect_as("postgres", "ext_owner").await;
-    owner.batch_execute(README_GRANTS).await.unwrap();
+    owner
+        .batch_execute(&format!("SET search_path = {schema}; {README_GRANTS}"))
+        .await
+        .unwrap();
+    if schema != "public" {
+        owner
+            .batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA {schema} \
+                 TO app_publisher, app_relay, monitoring, app_pruner, ungranted"
+            ))
+            .await
+            .unwrap();
+    }
     (cluster, admin)
 }
 
-/// Tries `action` as `role` and says what happened. Allowed results are checked for sense.
-async fn attempt(cluster: &Cluster, admin: &Client, role: &str, action: Action) -> Outcome {
+/// Tries `action` as `role`, with the extension in `schema`, and says what happened. Allowed
+/// results are checked for sense.
+async fn attempt(
+    cluster: &Cluster,
+    admin: &Client,
+    schema: &str,
+    role: &str,
+    action: Action,
+) -> Outcome {
     let client = cluster.connect_as("postgres", role).await;
     match action {
         Publish => outcome(
             client
                 .query_one(
-                    "SELECT outbox.outbox_publish('chat', 'u1', '{\"n\": 1}', 'matrix')",
+                    &format!(
+                        "SELECT {schema}.outbox_publish('chat', 'u1', '{{\"n\": 1}}', 'matrix')"
+                    ),
+                    &[],
+                )
+                .await,
+        ),
+        Insert => outcome(
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {schema}.event_outbox (id, channel, user_id, payload) \
+                         VALUES (gen_random_uuid(), 'chat', 'u1', '{{}}')"
+                    ),
                     &[],
                 )
                 .await,
@@ -213,21 +254,44 @@ async fn attempt(cluster: &Cluster, admin: &Client, role: &str, action: Action) 
                 .await
                 .unwrap()
                 .get(0);
-            outcome(
-                client
-                    .query(&pg_outbox_client::__advance_sql("outbox"), &[&snapshot])
-                    .await,
-            )
+            let id: Uuid = admin
+                .query_one(
+                    &format!("SELECT {schema}.outbox_publish('chat', 'u1', '{{\"n\": 3}}')"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let result = client
+                .query(&pg_outbox_client::__advance_sql(schema), &[&snapshot])
+                .await;
+            match result {
+                Ok(rows)
+                    if rows
+                        .iter()
+                        .any(|row| row.get::<_, Option<Uuid>>("id") == Some(id)) =>
+                {
+                    Outcome::Allowed
+                }
+                Ok(rows) => Outcome::Other(format!(
+                    "allowed, but {} rows without the event {id} published meanwhile",
+                    rows.len()
+                )),
+                Err(e) => outcome(Err::<(), _>(e)),
+            }
         }
         Prune => outcome(
             client
-                .query_one("SELECT outbox.outbox_prune(interval '1 day')", &[])
+                .query_one(
+                    &format!("SELECT {schema}.outbox_prune(interval '1 day')"),
+                    &[],
+                )
                 .await,
         ),
         Stats => {
             let result = client
                 .query_one(
-                    "SELECT worker_pid, worker_state FROM outbox.outbox_stats()",
+                    &format!("SELECT worker_pid, worker_state FROM {schema}.outbox_stats()"),
                     &[],
                 )
                 .await;
@@ -252,7 +316,7 @@ async fn attempt(cluster: &Cluster, admin: &Client, role: &str, action: Action) 
             let mut listener = cluster.listener_as("postgres", role).await;
             let id: String = admin
                 .query_one(
-                    "SELECT outbox.outbox_publish('chat', 'u1', '{\"n\": 2}')::text",
+                    &format!("SELECT {schema}.outbox_publish('chat', 'u1', '{{\"n\": 2}}')::text"),
                     &[],
                 )
                 .await
@@ -269,13 +333,25 @@ async fn attempt(cluster: &Cluster, admin: &Client, role: &str, action: Action) 
 
 #[tokio::test]
 async fn every_role_may_do_exactly_what_the_readme_grants() {
-    let (cluster, admin) = cluster_with_roles().await;
+    assert_matrix("outbox").await;
+}
+
+#[tokio::test]
+async fn every_role_may_do_exactly_what_the_readme_grants_in_the_default_schema() {
+    assert_matrix("public").await;
+}
+
+/// Tries every action of [`ACTIONS`] as every role of [`MATRIX`], with the extension in
+/// `schema`, and panics with the whole table unless each was allowed or refused as the README
+/// says.
+async fn assert_matrix(schema: &str) {
+    let (cluster, admin) = cluster_with_roles(schema).await;
     let mut table = String::new();
     let mut wrong = Vec::new();
     for &(role, allowed) in MATRIX {
         for action in ACTIONS {
             let expected = allowed.contains(&action);
-            let got = attempt(&cluster, &admin, role, action).await;
+            let got = attempt(&cluster, &admin, schema, role, action).await;
             table.push_str(&format!("{role:>14} {action:<8?} {got}\n"));
             let as_expected = match got {
                 Outcome::Allowed => expected,
@@ -294,7 +370,7 @@ async fn every_role_may_do_exactly_what_the_readme_grants() {
     }
     assert!(
         wrong.is_empty(),
-        "{}\n--- matrix ---\n{table}",
+        "{}\n--- matrix, schema {schema} ---\n{table}",
         wrong.join("\n")
     );
 }
@@ -318,7 +394,7 @@ async fn publish_secret(admin: &Client, listener: &mut Listener, secret: &str) -
 
 #[tokio::test]
 async fn reference_mode_leaks_no_payload_to_a_role_that_can_only_listen() {
-    let (cluster, admin) = cluster_with_roles().await;
+    let (cluster, admin) = cluster_with_roles("outbox").await;
     let mut listener = cluster.listener_as("postgres", "connect_only").await;
 
     let secret = "s3cr3t-reference-7f1c";

@@ -535,6 +535,18 @@ impl Cluster {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The checkpointer's pid. After a crash (a server process killed by a signal, or a PANIC)
+    /// the postmaster ends every other process and starts them again, the checkpointer
+    /// included: the same pid at two moments means the server did not crash in between.
+    pub fn checkpointer_pid(&self) -> i32 {
+        let pid = self.psql(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'",
+        );
+        pid.parse()
+            .unwrap_or_else(|e| panic!("the checkpointer's pid {pid:?}: {e}"))
+    }
+
     /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
     pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
     where

@@ -1,9 +1,10 @@
-//! The pruner worker: deletes what retention says, in batches, follows reloads, comes back
-//! after being killed, and waits quietly for the extension.
+//! The pruner worker: deletes what retention says, in batches, follows reloads, and
+//! compresses the WAL of its deletes. How it comes back after being killed, waits for its
+//! extension and stops with the server: `pruner_faults.rs`.
 
 use std::time::Duration;
 
-use pg_outbox_tests::pruner::{insert_aged, pruner_pid, pruner_state, rows_pruned};
+use pg_outbox_tests::pruner::{insert_aged, server_clock, wait_for_passes};
 use pg_outbox_tests::Cluster;
 use tokio_postgres::Client;
 
@@ -24,23 +25,8 @@ async fn count(client: &Client, sql: &str) -> i64 {
 
 /// Waits until the pruner has completed a pass that started after this call.
 async fn wait_for_a_full_pass(cluster: &Cluster, client: &Client) {
-    let since: String = client
-        .query_one("SELECT clock_timestamp()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    cluster
-        .wait_for("a prune pass", WAIT, || async {
-            let row = client
-                .query_one(
-                    "SELECT last_pruned_at > $1::text::timestamptz FROM outbox_prune_state",
-                    &[&since],
-                )
-                .await
-                .unwrap();
-            row.get::<_, Option<bool>>(0).filter(|done| *done)
-        })
-        .await;
+    let since = server_clock(client).await;
+    wait_for_passes(cluster, client, "idle", &since, 1).await;
 }
 
 #[tokio::test]
@@ -103,96 +89,6 @@ async fn follows_a_reloaded_retention() {
             (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
         })
         .await;
-}
-
-#[tokio::test]
-async fn comes_back_after_pg_terminate_backend() {
-    let cluster = cluster_with_retention("1h");
-    let client = cluster.connect("postgres").await;
-    let first = pruner_pid(&cluster, &client).await;
-    client
-        .execute("SELECT pg_terminate_backend($1)", &[&first])
-        .await
-        .unwrap();
-    let second = cluster
-        .wait_for("a new pruner", WAIT, || async {
-            let pid = pruner_pid(&cluster, &client).await;
-            (pid != first).then_some(pid)
-        })
-        .await;
-    assert_ne!(first, second);
-    // And it still prunes.
-    insert_aged(&client, 3, "2 hours", "c").await;
-    cluster
-        .wait_for("the new pruner to prune", WAIT, || async {
-            (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
-        })
-        .await;
-}
-
-#[tokio::test]
-async fn waits_quietly_for_the_extension() {
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.prune_interval", "'1s'")
-        .create_extension(false)
-        .start();
-    let client = cluster.connect("postgres").await;
-    let waiting = "waiting for CREATE EXTENSION pg_outbox";
-    cluster
-        .wait_for("the pruner to wait for the extension", WAIT, || async {
-            let state = pruner_state(&client).await;
-            (state.as_deref() == Some(waiting)).then_some(())
-        })
-        .await;
-    // Several intervals later, still one line in the log and the same process.
-    let pid = pruner_pid(&cluster, &client).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(pruner_pid(&cluster, &client).await, pid);
-    let log = cluster.log();
-    assert_eq!(
-        log.matches("the pruner waits for CREATE EXTENSION").count(),
-        1,
-        "{log}"
-    );
-
-    client
-        .batch_execute("CREATE EXTENSION pg_outbox")
-        .await
-        .unwrap();
-    insert_aged(&client, 3, "2 hours", "c").await;
-    cluster
-        .wait_for("the pruner to prune once installed", WAIT, || async {
-            (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
-        })
-        .await;
-}
-
-#[tokio::test]
-async fn stops_promptly_when_the_server_shuts_down_mid_backlog() {
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.prune_interval", "'1h'")
-        .setting("pg_outbox.prune_batch_size", "100")
-        .start();
-    let client = cluster.connect("postgres").await;
-    insert_aged(&client, 200_000, "2 hours", "c").await;
-    // The worker's first pass ran at start, before the backlog existed; a reload does not
-    // prune, so restart the pass by killing the worker: it starts pruning 5 s later.
-    let pid = pruner_pid(&cluster, &client).await;
-    client
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    cluster
-        .wait_for("pruning to start", WAIT, || async {
-            let pruned = rows_pruned(&client).await;
-            (pruned > 0).then_some(())
-        })
-        .await;
-    drop(client);
-    // `pg_ctl stop -m fast` fails after its timeout if the worker ignores SIGTERM.
-    cluster.stop_within(Duration::from_secs(10));
-    let log = cluster.log();
-    assert!(log.contains("pg_outbox pruner stopping"), "{log}");
 }
 
 /// The WAL the cluster writes while the pruner deletes `rows` rows that were written before the

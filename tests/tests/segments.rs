@@ -3,9 +3,7 @@
 //! into one needs only the grants on `event_outbox`, whose own security still applies, and
 //! stores rows that are checked and indexed as an INSERT's.
 
-use std::time::Duration;
-
-use pg_outbox_tests::pruner::rows_pruned;
+use pg_outbox_tests::pruner::{rows_pruned, wait_for_passes};
 use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
@@ -134,10 +132,19 @@ async fn a_segment_is_not_dropped_while_a_transaction_that_wrote_in_it_is_open()
     let (segment, xid) = publish(&open).await;
     assert_ne!(segment, "event_outbox");
 
-    // Well past the segment's expiry (it ends within 3 s and expires a second later), several
-    // passes have tried to drop it.
+    // Several passes that began once the segment had expired (it ends within 3 s, and expires
+    // a retention later) have tried to drop it.
     let pruned_before = rows_pruned(&others).await;
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    let expired_at: String = others
+        .query_one(
+            "SELECT (ends_at + current_setting('pg_outbox.retention')::interval)::text \
+             FROM outbox_segments WHERE name = $1",
+            &[&segment],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    wait_for_passes(&cluster, &others, "idle", &expired_at, 3).await;
     assert_eq!(segment_exists(&others, &segment).await, (true, true));
     // Meanwhile others publish, into later segments, without waiting.
     others

@@ -237,6 +237,53 @@ mod tests {
     }
 
     #[pg_test]
+    fn stats_estimate_the_rows_of_event_outbox_and_its_segments() {
+        // The current segment, so that published events go into it.
+        Spi::run("SELECT outbox_prune()").unwrap();
+        // A transaction's row counts reach pg_stat_all_tables when it ends, and a pg_test's
+        // never does. ANALYZE reports its count at once, but leaves out the rows the running
+        // transaction counted itself (they are reported at its end): so the rows are written
+        // uncounted, with track_counts off, and ANALYZE alone counts them.
+        Spi::run("SET LOCAL track_counts = off").unwrap();
+        Spi::run("SELECT outbox_publish('c', 'u', '{}') FROM generate_series(1, 3)").unwrap();
+        Spi::run(
+            "INSERT INTO event_outbox (id, channel, user_id, payload)
+             SELECT gen_random_uuid(), 'c', 'u', '{}' FROM generate_series(1, 2)",
+        )
+        .unwrap();
+        Spi::run("SET LOCAL track_counts = on").unwrap();
+        let tables = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(relid::regclass::text) FROM (
+                 SELECT 'event_outbox'::regclass::oid AS relid
+                 UNION ALL
+                 SELECT inhrelid FROM pg_inherits WHERE inhparent = 'event_outbox'::regclass) tree",
+        )
+        .unwrap()
+        .unwrap_or_default();
+        // ANALYZE of event_outbox reports its own rows only: each segment is analyzed too.
+        for table in &tables {
+            Spi::run(&format!("ANALYZE {table}")).unwrap();
+        }
+        // Read the statistics afresh, not as this transaction may have cached them.
+        Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
+        let in_segments = Spi::get_one::<i64>(
+            "SELECT count(*) FROM event_outbox WHERE tableoid <> 'event_outbox'::regclass",
+        )
+        .unwrap();
+        assert_eq!(
+            in_segments,
+            Some(3),
+            "the published events are in a segment"
+        );
+        let estimate = Spi::get_one::<i64>("SELECT rows_estimate FROM outbox_stats()").unwrap();
+        assert_eq!(
+            estimate,
+            Some(5),
+            "event_outbox's own 2 rows and its segments' 3 (tables {tables:?})"
+        );
+    }
+
+    #[pg_test]
     fn public_has_no_privileges() {
         let granted = Spi::get_one::<bool>(
             "SELECT has_table_privilege('public', 'event_outbox', 'SELECT')

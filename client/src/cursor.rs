@@ -211,13 +211,7 @@ impl Cursor {
         self.queue.clear();
         self.queued.clear();
         self.heard_at.clear();
-        let kept: Vec<_> = self
-            .witnesses
-            .0
-            .drain()
-            .filter(|r| r.0 .0 < floor)
-            .collect();
-        self.witnesses.0.extend(kept);
+        self.witnesses.0.retain(|Reverse((xid, _))| *xid < floor);
     }
 
     /// The snapshot `S`.

@@ -1,9 +1,9 @@
 //! The notification format from both ends, without a server.
 //!
-//! - A round trip: a copy of the extension's encoder (`extension/src/notification.rs`, which
-//!   needs pgrx and so cannot be linked here) encodes any event or batch of events, and the
-//!   client's decoder gives back exactly those events. Documents the extension really sends are
-//!   decoded too.
+//! - A round trip: the extension's own encoder (`pg_outbox_wire`, the crate the extension
+//!   writes its notifications with) encodes any event or batch of events, and the client's
+//!   decoder gives back exactly those events. Documents the extension really sends are decoded
+//!   too.
 //! - A bounded fuzz that `cargo test` runs: the decoder, the snapshot parser and the cursor fed
 //!   with arbitrary, mutated and hostile input never panic. `make fuzz` runs libFuzzer on the same
 //!   entry points for longer (see docs/fuzzing.md).
@@ -11,11 +11,12 @@
 use std::time::{Duration, SystemTime};
 
 use pg_outbox_client::{__decode_notification, __fuzz_relay_input, Event, Snapshot};
+use pg_outbox_wire::{BatchDocuments, NOTIFY_PAYLOAD_LIMIT};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// One event's notification metadata, as the extension's `Notification` holds it.
+/// One published event's notification metadata, owned (the encoder borrows it).
 #[derive(Clone, Debug)]
 struct Notification {
     id: Uuid,
@@ -26,40 +27,41 @@ struct Notification {
     created_at_us: i64,
 }
 
-/// The extension's encoder, byte for byte: a version 1 document, `Notification::reference` and
-/// `inline` without the 8000-byte cut (the decoder must read any size).
-fn encode(n: &Notification, payload_json: Option<&str>) -> String {
-    format!("{{\"v\":1,{}}}", fields(n, payload_json))
-}
-
-/// A version 2 document carrying `events`, as the extension's `BatchDocuments` writes it, without
-/// the cut.
-fn encode_batch(events: &[(Notification, Option<String>)]) -> String {
-    let objects: Vec<String> = events
-        .iter()
-        .map(|(n, payload)| format!("{{{}}}", fields(n, payload.as_deref())))
-        .collect();
-    format!("{{\"v\":2,\"events\":[{}]}}", objects.join(","))
-}
-
-/// `Notification::write_fields`: the event's keys and values, without braces.
-fn fields(n: &Notification, payload_json: Option<&str>) -> String {
-    let json_string = |s: &str| Value::from(s).to_string();
-    let mut fields =
-        format!(
-        "\"id\":\"{}\",\"channel\":{},\"user_id\":{},\"origin\":{},\"xid\":{},\"created_at_us\":{}",
-        n.id.hyphenated(),
-        json_string(&n.channel),
-        json_string(&n.user_id),
-        n.origin.as_deref().map_or_else(|| "null".to_owned(), json_string),
-        n.xid,
-        n.created_at_us,
-    );
-    if let Some(payload) = payload_json {
-        fields.push_str(",\"payload\":");
-        fields.push_str(payload);
+impl Notification {
+    /// What the extension encodes.
+    fn wire(&self) -> pg_outbox_wire::Notification<'_> {
+        pg_outbox_wire::Notification {
+            id: self.id,
+            channel: &self.channel,
+            user_id: &self.user_id,
+            origin: self.origin.as_deref(),
+            xid: self.xid,
+            created_at_us: self.created_at_us,
+        }
     }
-    fields
+}
+
+/// The documents the extension's notifier sends for a batch of `events`, each checked to fit
+/// under the NOTIFY limit.
+fn encode_batch(events: &[(Notification, Option<String>)]) -> Vec<String> {
+    let mut sent = Vec::new();
+    let mut documents = BatchDocuments::new(|doc: &str| {
+        assert!(doc.len() < NOTIFY_PAYLOAD_LIMIT, "{} bytes", doc.len());
+        sent.push(doc.to_owned());
+    });
+    for (n, payload) in events {
+        documents.push(&n.wire(), payload.as_deref());
+    }
+    documents.finish();
+    sent
+}
+
+/// Whether an event with `payload` fits in a version 2 document of its own: its version 1
+/// inline document is 13 bytes shorter (`{"v":1,` against `{"v":2,"events":[{` and `]}`).
+fn fits_a_batch_alone(n: &Notification, payload: &str) -> bool {
+    n.wire()
+        .inline(payload)
+        .is_some_and(|doc| doc.len() + 13 < NOTIFY_PAYLOAD_LIMIT)
 }
 
 /// The one event of a document, and whether it came inline.
@@ -142,7 +144,8 @@ fn same_metadata(event: &Event, n: &Notification) -> Result<(), TestCaseError> {
 proptest! {
     #[test]
     fn every_reference_decodes_to_what_was_encoded(n in notification()) {
-        let doc = encode(&n, None);
+        let doc = n.wire().reference();
+        prop_assert!(doc.len() < NOTIFY_PAYLOAD_LIMIT);
         let (event, inline) = decode_one(&doc);
         prop_assert!(!inline);
         same_metadata(&event, &n)?;
@@ -161,7 +164,13 @@ proptest! {
         } else {
             payload.to_string()
         };
-        let (event, inline) = decode_one(&encode(&n, Some(&text)));
+        let Some(doc) = n.wire().inline(&text) else {
+            // Only a document that would not fit goes as a reference instead.
+            prop_assert!(n.wire().reference().len() + text.len() >= NOTIFY_PAYLOAD_LIMIT - 20);
+            return Ok(());
+        };
+        prop_assert!(doc.len() < NOTIFY_PAYLOAD_LIMIT);
+        let (event, inline) = decode_one(&doc);
         prop_assert!(inline);
         same_metadata(&event, &n)?;
         // Numbers are serde_json's to parse (without its `float_roundtrip` feature a float may
@@ -174,17 +183,23 @@ proptest! {
     fn every_batch_decodes_to_its_events_in_order(
         events in proptest::collection::vec(
             (notification(), proptest::option::of(json_value().prop_map(|v| v.to_string()))),
-            0..8,
+            0..80,
         ),
     ) {
-        let decoded = __decode_notification(&encode_batch(&events)).unwrap();
+        let documents = encode_batch(&events);
+        let mut decoded = Vec::new();
+        for doc in &documents {
+            decoded.extend(__decode_notification(doc).unwrap());
+        }
         prop_assert_eq!(decoded.len(), events.len());
         for ((event, inline), (n, payload)) in decoded.iter().zip(&events) {
             same_metadata(event, n)?;
-            prop_assert_eq!(*inline, payload.is_some());
-            let expected: Value = payload
-                .as_deref()
-                .map_or(Value::Null, |text| serde_json::from_str(text).unwrap());
+            let sent_inline = payload.as_deref().is_some_and(|p| fits_a_batch_alone(n, p));
+            prop_assert_eq!(*inline, sent_inline);
+            let expected: Value = match payload {
+                Some(text) if sent_inline => serde_json::from_str(text).unwrap(),
+                _ => Value::Null,
+            };
             prop_assert_eq!(event.payload(), &expected);
         }
     }
@@ -207,12 +222,12 @@ fn documents_the_extension_sends_decode() {
         xid: 745,
         created_at_us: 1_764_290_000_123_456,
     };
-    let (event, inline) = decode_one(&encode(&n, Some(r#"{"a": [1, 2]}"#)));
+    let (event, inline) = decode_one(&n.wire().inline(r#"{"a": [1, 2]}"#).unwrap());
     assert!(inline);
     assert_eq!(event.user_id(), "user \"1\"\n");
     assert_eq!(event.payload()["a"][1], 2);
     // An inline `null` payload is still inline.
-    let (_, inline) = decode_one(&encode(&n, Some("null")));
+    let (_, inline) = decode_one(&n.wire().inline("null").unwrap());
     assert!(inline);
 }
 
@@ -225,13 +240,14 @@ fn mutated_document() -> impl Strategy<Value = String> {
         "[{}\\[\\]\":,0-9a-z\\\\ -]{0,4}",
     );
     let document = prop_oneof![
-        notification().prop_map(|n| encode(&n, Some(r#"{"k": [1, "x"]}"#))),
+        notification().prop_map(|n| n.wire().inline(r#"{"k": [1, "x"]}"#).unwrap()),
         proptest::collection::vec(notification(), 1..4).prop_map(|events| {
             let events: Vec<_> = events
                 .into_iter()
                 .map(|n| (n, Some("[1]".to_owned())))
                 .collect();
-            encode_batch(&events)
+            // Up to three events, each under 2.2 kB, always fit in one document.
+            encode_batch(&events).concat()
         }),
     ];
     (document, proptest::collection::vec(edit, 1..6)).prop_map(|(doc, edits)| {
@@ -296,12 +312,15 @@ proptest! {
         valid in proptest::collection::vec((notification(), any::<bool>()), 0..6),
     ) {
         let mut all: Vec<String> = payloads;
-        all.extend(valid.iter().map(|(n, inline)| encode(n, inline.then_some("{}"))));
+        all.extend(valid.iter().map(|(n, inline)| match inline {
+            true => n.wire().inline("{}").unwrap(),
+            false => n.wire().reference(),
+        }));
         let batch: Vec<_> = valid
             .into_iter()
             .map(|(n, inline)| (n, inline.then(|| "{}".to_owned())))
             .collect();
-        all.push(encode_batch(&batch));
+        all.extend(encode_batch(&batch));
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         __fuzz_relay_input(&start, &refs, &next);
     }

@@ -547,6 +547,43 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("the checkpointer's pid {pid:?}: {e}"))
     }
 
+    /// The pids of the server's processes whose title names `title` (`postgres: pg_outbox
+    /// pruner`, ...), read from `/proc`: a background worker shows there from its start, before
+    /// it connects to a database, where `pg_stat_activity` cannot see it.
+    pub fn processes(&self, title: &str) -> Vec<i32> {
+        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .expect("read postmaster.pid");
+        let postmaster = pid_file
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let (Ok(cmdline), Ok(stat)) = (
+                std::fs::read(entry.path().join("cmdline")),
+                std::fs::read_to_string(entry.path().join("stat")),
+            ) else {
+                continue; // Gone meanwhile.
+            };
+            if !String::from_utf8_lossy(&cmdline).contains(title) {
+                continue;
+            }
+            // After the command name in parentheses: the state, then the parent's pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, fields)| fields.split_whitespace().nth(1));
+            if ppid == Some(postmaster.as_str()) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
     /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
     pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
     where

@@ -172,18 +172,10 @@ pub fn __decode_notification(payload: &str) -> Result<Vec<(Event, bool)>, Notifi
     let notices = notification::decode(payload)?;
     Ok(notices
         .into_iter()
-        .map(|notice| {
+        .map(|mut notice| {
             let inline = notice.payload.is_some();
-            let event = Event::new(
-                notice.id,
-                notice.channel,
-                notice.user_id,
-                notice.origin,
-                notice.xid,
-                notice.created_at,
-                notice.payload.unwrap_or(serde_json::Value::Null),
-            );
-            (event, inline)
+            let payload = notice.payload.take().unwrap_or(serde_json::Value::Null);
+            (notification::event_with(notice, payload), inline)
         })
         .collect())
 }

@@ -7,9 +7,14 @@ pub(crate) use pg_outbox_wire::{decode, Notice, CHANNEL};
 use crate::event::Event;
 
 /// The event an inline notification carries; `None` for a reference.
-pub(crate) fn into_event(notice: Notice) -> Option<Event> {
-    let payload = notice.payload?;
-    Some(Event::new(
+pub(crate) fn into_event(mut notice: Notice) -> Option<Event> {
+    let payload = notice.payload.take()?;
+    Some(event_with(notice, payload))
+}
+
+/// The event `notice` announces, with `payload`.
+pub(crate) fn event_with(notice: Notice, payload: serde_json::Value) -> Event {
+    Event::new(
         notice.id,
         notice.channel,
         notice.user_id,
@@ -17,5 +22,5 @@ pub(crate) fn into_event(notice: Notice) -> Option<Event> {
         notice.xid,
         notice.created_at,
         payload,
-    ))
+    )
 }

@@ -19,6 +19,15 @@ fn worker_mode_cluster() -> Cluster {
         .start()
 }
 
+/// A cluster in worker mode without a handoff buffer: the notifier reads every batch from
+/// `event_outbox`.
+fn table_only_cluster() -> Cluster {
+    Cluster::builder()
+        .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.handoff_buffer", "0")
+        .start()
+}
+
 async fn publish(client: &impl GenericClient, n: i64) -> String {
     client
         .query_one(PUBLISH, &[&"chat", &"u1", &json!({ "n": n })])
@@ -340,10 +349,7 @@ async fn a_transaction_too_large_to_hand_over_is_read_from_the_table() {
 
 #[tokio::test]
 async fn without_a_handoff_buffer_the_notifier_reads_every_batch_from_the_table() {
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.notify_mode", "'worker'")
-        .setting("pg_outbox.handoff_buffer", "0")
-        .start();
+    let cluster = table_only_cluster();
     let mut listener = cluster.listener("postgres").await;
     let mut publisher = cluster.connect("postgres").await;
     let tx = publisher.transaction().await.unwrap();
@@ -368,10 +374,7 @@ async fn without_a_handoff_buffer_the_notifier_reads_every_batch_from_the_table(
 #[tokio::test]
 async fn a_batch_cut_below_transactions_the_position_saw_sends_nothing_twice() {
     // Every batch from the table, where batches are cut at 10,000 rows.
-    let cluster = Cluster::builder()
-        .setting("pg_outbox.notify_mode", "'worker'")
-        .setting("pg_outbox.handoff_buffer", "0")
-        .start();
+    let cluster = table_only_cluster();
     let mut listener = cluster.listener("postgres").await;
     let mut big = cluster.connect("postgres").await;
     let small = cluster.connect("postgres").await;

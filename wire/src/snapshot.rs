@@ -187,29 +187,4 @@ mod tests {
             }
         }
     }
-
-    #[test]
-    fn a_union_sees_what_either_snapshot_sees_and_nothing_else() {
-        let cases = [
-            // A cut at a transaction running at the position (100), over xids it saw ended.
-            ("100:151:100", "151:151:", 101, "151:151:"),
-            ("100:151:100,120", "160:160:", 120, "120:151:120"),
-            ("100:110:102,105", "103:115:104,112", 200, "112:115:112"),
-            ("100:110:", "120:130:125", 200, "125:130:125"),
-        ];
-        for (position, new, bound, expected) in cases {
-            let position = snap(position);
-            let sent = snap(new).below(bound);
-            let union = position.union(&sent);
-            assert_eq!(union.to_string(), expected);
-            assert!(union.to_string().parse::<Snapshot>().is_ok());
-            for xid in 80..=170_u64 {
-                assert_eq!(
-                    union.is_visible(xid),
-                    position.is_visible(xid) || sent.is_visible(xid),
-                    "{position} with {sent} is {union}; xid {xid}"
-                );
-            }
-        }
-    }
 }

@@ -64,6 +64,8 @@ static QUEUE_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.1);
 static HANDOFF_BUFFER: GucSetting<i32> = GucSetting::<i32>::new(4096);
 /// Who notifies: the publishing transaction or the notifier worker.
 static NOTIFY_MODE: GucSetting<NotifyMode> = GucSetting::<NotifyMode>::new(NotifyMode::Transaction);
+/// Whether `outbox_publish` also writes each event into the WAL as a logical-decoding message.
+static LOGICAL_MESSAGES: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Reference or inline notifications.
 static NOTIFY_PAYLOAD: GucSetting<NotifyPayload> =
     GucSetting::<NotifyPayload>::new(NotifyPayload::Reference);
@@ -157,6 +159,14 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"pg_outbox.logical_messages",
+        c"Whether outbox_publish also writes each event as a logical-decoding message (prefix pg_outbox).",
+        c"Transactional, like the row: consumers of a replication slot (pgoutput with messages, test_decoding, Debezium) read exactly the committed events, with their payloads whatever their size.",
+        &LOGICAL_MESSAGES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     if preloading {
         GucRegistry::define_string_guc(
             c"pg_outbox.database",
@@ -227,6 +237,10 @@ pub fn queue_warning() -> f64 {
 
 pub fn notify_mode() -> NotifyMode {
     NOTIFY_MODE.get()
+}
+
+pub fn logical_messages() -> bool {
+    LOGICAL_MESSAGES.get()
 }
 
 pub fn notify_payload() -> NotifyPayload {

@@ -14,6 +14,7 @@
 mod catalog;
 mod error;
 mod guc;
+mod logical_message;
 mod notification;
 mod notify;
 mod prune;

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::error::OutboxError;
 use crate::guc::{self, NotifyPayload};
+use crate::logical_message;
 use crate::notification::{jsonb_text, Notification, INLINE_CANDIDATE_BYTES};
 use crate::notify::notify;
 use crate::segment::{self, Column};
@@ -175,6 +176,11 @@ impl<'a> Publish<'a> {
             xid,
             created_at_us: created_at + POSTGRES_EPOCH_UNIX_US,
         };
+        if guc::logical_messages() {
+            // SAFETY: `payload` is a non-NULL jsonb datum.
+            let payload = unsafe { jsonb_text(self.payload) };
+            logical_message::emit(&notification.with_payload(&payload));
+        }
         if deferred {
             if stored || !segment::has_rules_of_its_own(outbox) {
                 handoff::stage(&notification, self.payload);

@@ -63,6 +63,12 @@ impl Notification<'_> {
         (doc.len() < NOTIFY_PAYLOAD_LIMIT).then_some(doc)
     }
 
+    /// The version 1 document carrying `payload_json`, whatever its size: what goes where no
+    /// NOTIFY limit applies (a logical-decoding message).
+    pub fn with_payload(&self, payload_json: &str) -> String {
+        self.document(Some(payload_json))
+    }
+
     /// The version 1 document.
     fn document(&self, payload_json: Option<&str>) -> String {
         let mut doc =

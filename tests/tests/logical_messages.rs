@@ -1,13 +1,14 @@
 //! `pg_outbox.logical_messages = on`: every publish is also a transactional logical-decoding
-//! message (prefix `pg_outbox`), read here by a real consumer of a replication slot,
-//! `pg_recvlogical` with `test_decoding`: exactly the committed events, in commit order, none
-//! rolled back, payloads over the 8 KB NOTIFY limit whole, in both notify modes, and across a
-//! consumer restart from its slot.
+//! message (prefix `pg_outbox`), read here by real consumers of a replication slot:
+//! `pg_recvlogical` with `test_decoding`, and a pgoutput client (`examples/python/
+//! consume_messages.py`, psycopg2's replication protocol) with `messages 'true'`. Each gets
+//! exactly the committed events, in commit order, none rolled back, payloads over the 8 KB
+//! NOTIFY limit whole, in both notify modes, and goes on from its slot after a restart.
 
 use std::collections::HashSet;
 use std::process::Command;
 
-use pg_outbox_tests::Cluster;
+use pg_outbox_tests::{repository, Cluster};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -23,20 +24,82 @@ async fn publish(client: &impl tokio_postgres::GenericClient, payload: &Value) -
         .get(0)
 }
 
-/// The messages the slot holds up to the server's current WAL position, read by
-/// `pg_recvlogical`, which then stops and confirms them: the next call reads from there.
-async fn receive(cluster: &Cluster, client: &Client) -> Vec<Value> {
-    let end: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
+/// A consumer of the slot `outbox`.
+#[derive(Clone, Copy, Debug)]
+enum Consumer {
+    /// `pg_recvlogical`, the slot made with `test_decoding`.
+    TestDecoding,
+    /// `examples/python/consume_messages.py`, the slot made with `pgoutput`.
+    Pgoutput,
+}
+
+impl Consumer {
+    async fn create_slot(self, client: &Client) {
+        let plugin = match self {
+            Consumer::TestDecoding => "test_decoding",
+            Consumer::Pgoutput => {
+                // A publication without tables: it streams no table's changes, only messages.
+                client
+                    .batch_execute("CREATE PUBLICATION pg_outbox")
+                    .await
+                    .unwrap();
+                "pgoutput"
+            }
+        };
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot('outbox', $1)",
+                &[&plugin],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The messages the slot holds up to the server's current WAL position; the consumer then
+    /// stops and confirms them: the next call reads from there.
+    async fn receive(self, cluster: &Cluster, client: &Client) -> Vec<Value> {
+        let end: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        match self {
+            Consumer::TestDecoding => recvlogical(cluster, &end),
+            Consumer::Pgoutput => pgoutput(cluster, &end),
+        }
+    }
+}
+
+fn pgoutput(cluster: &Cluster, end: &str) -> Vec<Value> {
+    let dsn = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        cluster.root().display(),
+        cluster.port()
+    );
+    let output = Command::new("/usr/bin/python3")
+        .arg(repository().join("examples/python/consume_messages.py"))
+        .args([&dsn, "outbox", "pg_outbox", end])
+        .output()
+        .expect("run consume_messages.py");
+    assert!(
+        output.status.success(),
+        "consume_messages.py: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
         .unwrap()
-        .get(0);
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a message is JSON"))
+        .collect()
+}
+
+fn recvlogical(cluster: &Cluster, end: &str) -> Vec<Value> {
     let output = Command::new(cluster.bindir().join("pg_recvlogical"))
         .arg("-h")
         .arg(cluster.root())
         .args(["-p", &cluster.port().to_string(), "-U", "postgres"])
         .args(["-d", "postgres", "--slot", "outbox", "--start", "--no-loop"])
-        .args(["--endpos", &end, "-f", "-"])
+        .args(["--endpos", end, "-f", "-"])
         .output()
         .expect("run pg_recvlogical");
     assert!(
@@ -64,7 +127,16 @@ fn ids(messages: &[Value]) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_slot_consumer_reads_exactly_the_committed_events() {
+async fn test_decoding_reads_exactly_the_committed_events() {
+    a_slot_consumer_reads_exactly_the_committed_events(Consumer::TestDecoding).await;
+}
+
+#[tokio::test]
+async fn pgoutput_reads_exactly_the_committed_events() {
+    a_slot_consumer_reads_exactly_the_committed_events(Consumer::Pgoutput).await;
+}
+
+async fn a_slot_consumer_reads_exactly_the_committed_events(consumer: Consumer) {
     let cluster = Cluster::builder()
         .setting("wal_level", "logical")
         .setting("max_replication_slots", "4")
@@ -72,10 +144,7 @@ async fn a_slot_consumer_reads_exactly_the_committed_events() {
         .setting("pg_outbox.logical_messages", "on")
         .start();
     let mut client = cluster.connect("postgres").await;
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
-        .await
-        .unwrap();
+    consumer.create_slot(&client).await;
 
     // Two events in one transaction; one rolled back; one over the NOTIFY limit.
     let tx = client.transaction().await.unwrap();
@@ -90,7 +159,7 @@ async fn a_slot_consumer_reads_exactly_the_committed_events() {
     let big = "x".repeat(20_000);
     expected.push(publish(&client, &json!({ "big": big })).await);
 
-    let messages = receive(&cluster, &client).await;
+    let messages = consumer.receive(&cluster, &client).await;
     assert_eq!(ids(&messages), expected);
     assert!(!ids(&messages).contains(&rolled_back));
     assert_eq!(messages[0]["channel"], "chat");
@@ -120,7 +189,7 @@ async fn a_slot_consumer_reads_exactly_the_committed_events() {
         publish(&client, &json!({ "n": 4 })).await,
         publish(&client, &json!({ "n": 5 })).await,
     ];
-    let messages = receive(&cluster, &client).await;
+    let messages = consumer.receive(&cluster, &client).await;
     assert_eq!(ids(&messages), later);
     let all: HashSet<String> = expected.into_iter().chain(later).collect();
     assert_eq!(all.len(), 5);
@@ -134,10 +203,10 @@ async fn off_by_default() {
         .setting("max_wal_senders", "4")
         .start();
     let client = cluster.connect("postgres").await;
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
-        .await
-        .unwrap();
+    Consumer::TestDecoding.create_slot(&client).await;
     publish(&client, &json!({ "n": 1 })).await;
-    assert!(receive(&cluster, &client).await.is_empty());
+    assert!(Consumer::TestDecoding
+        .receive(&cluster, &client)
+        .await
+        .is_empty());
 }

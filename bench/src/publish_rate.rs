@@ -1,6 +1,7 @@
 //! Figure 1: publish transactions per second, outbox_publish against what users write by hand
 //! (a PL/pgSQL function doing INSERT + pg_notify) and against the bare INSERT (the floor), with
-//! one listener draining the notifications.
+//! one listener draining the notifications; and what `pg_outbox.logical_messages` costs, in
+//! both notify modes.
 
 use pg_outbox_tests::Cluster;
 
@@ -42,6 +43,30 @@ const WORKER: Variant = Variant {
 };
 
 const VARIANTS: [Variant; 5] = [BARE, PLPGSQL, REFERENCE, INLINE, WORKER];
+
+/// Each notify mode without and with the logical-decoding message per event.
+const LOGICAL_MESSAGES: [Variant; 4] = [
+    Variant {
+        name: "transaction mode",
+        script: "publish",
+        options: "",
+    },
+    Variant {
+        name: "transaction mode, logical_messages = on",
+        script: "publish",
+        options: "-c pg_outbox.logical_messages=on",
+    },
+    Variant {
+        name: "worker mode",
+        script: "publish",
+        options: "-c pg_outbox.notify_mode=worker",
+    },
+    Variant {
+        name: "worker mode, logical_messages = on",
+        script: "publish",
+        options: "-c pg_outbox.notify_mode=worker -c pg_outbox.logical_messages=on",
+    },
+];
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     let drained = crate::drain::spawn(cluster).await;
@@ -104,9 +129,61 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         add_rows(&mut batches, &batch.to_string(), &events);
     }
     tables.push(batches);
+    tables.push(logical_messages(cluster, options));
 
     drained.stop().await;
     tables
+}
+
+/// Publish rate with `pg_outbox.logical_messages` on against off, in each notify mode, each
+/// ratio paired by round as in the main table.
+fn logical_messages(cluster: &Cluster, options: &Options) -> Table {
+    let mut table = Table::new(
+        "Publish rate with pg_outbox.logical_messages on and off, one event per transaction",
+        &[
+            "clients",
+            "variant",
+            "tx/s (median)",
+            "rounds' range",
+            "vs off, same mode",
+        ],
+    );
+    // At the client counts of the targets only: four more variants at every count would double
+    // the figure's time.
+    let counts = options
+        .client_counts()
+        .into_iter()
+        .filter(|clients| options.smoke || [8, 64].contains(clients));
+    for clients in counts {
+        let rates = interleaved(cluster, options, &LOGICAL_MESSAGES, |variant| Run {
+            script: format!("{}.sql", variant.script),
+            clients,
+            duration: options.run_time(),
+            options: variant.options.to_owned(),
+            variables: Vec::new(),
+        });
+        for pair in rates.chunks(2) {
+            let [(off_name, off), (on_name, on)] = pair else {
+                continue;
+            };
+            for (name, rounds) in [(off_name, off), (on_name, on)] {
+                let ratios: Vec<f64> = rounds.iter().zip(off).map(|(v, b)| v / b).collect();
+                table.row(vec![
+                    clients.to_string(),
+                    (*name).to_owned(),
+                    rate(median(rounds)),
+                    format!(
+                        "{}–{}",
+                        rate(quantile(rounds, 0.0)),
+                        rate(quantile(rounds, 1.0))
+                    ),
+                    format!("{:.2}×", median(&ratios)),
+                ]);
+            }
+        }
+    }
+    table.note = "Each event is also written into the WAL as a transactional logical-decoding message (its document with the payload); wal_level is the default (replica): with logical, every variant writes a little more WAL alike. No slot reads the messages during the runs.".to_owned();
+    table
 }
 
 /// Runs every variant once per round and returns each one's rates, by round. Each round starts one

@@ -167,18 +167,7 @@ fn logical_messages(cluster: &Cluster, options: &Options) -> Table {
                 continue;
             };
             for (name, rounds) in [(off_name, off), (on_name, on)] {
-                let ratios: Vec<f64> = rounds.iter().zip(off).map(|(v, b)| v / b).collect();
-                table.row(vec![
-                    clients.to_string(),
-                    (*name).to_owned(),
-                    rate(median(rounds)),
-                    format!(
-                        "{}–{}",
-                        rate(quantile(rounds, 0.0)),
-                        rate(quantile(rounds, 1.0))
-                    ),
-                    format!("{:.2}×", median(&ratios)),
-                ]);
+                table.row(row(&clients.to_string(), name, rounds, &[off]));
             }
         }
     }
@@ -211,9 +200,8 @@ fn interleaved<'v>(
         .collect()
 }
 
-/// One row per variant: its median rate, the range of its rounds, and its ratios to the
-/// PL/pgSQL function and the bare INSERT, each the median of the rounds' own ratios: a round's
-/// runs are minutes apart at most, so pairing them leaves out the machine's slower drifts.
+/// One row per variant, with its ratios to the PL/pgSQL function and the bare INSERT (see
+/// [`row`]).
 fn add_rows(table: &mut Table, label: &str, rates: &[(&str, Vec<f64>)]) {
     let find = |name: &str| {
         rates
@@ -222,22 +210,28 @@ fn add_rows(table: &mut Table, label: &str, rates: &[(&str, Vec<f64>)]) {
             .map_or(&[][..], |(_, r)| r.as_slice())
     };
     let (plpgsql, bare) = (find(PLPGSQL.name), find(BARE.name));
-    let paired = |rounds: &[f64], base: &[f64]| {
-        let ratios: Vec<f64> = rounds.iter().zip(base).map(|(v, b)| v / b).collect();
-        format!("{:.2}×", median(&ratios))
-    };
     for (name, rounds) in rates {
-        table.row(vec![
-            label.to_owned(),
-            (*name).to_owned(),
-            rate(median(rounds)),
-            format!(
-                "{}–{}",
-                rate(quantile(rounds, 0.0)),
-                rate(quantile(rounds, 1.0))
-            ),
-            paired(rounds, plpgsql),
-            paired(rounds, bare),
-        ]);
+        table.row(row(label, name, rounds, &[plpgsql, bare]));
     }
+}
+
+/// A variant's row: its median rate, the range of its rounds, and its ratio to each of
+/// `bases`, each the median of the rounds' own ratios: a round's runs are minutes apart at
+/// most, so pairing them leaves out the machine's slower drifts.
+fn row(label: &str, name: &str, rounds: &[f64], bases: &[&[f64]]) -> Vec<String> {
+    let mut row = vec![
+        label.to_owned(),
+        name.to_owned(),
+        rate(median(rounds)),
+        format!(
+            "{}–{}",
+            rate(quantile(rounds, 0.0)),
+            rate(quantile(rounds, 1.0))
+        ),
+    ];
+    row.extend(bases.iter().map(|base| {
+        let ratios: Vec<f64> = rounds.iter().zip(*base).map(|(v, b)| v / b).collect();
+        format!("{:.2}×", median(&ratios))
+    }));
+    row
 }

@@ -86,7 +86,7 @@ pub(crate) async fn advance(
     parse(&rows, heard_before)
 }
 
-fn parse(rows: &[Row], heard_before: u64) -> Result<Advance, Error> {
+pub(crate) fn parse(rows: &[Row], heard_before: u64) -> Result<Advance, Error> {
     let first = rows
         .first()
         .ok_or_else(|| Error::Protocol("the advance query returned no row".into()))?;

@@ -172,6 +172,35 @@ pub enum Gap {
     },
 }
 
+/// Why a resumed subscription could not go on exactly from the position it was given, and went
+/// on from now instead: the app should reload the state it shows (for a browser: `event:
+/// reset`), then follow the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResetReason {
+    /// The token is not a position: damaged, truncated, or not issued by this client.
+    Malformed(crate::PositionError),
+    /// Events the position had not seen may have been pruned: it is older than the retention.
+    Expired {
+        /// `outbox_prune_state.pruned_through_xid` when the subscription resumed.
+        pruned_through_xid: u64,
+        /// The oldest transaction id the position had not settled.
+        position_xmin: u64,
+    },
+    /// The position was issued on another run of the server (before a restart, crash,
+    /// failover or restore) whose history this relay cannot match with the current one: it
+    /// started after the change, or the change lost what the position had seen.
+    OtherServerRun,
+    /// The position names transactions the server has not started: forged, or issued by a
+    /// server whose history was lost.
+    Ahead {
+        /// The first transaction id the position claims not to have reached.
+        position_xmax: u64,
+        /// The server's when the subscription resumed.
+        server_xmax: u64,
+    },
+}
+
 /// What a subscription yields, in the relay's delivery order (see the crate documentation).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -188,6 +217,13 @@ pub enum Delivery {
     /// [`Gap::Unreadable`]) a payload this client cannot parse, which another client may.
     /// See [`Gap`] for which subscribers get each.
     Gap(Gap),
+    /// A subscription resumed with [`Relay::subscribe_from`](crate::Relay::subscribe_from)
+    /// could not resume exactly: it goes on with the live stream from here, and what it may
+    /// have missed is unknown. Always its first item when it comes.
+    Reset {
+        /// Why.
+        reason: ResetReason,
+    },
 }
 
 impl Delivery {

@@ -15,15 +15,25 @@
 //! beyond its room are dropped for that subscriber alone and a `Lagged { missed }` marker takes
 //! their place in the stream (one marker per run of drops, so markers never fill memory). Gaps
 //! are always queued.
+//!
+//! Each run carries the relay's *watermark* when it was queued (a snapshot everything under
+//! which was handed over before it), from which each subscription keeps its own
+//! [`Position`] as it reads: the token a browser resumes from. A resumed subscription first
+//! hands out what its relay read for it (the events its position had not seen), then its queue,
+//! skipping there what its position covers.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
+use tokio::sync::oneshot;
 
-use crate::event::{Delivery, Event, Gap};
+use crate::event::{Delivery, Event, Gap, ResetReason};
+use crate::position::{Position, Watermark};
+use crate::resume::CatchUp;
 
 /// Which events a subscription wants.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +50,8 @@ pub(crate) struct Filter {
 struct Run {
     events: Arc<[Event]>,
     next: usize,
+    /// The relay's watermark when the run was queued; `None` before the relay has one.
+    watermark: Option<Arc<Watermark>>,
 }
 
 impl Run {
@@ -47,16 +59,18 @@ impl Run {
         self.events.len() - self.next
     }
 
-    /// The next event of the run being read, if any; the run is let go with its last event, so
-    /// an idle subscriber keeps no batch alive.
-    fn read(reading: &mut Option<Run>) -> Option<Event> {
+    /// The next event of the run being read, if any, with the run's watermark; the run is let
+    /// go with its last event, so an idle subscriber keeps no batch alive.
+    fn read(reading: &mut Option<Run>) -> Option<(Event, Option<Arc<Watermark>>)> {
         let run = reading.as_mut()?;
         let event = run.events.get(run.next)?.clone();
         run.next += 1;
-        if run.len() == 0 {
-            *reading = None;
-        }
-        Some(event)
+        let watermark = if run.len() == 0 {
+            reading.take().and_then(|run| run.watermark)
+        } else {
+            run.watermark.clone()
+        };
+        Some((event, watermark))
     }
 }
 
@@ -88,7 +102,7 @@ impl Queue {
         self.markers += 1;
     }
 
-    /// Takes the next item out; a run of events becomes the one `reading`, and yields its first.
+    /// Takes the next item out: a marker, or a run of events, which becomes the one `reading`.
     fn pop(&mut self, reading: &mut Option<Run>) -> Option<Delivery> {
         match self.items.pop_front()? {
             Queued::Marker(delivery) => {
@@ -98,9 +112,17 @@ impl Queue {
             Queued::Events(run) => {
                 self.events = self.events.saturating_sub(run.len());
                 *reading = Some(run);
-                Run::read(reading).map(Delivery::Event)
+                None
             }
         }
+    }
+
+    /// The watermark of the first run queued.
+    fn first_watermark(&self) -> Option<Arc<Watermark>> {
+        self.items.iter().find_map(|item| match item {
+            Queued::Events(run) => run.watermark.clone(),
+            Queued::Marker(_) => None,
+        })
     }
 }
 
@@ -124,7 +146,7 @@ impl Slot {
 
     /// Queues as many of `events` (all wanted by this subscriber) as its room allows, under one
     /// lock and with one wake-up; returns how many it dropped because its queue was full.
-    fn push_events(&self, events: &Arc<[Event]>) -> u64 {
+    fn push_events(&self, events: &Arc<[Event]>, watermark: &Option<Arc<Watermark>>) -> u64 {
         let mut queue = self.lock();
         let fits = self.capacity.saturating_sub(queue.events).min(events.len());
         debug_assert!(
@@ -139,9 +161,11 @@ impl Slot {
             } else {
                 Arc::from(&events[..fits])
             };
-            queue
-                .items
-                .push_back(Queued::Events(Run { events, next: 0 }));
+            queue.items.push_back(Queued::Events(Run {
+                events,
+                next: 0,
+                watermark: watermark.clone(),
+            }));
             queue.events += fits;
         }
         let dropped = (events.len() - fits) as u64;
@@ -287,6 +311,16 @@ impl Index {
 pub(crate) struct Fanout {
     /// Shared with every [`Subscription`] (weakly), which removes itself when dropped.
     index: Arc<Mutex<Index>>,
+    /// The relay's latest watermark: the runs queued from now on carry it, and an idle
+    /// subscription's position joins it.
+    watermark: Arc<Mutex<Option<Arc<Watermark>>>>,
+}
+
+/// What a subscription still has to do before it reads its queue: a resumed one waits for its
+/// relay to read what its position has not seen, then hands that out.
+enum Resume {
+    Waiting(oneshot::Receiver<Result<CatchUp, ResetReason>>),
+    Replaying(CatchUp),
 }
 
 impl Fanout {
@@ -295,6 +329,28 @@ impl Fanout {
     }
 
     pub fn subscribe(&self, filter: Filter, capacity: usize) -> Subscription {
+        self.subscribe_with(filter, capacity, None, None)
+    }
+
+    /// A subscription that first waits for `answer`: the events `base` has not seen (or why it
+    /// cannot resume), then reads its queue, where its live events pile up meanwhile.
+    pub fn subscribe_resumed(
+        &self,
+        filter: Filter,
+        capacity: usize,
+        base: Option<Position>,
+        answer: oneshot::Receiver<Result<CatchUp, ResetReason>>,
+    ) -> Subscription {
+        self.subscribe_with(filter, capacity, base, Some(Resume::Waiting(answer)))
+    }
+
+    fn subscribe_with(
+        &self,
+        filter: Filter,
+        capacity: usize,
+        position: Option<Position>,
+        resume: Option<Resume>,
+    ) -> Subscription {
         debug_assert!(capacity >= 1, "callers keep a buffer of at least 1");
         let mut index = self.index();
         let slot = Arc::new(Slot {
@@ -315,13 +371,23 @@ impl Fanout {
             slot,
             index: Arc::downgrade(&self.index),
             reading: None,
+            latest: Arc::clone(&self.watermark),
+            position,
+            absorbed: None,
+            resume,
         }
+    }
+
+    /// Sets the watermark: every event under `watermark` was handed over already.
+    pub fn set_watermark(&self, watermark: Arc<Watermark>) {
+        *lock(&self.watermark) = Some(watermark);
     }
 
     /// Hands each event of `batch`, in order, to every matching subscriber; returns how many
     /// (event, subscriber) deliveries were dropped for lag.
     pub fn deliver(&self, batch: &[Event]) -> u64 {
         let index = self.index();
+        let watermark = lock(&self.watermark).clone();
         // Sort the batch out by group first, keeping commit order within each, so that every
         // subscriber is locked and woken once per batch and shares its group's run.
         let mut wanted: Vec<(&Group, Vec<Event>)> = Vec::new();
@@ -342,7 +408,7 @@ impl Fanout {
                 group
                     .slots
                     .iter()
-                    .map(|slot| slot.push_events(&events))
+                    .map(|slot| slot.push_events(&events, &watermark))
                     .sum::<u64>()
             })
             .sum()
@@ -394,6 +460,14 @@ pub struct Subscription {
     index: Weak<Mutex<Index>>,
     /// The run taken out of the queue and being read, without the queue's lock.
     reading: Option<Run>,
+    /// The relay's latest watermark.
+    latest: Arc<Mutex<Option<Arc<Watermark>>>>,
+    /// What this subscription has handed out; `None` until it has read from a relay that has a
+    /// watermark (or been given a position to resume from).
+    position: Option<Position>,
+    /// The watermark last joined into `position`.
+    absorbed: Option<Arc<Watermark>>,
+    resume: Option<Resume>,
 }
 
 impl Drop for Subscription {
@@ -410,20 +484,53 @@ impl Subscription {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    /// The next item if one is queued, without waiting.
+    /// The next item if one is ready, without waiting.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        if let Some(event) = Run::read(&mut self.reading) {
-            return Some(Delivery::Event(event));
+        match self.poll_recv(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(item) => item,
+            Poll::Pending => None,
         }
-        self.slot.lock().pop(&mut self.reading)
     }
 
-    /// How many items are left to read: queued events and markers, and the rest of the batch
-    /// being read (so up to twice the buffer, and more with markers).
+    /// Where this subscription stands: just past the last item it returned, as a token any
+    /// replica's [`Relay::subscribe_from`](crate::Relay::subscribe_from) resumes from (for SSE,
+    /// the `id:` of that event). It moves on without events too, as the relay advances, when
+    /// nothing is queued. `None` before the relay has started.
+    ///
+    /// Events dropped for lag ([`Delivery::Lagged`]) count as seen once the marker is read.
+    pub fn position(&self) -> Option<Position> {
+        if self.resume.is_some() {
+            return self.position.clone();
+        }
+        // The watermark first, the queue second: a run queued before the watermark was set is
+        // then seen in the queue, and the watermark is not joined past events not yet read.
+        let latest = lock(&self.latest).clone();
+        let queue = self.slot.lock();
+        let idle = self.reading.is_none() && queue.items.is_empty();
+        match (self.position.clone(), idle, latest) {
+            (Some(mut position), true, Some(latest)) => {
+                position.absorb(&latest);
+                Some(position)
+            }
+            (Some(position), _, _) => Some(position),
+            (None, true, latest) => latest.map(|latest| Position::at(&latest)),
+            // Nothing read yet: everything under the first run's watermark was handed over
+            // before it.
+            (None, false, _) => queue.first_watermark().map(|first| Position::at(&first)),
+        }
+    }
+
+    /// How many items are left to read: queued events and markers, the rest of the batch
+    /// being read (so up to twice the buffer, and more with markers), and what a resumed
+    /// subscription has still to hand out first.
     pub fn len(&self) -> usize {
         let reading = self.reading.as_ref().map_or(0, Run::len);
+        let replaying = match &self.resume {
+            Some(Resume::Replaying(catch_up)) => catch_up.items.len(),
+            _ => 0,
+        };
         let queue = self.slot.lock();
-        reading + queue.events + queue.markers
+        reading + replaying + queue.events + queue.markers
     }
 
     /// Its buffer, in events: how many may be queued besides the batch being read before it
@@ -434,22 +541,102 @@ impl Subscription {
 
     /// Whether nothing is left to read.
     pub fn is_empty(&self) -> bool {
-        self.reading.is_none() && self.slot.lock().items.is_empty()
+        self.len() == 0
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        if let Some(event) = Run::read(&mut self.reading) {
-            return Poll::Ready(Some(Delivery::Event(event)));
-        }
-        let mut queue = self.slot.lock();
-        match queue.pop(&mut self.reading) {
-            Some(item) => Poll::Ready(Some(item)),
-            None if queue.closed => Poll::Ready(None),
-            None => {
-                queue.waker = Some(cx.waker().clone());
-                Poll::Pending
+        loop {
+            match self.poll_resume(cx) {
+                Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+            if let Some((event, watermark)) = Run::read(&mut self.reading) {
+                if self.take(&event, watermark) {
+                    return Poll::Ready(Some(Delivery::Event(event)));
+                }
+                continue;
+            }
+            let mut queue = self.slot.lock();
+            match queue.pop(&mut self.reading) {
+                Some(marker) => return Poll::Ready(Some(marker)),
+                None if self.reading.is_some() => {}
+                None if queue.closed => return Poll::Ready(None),
+                None => {
+                    queue.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
             }
         }
+    }
+
+    /// What a resumed subscription hands out before its queue: `Ready(None)` once done.
+    fn poll_resume(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        loop {
+            match &mut self.resume {
+                None => return Poll::Ready(None),
+                Some(Resume::Waiting(answer)) => match Pin::new(answer).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Ok(catch_up))) => {
+                        self.position = Some(catch_up.base.clone());
+                        self.resume = Some(Resume::Replaying(catch_up));
+                    }
+                    Poll::Ready(Ok(Err(reason))) => {
+                        // Starts over from the relay's stream, as a new subscription does.
+                        self.resume = None;
+                        self.position = None;
+                        return Poll::Ready(Some(Delivery::Reset { reason }));
+                    }
+                    Poll::Ready(Err(_)) => {
+                        // The relay stopped before it answered: its queue ends the stream.
+                        self.resume = None;
+                        self.position = None;
+                    }
+                },
+                Some(Resume::Replaying(catch_up)) => match catch_up.items.pop_front() {
+                    Some(Delivery::Event(event)) => {
+                        let position = self.position.get_or_insert_with(|| catch_up.base.clone());
+                        if !position.covers(event.xid(), event.id()) {
+                            position.record(event.xid(), event.id());
+                            return Poll::Ready(Some(Delivery::Event(event)));
+                        }
+                    }
+                    Some(other) => return Poll::Ready(Some(other)),
+                    None => {
+                        // Everything under the catch-up's snapshot is handed out now: its live
+                        // copies in the queue are skipped.
+                        if let Some(position) = &mut self.position {
+                            position.absorb(&catch_up.until);
+                        }
+                        self.resume = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Joins the watermark of the run `event` came in, and tells whether the event is new to
+    /// this subscription's position (noting it if so).
+    fn take(&mut self, event: &Event, watermark: Option<Arc<Watermark>>) -> bool {
+        let Some(watermark) = watermark else {
+            return true;
+        };
+        let position = self
+            .position
+            .get_or_insert_with(|| Position::at(&watermark));
+        if !self
+            .absorbed
+            .as_ref()
+            .is_some_and(|absorbed| Arc::ptr_eq(absorbed, &watermark))
+        {
+            position.absorb(&watermark);
+            self.absorbed = Some(watermark);
+        }
+        if position.covers(event.xid(), event.id()) {
+            return false;
+        }
+        position.record(event.xid(), event.id());
+        true
     }
 }
 
@@ -608,6 +795,7 @@ mod tests {
                 Delivery::Event(e) => e.id().as_u128().to_string(),
                 Delivery::Lagged { missed } => format!("lagged {missed}"),
                 Delivery::Gap(_) => "gap".into(),
+                Delivery::Reset { .. } => "reset".into(),
             })
             .collect();
         assert_eq!(rest, ["2", "3", "lagged 2", "6", "7"]);
@@ -691,6 +879,99 @@ mod tests {
         assert_eq!(ids(&mut roomy), [1, 2, 3, 4]);
         assert_eq!(cramped.len(), 3);
         assert_eq!(ids(&mut cramped), [1, 2]);
+    }
+
+    fn event_at(n: u128, xid: u64) -> Event {
+        Event::new(
+            Uuid::from_u128(n),
+            "c".into(),
+            "u".into(),
+            None,
+            xid,
+            SystemTime::UNIX_EPOCH,
+            serde_json::Value::Null,
+        )
+    }
+
+    fn watermark(snapshot: &str) -> Arc<Watermark> {
+        Arc::new(Watermark {
+            epoch: 1,
+            snapshot: snapshot.parse().unwrap(),
+        })
+    }
+
+    #[test]
+    fn a_position_covers_what_was_read_and_joins_watermarks_when_idle() {
+        let fanout = Fanout::default();
+        let mut sub = fanout.subscribe(all(), 10);
+        assert_eq!(sub.position(), None, "no watermark yet");
+        fanout.set_watermark(watermark("100:100:"));
+        fanout.deliver(&[event_at(1, 100), event_at(2, 101)]);
+        // Nothing read: everything under the run's watermark, nothing of the run.
+        let before = sub.position().unwrap();
+        assert!(!before.covers(100, Uuid::from_u128(1)));
+        let first = sub.try_recv().and_then(Delivery::into_event).map(|e| e.id());
+        assert_eq!(first, Some(Uuid::from_u128(1)));
+        // The watermark moved while an event is still queued: not joined yet.
+        fanout.set_watermark(watermark("102:102:"));
+        let mid = sub.position().unwrap();
+        assert!(mid.covers(100, Uuid::from_u128(1)) && !mid.covers(101, Uuid::from_u128(2)));
+        assert_eq!(ids(&mut sub), [2]);
+        let idle = sub.position().unwrap();
+        assert_eq!(idle.snapshot().to_string(), "102:102:");
+        assert_eq!(idle.to_string().parse::<Position>(), Ok(idle.clone()));
+    }
+
+    #[test]
+    fn a_resumed_subscription_hands_out_its_catch_up_then_what_it_does_not_cover() {
+        let fanout = Fanout::default();
+        fanout.set_watermark(watermark("100:100:"));
+        let base = Position::at(&watermark("100:100:"));
+        let (answer, answered) = oneshot::channel();
+        let mut sub = fanout.subscribe_resumed(all(), 10, Some(base.clone()), answered);
+        // Live events pile up while the catch-up is out, and wait.
+        fanout.deliver(&[event_at(2, 101), event_at(3, 102)]);
+        assert!(sub.try_recv().is_none());
+        assert_eq!(sub.position(), Some(base.clone()));
+        answer
+            .send(Ok(CatchUp {
+                base,
+                items: [event_at(1, 100), event_at(2, 101)]
+                    .into_iter()
+                    .map(Delivery::Event)
+                    .collect(),
+                until: Watermark {
+                    epoch: 1,
+                    snapshot: "102:102:".parse().unwrap(),
+                },
+            }))
+            .unwrap();
+        // 2's live copy is under the catch-up's snapshot: skipped.
+        assert_eq!(ids(&mut sub), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_reset_comes_first_and_the_live_stream_follows() {
+        let fanout = Fanout::default();
+        fanout.set_watermark(watermark("100:100:"));
+        let (answer, answered) = oneshot::channel();
+        let mut sub = fanout.subscribe_resumed(all(), 10, None, answered);
+        fanout.deliver(&[event_at(1, 100)]);
+        answer.send(Err(ResetReason::OtherServerRun)).unwrap();
+        assert!(matches!(
+            sub.try_recv(),
+            Some(Delivery::Reset {
+                reason: ResetReason::OtherServerRun
+            })
+        ));
+        assert_eq!(ids(&mut sub), [1]);
+        // A relay that stops before it answers ends the stream.
+        let (answer, answered) = oneshot::channel::<Result<CatchUp, ResetReason>>();
+        let mut orphan = fanout.subscribe_resumed(all(), 10, None, answered);
+        drop(answer);
+        fanout.close();
+        assert!(orphan.try_recv().is_none());
+        assert_eq!(orphan.len(), 0);
     }
 
     #[test]

@@ -147,17 +147,20 @@ mod history;
 mod listener;
 mod metrics;
 mod notification;
+mod position;
 mod relay;
+mod resume;
 mod tls;
 
 pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
 pub use error::Error;
-pub use event::{DecodeError, Delivery, Event, Gap};
+pub use event::{DecodeError, Delivery, Event, Gap, ResetReason};
 pub use fanout::Subscription;
 pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
 pub use pg_outbox_wire::{Snapshot, SnapshotParseError};
+pub use position::{Position, PositionError};
 pub use relay::{Relay, Topic};
 
 /// The rustls version the `tls` feature uses, for building a [`rustls::ClientConfig`].

@@ -31,6 +31,8 @@ use crate::health::Health;
 use crate::history::{self, Floor, ServerRun};
 use crate::metrics::Metrics;
 use crate::notification::{self, CHANNEL};
+use crate::position::Watermark;
+use crate::resume::{self, Answering, ResumeRequest, RunChange, Wanted};
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
@@ -47,11 +49,16 @@ const SWEEP_AFTER_DELIVERED: usize = 2_000;
 /// second fetches once per `fetch_interval` at most.
 pub(crate) const EARLY_FETCH_AT: usize = 32;
 
+/// At most this many changes of server run are remembered for carrying positions over.
+const RUN_CHANGES_KEPT: usize = 16;
+
 /// What the handle and the task share.
 pub(crate) struct Shared {
     pub fanout: Fanout,
     pub metrics: Metrics,
     pub health: watch::Sender<Health>,
+    /// Subscriptions asking to resume from a position.
+    pub resumes: mpsc::UnboundedSender<ResumeRequest>,
 }
 
 /// The listener task's state.
@@ -79,6 +86,10 @@ pub(crate) struct Listener {
     /// An advance saw the server's transaction ids go back: check the history at the next
     /// connection, even if the server's run looks the same.
     history_went_back: bool,
+    /// The server runs the relay went through before this one, oldest first.
+    run_changes: Vec<RunChange>,
+    /// Resume requests waiting for the next catch-up query.
+    waiting_resumes: Vec<ResumeRequest>,
 }
 
 impl Listener {
@@ -133,7 +144,10 @@ impl Listener {
             batch: Vec::new(),
             server,
             history_went_back: false,
+            run_changes: Vec::new(),
+            waiting_resumes: Vec::new(),
         };
+        listener.publish_watermark();
         // One advance now proves the relay may read the outbox (privileges are checked when a
         // statement runs, not when it is prepared), and settles what committed meanwhile.
         if let Err(err) = listener.advance().await {
@@ -145,13 +159,15 @@ impl Listener {
         Ok(listener)
     }
 
-    /// The task: until shutdown, apply notifications, advance when needed, reconnect when lost.
-    pub async fn run(mut self) {
+    /// The task: until shutdown, apply notifications, advance when needed, answer resume
+    /// requests, reconnect when lost.
+    pub async fn run(mut self, mut resumes: mpsc::UnboundedReceiver<ResumeRequest>) {
         let mut shutdown = self.shutdown.clone();
         // A deadline rather than an interval: under a steady flood of notifications the select
         // below always has one ready, and the sweep must still happen.
         let mut next_sweep = Instant::now() + self.cfg.sweep_interval;
         let mut advancing: Option<Advancing> = None;
+        let mut resuming: Option<Resuming> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -166,6 +182,7 @@ impl Listener {
             let fetch_at = self.last_advance + self.cfg.fetch_interval;
             let fetch_waiting = self.cursor.needs_advance();
             let idle = advancing.is_none();
+            let catching_up = resuming.is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -181,16 +198,36 @@ impl Listener {
                     }
                     next_sweep = Instant::now() + self.cfg.sweep_interval;
                 }
+                result = async {
+                    match resuming.as_mut() {
+                        Some(resuming) => (&mut resuming.query).await,
+                        None => std::future::pending().await,
+                    }
+                }, if catching_up => {
+                    if let Some(done) = resuming.take() {
+                        if let Err(err) = self.answer_resumes(done, result) {
+                            self.lose(err.to_string()).await;
+                        }
+                    }
+                }
                 event = conn.events.recv() => self.on_conn_event(event),
+                Some(request) = resumes.recv() => self.waiting_resumes.push(request),
                 _ = sleep_until(fetch_at), if idle && fetch_waiting => {}
                 _ = sleep_until(next_sweep), if idle => {}
             }
             self.drain();
             self.flush();
             if self.conn.is_none() {
-                // Lost: what was under way on that connection is moot.
+                // Lost: what was under way on that connection is moot; resumes wait for the
+                // next one.
                 advancing = None;
+                if let Some(lost) = resuming.take() {
+                    self.waiting_resumes.extend(lost.requests);
+                }
                 continue;
+            }
+            if resuming.is_none() {
+                resuming = self.begin_resume(&mut resumes);
             }
             let now = Instant::now();
             // Fetches and early sweeps both wait fetch_interval after the last advance.
@@ -317,6 +354,85 @@ impl Listener {
         self.cursor.on_advance(advance, &mut self.steps);
         span.record("settled", self.steps.len());
         self.flush();
+        self.publish_watermark();
+        Ok(())
+    }
+
+    /// Tells the fan-out that everything under the cursor's snapshot was handed over: call
+    /// only once the steps that settled it are flushed.
+    fn publish_watermark(&self) {
+        self.shared.fanout.set_watermark(Arc::new(Watermark {
+            epoch: self.server.epoch(),
+            snapshot: self.cursor.snapshot().clone(),
+        }));
+    }
+
+    /// Sends one catch-up query for every resume request waiting; `None` without a connection
+    /// or a request.
+    fn begin_resume(
+        &mut self,
+        resumes: &mut mpsc::UnboundedReceiver<ResumeRequest>,
+    ) -> Option<Resuming> {
+        while let Ok(request) = resumes.try_recv() {
+            self.waiting_resumes.push(request);
+        }
+        // Subscriptions dropped while they waited need nothing.
+        self.waiting_resumes
+            .retain(|request| !request.answer.is_closed());
+        let conn = self.conn.as_ref()?;
+        if self.waiting_resumes.is_empty() {
+            return None;
+        }
+        let requests = std::mem::take(&mut self.waiting_resumes);
+        let wanted = Wanted::of(&requests);
+        let client = Arc::clone(&conn.queries);
+        let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
+        let span = debug_span!("pg_outbox_resume", requests = requests.len());
+        let query = async move {
+            timeout(query_timeout, resume::read(&client, &wanted, &schema))
+                .await
+                .map_err(|_| Error::Timeout {
+                    doing: "running the resume query",
+                    after: query_timeout,
+                })?
+        };
+        Some(Resuming {
+            requests,
+            query: Box::pin(query.instrument(span)),
+        })
+    }
+
+    /// Answers each resume request from the catch-up's result; on an error the requests wait
+    /// for the next connection.
+    fn answer_resumes(
+        &mut self,
+        done: Resuming,
+        result: Result<Advance, Error>,
+    ) -> Result<(), Error> {
+        let read = match result {
+            Ok(read) => read,
+            Err(err) => {
+                self.waiting_resumes.extend(done.requests);
+                return Err(err);
+            }
+        };
+        let metrics = &self.shared.metrics;
+        Metrics::add(&metrics.resume_queries, 1);
+        let answering = Answering {
+            epoch: self.server.epoch(),
+            changes: &self.run_changes,
+            cfg: &self.cfg,
+        };
+        for request in done.requests {
+            let answer = answering.answer(&request, &read);
+            Metrics::add(&metrics.resumes, 1);
+            if let Err(reason) = &answer {
+                Metrics::add(&metrics.resets, 1);
+                debug!(?reason, "a pg_outbox subscription could not resume exactly");
+            }
+            // A subscription dropped meanwhile needs no answer.
+            let _ = request.answer.send(answer);
+        }
         Ok(())
     }
 
@@ -468,7 +584,17 @@ impl Listener {
                 })??;
         let from = self.cursor.snapshot().clone();
         let floor_xid = match floor {
-            Floor::Exact(xid) => xid,
+            Floor::Exact(xid) => {
+                // Positions issued on the old run stay exact below the floor.
+                self.run_changes.push(RunChange {
+                    from: self.server.epoch(),
+                    floor: xid,
+                });
+                if self.run_changes.len() > RUN_CHANGES_KEPT {
+                    self.run_changes.remove(0);
+                }
+                xid
+            }
             Floor::Assumed(xid) => {
                 self.steps.push(Step::Gap(Gap::Rewound { floor_xid: xid }));
                 xid
@@ -489,6 +615,7 @@ impl Listener {
         self.server = run.clone();
         self.history_went_back = false;
         self.flush();
+        self.publish_watermark();
         Ok(())
     }
 
@@ -517,6 +644,12 @@ fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>) {
         );
     }
     batch.clear();
+}
+
+/// A catch-up query for resumed subscriptions on its way, with the requests it serves.
+struct Resuming {
+    requests: Vec<ResumeRequest>,
+    query: Pin<Box<dyn Future<Output = Result<Advance, Error>> + Send>>,
 }
 
 /// An advance query on its way, polled by the listener among its other work.

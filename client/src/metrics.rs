@@ -42,6 +42,9 @@ pub(crate) struct Metrics {
     pub advances: AtomicU64,
     pub forged: AtomicU64,
     pub rewinds: AtomicU64,
+    pub resumes: AtomicU64,
+    pub resume_queries: AtomicU64,
+    pub resets: AtomicU64,
     latency: [AtomicU64; BUCKETS_US.len() + 1],
 }
 
@@ -76,6 +79,9 @@ impl Metrics {
             advances: self.advances.load(Relaxed),
             forged: self.forged.load(Relaxed),
             rewinds: self.rewinds.load(Relaxed),
+            resumes: self.resumes.load(Relaxed),
+            resume_queries: self.resume_queries.load(Relaxed),
+            resets: self.resets.load(Relaxed),
             latency: Latency { buckets },
         }
     }
@@ -118,6 +124,14 @@ pub struct MetricsSnapshot {
     /// restore) or saw its transaction ids go back, after which the relay read again from the
     /// floor of the history the server still holds (see [`Gap::Rewound`](crate::Gap::Rewound)).
     pub rewinds: u64,
+    /// Subscriptions that asked to resume from a position
+    /// ([`Relay::subscribe_from`](crate::Relay::subscribe_from)) and were answered.
+    pub resumes: u64,
+    /// Catch-up queries run for them: resumes that arrive together share one.
+    pub resume_queries: u64,
+    /// Resumes that could not go on exactly from their position and got a
+    /// [`Delivery::Reset`](crate::Delivery::Reset).
+    pub resets: u64,
     /// Commit-to-delivery latency of delivered events.
     pub latency: Latency,
 }

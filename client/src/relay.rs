@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -13,6 +13,8 @@ use crate::fanout::{Fanout, Filter, Subscription};
 use crate::health::Health;
 use crate::listener::{Listener, Shared};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::position::Position;
+use crate::resume::ResumeRequest;
 
 /// Relays `pg_outbox` events from PostgreSQL to this process's subscribers.
 ///
@@ -28,6 +30,8 @@ struct Inner {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     state: Mutex<State>,
+    /// The listener's end of [`Shared::resumes`], until it starts.
+    resumes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<ResumeRequest>>>,
 }
 
 enum State {
@@ -45,6 +49,7 @@ impl Relay {
     pub(crate) fn new(config: RelayBuilder) -> Relay {
         let (health, _) = watch::channel(Health::NotStarted);
         let (shutdown, _) = watch::channel(false);
+        let (resumes, resume_queue) = mpsc::unbounded_channel();
         Relay {
             inner: Arc::new(Inner {
                 config: Arc::new(config),
@@ -52,9 +57,11 @@ impl Relay {
                     fanout: Fanout::default(),
                     metrics: Metrics::default(),
                     health,
+                    resumes,
                 }),
                 shutdown,
                 state: Mutex::new(State::NotStarted),
+                resumes: std::sync::Mutex::new(Some(resume_queue)),
             }),
         }
     }
@@ -83,8 +90,63 @@ impl Relay {
         self.subscribe_to(Topic::all())
     }
 
+    /// Every event addressed to one user, on every channel: what a user's SSE or websocket
+    /// connection needs.
+    pub fn subscribe_for_user(&self, user_id: impl Into<String>) -> Subscription {
+        self.subscribe_to(Topic::for_user(user_id))
+    }
+
     /// Events matching `topic`, with its own buffer size if it sets one.
     pub fn subscribe_to(&self, topic: Topic) -> Subscription {
+        let (filter, buffer) = self.topic_parts(topic);
+        self.inner.shared.fanout.subscribe(filter, buffer)
+    }
+
+    /// Resumes a subscription from `last_seen`, a position token from
+    /// [`Subscription::position`] on this relay or any other on the same database (for SSE,
+    /// the `Last-Event-ID` header): the events matching `topic` that the position had not seen,
+    /// in `(xid, id)` order, then the live stream, with no event twice and none missed, whatever
+    /// order publishers committed in.
+    ///
+    /// A token that is malformed, older than the retention (events it had not seen may be
+    /// pruned), issued on another run of the server that this relay cannot match, or naming
+    /// transactions the server has not started (forged), makes the first item a
+    /// [`Delivery::Reset`](crate::Delivery::Reset) with the reason; the stream then goes on from
+    /// now, as [`subscribe_to`](Relay::subscribe_to)'s does.
+    ///
+    /// The catch-up is one query; subscriptions resuming together share it (see
+    /// [`MetricsSnapshot::resume_queries`]). It runs once the relay is started and connected.
+    pub fn subscribe_from(&self, topic: Topic, last_seen: &str) -> Subscription {
+        let (filter, buffer) = self.topic_parts(topic);
+        let fanout = &self.inner.shared.fanout;
+        let (answer, answered) = oneshot::channel();
+        match last_seen.parse::<Position>() {
+            Ok(position) => {
+                // Filed before the request goes: see the `resume` module for why.
+                let subscription = fanout.subscribe_resumed(
+                    filter.clone(),
+                    buffer,
+                    Some(position.clone()),
+                    answered,
+                );
+                // Fails only once the relay stopped: the subscription's stream then ends.
+                let _ = self.inner.shared.resumes.send(ResumeRequest {
+                    filter,
+                    position,
+                    answer,
+                });
+                subscription
+            }
+            Err(err) => {
+                let subscription = fanout.subscribe_resumed(filter, buffer, None, answered);
+                let _ = answer.send(Err(crate::event::ResetReason::Malformed(err)));
+                subscription
+            }
+        }
+    }
+
+    /// A topic's filter and buffer, checked against the relay's configuration.
+    fn topic_parts(&self, topic: Topic) -> (Filter, usize) {
         let channels = &self.inner.config.channels;
         if let Some(channel) = &topic.filter.channel {
             if !channels.is_empty() && !channels.contains(channel) {
@@ -102,7 +164,7 @@ impl Relay {
             Some(events) => events,
             None => self.inner.config.subscriber_buffer,
         };
-        self.inner.shared.fanout.subscribe(topic.filter, buffer)
+        (topic.filter, buffer)
     }
 
     /// Connects, LISTENs, proves LISTEN holds, and takes the starting snapshot; then relays in
@@ -125,8 +187,15 @@ impl Relay {
             self.inner.shutdown.subscribe(),
         )
         .await?;
+        let resumes = self
+            .inner
+            .resumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or(Error::AlreadyStarted)?;
         self.inner.shared.health.send_replace(Health::Listening);
-        *state = State::Running(tokio::spawn(listener.run()));
+        *state = State::Running(tokio::spawn(listener.run(resumes)));
         Ok(())
     }
 
@@ -215,6 +284,11 @@ impl Topic {
         let mut topic = Topic::all();
         topic.filter.channel = Some(channel.into());
         topic
+    }
+
+    /// Every channel, one user: what a user's SSE or websocket connection needs.
+    pub fn for_user(user_id: impl Into<String>) -> Topic {
+        Topic::all().user(user_id)
     }
 
     /// Only the events addressed to this user.

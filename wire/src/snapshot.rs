@@ -23,6 +23,15 @@ pub struct SnapshotParseError {
 }
 
 impl Snapshot {
+    /// A snapshot from its parts, as read back from a compact form: `None` unless `xmin <=
+    /// xmax` and `xip` is strictly increasing within `xmin..xmax`.
+    pub fn from_parts(xmin: u64, xmax: u64, xip: Vec<u64>) -> Option<Snapshot> {
+        let ordered = xip.windows(2).all(|pair| pair[0] < pair[1]);
+        let inside = xip.first().is_none_or(|&first| first >= xmin)
+            && xip.last().is_none_or(|&last| last < xmax);
+        (xmin <= xmax && ordered && inside).then_some(Snapshot { xmin, xmax, xip })
+    }
+
     /// The oldest transaction id still running in this snapshot: every xid below it is settled.
     pub fn xmin(&self) -> u64 {
         self.xmin
@@ -170,6 +179,28 @@ mod tests {
         let s = snap("10:20:10");
         assert!(!s.is_visible(10));
         assert!(s.is_visible(11));
+    }
+
+    #[test]
+    fn from_parts_accepts_only_what_a_snapshot_can_be() {
+        assert_eq!(
+            Snapshot::from_parts(10, 20, vec![12, 15]),
+            Some(snap("10:20:12,15"))
+        );
+        assert_eq!(Snapshot::from_parts(5, 5, vec![]), Some(snap("5:5:")));
+        for (xmin, xmax, xip) in [
+            (3, 2, vec![]),
+            (10, 20, vec![15, 12]),
+            (10, 20, vec![12, 12]),
+            (10, 20, vec![9]),
+            (10, 20, vec![20]),
+        ] {
+            assert_eq!(
+                Snapshot::from_parts(xmin, xmax, xip.clone()),
+                None,
+                "{xip:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,358 @@
+//! Resuming a subscription from a [`Position`]: one query reads, for every subscription that
+//! asked since the last one, the events its position has not seen.
+//!
+//! The subscription is filed with the fan-out *before* its request is sent, so its queue
+//! collects every event the relay hands over from then on. The query then takes a fresh
+//! snapshot *Q*: every event the relay handed over before the subscription was filed had
+//! committed by then, so *Q* sees it. The subscription hands out the rows the query read
+//! (visible in *Q*, not covered by its position), then joins *Q* into its position, and reads
+//! its queue, where the live copies of those rows are now covered: every committed event is
+//! handed out once, whichever replica issued the position.
+//!
+//! Resumes are coalesced: while a query is out, the requests that arrive wait, and the next
+//! query serves them all, reading from the least `xmin` of their positions with their topics'
+//! users and channels. A thousand browsers arriving together cost a few queries, not a thousand.
+
+use std::collections::VecDeque;
+
+use pg_outbox_wire::quote_ident;
+use tokio::sync::oneshot;
+use tokio_postgres::Client;
+
+use crate::advance;
+use crate::config::RelayBuilder;
+use crate::cursor::Advance;
+use crate::error::Error;
+use crate::event::{Delivery, Gap, ResetReason};
+use crate::fanout::Filter;
+use crate::position::{Position, Watermark};
+
+/// A subscription's request to resume from `position`.
+pub(crate) struct ResumeRequest {
+    pub filter: Filter,
+    pub position: Position,
+    pub answer: oneshot::Sender<Result<CatchUp, ResetReason>>,
+}
+
+/// What a resumed subscription hands out before its queue: `items` (the events its position
+/// had not seen, in `(xid, id)` order, and the unreadable among them as gaps), from `base`
+/// (its position, carried over to the current server run if it was issued on an earlier one),
+/// after which it joins `until` (the query's snapshot).
+#[derive(Debug)]
+pub(crate) struct CatchUp {
+    pub base: Position,
+    pub items: VecDeque<Delivery>,
+    pub until: Watermark,
+}
+
+/// A change of server run the relay went through: positions issued on `from` are exact on the
+/// next run below `floor`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunChange {
+    pub from: u32,
+    pub floor: u64,
+}
+
+/// The statement of the catch-up (`$1`: the least xmin, as text; `$2`, `$3`: the users and
+/// channels wanted; `$4`: whether some subscription wants every event). The snapshot is taken
+/// in the same statement as the scan, as in the advance, whose columns it returns.
+pub(crate) fn catch_up_sql(schema: &str) -> String {
+    let schema = quote_ident(schema);
+    format!(
+        "WITH snap AS MATERIALIZED ( \
+             SELECT s, s::text AS s_text FROM (SELECT pg_current_snapshot() AS s) taken) \
+         SELECT snap.s_text AS snapshot, \
+                COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
+                e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
+                e.xid::text AS xid \
+         FROM snap LEFT JOIN LATERAL ( \
+             SELECT id, channel, user_id, payload, origin, created_at, xid \
+             FROM {schema}.event_outbox \
+             WHERE xid >= $1::text::xid8 \
+               AND xid < pg_snapshot_xmax(snap.s) \
+               AND pg_visible_in_snapshot(xid, snap.s) \
+               AND ($4 OR user_id = ANY($2::text[]) OR channel = ANY($3::text[])) \
+             ORDER BY xid, id) e ON true"
+    )
+}
+
+/// The rows a set of requests may need: from the least xmin of their positions, of their
+/// users and channels (each request then keeps its own).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    from: u64,
+    users: Vec<String>,
+    channels: Vec<String>,
+    everything: bool,
+}
+
+impl Wanted {
+    pub fn of(requests: &[ResumeRequest]) -> Wanted {
+        let mut wanted = Wanted {
+            from: requests
+                .iter()
+                .map(|request| request.position.snapshot().xmin())
+                .min()
+                .unwrap_or(0),
+            ..Wanted::default()
+        };
+        for request in requests {
+            match (&request.filter.user_id, &request.filter.channel) {
+                (Some(user), _) => wanted.users.push(user.clone()),
+                (None, Some(channel)) => wanted.channels.push(channel.clone()),
+                (None, None) => wanted.everything = true,
+            }
+        }
+        wanted.users.sort_unstable();
+        wanted.users.dedup();
+        wanted.channels.sort_unstable();
+        wanted.channels.dedup();
+        wanted
+    }
+}
+
+/// Runs the catch-up query for `wanted`.
+pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Result<Advance, Error> {
+    let rows = client
+        .query(
+            &catch_up_sql(schema),
+            &[
+                &wanted.from.to_string(),
+                &wanted.users,
+                &wanted.channels,
+                &wanted.everything,
+            ],
+        )
+        .await
+        .map_err(|e| Error::from_query(e, schema))?;
+    advance::parse(&rows, 0)
+}
+
+/// What the relay knows when it answers: the current server run, the runs it went through,
+/// and its configuration (channels relayed, own origin).
+pub(crate) struct Answering<'a> {
+    pub epoch: u32,
+    pub changes: &'a [RunChange],
+    pub cfg: &'a RelayBuilder,
+}
+
+impl Answering<'_> {
+    /// Answers one request from the catch-up `read` returned.
+    pub fn answer(&self, request: &ResumeRequest, read: &Advance) -> Result<CatchUp, ResetReason> {
+        let base = self.carry_over(&request.position)?;
+        let server = &read.snapshot;
+        let position_xmax = base
+            .beyond_xids()
+            .map(|xid| xid + 1)
+            .chain([base.snapshot().xmax()])
+            .max()
+            .unwrap_or(0);
+        if position_xmax > server.xmax() {
+            return Err(ResetReason::Ahead {
+                position_xmax,
+                server_xmax: server.xmax(),
+            });
+        }
+        // Every transaction from the position's xmin on is one it may not have seen.
+        let pruned = read.pruned_through_xid;
+        if pruned != 0 && pruned >= base.snapshot().xmin() {
+            return Err(ResetReason::Expired {
+                pruned_through_xid: pruned,
+                position_xmin: base.snapshot().xmin(),
+            });
+        }
+        let filter = &request.filter;
+        let wanted = |channel: &str, user_id: &str| {
+            filter.channel.as_deref().is_none_or(|c| c == channel)
+                && filter.user_id.as_deref().is_none_or(|u| u == user_id)
+                && (self.cfg.channels.is_empty() || self.cfg.channels.iter().any(|c| c == channel))
+        };
+        let own = |origin: Option<&str>| {
+            !self.cfg.deliver_own_origin
+                && self.cfg.instance_id.is_some()
+                && origin == self.cfg.instance_id.as_deref()
+        };
+        let items = read
+            .rows
+            .iter()
+            .filter_map(|row| match row {
+                Ok(event) => (wanted(event.channel(), event.user_id())
+                    && !own(event.origin())
+                    && !base.covers(event.xid(), event.id()))
+                .then(|| Delivery::Event(event.clone())),
+                Err(unreadable) => (wanted(&unreadable.channel, &unreadable.user_id)
+                    && !base.covers(unreadable.xid, unreadable.id))
+                .then(|| {
+                    Delivery::Gap(Gap::Unreadable {
+                        id: unreadable.id,
+                        channel: unreadable.channel.clone(),
+                        user_id: unreadable.user_id.clone(),
+                        reason: unreadable.reason.clone(),
+                    })
+                }),
+            })
+            .collect();
+        Ok(CatchUp {
+            base,
+            items,
+            until: Watermark {
+                epoch: self.epoch,
+                snapshot: server.clone(),
+            },
+        })
+    }
+
+    /// `position` on the current server run: as it is if issued on it; below the floor of each
+    /// change since, if issued on an earlier run this relay went through.
+    fn carry_over(&self, position: &Position) -> Result<Position, ResetReason> {
+        if position.epoch() == self.epoch {
+            return Ok(position.clone());
+        }
+        let since = self
+            .changes
+            .iter()
+            .position(|change| change.from == position.epoch())
+            .ok_or(ResetReason::OtherServerRun)?;
+        let floor = self.changes[since..]
+            .iter()
+            .map(|change| change.floor)
+            .min()
+            .unwrap_or(0);
+        Ok(position.carried_over(self.epoch, floor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::cursor::Snapshot;
+    use crate::event::Event;
+
+    fn snap(text: &str) -> Snapshot {
+        text.parse().unwrap()
+    }
+
+    fn event(n: u128, xid: u64, user: &str) -> Event {
+        Event::new(
+            Uuid::from_u128(n),
+            "chat".into(),
+            user.into(),
+            None,
+            xid,
+            SystemTime::UNIX_EPOCH,
+            serde_json::Value::Null,
+        )
+    }
+
+    fn request(user: &str, position: Position) -> ResumeRequest {
+        ResumeRequest {
+            filter: Filter {
+                channel: None,
+                user_id: Some(user.into()),
+            },
+            position,
+            answer: oneshot::channel().0,
+        }
+    }
+
+    fn position(epoch: u32, text: &str, seen: &[(u64, u128)]) -> Position {
+        let mut position = Position::at(&Watermark {
+            epoch,
+            snapshot: snap(text),
+        });
+        for (xid, n) in seen {
+            position.record(*xid, Uuid::from_u128(*n));
+        }
+        position
+    }
+
+    fn read(snapshot: &str, pruned: u64, rows: Vec<Event>) -> Advance {
+        Advance {
+            snapshot: snap(snapshot),
+            pruned_through_xid: pruned,
+            rows: rows.into_iter().map(Ok).collect(),
+            heard_before: 0,
+        }
+    }
+
+    fn ids(catch_up: &CatchUp) -> Vec<u128> {
+        catch_up
+            .items
+            .iter()
+            .filter_map(|item| item.event().map(|e| e.id().as_u128()))
+            .collect()
+    }
+
+    #[test]
+    fn each_subscription_gets_what_its_own_position_had_not_seen() {
+        let cfg = RelayBuilder::from_connection_string("host=/nonexistent").unwrap();
+        let answering = Answering {
+            epoch: 1,
+            changes: &[],
+            cfg: &cfg,
+        };
+        // 101 committed late (after 102); u1 saw 102 beyond its snapshot, u2 saw nothing.
+        let rows = vec![
+            event(1, 100, "u1"),
+            event(2, 101, "u1"),
+            event(3, 102, "u1"),
+            event(4, 102, "u2"),
+        ];
+        let read = read("103:103:", 0, rows);
+        let u1 = request("u1", position(1, "101:102:101", &[(102, 3)]));
+        let u2 = request("u2", position(1, "100:100:", &[]));
+        assert_eq!(ids(&answering.answer(&u1, &read).unwrap()), [2]);
+        assert_eq!(ids(&answering.answer(&u2, &read).unwrap()), [4]);
+    }
+
+    #[test]
+    fn positions_that_cannot_resume_exactly_are_reset_with_the_reason() {
+        let cfg = RelayBuilder::from_connection_string("host=/nonexistent").unwrap();
+        let changes = [RunChange {
+            from: 1,
+            floor: 150,
+        }];
+        let answering = Answering {
+            epoch: 2,
+            changes: &changes,
+            cfg: &cfg,
+        };
+        let read = read("200:200:", 120, vec![event(1, 160, "u1")]);
+        // Forged, or from a lost history: beyond what the server has assigned.
+        assert!(matches!(
+            answering.answer(&request("u1", position(2, "300:300:", &[])), &read),
+            Err(ResetReason::Ahead {
+                position_xmax: 300,
+                server_xmax: 200
+            })
+        ));
+        assert!(matches!(
+            answering.answer(&request("u1", position(2, "150:150:", &[(250, 9)])), &read),
+            Err(ResetReason::Ahead { .. })
+        ));
+        // Older than what was pruned.
+        assert!(matches!(
+            answering.answer(&request("u1", position(2, "110:110:", &[])), &read),
+            Err(ResetReason::Expired {
+                pruned_through_xid: 120,
+                position_xmin: 110
+            })
+        ));
+        // A run this relay never saw.
+        assert!(matches!(
+            answering.answer(&request("u1", position(7, "130:130:", &[])), &read),
+            Err(ResetReason::OtherServerRun)
+        ));
+        // A run it went through: carried over below the floor, so 160 (from the new history)
+        // is delivered although the old position had seen an xid 160.
+        let carried = answering
+            .answer(&request("u1", position(1, "170:170:", &[])), &read)
+            .unwrap();
+        assert_eq!(carried.base.snapshot().to_string(), "150:150:");
+        assert_eq!(ids(&carried), [1]);
+    }
+}

@@ -632,10 +632,13 @@ impl Subscription {
             position.absorb(&watermark);
             self.absorbed = Some(watermark);
         }
-        if position.covers(event.xid(), event.id()) {
+        // The relay hands each event over once, and a resumed subscription's catch-up ended
+        // with a snapshot that sees every event its position holds by id: its snapshot alone
+        // tells a live copy from a new event, without a scan of the ids.
+        if position.snapshot().is_visible(event.xid()) {
             return false;
         }
-        position.record(event.xid(), event.id());
+        position.record_new(event.xid(), event.id());
         true
     }
 }

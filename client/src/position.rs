@@ -109,6 +109,13 @@ impl Position {
         }
     }
 
+    /// Notes the event `(xid, id)`, which the caller knows was not seen, as seen.
+    pub(crate) fn record_new(&mut self, xid: u64, id: Uuid) {
+        if !self.snapshot.is_visible(xid) {
+            self.beyond.push((xid, id));
+        }
+    }
+
     /// Joins a snapshot everything under which was seen. A watermark of another server run
     /// replaces the position: the relay moved to that run and rewound to what survived of the
     /// old one, and delivers from there.

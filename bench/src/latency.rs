@@ -112,7 +112,8 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         options.latency_time().as_secs(),
         options.rounds()
     );
-    for rate in [1000, 5000] {
+    // 100 events/s too: reference mode's queries per event where fetches are not yet full.
+    for rate in [100, 1000, 5000] {
         for relays in [1, 4] {
             let mut rounds: Vec<Vec<Measured>> = SETUPS.iter().map(|_| Vec::new()).collect();
             for _ in 0..options.rounds() {

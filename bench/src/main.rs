@@ -2,7 +2,7 @@
 //! throwaway cluster this program starts (and prints the configuration of).
 //!
 //! ```text
-//! pg-outbox-bench [--smoke] [--only publish|latency|fanout|prune|memory]
+//! pg-outbox-bench [--smoke] [--only publish|latency|fanout|prune|memory|resume]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
@@ -15,7 +15,9 @@ mod pgbench;
 mod prune;
 mod publish_rate;
 mod report;
+mod resume;
 mod retention;
+mod server_cpu;
 
 use std::time::Duration;
 
@@ -130,6 +132,9 @@ async fn main() {
     }
     if options.wants("memory") {
         tables.extend(memory::run(&cluster, &options).await);
+    }
+    if options.wants("resume") {
+        tables.extend(resume::run(&cluster, &options).await);
     }
     println!("## Results\n");
     for table in tables {

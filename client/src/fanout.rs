@@ -913,7 +913,10 @@ mod tests {
         // Nothing read: everything under the run's watermark, nothing of the run.
         let before = sub.position().unwrap();
         assert!(!before.covers(100, Uuid::from_u128(1)));
-        let first = sub.try_recv().and_then(Delivery::into_event).map(|e| e.id());
+        let first = sub
+            .try_recv()
+            .and_then(Delivery::into_event)
+            .map(|e| e.id());
         assert_eq!(first, Some(Uuid::from_u128(1)));
         // The watermark moved while an event is still queued: not joined yet.
         fanout.set_watermark(watermark("102:102:"));

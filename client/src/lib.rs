@@ -89,6 +89,15 @@
 //!   delivered before is repeated ([`MetricsSnapshot::rewinds`] counts these). Events the relay
 //!   delivered from transactions the server then lost cannot be taken back. If no witness
 //!   survived, every subscriber gets [`Gap::Rewound`].
+//! - **Positions, for browsers.** [`Subscription::position`] is where a subscription stands:
+//!   the relay's watermark snapshot joined with the ids it handed out beyond it, as a URL-safe
+//!   token (for SSE, the `id:` line). [`Relay::subscribe_from`] on any replica resumes from it:
+//!   one query (shared by the resumes that arrive together) reads the events of the topic that
+//!   the position had not seen, visible in a fresh snapshot, then the live stream follows with
+//!   the copies of those skipped. Exact under out-of-order commits; a position that cannot be
+//!   resumed exactly (malformed, older than the retention, forged, or from a server run this
+//!   relay did not go through) yields [`Delivery::Reset`] first. See the README's
+//!   "Positions" section for the size of a token.
 //! - **Own origin.** A relay with an [`instance_id`](RelayBuilder::instance_id) skips the events
 //!   published with that origin unless [`deliver_own_origin`](RelayBuilder::deliver_own_origin).
 //! - **Slow subscribers** never block the relay or each other: each has a bounded buffer; when

@@ -897,10 +897,7 @@ mod tests {
     }
 
     fn watermark(snapshot: &str) -> Arc<Watermark> {
-        Arc::new(Watermark {
-            epoch: 1,
-            snapshot: snapshot.parse().unwrap(),
-        })
+        Arc::new(Watermark::new(1, snapshot.parse().unwrap()))
     }
 
     #[test]
@@ -946,10 +943,7 @@ mod tests {
                     .into_iter()
                     .map(Delivery::Event)
                     .collect(),
-                until: Watermark {
-                    epoch: 1,
-                    snapshot: "102:102:".parse().unwrap(),
-                },
+                until: Watermark::new(1, "102:102:".parse().unwrap()),
             }))
             .unwrap();
         // 2's live copy is under the catch-up's snapshot: skipped.

@@ -31,8 +31,8 @@ use crate::health::Health;
 use crate::history::{self, Floor, ServerRun};
 use crate::metrics::Metrics;
 use crate::notification::{self, CHANNEL};
-use crate::position::Watermark;
-use crate::resume::{self, Answering, ResumeRequest, RunChange, Wanted};
+use crate::position::{RunChange, Watermark};
+use crate::resume::{self, Answering, ResumeRequest, Wanted};
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
@@ -88,6 +88,9 @@ pub(crate) struct Listener {
     history_went_back: bool,
     /// The server runs the relay went through before this one, oldest first.
     run_changes: Vec<RunChange>,
+    /// The change into the current run, when the relay proved where the old history holds:
+    /// its subscriptions' positions are carried over.
+    carried_from: Option<RunChange>,
     /// Resume requests waiting for the next catch-up query.
     waiting_resumes: Vec<ResumeRequest>,
 }
@@ -145,6 +148,7 @@ impl Listener {
             server,
             history_went_back: false,
             run_changes: Vec::new(),
+            carried_from: None,
             waiting_resumes: Vec::new(),
         };
         listener.publish_watermark();
@@ -362,8 +366,8 @@ impl Listener {
     /// only once the steps that settled it are flushed.
     fn publish_watermark(&self) {
         self.shared.fanout.set_watermark(Arc::new(Watermark {
-            epoch: self.server.epoch(),
-            snapshot: self.cursor.snapshot().clone(),
+            change: self.carried_from,
+            ..Watermark::new(self.server.epoch(), self.cursor.snapshot().clone())
         }));
     }
 
@@ -586,16 +590,19 @@ impl Listener {
         let floor_xid = match floor {
             Floor::Exact(xid) => {
                 // Positions issued on the old run stay exact below the floor.
-                self.run_changes.push(RunChange {
+                let change = RunChange {
                     from: self.server.epoch(),
                     floor: xid,
-                });
+                };
+                self.carried_from = Some(change);
+                self.run_changes.push(change);
                 if self.run_changes.len() > RUN_CHANGES_KEPT {
                     self.run_changes.remove(0);
                 }
                 xid
             }
             Floor::Assumed(xid) => {
+                self.carried_from = None;
                 self.steps.push(Step::Gap(Gap::Rewound { floor_xid: xid }));
                 xid
             }

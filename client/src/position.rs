@@ -59,6 +59,27 @@ pub struct Position {
 pub(crate) struct Watermark {
     pub epoch: u32,
     pub snapshot: Snapshot,
+    /// How the relay came to `epoch`, when it proved where the previous run's history holds.
+    pub change: Option<RunChange>,
+}
+
+impl Watermark {
+    pub fn new(epoch: u32, snapshot: Snapshot) -> Watermark {
+        Watermark {
+            epoch,
+            snapshot,
+            change: None,
+        }
+    }
+}
+
+/// A change of server run the relay went through: positions issued on `from` are exact on the
+/// next run below `floor` (every transaction below it survived; none the relay saw from it
+/// on did).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RunChange {
+    pub from: u32,
+    pub floor: u64,
 }
 
 /// A token that is not a position: damaged, truncated, or not made by this client.
@@ -117,12 +138,19 @@ impl Position {
     }
 
     /// Joins a snapshot everything under which was seen. A watermark of another server run
-    /// replaces the position: the relay moved to that run and rewound to what survived of the
-    /// old one, and delivers from there.
+    /// means the relay moved to that run and rewound to what survived of the old one: the
+    /// position is carried over below the floor the relay proved, or, without one, replaced.
     pub(crate) fn absorb(&mut self, watermark: &Watermark) {
         if watermark.epoch != self.epoch {
-            *self = Position::at(watermark);
-            return;
+            match watermark.change {
+                Some(change) if change.from == self.epoch => {
+                    *self = self.carried_over(watermark.epoch, change.floor);
+                }
+                _ => {
+                    *self = Position::at(watermark);
+                    return;
+                }
+            }
         }
         self.snapshot = self.snapshot.union(&watermark.snapshot);
         let snapshot = &self.snapshot;
@@ -296,10 +324,7 @@ mod tests {
     }
 
     fn watermark(epoch: u32, text: &str) -> Watermark {
-        Watermark {
-            epoch,
-            snapshot: snap(text),
-        }
+        Watermark::new(epoch, snap(text))
     }
 
     fn id(n: u128) -> Uuid {
@@ -347,9 +372,21 @@ mod tests {
         position.absorb(&watermark(1, "106:106:"));
         assert!(position.beyond.is_empty());
         assert_eq!(position.snapshot().to_string(), "106:106:");
-        // Another server run's watermark replaces it.
+        // Another server run's watermark replaces it, unless the relay proved a floor.
+        position.record(107, id(3));
+        let mut carried = position.clone();
         position.absorb(&watermark(2, "50:50:"));
         assert_eq!(position, Position::at(&watermark(2, "50:50:")));
+        carried.absorb(&Watermark {
+            change: Some(RunChange {
+                from: 1,
+                floor: 107,
+            }),
+            ..watermark(2, "104:104:")
+        });
+        assert_eq!(carried.epoch(), 2);
+        assert_eq!(carried.snapshot().to_string(), "106:106:");
+        assert!(carried.beyond.is_empty(), "107 is gone with the old run");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::cursor::Advance;
 use crate::error::Error;
 use crate::event::{Delivery, Gap, ResetReason};
 use crate::fanout::Filter;
-use crate::position::{Position, Watermark};
+use crate::position::{Position, RunChange, Watermark};
 
 /// A subscription's request to resume from `position`.
 pub(crate) struct ResumeRequest {
@@ -43,14 +43,6 @@ pub(crate) struct CatchUp {
     pub base: Position,
     pub items: VecDeque<Delivery>,
     pub until: Watermark,
-}
-
-/// A change of server run the relay went through: positions issued on `from` are exact on the
-/// next run below `floor`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RunChange {
-    pub from: u32,
-    pub floor: u64,
 }
 
 /// The statement of the catch-up (`$1`: the least xmin, as text; `$2`, `$3`: the users and
@@ -195,10 +187,7 @@ impl Answering<'_> {
         Ok(CatchUp {
             base,
             items,
-            until: Watermark {
-                epoch: self.epoch,
-                snapshot: server.clone(),
-            },
+            until: Watermark::new(self.epoch, server.clone()),
         })
     }
 
@@ -260,10 +249,7 @@ mod tests {
     }
 
     fn position(epoch: u32, text: &str, seen: &[(u64, u128)]) -> Position {
-        let mut position = Position::at(&Watermark {
-            epoch,
-            snapshot: snap(text),
-        });
+        let mut position = Position::at(&Watermark::new(epoch, snap(text)));
         for (xid, n) in seen {
             position.record(*xid, Uuid::from_u128(*n));
         }

@@ -165,7 +165,6 @@ async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_
     let first = publish(&publisher, "chat", "u1", "{}", None).await;
     assert_eq!(next_event(&mut subscription).await, first);
     let token = subscription.position().unwrap().to_string();
-    drop(subscription);
 
     cluster.restart();
     drop(publisher);
@@ -185,11 +184,19 @@ async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_
         .await;
     wait_for_advances(&cluster, &relay, 2).await;
     resumed.assert_exactly("resumed across the restart", &expected);
+    // A subscription open across the restart carries its position over to the new run.
+    assert_eq!(next_event(&mut subscription).await, missed);
+    let carried = subscription.position().unwrap().to_string();
+    drop(subscription);
 
     // A relay started after the restart cannot tell what the old run's position saw.
     let fresh = started(&cluster, "relay_resume_fresh").await;
     let mut reset = fresh.subscribe_from(Topic::for_user("u1"), &token);
     assert_eq!(reset_of(&mut reset).await, ResetReason::OtherServerRun);
+    // One issued after it resumes exactly there.
+    let mut after_restart = fresh.subscribe_from(Topic::for_user("u1"), &carried);
+    let next = publish(&publisher, "chat", "u1", "{}", None).await;
+    assert_eq!(next_event(&mut after_restart).await, next);
     relay.shutdown().await;
     fresh.shutdown().await;
 }

@@ -5,7 +5,8 @@
 //!
 //! The input is split on NUL bytes (which neither a notification nor a snapshot can contain):
 //! the first part is the cursor's snapshot, the second the advance's, the rest are payloads.
-//! Every payload is also decoded alone, so the decoder sees the raw bytes too.
+//! Every payload is also decoded alone, so the decoder sees the raw bytes too. Every part is
+//! also read as a position token, which browsers send back (SSE's `Last-Event-ID`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -35,6 +36,14 @@ fuzz_target!(|data: &[u8]| {
         let again: pg_outbox_client::Snapshot = parsed.to_string().parse().expect("round trip");
         assert_eq!(again, parsed);
         let _ = parsed.is_visible(parsed.xmin()) || parsed.is_visible(u64::MAX);
+    }
+    for part in text.split('\0') {
+        if let Ok(position) = part.parse::<pg_outbox_client::Position>() {
+            // A token read back is the position it came from.
+            let again: pg_outbox_client::Position =
+                position.to_string().parse().expect("round trip");
+            assert_eq!(again, position);
+        }
     }
     pg_outbox_client::__fuzz_relay_input(snapshot, &payloads, next);
 });

@@ -1,0 +1,196 @@
+//! One replica of a web app that forwards each user's pg_outbox events to browsers over SSE,
+//! with `pg_outbox_sse`. Run several behind a load balancer: a browser whose replica goes away
+//! reconnects to another and gets exactly the events it missed.
+//!
+//! ```text
+//! pg-outbox-sse-example --db 'host=/run/postgresql dbname=app' --listen 127.0.0.1:3000
+//! ```
+//!
+//! - `GET /?user=u1`: a page whose `EventSource` shows u1's events (`&report=URL` also POSTs
+//!   each thing it receives to `URL`, in order, for tests and benchmarks);
+//! - `GET /events?user=u1`: the SSE stream itself;
+//! - `POST /publish` with `{"channel", "user_id", "payload"}`: publishes an event
+//!   (`outbox_publish`), answers `{"id"}`.
+//!
+//! In a real app the user comes from authentication (a session cookie, a token), never from the
+//! query string: anyone can type `?user=someone-else`.
+//!
+//! Prints `listening on http://ADDR` on stdout once it serves; stops on SIGINT or SIGTERM (its
+//! streams end, and browsers reconnect elsewhere).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::Sse;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use pg_outbox_client::{Relay, RelayBuilder, Topic};
+use pg_outbox_sse::{EventStream, LastEventId, SseConfig};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+/// One replica of a web app forwarding pg_outbox events to browsers over SSE.
+#[derive(Debug, Parser)]
+#[command(name = "pg-outbox-sse-example")]
+struct Args {
+    /// The database, as a libpq connection string or URL.
+    #[arg(long, env = "PG_OUTBOX_DB")]
+    db: String,
+    /// Where to serve HTTP (port 0: any free port; the address is printed).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// This replica's name, in logs and in the relay's application_name.
+    #[arg(long, default_value = "replica")]
+    name: String,
+    /// The reconnect delay browsers are asked to wait (`retry:`), in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    retry_ms: u64,
+    /// Silence after which a stream sends a keep-alive, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    keep_alive_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("relay: {0}")]
+    Relay(#[from] pg_outbox_client::Error),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone)]
+struct App {
+    relay: Relay,
+    publisher: Arc<tokio_postgres::Client>,
+    sse: SseConfig,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = run(Args::parse()).await {
+        eprintln!("pg-outbox-sse-example: {err}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), AppError> {
+    let relay = RelayBuilder::from_connection_string(&args.db)?
+        .application_name(format!("pg_outbox_sse_{}", args.name))
+        .build()?;
+    relay.start().await?;
+    let (publisher, connection) = tokio_postgres::connect(&args.db, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            warn!(%err, "the publishing connection ended");
+        }
+    });
+    let app = App {
+        relay: relay.clone(),
+        publisher: Arc::new(publisher),
+        sse: SseConfig::default()
+            .retry(Duration::from_millis(args.retry_ms))
+            .keep_alive(Duration::from_millis(args.keep_alive_ms)),
+    };
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/events", get(events))
+        .route("/publish", post(publish))
+        .with_state(app);
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    info!(name = %args.name, %address, "serving");
+    // The line tests and scripts wait for.
+    println!("listening on http://{address}");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            stopped().await;
+            // Ends every stream: the server can then finish, and browsers reconnect elsewhere.
+            relay.shutdown().await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stopped() {
+    let interrupt = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = interrupt.await;
+        }
+    }
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+#[derive(Deserialize)]
+struct Who {
+    /// Stands in for authentication: see the crate documentation.
+    user: String,
+}
+
+/// The user's events, resumed from `Last-Event-ID` when the browser reconnects.
+async fn events(
+    State(app): State<App>,
+    Query(who): Query<Who>,
+    last_event_id: LastEventId,
+) -> Sse<EventStream> {
+    pg_outbox_sse::stream_with(
+        &app.relay,
+        Topic::for_user(who.user),
+        last_event_id.as_deref(),
+        &app.sse,
+    )
+}
+
+#[derive(Deserialize)]
+struct Publish {
+    channel: String,
+    user_id: String,
+    payload: serde_json::Value,
+}
+
+/// Publishes one event in a transaction of its own: in a real app, in the transaction that
+/// changes what the event is about.
+async fn publish(State(app): State<App>, Json(event): Json<Publish>) -> Response {
+    let published = app
+        .publisher
+        .query_one(
+            "SELECT outbox_publish($1, $2, $3)",
+            &[&event.channel, &event.user_id, &event.payload],
+        )
+        .await
+        .and_then(|row| row.try_get::<_, uuid::Uuid>(0));
+    match published {
+        Ok(id) => Json(serde_json::json!({ "id": id })).into_response(),
+        Err(err) => {
+            warn!(%err, "publish failed");
+            let status = if err.code().is_some() {
+                // The database refused it: a bad channel, a payload too large, ...
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, err.to_string()).into_response()
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //! `postgres` OS user (through `runuser`), exactly as the README's set-up does.
 //!
 //! What the tests of one subject share lives in a module of its own: [`relay`] (relays tuned
-//! for tests, publishing, collectors), [`pruner`] (aged rows, and the pruner as
+//! for tests, publishing, collectors), [`browser`] (the SSE example app's replicas behind a proxy,
+//! headless Chromium, the page's reports), [`pruner`] (aged rows, and the pruner as
 //! `pg_stat_activity` shows it) and [`callers`] (the examples in other languages).
 
 use std::collections::VecDeque;
@@ -25,6 +26,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 
+pub mod browser;
 pub mod callers;
 pub mod pruner;
 pub mod relay;

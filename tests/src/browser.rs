@@ -1,0 +1,563 @@
+//! What the browser test, the demo and the benchmark share: replicas of the SSE example app
+//! (`examples/sse`), a proxy in front of them, headless Chromium run as a plain subprocess, and
+//! a collector of what the page reports; and the failover scenario itself, which the test
+//! asserts on and the demo prints.
+//!
+//! The page (`examples/sse/src/page.html`) opened with `&report=URL` POSTs, in order, one JSON
+//! array at a time, everything its `EventSource` dispatches: `{"type": "open" | "error" |
+//! "event" | "reset", "seq": n, ...}`, events with their `id`, `channel`, `user_id`, `payload`,
+//! `created_at_us` and `at_ms` (the browser's clock when it dispatched them).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use crate::relay::{publish, try_publish};
+use crate::{repository, run, WAIT};
+
+/// The SSE example app's binary: `$PG_OUTBOX_SSE_EXAMPLE` when set, else built now with cargo
+/// (in the profile of the caller) and taken from the target directory.
+pub fn example_app() -> PathBuf {
+    if let Some(path) = std::env::var_os("PG_OUTBOX_SSE_EXAMPLE") {
+        return path.into();
+    }
+    let release = !cfg!(debug_assertions);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(repository())
+        .args(["build", "--quiet", "-p", "pg_outbox_sse_example"]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repository().join("target"));
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("pg-outbox-sse-example")
+}
+
+/// A directory of its own under the system's temporary directory.
+fn scratch(what: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "pg_outbox-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+/// One replica of the SSE example app, a process of its own; SIGKILLed on drop.
+pub struct Replica {
+    child: tokio::process::Child,
+    address: SocketAddr,
+    log: PathBuf,
+}
+
+impl Replica {
+    /// Starts a replica named `name` on `db` (a connection string), with `args` besides, on a
+    /// free port; returns once it prints that it serves.
+    pub async fn start(db: &str, name: &str, args: &[&str]) -> Replica {
+        let log = scratch(&format!("sse-{name}")).join("replica.log");
+        let stderr = std::fs::File::create(&log).expect("create the replica's log");
+        let mut child = tokio::process::Command::new(example_app())
+            .args(["--db", db, "--listen", "127.0.0.1:0", "--name", name])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the SSE example app");
+        let stdout = child.stdout.take().expect("the replica's stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(address) = line.strip_prefix("listening on http://") {
+                    return address.parse::<SocketAddr>().ok();
+                }
+            }
+            None
+        })
+        .await;
+        let Ok(Some(address)) = ready else {
+            panic!(
+                "replica {name} did not start\n--- its log ---\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Replica {
+            child,
+            address,
+            log,
+        }
+    }
+
+    /// Where it serves.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Kills it with SIGKILL, as a crash would, and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A TCP proxy, the test's load balancer: each connection goes to the first backend that
+/// accepts it, so to the first replica until it dies, then to the next. Stops on drop.
+pub struct Proxy {
+    address: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1 in front of `backends`, in order of preference.
+    pub async fn start(backends: Vec<SocketAddr>) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let address = listener.local_addr().expect("the proxy's address");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let backends = backends.clone();
+                tokio::spawn(async move {
+                    for backend in &backends {
+                        if let Ok(mut server) = TcpStream::connect(backend).await {
+                            // Ends when either side closes: a killed replica closes its side.
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { address, task }
+    }
+
+    /// `http://` and its address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP endpoint the page POSTs its reports to, keeping them in order.
+pub struct Reports {
+    address: SocketAddr,
+    items: watch::Receiver<Vec<Value>>,
+    task: JoinHandle<()>,
+}
+
+impl Reports {
+    /// Listens on a free port of 127.0.0.1.
+    pub async fn start() -> Reports {
+        use axum::extract::State;
+        use axum::routing::post;
+
+        let (sender, items) = watch::channel(Vec::new());
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the report collector");
+        let address = listener.local_addr().expect("the collector's address");
+        let router = axum::Router::new()
+            .route(
+                "/report",
+                post(
+                    |State(sender): State<watch::Sender<Vec<Value>>>, body: String| async move {
+                        match serde_json::from_str::<Vec<Value>>(&body) {
+                            Ok(batch) => sender.send_modify(|items| items.extend(batch)),
+                            Err(err) => {
+                                eprintln!("a report that is not a JSON array ({err}): {body}")
+                            }
+                        }
+                    },
+                ),
+            )
+            .with_state(sender);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Reports {
+            address,
+            items,
+            task,
+        }
+    }
+
+    /// The URL the page reports to.
+    pub fn url(&self) -> String {
+        format!("http://{}/report", self.address)
+    }
+
+    /// Everything reported so far, in order.
+    pub fn items(&self) -> Vec<Value> {
+        self.items.borrow().clone()
+    }
+
+    /// Waits until what was reported satisfies `done`; panics after `timeout` naming `what`.
+    pub async fn wait(&self, what: &str, timeout: Duration, done: impl FnMut(&Vec<Value>) -> bool) {
+        let mut items = self.items.clone();
+        if tokio::time::timeout(timeout, items.wait_for(done))
+            .await
+            .is_err()
+        {
+            panic!(
+                "timed out after {timeout:?} waiting for the page to report {what}; it reported:\n{}",
+                serde_json::to_string_pretty(&self.items()).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Waits until the page reported `n` events in all.
+    pub async fn wait_for_events(&self, what: &str, n: usize) {
+        self.wait(what, WAIT, |items| events(items).count() >= n)
+            .await;
+    }
+
+    /// Waits until the page reported the event `id`.
+    pub async fn wait_for_event(&self, what: &str, id: Uuid) {
+        let id = id.to_string();
+        self.wait(what, WAIT, |items| {
+            events(items).any(|e| e["id"] == id.as_str())
+        })
+        .await;
+    }
+}
+
+impl Drop for Reports {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The reported events, in the order the page received them.
+pub fn events(items: &[Value]) -> impl Iterator<Item = &Value> {
+    items.iter().filter(|item| item["type"] == "event")
+}
+
+/// Headless Chromium showing one page, as a plain subprocess (in a process group of its own,
+/// ended on drop).
+pub struct Chromium {
+    child: Child,
+    profile: PathBuf,
+}
+
+impl Chromium {
+    /// `$CHROMIUM`, else Debian's `/usr/bin/chromium` (which `scripts/setup.sh` installs), if it
+    /// exists.
+    pub fn path() -> Option<PathBuf> {
+        let path = std::env::var_os("CHROMIUM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+        path.exists().then_some(path)
+    }
+
+    /// Opens `url` in a new headless Chromium with a throwaway profile.
+    pub fn open(url: &str) -> Chromium {
+        let path = Chromium::path().expect("chromium (scripts/setup.sh installs it)");
+        let profile = scratch("chromium");
+        let mut cmd = Command::new(path);
+        cmd.arg("--headless=new")
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args([
+                "--disable-gpu",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--disable-sync",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding",
+                "--mute-audio",
+            ]);
+        if crate::is_root() {
+            // Chromium's sandbox refuses to run as root.
+            cmd.arg("--no-sandbox");
+        }
+        let log = std::fs::File::create(profile.join("chromium.log")).ok();
+        let child = cmd
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.map_or_else(Stdio::null, Stdio::from))
+            .process_group(0)
+            .spawn()
+            .expect("start chromium");
+        Chromium { child, profile }
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        // SIGTERM to its process group (the browser and the helpers it started); SIGKILL to
+        // what is left after 10 s.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Connects to `db` (a connection string); the connection is driven by a spawned task.
+pub async fn connect(db: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(db, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {db}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// What the page of user u1 received in [`failover`], against what was committed for u1.
+#[derive(Debug)]
+pub struct Failover {
+    /// The events of u1 committed, from `event_outbox`.
+    pub committed: usize,
+    /// The events the page received, duplicates included.
+    pub received: usize,
+    /// Committed events of u1 the page never received.
+    pub lost: usize,
+    /// Events the page received more than once (counted once each).
+    pub duplicated: usize,
+    /// Events the page received that are not u1's committed ones (u2's, rolled back).
+    pub foreign: usize,
+    /// `event: reset` frames the page received.
+    pub resets: usize,
+    /// How often the page's `EventSource` connected (the first time included).
+    pub connections: usize,
+    /// Events the page received before its first connection broke.
+    pub first_connection: usize,
+    /// Departures from the order the client crate documents, described.
+    pub disorder: Vec<String>,
+}
+
+impl std::fmt::Display for Failover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "committed {}, received {} ({} on the first connection), lost {}, duplicated {}, \
+             foreign {}, resets {}, connections {}, out of order {}",
+            self.committed,
+            self.received,
+            self.first_connection,
+            self.lost,
+            self.duplicated,
+            self.foreign,
+            self.resets,
+            self.connections,
+            self.disorder.len()
+        )
+    }
+}
+
+/// How big a [`failover`] run is.
+#[derive(Clone, Copy, Debug)]
+pub struct FailoverSize {
+    /// Transactions each of the three publishers commits or rolls back.
+    pub transactions: usize,
+    /// Events the page has received when replica A is killed.
+    pub kill_after: usize,
+    /// Time between two transactions of one publisher.
+    pub pace: Duration,
+}
+
+/// The scenario of issue 17: two replicas of the SSE example app on `db` behind a [`Proxy`]
+/// (A until it dies, then B); headless Chromium shows user u1's page through the proxy; three
+/// publishers commit concurrently (u1's events one per transaction; transactions of u1 and u2
+/// events held open over a query, so they commit out of xid order; u2's alone), each rolling
+/// some back, and one transaction publishes for u1 first and commits last. Replica A is
+/// SIGKILLed once the page has received `kill_after` events; the page follows its own
+/// `EventSource` reconnect. A last event for u1 is published once everything else committed;
+/// when the page reports it, what it received is compared with what was committed.
+pub async fn failover(db: &str, size: FailoverSize) -> Failover {
+    let args = ["--retry-ms", "200", "--keep-alive-ms", "1000"];
+    let mut a = Replica::start(db, "a", &args).await;
+    let b = Replica::start(db, "b", &args).await;
+    let proxy = Proxy::start(vec![a.address(), b.address()]).await;
+    let reports = Reports::start().await;
+    let chromium = Chromium::open(&format!(
+        "{}/?user=u1&report={}",
+        proxy.url(),
+        reports.url()
+    ));
+    reports
+        .wait("that its EventSource is open", WAIT, |items| {
+            items.iter().any(|item| item["type"] == "open")
+        })
+        .await;
+
+    // Publishes first (the smallest xid of all), commits last.
+    let mut late_client = connect(db).await;
+    let late = late_client.transaction().await.expect("begin");
+    publish(&late, "chat", "u1", r#"{"late": true}"#, None).await;
+
+    let (killed, killed_seen) = watch::channel(false);
+    let mut publishers = Vec::new();
+    for p in 1..=3 {
+        let mut client = connect(db).await;
+        let mut killed = killed_seen.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut pace = tokio::time::interval(size.pace);
+            for n in 0..size.transactions {
+                if n == size.transactions / 2 {
+                    // The second half goes out once A is dead.
+                    let _ = killed.wait_for(|killed| *killed).await;
+                }
+                pace.tick().await;
+                let tx = client.transaction().await.expect("begin");
+                let roll_back = match p {
+                    1 => {
+                        let payload = format!(r#"{{"p": 1, "n": {n}}}"#);
+                        try_publish(&tx, "chat", "u1", &payload, None).await.ok();
+                        n % 5 == 4
+                    }
+                    2 => {
+                        for (channel, user, k) in
+                            [("chat", "u1", 0), ("news", "u2", 0), ("news", "u1", 1)]
+                        {
+                            let payload = format!(r#"{{"p": 2, "n": {n}, "k": {k}}}"#);
+                            try_publish(&tx, channel, user, &payload, None).await.ok();
+                        }
+                        // Held open over a query: others commit meanwhile.
+                        let _ = tx.query_one("SELECT count(*) FROM event_outbox", &[]).await;
+                        n % 4 == 3
+                    }
+                    _ => {
+                        let payload = format!(r#"{{"p": 3, "n": {n}}}"#);
+                        try_publish(&tx, "chat", "u2", &payload, None).await.ok();
+                        n % 3 == 2
+                    }
+                };
+                let _ = if roll_back {
+                    tx.rollback().await
+                } else {
+                    tx.commit().await
+                };
+            }
+        }));
+    }
+
+    reports
+        .wait_for_events("events before replica A is killed", size.kill_after)
+        .await;
+    a.kill().await;
+    let _ = killed.send(true);
+    for publisher in publishers {
+        publisher.await.expect("a publisher");
+    }
+    late.commit().await.expect("commit the late transaction");
+    let client = connect(db).await;
+    let end = publish(&client, "chat", "u1", r#"{"end": true}"#, None).await;
+    reports.wait_for_event("the last event", end).await;
+    drop(chromium);
+
+    let committed: Vec<Uuid> = client
+        .query("SELECT id FROM event_outbox WHERE user_id = 'u1'", &[])
+        .await
+        .expect("read event_outbox")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    tally(&reports.items(), &committed, end)
+}
+
+/// Compares what the page reported with the `committed` events of u1, `end` the last.
+fn tally(items: &[Value], committed: &[Uuid], end: Uuid) -> Failover {
+    let received: Vec<&Value> = events(items).collect();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for event in &received {
+        *counts
+            .entry(event["id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let committed_ids: Vec<String> = committed.iter().map(Uuid::to_string).collect();
+    let mut disorder = Vec::new();
+    for (seq, item) in items.iter().enumerate() {
+        if item["seq"] != seq {
+            disorder.push(format!("report {seq} has seq {}", item["seq"]));
+            break;
+        }
+    }
+    // One publisher's transactions, in its commit order (xid order too: one session).
+    let mut last: HashMap<(u64, u64), u64> = HashMap::new();
+    for event in &received {
+        let payload = &event["payload"];
+        let (Some(p), Some(n)) = (payload["p"].as_u64(), payload["n"].as_u64()) else {
+            continue;
+        };
+        let key = (p, payload["k"].as_u64().unwrap_or(0));
+        if let Some(before) = last.insert(key, n) {
+            if before >= n {
+                disorder.push(format!("publisher {key:?}: {n} after {before}"));
+            }
+        }
+    }
+    // The events of one transaction together, in publish order.
+    for pair in received.windows(2) {
+        let (first, second) = (&pair[0]["payload"], &pair[1]["payload"]);
+        if first["p"] == 2 && first["k"] == 0 && (second["p"] != 2 || second["n"] != first["n"]) {
+            disorder.push(format!(
+                "{first} not followed by its transaction's next event"
+            ));
+        }
+    }
+    if received.last().map(|e| &e["id"]) != Some(&Value::from(end.to_string())) {
+        disorder.push("the last event published is not the last received".into());
+    }
+    Failover {
+        committed: committed.len(),
+        received: received.len(),
+        lost: committed_ids
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .count(),
+        duplicated: counts.values().filter(|&&n| n > 1).count(),
+        foreign: counts
+            .keys()
+            .filter(|id| !committed_ids.contains(id))
+            .count(),
+        resets: items.iter().filter(|item| item["type"] == "reset").count(),
+        connections: items.iter().filter(|item| item["type"] == "open").count(),
+        first_connection: items
+            .iter()
+            .take_while(|item| item["type"] != "error")
+            .filter(|item| item["type"] == "event")
+            .count(),
+        disorder,
+    }
+}

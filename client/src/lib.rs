@@ -232,6 +232,14 @@ pub fn __advance_sql(schema: &str) -> String {
     advance::advance_sql(schema, false)
 }
 
+/// The catch-up statement of resumed subscriptions for the extension in `schema`, with the
+/// users filter (`$2`) and no channels filter, exposed for the end-to-end test that checks its
+/// plan. Not a stable API.
+#[doc(hidden)]
+pub fn __catch_up_sql(schema: &str) -> String {
+    resume::catch_up_sql(schema, true, false, false)
+}
+
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 
 use pg_outbox_wire::quote_ident;
 use tokio::sync::oneshot;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use crate::advance;
@@ -45,11 +46,20 @@ pub(crate) struct CatchUp {
     pub until: Watermark,
 }
 
-/// The statement of the catch-up (`$1`: the least xmin, as text; `$2`, `$3`: the users and
-/// channels wanted; `$4`: whether some subscription wants every event). The snapshot is taken
-/// in the same statement as the scan, as in the advance, whose columns it returns.
-pub(crate) fn catch_up_sql(schema: &str) -> String {
+/// The statement of the catch-up: `$1` is the least xmin, as text, then the users wanted and
+/// the channels wanted (`text[]`), each only if some request filters on it; none when some
+/// request wants every event. The snapshot is taken in the same statement as the scan, as in
+/// the advance, whose columns it returns. Leaving out the filters no request needs lets the
+/// planner read `(user_id, xid)` or `(channel, xid)` indexes, where a deployment has them.
+pub(crate) fn catch_up_sql(schema: &str, users: bool, channels: bool, everything: bool) -> String {
     let schema = quote_ident(schema);
+    let filter = match (everything, users, channels) {
+        (true, _, _) => "",
+        (false, true, true) => "AND (user_id = ANY($2::text[]) OR channel = ANY($3::text[]))",
+        (false, true, false) => "AND user_id = ANY($2::text[])",
+        (false, false, true) => "AND channel = ANY($2::text[])",
+        (false, false, false) => "AND false",
+    };
     format!(
         "WITH snap AS MATERIALIZED ( \
              SELECT s, s::text AS s_text FROM (SELECT pg_current_snapshot() AS s) taken) \
@@ -63,7 +73,7 @@ pub(crate) fn catch_up_sql(schema: &str) -> String {
              WHERE xid >= $1::text::xid8 \
                AND xid < pg_snapshot_xmax(snap.s) \
                AND pg_visible_in_snapshot(xid, snap.s) \
-               AND ($4 OR user_id = ANY($2::text[]) OR channel = ANY($3::text[])) \
+               {filter} \
              ORDER BY xid, id) e ON true"
     )
 }
@@ -105,16 +115,22 @@ impl Wanted {
 
 /// Runs the catch-up query for `wanted`.
 pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Result<Advance, Error> {
+    let (users, channels) = if wanted.everything {
+        (false, false)
+    } else {
+        (!wanted.users.is_empty(), !wanted.channels.is_empty())
+    };
+    let from = wanted.from.to_string();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from];
+    if users {
+        params.push(&wanted.users);
+    }
+    if channels {
+        params.push(&wanted.channels);
+    }
+    let sql = catch_up_sql(schema, users, channels, wanted.everything);
     let rows = client
-        .query(
-            &catch_up_sql(schema),
-            &[
-                &wanted.from.to_string(),
-                &wanted.users,
-                &wanted.channels,
-                &wanted.everything,
-            ],
-        )
+        .query(&sql, &params)
         .await
         .map_err(|e| Error::from_query(e, schema))?;
     advance::parse(&rows, 0)

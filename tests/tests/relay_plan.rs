@@ -67,3 +67,60 @@ async fn the_advance_query_uses_the_xid_index() {
         );
     }
 }
+
+/// What the README says to run for browsers that come back after long absences.
+const USER_INDEX: &str = "DO $$ DECLARE t regclass; BEGIN \
+       FOR t IN SELECT 'event_outbox'::regclass \
+                UNION ALL SELECT format('%I', name)::regclass FROM outbox_segments LOOP \
+         EXECUTE format('CREATE INDEX ON %s (user_id, xid)', t); \
+       END LOOP; END $$";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_a_long_absence_reads_the_user_index_where_there_is_one() {
+    let cluster = Cluster::start();
+    cluster.psql("postgres", USER_INDEX);
+    cluster.psql(
+        "postgres",
+        "DO $$ BEGIN FOR g IN 1..5000 LOOP \
+           PERFORM outbox_publish('chat', 'u' || (g % 500), jsonb_build_object('n', g)); \
+           COMMIT; \
+         END LOOP; END $$",
+    );
+    cluster.psql("postgres", "ANALYZE");
+    let client = cluster.connect("postgres").await;
+    // Planned with its parameters, as the relay's unnamed statement is.
+    client
+        .batch_execute(&format!(
+            "SET plan_cache_mode = force_custom_plan; PREPARE catch_up(text, text[]) AS {}",
+            pg_outbox_client::__catch_up_sql("public")
+        ))
+        .await
+        .unwrap();
+    // From the first transaction on: every event is in the range, one user's are few.
+    let plan: Vec<String> = client
+        .query("EXPLAIN EXECUTE catch_up('1', '{u7,u8}')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    let segments: Vec<String> = client
+        .query(
+            "SELECT DISTINCT tableoid::regclass::text FROM event_outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!segments.is_empty());
+    for segment in segments {
+        assert!(
+            plan.contains(&format!("{segment}_user_id_xid_idx"))
+                && !plan.contains(&format!("Seq Scan on {segment}")),
+            "the catch-up does not read {segment} through the user index:\n{plan}"
+        );
+    }
+}

@@ -5,7 +5,11 @@
 #    from Rust (client/examples/publisher.rs), some in rolled-back transactions, while one
 #    replica's connection is killed: each reports received, lost (0), duplicated (0), caught up,
 #    and commit-to-delivery latency;
-# 3. the pruner worker drops expired segments and deletes expired events inside the database.
+# 3. if Chromium is there (scripts/setup.sh installs it): a page in headless Chromium follows user
+#    u1's events over SSE (examples/sse) through a proxy in front of two replicas while
+#    publishers commit out of order; the page's replica is SIGKILLed mid-stream and its
+#    EventSource resumes on the other: received, lost (0), duplicated (0);
+# 4. the pruner worker drops expired segments and deletes expired events inside the database.
 set -euo pipefail
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -29,7 +33,8 @@ trap cleanup EXIT
 
 step "Building the demo's relay replica and Rust publisher (client/examples)"
 cargo build --quiet --release -p pg_outbox_client --examples
-EXAMPLES=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release/examples
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+EXAMPLES=$TARGET/release/examples
 CONN="host=$DIR port=$PORT user=postgres dbname=postgres"
 
 step "Starting a throwaway cluster in $DIR (port $PORT) with pg_outbox preloaded"
@@ -107,6 +112,17 @@ wait "${RELAY_PIDS[@]}"
 for replica in "${REPLICAS[@]}"; do
     sed '/ready/d; s/^/  /' "$DIR/$replica.out"
 done
+
+step "A browser over SSE: headless Chromium shows u1's events through a proxy in front of two replicas (examples/sse); the page's replica is SIGKILLed mid-stream"
+CHROMIUM_PATH=${CHROMIUM:-/usr/bin/chromium}
+if [ -x "$CHROMIUM_PATH" ]; then
+    cargo build --quiet -p pg_outbox_sse_example
+    cargo build --quiet -p pg_outbox_tests --example browser_failover
+    PG_OUTBOX_SSE_EXAMPLE=$TARGET/debug/pg-outbox-sse-example \
+        "$TARGET/debug/examples/browser_failover" "$CONN"
+else
+    echo "  skipped: no Chromium at $CHROMIUM_PATH (scripts/setup.sh installs it)"
+fi
 
 step "Events live in segments, child tables of event_outbox that the pruner drops whole once expired"
 psql_demo -c "SELECT tableoid::regclass AS segment, count(*) AS events FROM event_outbox GROUP BY 1 ORDER BY 1"

@@ -92,11 +92,11 @@ fuzz: setup
 ## bench: every figure of BENCHMARKS.md on a throwaway cluster (about 25 minutes); a quiet
 ## machine gives steadier ratios
 bench: install
-	cargo build --release -p pg_outbox_bench -p pg_outbox_cli
+	cargo build --release -p pg_outbox_bench -p pg_outbox_cli -p pg_outbox_sse_example
 	target/release/pg-outbox-bench | tee target/bench-results.md
 
 bench-smoke: install-debug
-	cargo build -p pg_outbox_bench -p pg_outbox_cli
+	cargo build -p pg_outbox_bench -p pg_outbox_cli -p pg_outbox_sse_example
 	target/debug/pg-outbox-bench --smoke
 
 ## soak: SOAK_EVENTS events (1M) at SOAK_RATE a second (5000) through 4 relay processes with

@@ -2,11 +2,12 @@
 //! throwaway cluster this program starts (and prints the configuration of).
 //!
 //! ```text
-//! pg-outbox-bench [--smoke] [--only publish|latency|fanout|prune|memory|resume]
+//! pg-outbox-bench [--smoke] [--only publish|latency|browser|fanout|prune|memory|resume]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
 
+mod browser;
 mod drain;
 mod fanout;
 mod latency;
@@ -123,6 +124,9 @@ async fn main() {
     }
     if options.wants("latency") {
         tables.extend(latency::run(&cluster, &options).await);
+    }
+    if options.wants("browser") {
+        tables.extend(browser::run(&cluster, &options).await);
     }
     if options.wants("fanout") {
         tables.extend(fanout::run(&cluster, &options).await);

@@ -562,7 +562,11 @@ async fn check_notifications(client: &Client, report: &mut Report) -> anyhow::Re
             Level::Warn,
             "pg_outbox.notify_payload = 'inline': every role that can connect can read every \
              payload (LISTEN has no privilege) and forge events with NOTIFY pg_outbox",
-            Some("use 'reference' unless every such role is trusted (docs/operations.md)".into()),
+            Some(
+                "use 'sealed' (inline, encrypted and authenticated with pg_outbox.seal_key) or \
+                 'reference' unless every such role is trusted (docs/operations.md)"
+                    .into(),
+            ),
         );
     }
     Ok(())

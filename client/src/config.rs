@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use pg_outbox_wire::SealKey;
+
 use crate::error::Error;
 use crate::relay::Relay;
 use crate::tls::Tls;
@@ -27,6 +29,7 @@ pub struct RelayBuilder {
     pub(crate) query_timeout: Duration,
     pub(crate) verify_listen: bool,
     pub(crate) tls: Tls,
+    pub(crate) seal_key: Option<SealKey>,
 }
 
 impl RelayBuilder {
@@ -48,7 +51,22 @@ impl RelayBuilder {
             query_timeout: Duration::from_secs(30),
             verify_listen: true,
             tls: Tls::Plain,
+            seal_key: None,
         }
+    }
+
+    /// The key of sealed notifications (`pg_outbox.notify_payload = 'sealed'`), the server's
+    /// `pg_outbox.seal_key` ([`SealKey::from_base64`]). With it the relay opens sealed
+    /// notifications and delivers their events without a query, and takes no unsealed
+    /// notification at its word: an unsealed inline event (which any role that can connect
+    /// may forge) is read from the table as a reference is. A sealed notification that does
+    /// not open is counted in [`MetricsSnapshot::forged`](crate::MetricsSnapshot::forged) and
+    /// [`decode_errors`](crate::MetricsSnapshot::decode_errors) and skipped; the sweep reads
+    /// its rows. Without a key, sealed notifications are undecodable and every event comes
+    /// from the sweep: set the same key on every relay.
+    pub fn seal_key(mut self, key: SealKey) -> Self {
+        self.seal_key = Some(key);
+        self
     }
 
     /// A builder from a libpq-style connection string or URL

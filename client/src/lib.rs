@@ -168,7 +168,7 @@ pub use fanout::Subscription;
 pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
-pub use pg_outbox_wire::{Snapshot, SnapshotParseError};
+pub use pg_outbox_wire::{SealKey, SealKeyError, Snapshot, SnapshotParseError};
 pub use position::{Position, PositionError};
 pub use relay::{Relay, Topic};
 

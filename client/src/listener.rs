@@ -278,10 +278,13 @@ impl Listener {
         }
         let metrics = &self.shared.metrics;
         Metrics::add(&metrics.received, 1);
-        let notices = match notification::decode(n.payload()) {
-            Ok(notices) => notices,
+        let (notices, trusted) = match notification::read(n.payload(), self.cfg.seal_key.as_ref()) {
+            Ok(read) => read,
             Err(err) => {
                 Metrics::add(&metrics.decode_errors, 1);
+                if err.is_forged() {
+                    Metrics::add(&metrics.forged, 1);
+                }
                 let prefix: String = n.payload().chars().take(200).collect();
                 warn!(error = %err, payload = %prefix, "skipping a pg_outbox notification");
                 // If rows stand behind it, the next advance finds them.
@@ -289,7 +292,11 @@ impl Listener {
                 return;
             }
         };
-        for notice in notices {
+        for mut notice in notices {
+            if !trusted {
+                // Anyone may have sent it: read the row, as for a reference.
+                notice.payload = None;
+            }
             if self.cfg.channels.is_empty() || self.cfg.channels.contains(&notice.channel) {
                 self.cursor.on_notice(notice, &mut self.steps);
             }

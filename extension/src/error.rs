@@ -42,6 +42,9 @@ pub enum OutboxError {
 
     #[error("cannot prune in a REPEATABLE READ or SERIALIZABLE transaction")]
     SnapshotIsolation,
+
+    #[error("pg_outbox.notify_payload is 'sealed' but pg_outbox.seal_key is unusable: {reason}")]
+    SealKey { reason: String },
 }
 
 impl OutboxError {
@@ -56,6 +59,7 @@ impl OutboxError {
             Self::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             Self::ReadOnlyTransaction | Self::Standby => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             Self::SnapshotIsolation => ERRCODE_INVALID_TRANSACTION_STATE,
+            Self::SealKey { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -72,6 +76,11 @@ impl OutboxError {
             Self::SnapshotIsolation => Some(
                 "Call outbox_prune() in a READ COMMITTED transaction of its own: a snapshot \
                  taken at the transaction's start could miss events it drops.",
+            ),
+            Self::SealKey { .. } => Some(
+                "Set pg_outbox.seal_key to 32 random bytes in base64 (openssl rand -base64 32) \
+                 in postgresql.conf or with ALTER SYSTEM, and reload; or set \
+                 pg_outbox.notify_payload to 'reference'.",
             ),
             _ => None,
         }

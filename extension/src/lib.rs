@@ -19,6 +19,7 @@ mod notification;
 mod notify;
 mod prune;
 mod publish;
+mod seal;
 mod segment;
 mod worker;
 

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use pg_outbox_wire::{SealKey, SEALED_DOCUMENT_LIMIT};
 use pgrx::datum::DatumWithOid;
 use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
 use pgrx::prelude::*;
@@ -20,6 +21,7 @@ use crate::guc::{self, NotifyPayload};
 use crate::logical_message;
 use crate::notification::{jsonb_text, Notification, INLINE_CANDIDATE_BYTES};
 use crate::notify::notify;
+use crate::seal;
 use crate::segment::{self, Column};
 use crate::worker::{handoff, shared};
 
@@ -69,6 +71,8 @@ struct Publish<'a> {
     payload: pg_sys::Datum,
     /// The function's schema, which is the extension's: where `event_outbox` lives.
     namespace: pg_sys::Oid,
+    /// The key to seal the notification with, when `pg_outbox.notify_payload` is `sealed`.
+    seal_key: Option<SealKey>,
 }
 
 impl<'a> Publish<'a> {
@@ -117,6 +121,13 @@ impl<'a> Publish<'a> {
             return Err(OutboxError::ReadOnlyTransaction);
         }
 
+        // A setting that cannot work fails the call before anything is written, in either
+        // notify mode (the notifier seals with the same key).
+        let seal_key = match guc::notify_payload() {
+            NotifyPayload::Sealed => Some(seal::key()?),
+            NotifyPayload::Reference | NotifyPayload::Inline => None,
+        };
+
         // SAFETY: flinfo is set for every call made through the function manager.
         let namespace = unsafe { pg_sys::get_func_namespace((*(*fcinfo).flinfo).fn_oid) };
         Ok(Publish {
@@ -125,6 +136,7 @@ impl<'a> Publish<'a> {
             origin,
             payload,
             namespace,
+            seal_key,
         })
     }
 
@@ -189,11 +201,19 @@ impl<'a> Publish<'a> {
             }
             return id;
         }
-        let document = match guc::notify_payload() {
-            NotifyPayload::Reference => notification.reference(),
-            NotifyPayload::Inline => inline_text(self.payload)
-                .and_then(|json| notification.inline(&json))
-                .unwrap_or_else(|| notification.reference()),
+        let document = match &self.seal_key {
+            Some(key) => {
+                let document = inline_text(self.payload)
+                    .and_then(|json| notification.inline_within(&json, SEALED_DOCUMENT_LIMIT))
+                    .unwrap_or_else(|| notification.reference_within(SEALED_DOCUMENT_LIMIT));
+                seal::seal(key, &document)
+            }
+            None => match guc::notify_payload() {
+                NotifyPayload::Inline => inline_text(self.payload)
+                    .and_then(|json| notification.inline(&json))
+                    .unwrap_or_else(|| notification.reference()),
+                NotifyPayload::Reference | NotifyPayload::Sealed => notification.reference(),
+            },
         };
         notify(&document);
         id

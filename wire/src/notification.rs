@@ -59,8 +59,37 @@ impl Notification<'_> {
     /// The inline document carrying `payload_json`, or `None` when it would not fit in a
     /// notification (the caller then sends the reference).
     pub fn inline(&self, payload_json: &str) -> Option<String> {
+        self.inline_within(payload_json, NOTIFY_PAYLOAD_LIMIT)
+    }
+
+    /// The inline document carrying `payload_json`, or `None` unless it is shorter than
+    /// `limit` bytes (for a sealed notification, [`SEALED_DOCUMENT_LIMIT`]).
+    ///
+    /// [`SEALED_DOCUMENT_LIMIT`]: crate::SEALED_DOCUMENT_LIMIT
+    pub fn inline_within(&self, payload_json: &str, limit: usize) -> Option<String> {
         let doc = self.document(Some(payload_json));
-        (doc.len() < NOTIFY_PAYLOAD_LIMIT).then_some(doc)
+        (doc.len() < limit).then_some(doc)
+    }
+
+    /// The reference document if it is shorter than `limit` bytes; otherwise the same without
+    /// the user id and origin, which always fits. Only a sealed notification's limit can be
+    /// reached, by a user id of control characters (escaped six bytes each): a relay reads the
+    /// row it announces, user id and origin included, anyway.
+    pub fn reference_within(&self, limit: usize) -> String {
+        let doc = self.reference();
+        if doc.len() < limit {
+            return doc;
+        }
+        self.bare().reference()
+    }
+
+    /// This event without its user id and origin.
+    fn bare(&self) -> Notification<'_> {
+        Notification {
+            user_id: "",
+            origin: None,
+            ..self.clone()
+        }
     }
 
     /// The version 1 document carrying `payload_json`, whatever its size: what goes where no
@@ -112,16 +141,25 @@ const BATCH_CLOSE: &str = "]}";
 pub struct BatchDocuments<F: FnMut(&str)> {
     doc: String,
     events: usize,
+    /// Every document is shorter than this.
+    limit: usize,
     send: F,
 }
 
 impl<F: FnMut(&str)> BatchDocuments<F> {
     pub fn new(send: F) -> Self {
-        let mut doc = String::with_capacity(NOTIFY_PAYLOAD_LIMIT);
+        Self::with_limit(NOTIFY_PAYLOAD_LIMIT, send)
+    }
+
+    /// Documents each shorter than `limit` bytes (for sealed notifications,
+    /// [`SEALED_DOCUMENT_LIMIT`](crate::SEALED_DOCUMENT_LIMIT)).
+    pub fn with_limit(limit: usize, send: F) -> Self {
+        let mut doc = String::with_capacity(limit);
         doc.push_str(BATCH_OPEN);
         BatchDocuments {
             doc,
             events: 0,
+            limit,
             send,
         }
     }
@@ -138,10 +176,11 @@ impl<F: FnMut(&str)> BatchDocuments<F> {
                 return;
             }
         }
-        // A reference alone always fits: `outbox_publish` bounds the user id (escaped, at most
-        // 6 × 1024 bytes, `USER_ID_MAX_BYTES`) and allows the channel and origin only
-        // characters JSON does not escape (63 and 255 bytes).
-        let appended = self.append(event, None);
+        // A reference alone fits under the NOTIFY limit: `outbox_publish` bounds the user id
+        // (escaped, at most 6 × 1024 bytes, `USER_ID_MAX_BYTES`) and allows the channel and
+        // origin only characters JSON does not escape (63 and 255 bytes). Under a sealed
+        // document's limit, without its user id and origin it does.
+        let appended = self.append(event, None) || self.append(&event.bare(), None);
         debug_assert!(appended, "a reference alone fits in a notification");
     }
 
@@ -156,7 +195,7 @@ impl<F: FnMut(&str)> BatchDocuments<F> {
         self.doc.push_str(if self.events == 0 { "{" } else { ",{" });
         event.write_fields(&mut self.doc, payload_json);
         self.doc.push('}');
-        if self.doc.len() + BATCH_CLOSE.len() < NOTIFY_PAYLOAD_LIMIT {
+        if self.doc.len() + BATCH_CLOSE.len() < self.limit {
             self.events += 1;
             true
         } else {
@@ -543,5 +582,46 @@ mod tests {
                 vec![(3, false), (4, true)]
             ]
         );
+    }
+
+    #[test]
+    fn under_the_sealed_limit_documents_shrink_and_a_huge_reference_goes_bare() {
+        use crate::SEALED_DOCUMENT_LIMIT;
+        // A user id of 1,024 control characters escapes to 6,144 bytes: no room once sealed.
+        let user_id = "\u{1}".repeat(1024);
+        let huge = Notification {
+            user_id: &user_id,
+            origin: Some("replica-a"),
+            ..sample()
+        };
+        assert!(huge.reference().len() >= SEALED_DOCUMENT_LIMIT);
+        let bare = huge.reference_within(SEALED_DOCUMENT_LIMIT);
+        assert!(bare.len() < SEALED_DOCUMENT_LIMIT);
+        let notice = &decode(&bare).unwrap()[0];
+        assert_eq!(
+            (notice.user_id.as_str(), notice.origin.as_deref()),
+            ("", None)
+        );
+        assert_eq!(notice.id, sample().id);
+        assert_eq!(
+            sample().reference_within(SEALED_DOCUMENT_LIMIT),
+            sample().reference()
+        );
+        assert!(sample()
+            .inline_within(&"1".repeat(SEALED_DOCUMENT_LIMIT), SEALED_DOCUMENT_LIMIT)
+            .is_none());
+
+        let mut sent = Vec::new();
+        let mut documents = BatchDocuments::with_limit(SEALED_DOCUMENT_LIMIT, |doc: &str| {
+            sent.push(doc.to_owned())
+        });
+        let payload = format!("\"{}\"", "x".repeat(5_000));
+        documents.push(&sample(), Some(&payload));
+        documents.push(&sample(), Some(&payload));
+        documents.push(&huge, None);
+        documents.finish();
+        assert_eq!(sent.len(), 3);
+        assert!(sent.iter().all(|doc| doc.len() < SEALED_DOCUMENT_LIMIT));
+        assert_eq!(decode(&sent[2]).unwrap()[0].user_id, "");
     }
 }

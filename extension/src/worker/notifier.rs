@@ -26,6 +26,7 @@
 //! [`IDLE_TICK`] to move its snapshot forward (so the next batch's range stays small) and to
 //! pick up transactions committed by `COMMIT PREPARED`, which runs no callback of the publisher.
 
+use std::cell::Cell;
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicU32;
@@ -39,10 +40,13 @@ use pgrx::{pg_shmem_init, PgAtomic, PgOid};
 use crate::catalog::extension_schema;
 use crate::guc::{self, NotifyPayload};
 use crate::notify::notify;
+use crate::seal;
 use crate::worker::handoff::{self, Record};
 use crate::worker::shared;
 use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
-use pg_outbox_wire::{BatchDocuments, Notification, Snapshot};
+use pg_outbox_wire::{
+    BatchDocuments, Notification, SealKey, Snapshot, NOTIFY_PAYLOAD_LIMIT, SEALED_DOCUMENT_LIMIT,
+};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox notifier";
@@ -264,7 +268,7 @@ impl Batches {
         // Publishers hand payloads over only when the notifier sends them inline. Said before
         // the mark below: a transaction that gets its xid after the mark stages its events
         // after this, and those before are read from the table.
-        shared::set_inline(guc::notify_payload() == NotifyPayload::Inline);
+        shared::set_inline(Form::current().inline());
         // An earlier notifier may have drained records of transactions still running, which
         // died with it: until every transaction that exists now has ended, read the table.
         shared::mark_all_unhanded();
@@ -322,7 +326,8 @@ impl Batches {
     /// The snapshot is taken before the handoff buffer is drained, and [`handoff`] says why
     /// that makes the records of every transaction it sees ended already drained.
     fn run(&mut self) -> Sent {
-        let inline = guc::notify_payload() == NotifyPayload::Inline;
+        let form = Form::current();
+        let inline = form.inline();
         shared::set_inline(inline);
         let new = Spi::connect(|client| {
             client
@@ -360,7 +365,7 @@ impl Batches {
             });
         }
 
-        let mut documents = BatchDocuments::new(notify);
+        let mut documents = BatchDocuments::with_limit(form.limit(), |doc: &str| form.send(doc));
         let (reached, mut notified, more) = if from_table {
             self.send_from_table(&new, inline, &mut documents)
         } else {
@@ -572,4 +577,62 @@ fn did_commit(xid: u64) -> bool {
     // still in the buffer.
     // SAFETY: a commit log lookup of an ended transaction.
     unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid as u32)) }
+}
+
+/// How the notifier's documents go out, as `pg_outbox.notify_payload` and
+/// `pg_outbox.seal_key` say at the start of a batch.
+enum Form {
+    Reference,
+    Inline,
+    Sealed(SealKey),
+    /// Sealed, without a usable key: nothing is sent (the relays' sweeps read the rows), as an
+    /// unsealed notification would show other roles what sealing hides.
+    Unsealable,
+}
+
+thread_local! {
+    /// Whether the notifier has said, since the key last worked, that it cannot seal.
+    static SAID_UNSEALABLE: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Form {
+    fn current() -> Form {
+        match guc::notify_payload() {
+            NotifyPayload::Reference => Form::Reference,
+            NotifyPayload::Inline => Form::Inline,
+            NotifyPayload::Sealed => match seal::key() {
+                Ok(key) => {
+                    SAID_UNSEALABLE.set(false);
+                    Form::Sealed(key)
+                }
+                Err(err) => {
+                    if !SAID_UNSEALABLE.replace(true) {
+                        warning!("pg_outbox notifier sends no notification until it can seal them: {err}");
+                    }
+                    Form::Unsealable
+                }
+            },
+        }
+    }
+
+    /// Whether payloads go inside the notifications.
+    fn inline(&self) -> bool {
+        matches!(self, Form::Inline | Form::Sealed(_))
+    }
+
+    /// Every document is shorter than this.
+    fn limit(&self) -> usize {
+        match self {
+            Form::Sealed(_) | Form::Unsealable => SEALED_DOCUMENT_LIMIT,
+            Form::Reference | Form::Inline => NOTIFY_PAYLOAD_LIMIT,
+        }
+    }
+
+    fn send(&self, document: &str) {
+        match self {
+            Form::Reference | Form::Inline => notify(document),
+            Form::Sealed(key) => notify(&seal::seal(key, document)),
+            Form::Unsealable => {}
+        }
+    }
 }

@@ -92,3 +92,24 @@ fn tail_refuses_a_database_without_the_extension_in_one_line() {
     assert!(stderr.contains("CREATE EXTENSION pg_outbox"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn tail_opens_sealed_notifications_with_the_key() {
+    let key = "q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=";
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_payload", "'sealed'")
+        .setting("pg_outbox.seal_key", &format!("'{key}'"))
+        .start();
+    let db = cluster.connection_string("postgres");
+    let tail = Running::spawn(&["tail", "--db", &db, "--seal-key", key]);
+    tail.stderr_until("the listening status", |v| v["status"] == "listening");
+    let id = publish(
+        &cluster,
+        "SELECT outbox_publish('chat', 'u1', '{\"sealed\": true}')",
+    );
+    let line = tail.next_stdout();
+    assert_eq!(line["id"], id.as_str());
+    assert_eq!(line["payload"], serde_json::json!({"sealed": true}));
+    let (status, _) = tail.signal_and_wait("TERM");
+    assert!(status.success(), "exit status on SIGTERM: {status}");
+}

@@ -400,9 +400,9 @@ pub struct FailoverSize {
 /// (A until it dies, then B); headless Chromium shows user u1's page through the proxy; three
 /// publishers commit concurrently (u1's events one per transaction; transactions of u1 and u2
 /// events held open over a query, so they commit out of xid order; u2's alone), each rolling
-/// some back, and one transaction publishes for u1 first and commits last. Replica A is
-/// SIGKILLed once the page has received `kill_after` events; the page follows its own
-/// `EventSource` reconnect. A last event for u1 is published once everything else committed;
+/// some back; two transactions publish for u1 first, one commits while A is dead, the other
+/// last. Replica A is SIGKILLed once the page has received `kill_after` events; the page
+/// follows its own `EventSource` reconnect. A last event for u1 is published once everything else committed;
 /// when the page reports it, what it received is compared with what was committed.
 pub async fn failover(db: &str, size: FailoverSize) -> Failover {
     let args = ["--retry-ms", "200", "--keep-alive-ms", "1000"];
@@ -421,10 +421,15 @@ pub async fn failover(db: &str, size: FailoverSize) -> Failover {
         })
         .await;
 
-    // Publishes first (the smallest xid of all), commits last.
+    // Two transactions that publish first (the smallest xids of all): one commits once A is
+    // dead, while the page's position still counts it as running (B's catch-up must read it),
+    // the other commits last (B delivers it live).
+    let mut early_client = connect(db).await;
+    let early = early_client.transaction().await.expect("begin");
+    publish(&early, "chat", "u1", r#"{"late": 1}"#, None).await;
     let mut late_client = connect(db).await;
     let late = late_client.transaction().await.expect("begin");
-    publish(&late, "chat", "u1", r#"{"late": true}"#, None).await;
+    publish(&late, "chat", "u1", r#"{"late": 2}"#, None).await;
 
     let (killed, killed_seen) = watch::channel(false);
     let mut publishers = Vec::new();
@@ -476,11 +481,17 @@ pub async fn failover(db: &str, size: FailoverSize) -> Failover {
         .wait_for_events("events before replica A is killed", size.kill_after)
         .await;
     a.kill().await;
+    early
+        .commit()
+        .await
+        .expect("commit the first late transaction");
     let _ = killed.send(true);
     for publisher in publishers {
         publisher.await.expect("a publisher");
     }
-    late.commit().await.expect("commit the late transaction");
+    late.commit()
+        .await
+        .expect("commit the last late transaction");
     let client = connect(db).await;
     let end = publish(&client, "chat", "u1", r#"{"end": true}"#, None).await;
     reports.wait_for_event("the last event", end).await;

@@ -119,6 +119,19 @@ impl Replica {
         let _ = self.child.kill().await;
     }
 
+    /// Stops it with SIGTERM, as a deploy would, and waits for it to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("the replica exits after SIGTERM")
+            .expect("wait for the replica")
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,0 +1,103 @@
+//! The SSE example app (`examples/sse`) as a process: it serves its page, publishes through
+//! `POST /publish`, refuses a stream without a user, and on SIGTERM (a deploy) ends its streams
+//! and exits, so browsers reconnect to another replica.
+
+use std::time::Duration;
+
+use pg_outbox_tests::browser::Replica;
+use pg_outbox_tests::{Cluster, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+/// Sends one HTTP/1.1 request and returns the connection, its response still to read.
+async fn send(replica: &Replica, request: &str) -> TcpStream {
+    let mut connection = TcpStream::connect(replica.address()).await.unwrap();
+    connection.write_all(request.as_bytes()).await.unwrap();
+    connection
+}
+
+/// The whole response of a `Connection: close` request.
+async fn request(replica: &Replica, request: &str) -> String {
+    let mut connection = send(replica, request).await;
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, connection.read_to_string(&mut response))
+        .await
+        .expect("a response")
+        .unwrap();
+    response
+}
+
+fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_serves_publishes_and_ends_its_streams_on_sigterm() {
+    let cluster = Cluster::start();
+    let mut replica = Replica::start(&cluster.connection_string("postgres"), "example", &[]).await;
+
+    let page = request(
+        &replica,
+        "GET /?user=u1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(body(&page).contains("new EventSource("), "{page}");
+
+    let no_user = request(
+        &replica,
+        "GET /events HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(no_user.starts_with("HTTP/1.1 400"), "{no_user}");
+
+    let event = r#"{"channel": "chat", "user_id": "u1", "payload": {"text": "hi"}}"#;
+    let published = request(
+        &replica,
+        &format!(
+            "POST /publish HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{event}",
+            event.len()
+        ),
+    )
+    .await;
+    assert!(published.starts_with("HTTP/1.1 200"), "{published}");
+    let answer: serde_json::Value = serde_json::from_str(body(&published)).unwrap();
+    let id: Uuid = answer["id"].as_str().unwrap().parse().unwrap();
+    let stored = cluster.psql(
+        "postgres",
+        &format!("SELECT channel || ' ' || user_id || ' ' || payload::text FROM event_outbox WHERE id = '{id}'"),
+    );
+    assert_eq!(stored, r#"chat u1 {"text": "hi"}"#);
+
+    let bad_channel = r#"{"channel": "chat room", "user_id": "u1", "payload": {}}"#;
+    let refused = request(
+        &replica,
+        &format!(
+            "POST /publish HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{bad_channel}",
+            bad_channel.len()
+        ),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+
+    // An open stream, then a deploy: the stream ends and the replica exits.
+    let mut stream = send(&replica, "GET /events?user=u1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut head = vec![0; 1024];
+    let read = tokio::time::timeout(WAIT, stream.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..read]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    let status = replica.terminate().await;
+    assert!(status.success(), "{status}\n{}", replica.log());
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends with the replica")
+        .unwrap();
+}

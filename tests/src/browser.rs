@@ -64,7 +64,8 @@ fn scratch(what: &str) -> PathBuf {
     dir
 }
 
-/// One replica of the SSE example app, a process of its own; SIGKILLed on drop.
+/// One replica of the SSE example app, a process of its own; SIGKILLed on drop, when its log
+/// is removed too unless the thread is panicking (a failed test keeps it).
 pub struct Replica {
     child: tokio::process::Child,
     address: SocketAddr,
@@ -135,6 +136,17 @@ impl Replica {
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if !std::thread::panicking() {
+            if let Some(dir) = self.log.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 

@@ -97,7 +97,7 @@ fn gap_value(gap: &Gap) -> serde_json::Value {
         Gap::Rewound { floor_xid } => {
             json!({"gap": {"kind": "rewound", "floor_xid": floor_xid}})
         }
-        other => json!({"gap": {"kind": "other", "detail": format!("{other:?}")}}),
+        other => json!({"gap": {"kind": other.kind(), "detail": other.to_string()}}),
     }
 }
 

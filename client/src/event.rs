@@ -172,6 +172,40 @@ pub enum Gap {
     },
 }
 
+impl Gap {
+    /// A stable name for this kind of gap, for logs and wire formats: `pruned`, `unreadable`,
+    /// `rewound` or `missing`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Gap::Pruned { .. } => "pruned",
+            Gap::Unreadable { .. } => "unreadable",
+            Gap::Rewound { .. } => "rewound",
+            Gap::Missing { .. } => "missing",
+        }
+    }
+}
+
+impl fmt::Display for Gap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gap::Pruned {
+                pruned_through_xid, ..
+            } => write!(
+                f,
+                "events may have been pruned (through xid {pruned_through_xid}) before the relay read them"
+            ),
+            Gap::Unreadable { id, reason, .. } => {
+                write!(f, "event {id} has a payload this client cannot read: {reason}")
+            }
+            Gap::Rewound { floor_xid } => write!(
+                f,
+                "the server lost part of its history (crash, failover or restore); events of transactions below xid {floor_xid} may be missing"
+            ),
+            Gap::Missing { id, .. } => write!(f, "event {id} was gone when the relay read it"),
+        }
+    }
+}
+
 /// Why a resumed subscription could not go on exactly from the position it was given, and went
 /// on from now instead: the app should reload the state it shows (for a browser: `event:
 /// reset`), then follow the stream.
@@ -199,6 +233,36 @@ pub enum ResetReason {
         /// The server's when the subscription resumed.
         server_xmax: u64,
     },
+}
+
+impl ResetReason {
+    /// A stable name for this reason, for logs and wire formats: `malformed`, `expired`,
+    /// `other_server_run` or `ahead`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResetReason::Malformed(_) => "malformed",
+            ResetReason::Expired { .. } => "expired",
+            ResetReason::OtherServerRun => "other_server_run",
+            ResetReason::Ahead { .. } => "ahead",
+        }
+    }
+}
+
+impl fmt::Display for ResetReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResetReason::Malformed(err) => write!(f, "{err}"),
+            ResetReason::Expired { .. } => {
+                f.write_str("the position is older than the events the outbox keeps")
+            }
+            ResetReason::OtherServerRun => f.write_str(
+                "the position is from another run of the database server (before a restart or failover)",
+            ),
+            ResetReason::Ahead { .. } => {
+                f.write_str("the position names transactions the server has not started")
+            }
+        }
+    }
 }
 
 /// What a subscription yields, in the relay's delivery order (see the crate documentation).

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pg_outbox_client::{Delivery, Event, Gap, ResetReason};
+use pg_outbox_client::{Delivery, Event};
 use serde_json::{json, Value};
 
 /// The `data` of an event's frame: one line of JSON, `{"id", "channel", "user_id", "payload",
@@ -52,56 +52,18 @@ pub fn reset_data(delivery: &Delivery) -> Option<String> {
                 .to_string(),
             )
         }
-        Delivery::Gap(gap) => gap_reason(gap),
-        Delivery::Reset { reason } => resume_reason(reason),
+        Delivery::Gap(gap) => (gap.kind(), gap.to_string()),
+        Delivery::Reset { reason } => (reason.kind(), format!("Last-Event-ID: {reason}")),
         _ => ("other", "the stream cannot be followed exactly here".into()),
     };
     Some(json!({ "reason": reason, "message": message }).to_string())
-}
-
-fn gap_reason(gap: &Gap) -> (&'static str, String) {
-    match gap {
-        Gap::Pruned { .. } => (
-            "pruned",
-            "events were pruned before the relay read them".into(),
-        ),
-        Gap::Missing { id, .. } => ("missing", format!("event {id} was gone when read")),
-        Gap::Unreadable { id, .. } => (
-            "unreadable",
-            format!("event {id} has a payload this server cannot read"),
-        ),
-        Gap::Rewound { .. } => (
-            "rewound",
-            "the database lost part of its history (crash or failover)".into(),
-        ),
-        _ => ("other", "events could not be delivered".into()),
-    }
-}
-
-fn resume_reason(reason: &ResetReason) -> (&'static str, String) {
-    match reason {
-        ResetReason::Malformed(err) => ("malformed", format!("Last-Event-ID: {err}")),
-        ResetReason::Expired { .. } => (
-            "expired",
-            "Last-Event-ID is older than the events kept".into(),
-        ),
-        ResetReason::OtherServerRun => (
-            "other_server_run",
-            "Last-Event-ID is from another run of the database server".into(),
-        ),
-        ResetReason::Ahead { .. } => (
-            "ahead",
-            "Last-Event-ID names transactions the server has not started".into(),
-        ),
-        _ => ("other", "Last-Event-ID cannot be resumed exactly".into()),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use pg_outbox_client::Position;
+    use pg_outbox_client::{Gap, Position, ResetReason};
 
     use super::*;
 

@@ -50,7 +50,7 @@ impl Setup {
     }
 }
 
-const SETUPS: [Setup; 5] = [
+const SETUPS: [Setup; 7] = [
     Setup {
         receiver: Receiver::Seed,
         notify_payload: "reference",
@@ -72,6 +72,19 @@ const SETUPS: [Setup; 5] = [
     Setup {
         receiver: Receiver::Client,
         notify_payload: "reference",
+        notify_mode: "worker",
+        fetch_interval_ms: None,
+    },
+    // Inline, sealed with the relays' key: no query per event, nothing for other roles to read.
+    Setup {
+        receiver: Receiver::Client,
+        notify_payload: "sealed",
+        notify_mode: "transaction",
+        fetch_interval_ms: None,
+    },
+    Setup {
+        receiver: Receiver::Client,
+        notify_payload: "sealed",
         notify_mode: "worker",
         fetch_interval_ms: None,
     },
@@ -393,6 +406,9 @@ async fn client_relay(cluster: &Cluster, n: usize, setup: Setup, samples: Sample
         .subscriber_buffer(1 << 20);
     if let Some(ms) = setup.fetch_interval_ms {
         builder = builder.fetch_interval(Duration::from_millis(ms));
+    }
+    if setup.notify_payload == "sealed" {
+        builder = builder.seal_key(crate::seal_key());
     }
     let relay = builder.build().expect("build the relay");
     let mut all = relay.subscribe_all();

@@ -33,7 +33,18 @@ const SETTINGS: &[(&str, &str)] = &[
     ("shared_buffers", "'512MB'"),
     ("max_wal_size", "'4GB'"),
     ("pg_outbox.prune_interval", "'1h'"),
+    // Used by the variants with `pg_outbox.notify_payload = 'sealed'` only.
+    (
+        "pg_outbox.seal_key",
+        "'q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk='",
+    ),
 ];
+
+/// The relays' copy of `pg_outbox.seal_key` above.
+pub fn seal_key() -> pg_outbox_client::SealKey {
+    pg_outbox_client::SealKey::from_base64("q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=")
+        .expect("the bench's seal key is base64 of 32 bytes")
+}
 
 pub struct Options {
     smoke: bool,

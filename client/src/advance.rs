@@ -22,16 +22,31 @@ use pg_outbox_wire::quote_ident;
 /// would parse it again for every row checked, and a cast of the new snapshot in the select
 /// list printed it again for every row returned (a sixth of the query's time at 64 writers).
 pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
-    let schema = quote_ident(schema);
     let channel_filter = if filter_channels {
         "AND channel = ANY($2::text[])"
     } else {
         ""
     };
+    rows_visible_sql(
+        schema,
+        "pg_current_snapshot() AS s, $1::text::pg_snapshot AS f",
+        &format!(
+            "xid >= pg_snapshot_xmin(snap.f) \
+             AND NOT pg_visible_in_snapshot(xid, snap.f) {channel_filter}"
+        ),
+    )
+}
+
+/// The shape of every statement that reads rows for the relay (the advance, a resume's
+/// catch-up): `taken` selects, once, in a materialized CTE `snap`, a new snapshot `s` (printed
+/// there once too) and whatever else the conditions need; then every row of `event_outbox`
+/// visible in `s` that `conditions` keep, in `(xid, id)` order, with the prune state. Its
+/// columns are what [`parse`] reads; with no row, one row of NULLs carries the snapshot.
+pub(crate) fn rows_visible_sql(schema: &str, taken: &str, conditions: &str) -> String {
+    let schema = quote_ident(schema);
     format!(
         "WITH snap AS MATERIALIZED ( \
-             SELECT s, f, s::text AS s_text \
-             FROM (SELECT pg_current_snapshot() AS s, $1::text::pg_snapshot AS f) taken) \
+             SELECT taken.*, taken.s::text AS s_text FROM (SELECT {taken}) taken) \
          SELECT snap.s_text AS snapshot, \
                 COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
                 e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
@@ -39,11 +54,9 @@ pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
          FROM snap LEFT JOIN LATERAL ( \
              SELECT id, channel, user_id, payload, origin, created_at, xid \
              FROM {schema}.event_outbox \
-             WHERE xid >= pg_snapshot_xmin(snap.f) \
-               AND xid < pg_snapshot_xmax(snap.s) \
+             WHERE xid < pg_snapshot_xmax(snap.s) \
                AND pg_visible_in_snapshot(xid, snap.s) \
-               AND NOT pg_visible_in_snapshot(xid, snap.f) \
-               {channel_filter} \
+               AND {conditions} \
              ORDER BY xid, id) e ON true"
     )
 }

@@ -15,7 +15,6 @@
 
 use std::collections::VecDeque;
 
-use pg_outbox_wire::quote_ident;
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
@@ -52,7 +51,6 @@ pub(crate) struct CatchUp {
 /// the advance, whose columns it returns. Leaving out the filters no request needs lets the
 /// planner read `(user_id, xid)` or `(channel, xid)` indexes, where a deployment has them.
 pub(crate) fn catch_up_sql(schema: &str, users: bool, channels: bool, everything: bool) -> String {
-    let schema = quote_ident(schema);
     let filter = match (everything, users, channels) {
         (true, _, _) => "",
         (false, true, true) => "AND (user_id = ANY($2::text[]) OR channel = ANY($3::text[]))",
@@ -60,21 +58,10 @@ pub(crate) fn catch_up_sql(schema: &str, users: bool, channels: bool, everything
         (false, false, true) => "AND channel = ANY($2::text[])",
         (false, false, false) => "AND false",
     };
-    format!(
-        "WITH snap AS MATERIALIZED ( \
-             SELECT s, s::text AS s_text FROM (SELECT pg_current_snapshot() AS s) taken) \
-         SELECT snap.s_text AS snapshot, \
-                COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
-                e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
-                e.xid::text AS xid \
-         FROM snap LEFT JOIN LATERAL ( \
-             SELECT id, channel, user_id, payload, origin, created_at, xid \
-             FROM {schema}.event_outbox \
-             WHERE xid >= $1::text::xid8 \
-               AND xid < pg_snapshot_xmax(snap.s) \
-               AND pg_visible_in_snapshot(xid, snap.s) \
-               {filter} \
-             ORDER BY xid, id) e ON true"
+    advance::rows_visible_sql(
+        schema,
+        "pg_current_snapshot() AS s",
+        &format!("xid >= $1::text::xid8 {filter}"),
     )
 }
 

@@ -395,7 +395,12 @@ impl Listener {
             return None;
         }
         let requests = std::mem::take(&mut self.waiting_resumes);
-        let wanted = Wanted::of(&requests);
+        let answering = Answering {
+            epoch: self.server.epoch(),
+            changes: &self.run_changes,
+            cfg: &self.cfg,
+        };
+        let wanted = Wanted::of(&requests, &answering);
         let client = Arc::clone(&conn.queries);
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let span = debug_span!("pg_outbox_resume", requests = requests.len());

@@ -65,8 +65,9 @@ pub(crate) fn catch_up_sql(schema: &str, users: bool, channels: bool, everything
     )
 }
 
-/// The rows a set of requests may need: from the least xmin of their positions, of their
-/// users and channels (each request then keeps its own).
+/// The rows a set of requests may need: from the least xmin of their positions (carried over
+/// to the current server run, as they will be answered), of their users and channels (each
+/// request then keeps its own).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Wanted {
     from: u64,
@@ -76,13 +77,15 @@ pub(crate) struct Wanted {
 }
 
 impl Wanted {
-    pub fn of(requests: &[ResumeRequest]) -> Wanted {
+    pub fn of(requests: &[ResumeRequest], answering: &Answering) -> Wanted {
         let mut wanted = Wanted {
+            // A position that will be reset needs no row.
             from: requests
                 .iter()
-                .map(|request| request.position.snapshot().xmin())
+                .filter_map(|request| answering.carry_over(&request.position).ok())
+                .map(|base| base.snapshot().xmin())
                 .min()
-                .unwrap_or(0),
+                .unwrap_or(u64::MAX),
             ..Wanted::default()
         };
         for request in requests {
@@ -343,5 +346,12 @@ mod tests {
             .unwrap();
         assert_eq!(carried.base.snapshot().to_string(), "150:150:");
         assert_eq!(ids(&carried), [1]);
+        // The query reads from where the carried-over position stands, not the old one.
+        let requests = [
+            request("u1", position(1, "170:170:", &[])),
+            request("u2", position(7, "100:100:", &[])),
+        ];
+        assert_eq!(Wanted::of(&requests, &answering).from, 150);
+        assert_eq!(Wanted::of(&requests[1..], &answering).from, u64::MAX);
     }
 }

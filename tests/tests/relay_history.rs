@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use pg_outbox_client::Gap;
+use pg_outbox_client::{Delivery, Gap, ResetReason, Topic};
 use pg_outbox_tests::relay::{
     create_relay_role, publish, relay_as, relay_with, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
@@ -116,8 +116,12 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
         .host_path(standby.root())
         .port(standby.port())
         .target_session_attrs(TargetSessionAttrs::ReadWrite);
-    let relay = relay_with(config, "relay_failover").build().unwrap();
+    let relay = relay_with(config.clone(), "relay_failover")
+        .build()
+        .unwrap();
     let chat = Collector::spawn(relay.subscribe("chat"));
+    // A browser's stream, whose position must come through the failover too.
+    let mut browser = relay.subscribe_to(Topic::for_user("u1"));
     relay.start().await.unwrap();
     // The relay stays away from the promoted standby until the new transactions have
     // committed (its connection to the primary is not affected), so the catch-up is what must
@@ -157,6 +161,14 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
     chat.wait_for_all(&primary, "the events the standby lacks", &delivered)
         .await;
     wait_for_advances(&primary, &relay, 2).await;
+    for _ in 0..delivered.len() {
+        let item = tokio::time::timeout(WAIT, browser.recv()).await.unwrap();
+        assert!(item.is_some_and(|item| item.event().is_some()));
+    }
+    // It saw the events the standby lacks, so its position covers xids the standby hands out
+    // again.
+    let position = browser.position().unwrap().to_string();
+    drop(browser);
 
     primary.crash();
     standby.psql("postgres", "SELECT pg_promote()");
@@ -175,6 +187,32 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
     chat.assert_exactly("after a failover", &expected);
     assert!(chat.gaps().is_empty(), "{:?}", chat.gaps());
     assert_eq!(relay.metrics().rewinds, 1);
+
+    // The browser resumes on the relay that went through the failover: the new transactions
+    // that reuse the xids it saw are delivered, the lost events are not there to repeat.
+    let resumed = Collector::spawn(relay.subscribe_from(Topic::for_user("u1"), &position));
+    let new: HashSet<Uuid> = after.iter().copied().collect();
+    resumed
+        .wait_for_all(&standby, "the events after the failover, resumed", &new)
+        .await;
+    wait_for_advances(&standby, &relay, 2).await;
+    resumed.assert_exactly("resumed after a failover", &new);
+    // A relay that started on the promoted standby cannot tell which of those xids are the old
+    // ones: it resets.
+    let fresh = relay_with(config, "relay_after_failover").build().unwrap();
+    fresh.start().await.unwrap();
+    let mut reset = fresh.subscribe_from(Topic::for_user("u1"), &position);
+    let first = tokio::time::timeout(WAIT, reset.recv()).await.unwrap();
+    assert!(
+        matches!(
+            first,
+            Some(Delivery::Reset {
+                reason: ResetReason::OtherServerRun
+            })
+        ),
+        "{first:?}"
+    );
+    fresh.shutdown().await;
     relay.shutdown().await;
 }
 

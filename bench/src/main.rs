@@ -2,7 +2,7 @@
 //! throwaway cluster this program starts (and prints the configuration of).
 //!
 //! ```text
-//! pg-outbox-bench [--smoke] [--only publish|latency|browser|fanout|prune|memory|resume]
+//! pg-outbox-bench [--smoke] [--only publish|latency|browser|fanout|prune|memory|resume|relays]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
@@ -15,6 +15,7 @@ mod memory;
 mod pgbench;
 mod prune;
 mod publish_rate;
+mod relay_cost;
 mod report;
 mod resume;
 mod retention;
@@ -41,8 +42,11 @@ const SETTINGS: &[(&str, &str)] = &[
 ];
 
 /// The relays' copy of `pg_outbox.seal_key` above.
+pub const SEAL_KEY_BASE64: &str = "q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=";
+
+/// [`SEAL_KEY_BASE64`], for relays in this process.
 pub fn seal_key() -> pg_outbox_client::SealKey {
-    pg_outbox_client::SealKey::from_base64("q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=")
+    pg_outbox_client::SealKey::from_base64(SEAL_KEY_BASE64)
         .expect("the bench's seal key is base64 of 32 bytes")
 }
 
@@ -150,6 +154,9 @@ async fn main() {
     }
     if options.wants("resume") {
         tables.extend(resume::run(&cluster, &options).await);
+    }
+    if options.wants("relays") {
+        tables.extend(relay_cost::run(&cluster, &options).await);
     }
     println!("## Results\n");
     for table in tables {

@@ -86,7 +86,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
 }
 
 /// `target/release/pg-outbox`, next to this benchmark's own binary.
-fn tail_binary() -> PathBuf {
+pub fn tail_binary() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("pg-outbox")))

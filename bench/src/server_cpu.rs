@@ -40,6 +40,15 @@ pub fn used(data_dir: &Path) -> Option<Duration> {
     ))
 }
 
+/// The CPU time process `pid` has used so far (all its threads; not its children), or `None`
+/// where /proc cannot tell.
+pub fn process(pid: u32) -> Option<Duration> {
+    let stat = Stat::read(pid)?;
+    Some(Duration::from_secs_f64(
+        (stat.utime + stat.stime) as f64 / ticks_per_second()? as f64,
+    ))
+}
+
 /// The data directory of a bench cluster.
 pub fn data_dir(cluster: &pg_outbox_tests::Cluster) -> std::path::PathBuf {
     cluster.root().join("data")

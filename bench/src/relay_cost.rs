@@ -1,0 +1,634 @@
+//! Figure: what a replica costs the server. Publishers pace one-event transactions at a fixed
+//! rate well below saturation while N relays, each a `pg-outbox tail` process of its own (a real
+//! relay: it connects, LISTENs, fetches references and prints every event), follow everything;
+//! for N = 1, 4, 16 and 64, in each payload form and both notify modes.
+//!
+//! Measured over a window that opens once every relay has delivered the warm-up's events and
+//! closes once every relay has delivered every event published:
+//! - the server's CPU: every PostgreSQL process of the cluster, from /proc (see
+//!   `server_cpu.rs`: the postmaster, its live children, and the children it reaped within the
+//!   window, through its cumulative child times), per 1,000 events published;
+//! - the relays' CPU apart, the sum of their processes' /proc times;
+//! - this benchmark's own CPU (the publishers' client side, reading the relays' output) and the
+//!   whole machine's, so a reader can tell a saturated or shared machine from a clean run.
+//!
+//! Each relay's printed events are counted: a run in which any relay delivered fewer or more
+//! events than were published says so in the table, instead of a figure.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pg_outbox_tests::Cluster;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::report::{median, Table};
+use crate::Options;
+
+/// One way of notifying.
+#[derive(Clone, Copy)]
+struct Variant {
+    notify_mode: &'static str,
+    notify_payload: &'static str,
+}
+
+impl Variant {
+    fn name(&self) -> String {
+        format!("{}, {}", self.notify_mode, self.notify_payload)
+    }
+}
+
+const VARIANTS: [Variant; 6] = [
+    Variant {
+        notify_mode: "worker",
+        notify_payload: "reference",
+    },
+    Variant {
+        notify_mode: "worker",
+        notify_payload: "inline",
+    },
+    Variant {
+        notify_mode: "worker",
+        notify_payload: "sealed",
+    },
+    Variant {
+        notify_mode: "transaction",
+        notify_payload: "reference",
+    },
+    Variant {
+        notify_mode: "transaction",
+        notify_payload: "inline",
+    },
+    Variant {
+        notify_mode: "transaction",
+        notify_payload: "sealed",
+    },
+];
+
+/// The figure's size.
+struct Plan {
+    variants: Vec<Variant>,
+    relays: Vec<usize>,
+    rounds: usize,
+    /// Events per second, over all publishing connections.
+    rate: u32,
+    publishers: u32,
+    warm_up: Duration,
+    window: Duration,
+}
+
+impl Plan {
+    fn of(options: &Options) -> Plan {
+        if options.smoke {
+            Plan {
+                variants: vec![VARIANTS[0], VARIANTS[5]],
+                relays: vec![1, 2],
+                rounds: 1,
+                rate: 200,
+                publishers: 2,
+                warm_up: Duration::from_millis(250),
+                window: Duration::from_secs(1),
+            }
+        } else {
+            Plan {
+                variants: VARIANTS.to_vec(),
+                relays: vec![1, 4, 16, 64],
+                rounds: 2,
+                rate: 500,
+                publishers: 4,
+                warm_up: Duration::from_secs(1),
+                window: Duration::from_secs(10),
+            }
+        }
+    }
+
+    fn events(&self, span: Duration) -> u64 {
+        // Whole rounds of the publishers, so each publishes as many.
+        let per_publisher = (span.as_secs_f64() * f64::from(self.rate) / f64::from(self.publishers))
+            .ceil()
+            .max(1.0) as u64;
+        per_publisher * u64::from(self.publishers)
+    }
+}
+
+/// What one run measured, over its window.
+#[derive(Clone, Default)]
+struct Measured {
+    /// Events committed within the window.
+    events: u64,
+    /// Events committed in the whole run, and the fewest and most any relay printed.
+    published: u64,
+    fewest_delivered: u64,
+    most_delivered: u64,
+    /// Lag and gap reports on the relays' standard error, over the run.
+    reports: u64,
+    wall: Duration,
+    server_cpu: Duration,
+    relays_cpu: Duration,
+    bench_cpu: Duration,
+    /// The machine's busy fraction (all cores, whatever runs on them), 0 to 1.
+    machine_busy: f64,
+    /// The publishers' achieved rate over the whole run, events per second.
+    publish_rate: f64,
+    /// `pg_notification_queue_usage()` when the last event was published.
+    queue_usage: f64,
+}
+
+impl Measured {
+    fn complete(&self) -> bool {
+        self.published > 0
+            && self.fewest_delivered == self.published
+            && self.most_delivered == self.published
+    }
+
+    /// The server's CPU per 1,000 events, in ms.
+    fn server_per_k(&self) -> f64 {
+        per_k(self.server_cpu, self.events)
+    }
+
+    fn relays_per_k(&self) -> f64 {
+        per_k(self.relays_cpu, self.events)
+    }
+}
+
+fn per_k(cpu: Duration, events: u64) -> f64 {
+    cpu.as_secs_f64() * 1000.0 / events.max(1) as f64 * 1000.0
+}
+
+pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
+    let plan = Plan::of(options);
+    let binary = crate::memory::tail_binary();
+    // results[variant][relay count] = one Measured per round.
+    let mut results: Vec<Vec<Vec<Measured>>> = plan
+        .variants
+        .iter()
+        .map(|_| plan.relays.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for round in 0..plan.rounds {
+        // Each round starts one variant further along, and every other round runs the relay
+        // counts downwards, so a drift of the shared machine does not always favour the same
+        // variant or count.
+        for offset in 0..plan.variants.len() {
+            let v = (round + offset) % plan.variants.len();
+            let counts: Vec<usize> = if round % 2 == 0 {
+                (0..plan.relays.len()).collect()
+            } else {
+                (0..plan.relays.len()).rev().collect()
+            };
+            for r in counts {
+                let measured =
+                    measure(cluster, &binary, &plan, plan.variants[v], plan.relays[r]).await;
+                results[v][r].push(measured);
+            }
+        }
+    }
+    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.notify_payload");
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    vec![table(&plan, &results)]
+}
+
+fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
+    let mut table = Table::new(
+        "What a relay costs the server: CPU per 1,000 events at a fixed publish rate",
+        &[
+            "notify_mode, notify_payload",
+            "relays",
+            "events per relay (window)",
+            "every relay got every event",
+            "server CPU ms per 1k events",
+            "vs 1 relay",
+            "per added relay",
+            "relays' CPU ms per 1k events (all; per relay)",
+            "server CPU, % of one core",
+            "machine busy",
+            "bench process CPU ms per 1k events",
+            "published/s",
+            "queue use at the end",
+        ],
+    );
+    table.note = format!(
+        "{publishers} connections pace one-event transactions (`outbox_publish`, a 48-byte \
+         payload) to {rate} events/s in all; the relays are `pg-outbox tail` processes (each \
+         follows every event and prints it; sealed: given the key), started and listening \
+         before the first event. The window opens once every relay has printed the {warm} \
+         warm-up events and closes once every relay has printed every event published \
+         ({window} s of publishing). Server CPU: utime + stime from /proc of the postmaster, \
+         its live children (backends, the pg_outbox workers, the auxiliary processes) and the \
+         children it reaped in the window (its cutime + cstime), per 1,000 events published in \
+         the window. Relays' CPU: their processes' utime + stime, summed. \"vs 1 relay\" and \
+         \"per added relay\" pair each round's run with the same round's 1-relay run of the \
+         same variant: (cost(N) − cost(1)) / (N − 1), in ms per 1k events and as a share of \
+         the 1-relay cost. {rounds} round(s); medians of the rounds. Machine busy: \
+         /proc/stat over the window, every core and process (another engineer's compiles \
+         included). A CHECKPOINT before each run.",
+        publishers = plan.publishers,
+        rate = plan.rate,
+        warm = plan.events(plan.warm_up),
+        window = plan.window.as_secs_f64(),
+        rounds = plan.rounds,
+    );
+    for (variant, by_count) in plan.variants.iter().zip(results) {
+        let base = by_count.first();
+        for (&relays, rounds) in plan.relays.iter().zip(by_count) {
+            let of = |figure: &dyn Fn(&Measured) -> f64| {
+                median(&rounds.iter().map(figure).collect::<Vec<_>>())
+            };
+            let complete = rounds.iter().filter(|m| m.complete()).count();
+            let verified = if complete == rounds.len() {
+                format!("yes ({complete}/{})", rounds.len())
+            } else {
+                let worst = rounds
+                    .iter()
+                    .find(|m| !m.complete())
+                    .cloned()
+                    .unwrap_or_default();
+                format!(
+                    "**no** ({complete}/{} rounds; worst: {}–{} of {}, {} lag/gap reports)",
+                    rounds.len(),
+                    worst.fewest_delivered,
+                    worst.most_delivered,
+                    worst.published,
+                    worst.reports
+                )
+            };
+            // Each round against the same round's 1-relay run.
+            let paired = |f: &dyn Fn(&Measured, &Measured) -> f64| -> Option<f64> {
+                let base = base?;
+                let values: Vec<f64> = rounds.iter().zip(base).map(|(m, b)| f(m, b)).collect();
+                Some(median(&values))
+            };
+            let ratio = paired(&|m, b| m.server_per_k() / b.server_per_k());
+            let (added, added_share) = if relays > plan.relays[0] {
+                let extra = (relays - plan.relays[0]) as f64;
+                (
+                    paired(&|m, b| (m.server_per_k() - b.server_per_k()) / extra),
+                    paired(&|m, b| (m.server_per_k() / b.server_per_k() - 1.0) / extra),
+                )
+            } else {
+                (None, None)
+            };
+            let relays_per_k = of(&|m| m.relays_per_k());
+            table.row(vec![
+                variant.name(),
+                relays.to_string(),
+                format!("{:.0}", of(&|m| m.events as f64)),
+                verified,
+                format!("{:.1}", of(&|m| m.server_per_k())),
+                ratio.map_or("–".into(), |r| format!("{r:.2}×")),
+                match (added, added_share) {
+                    (Some(ms), Some(share)) => format!("{ms:+.2} ms ({:+.1}%)", share * 100.0),
+                    _ => "–".into(),
+                },
+                format!(
+                    "{relays_per_k:.1}; {:.1}",
+                    relays_per_k / relays.max(1) as f64
+                ),
+                format!(
+                    "{:.0}%",
+                    of(&|m| m.server_cpu.as_secs_f64() / m.wall.as_secs_f64().max(1e-9)) * 100.0
+                ),
+                format!("{:.0}%", of(&|m| m.machine_busy) * 100.0),
+                format!("{:.1}", of(&|m| per_k(m.bench_cpu, m.events))),
+                format!("{:.0}", of(&|m| m.publish_rate)),
+                format!("{:.4}", of(&|m| m.queue_usage)),
+            ]);
+        }
+    }
+    table
+}
+
+/// One run: `relays` relay processes, the publishers at the plan's rate, the window measured.
+async fn measure(
+    cluster: &Cluster,
+    binary: &Path,
+    plan: &Plan,
+    variant: Variant,
+    relays: usize,
+) -> Measured {
+    cluster.psql("postgres", "TRUNCATE event_outbox");
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET pg_outbox.notify_payload = '{}'",
+            variant.notify_payload
+        ),
+    );
+    // The notifier sends what the server's setting says; publishers set theirs per session.
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql("postgres", "CHECKPOINT");
+
+    let mut tails = Vec::with_capacity(relays);
+    for _ in 0..relays {
+        tails.push(Tail::spawn(cluster, binary, variant));
+    }
+    for tail in &mut tails {
+        tail.wait_listening().await;
+    }
+
+    let control = cluster.connect("postgres").await;
+    let published = Arc::new(AtomicU64::new(0));
+    let total = plan.events(plan.warm_up) + plan.events(plan.window);
+    let publisher = publish(cluster, plan, variant, total, Arc::clone(&published)).await;
+
+    // The window opens when every relay has the warm-up's events.
+    let warm = plan.events(plan.warm_up);
+    for tail in &mut tails {
+        tail.wait_delivered(warm, Duration::from_secs(60)).await;
+    }
+    let data_dir = crate::server_cpu::data_dir(cluster);
+    let start = Sample::take(&data_dir, &tails, &published);
+
+    let publish_time = publisher.await.unwrap_or_default();
+    let queue_usage: f64 = control
+        .query_one("SELECT pg_notification_queue_usage()", &[])
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(f64::NAN);
+    let committed = published.load(Ordering::Relaxed);
+    // ...and closes when every relay has every event (or gave up: the count says so).
+    for tail in &mut tails {
+        tail.wait_delivered(committed, Duration::from_secs(60))
+            .await;
+    }
+    let end = Sample::take(&data_dir, &tails, &published);
+
+    let counts: Vec<u64> = tails.iter().map(Tail::delivered).collect();
+    let reports = tails
+        .iter()
+        .map(|t| t.reports.load(Ordering::Relaxed))
+        .sum();
+    stop(tails).await;
+    drop(control);
+
+    Measured {
+        events: end.published - start.published,
+        published: committed,
+        fewest_delivered: counts.iter().copied().min().unwrap_or(0),
+        most_delivered: counts.iter().copied().max().unwrap_or(0),
+        reports,
+        wall: end.at - start.at,
+        server_cpu: end.server.saturating_sub(start.server),
+        relays_cpu: end.relays.saturating_sub(start.relays),
+        bench_cpu: end.bench.saturating_sub(start.bench),
+        machine_busy: machine_busy(start.machine, end.machine),
+        publish_rate: committed as f64 / publish_time.as_secs_f64().max(1e-9),
+        queue_usage,
+    }
+}
+
+/// The counters a window is the difference of.
+struct Sample {
+    at: Instant,
+    published: u64,
+    server: Duration,
+    relays: Duration,
+    bench: Duration,
+    /// (busy, total) jiffies of the whole machine.
+    machine: (u64, u64),
+}
+
+impl Sample {
+    fn take(data_dir: &Path, tails: &[Tail], published: &AtomicU64) -> Sample {
+        Sample {
+            at: Instant::now(),
+            published: published.load(Ordering::Relaxed),
+            server: crate::server_cpu::used(data_dir).unwrap_or_default(),
+            relays: tails
+                .iter()
+                .filter_map(|t| crate::server_cpu::process(t.pid))
+                .sum(),
+            bench: crate::server_cpu::process(std::process::id()).unwrap_or_default(),
+            machine: machine_jiffies(),
+        }
+    }
+}
+
+/// The machine's busy and total jiffies so far, from the first line of /proc/stat.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let values: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+fn machine_busy(start: (u64, u64), end: (u64, u64)) -> f64 {
+    let busy = end.0.saturating_sub(start.0) as f64;
+    let total = end.1.saturating_sub(start.1) as f64;
+    if total > 0.0 {
+        busy / total
+    } else {
+        f64::NAN
+    }
+}
+
+/// Paces `total` one-event transactions over the plan's connections, counting each commit in
+/// `published`; the task returns the time from the first due call to the last commit.
+async fn publish(
+    cluster: &Cluster,
+    plan: &Plan,
+    variant: Variant,
+    total: u64,
+    published: Arc<AtomicU64>,
+) -> JoinHandle<Duration> {
+    let publishers = plan.publishers;
+    let per_publisher = total / u64::from(publishers);
+    let interval = Duration::from_secs_f64(f64::from(publishers) / f64::from(plan.rate));
+    let mut clients = Vec::new();
+    for _ in 0..publishers {
+        let client = cluster.connect("postgres").await;
+        client
+            .batch_execute(&format!(
+                "SET pg_outbox.notify_payload = '{}'; SET pg_outbox.notify_mode = '{}'",
+                variant.notify_payload, variant.notify_mode
+            ))
+            .await
+            .expect("set the publisher's modes");
+        let statement = client
+            .prepare(
+                "SELECT outbox_publish('chat', $1, \
+                 '{\"text\": \"hello from the benchmark\", \"room\": 42}')",
+            )
+            .await
+            .expect("prepare outbox_publish");
+        clients.push((client, statement));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (p, (client, statement)) in clients.into_iter().enumerate() {
+        let published = Arc::clone(&published);
+        tasks.push(tokio::spawn(async move {
+            let user = format!("user-{p}");
+            // Spread the publishers over the interval; catch up when behind.
+            let offset = interval.mul_f64(p as f64 / f64::from(publishers));
+            for n in 0..per_publisher {
+                let due = start + offset + interval.mul_f64(n as f64);
+                tokio::time::sleep_until(due.into()).await;
+                if client.execute(&statement, &[&user]).await.is_ok() {
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::spawn(async move {
+        for task in tasks {
+            let _ = task.await;
+        }
+        start.elapsed()
+    })
+}
+
+/// A `pg-outbox tail` process, its printed events counted as they arrive.
+struct Tail {
+    child: Child,
+    pid: u32,
+    /// Lines printed on standard output: events delivered.
+    delivered: watch::Receiver<u64>,
+    /// Whether the relay reported itself listening (`Some(true)`), or ended first.
+    listening: watch::Receiver<Option<bool>>,
+    /// Lag and gap reports on standard error.
+    reports: Arc<AtomicU64>,
+    /// The last lines of standard error, for the message when the relay fails.
+    stderr_tail: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tail {
+    fn spawn(cluster: &Cluster, binary: &Path, variant: Variant) -> Tail {
+        let mut command = Command::new(binary);
+        command
+            .args(["tail", "--db", &cluster.connection_string("postgres")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if variant.notify_payload == "sealed" {
+            command.env("PG_OUTBOX_SEAL_KEY", crate::SEAL_KEY_BASE64);
+        } else {
+            command.env_remove("PG_OUTBOX_SEAL_KEY");
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {} (make bench builds it): {e}", binary.display()));
+        let pid = child.id().unwrap_or(0);
+
+        let (delivered_tx, delivered) = watch::channel(0u64);
+        if let Some(mut stdout) = child.stdout.take() {
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                while let Ok(n) = stdout.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let lines = buffer[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+                    if lines > 0 {
+                        delivered_tx.send_modify(|count| *count += lines);
+                    }
+                }
+            });
+        }
+
+        let (listening_tx, listening) = watch::channel(None);
+        let reports = Arc::new(AtomicU64::new(0));
+        let stderr_tail = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let reports = Arc::clone(&reports);
+            let stderr_tail = Arc::clone(&stderr_tail);
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let value = serde_json::from_str::<serde_json::Value>(&line).ok();
+                    let status = value
+                        .as_ref()
+                        .and_then(|v| v.get("status"))
+                        .and_then(|s| s.as_str());
+                    if status == Some("listening") {
+                        listening_tx.send_if_modified(|l| l.replace(true).is_none());
+                    }
+                    if value
+                        .as_ref()
+                        .is_some_and(|v| v.get("lagged").is_some() || v.get("gap").is_some())
+                    {
+                        reports.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Ok(mut tail) = stderr_tail.lock() {
+                        if tail.len() >= 20 {
+                            tail.remove(0);
+                        }
+                        tail.push(line);
+                    }
+                }
+                // Standard error closed: the relay ended, listening or not.
+                listening_tx.send_if_modified(|l| l.replace(false).is_none());
+            });
+        }
+        Tail {
+            child,
+            pid,
+            delivered,
+            listening,
+            reports,
+            stderr_tail,
+        }
+    }
+
+    /// Waits for the relay's first status line, which it prints once `start` has returned:
+    /// from then on every committed event reaches it.
+    async fn wait_listening(&mut self) {
+        let listening = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.listening.wait_for(Option::is_some),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|l| *l));
+        if listening != Some(true) {
+            panic!(
+                "pg-outbox tail (pid {}) did not start listening within 60 s; its stderr:\n{}",
+                self.pid,
+                self.stderr_tail
+                    .lock()
+                    .map(|t| t.join("\n"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    /// Waits until the relay has printed `count` events, or `timeout` passes, or it ends.
+    async fn wait_delivered(&mut self, count: u64, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.delivered.wait_for(|&n| n >= count)).await;
+    }
+
+    fn delivered(&self) -> u64 {
+        *self.delivered.borrow()
+    }
+}
+
+/// SIGTERM to every relay at once (each exits 0 after printing what it had), then waits; a
+/// relay still running after 30 s is killed.
+async fn stop(mut tails: Vec<Tail>) {
+    let pids: Vec<String> = tails.iter().map(|t| t.pid.to_string()).collect();
+    let _ = Command::new("kill").arg("-TERM").args(&pids).status().await;
+    for tail in &mut tails {
+        if tokio::time::timeout(Duration::from_secs(30), tail.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = tail.child.kill().await;
+        }
+    }
+}

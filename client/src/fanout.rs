@@ -374,6 +374,7 @@ impl Fanout {
             latest: Arc::clone(&self.watermark),
             position,
             absorbed: None,
+            generation: 0,
             resume,
         }
     }
@@ -467,6 +468,9 @@ pub struct Subscription {
     position: Option<Position>,
     /// The watermark last joined into `position`.
     absorbed: Option<Arc<Watermark>>,
+    /// The latest [`Watermark::generation`] joined: runs queued under an earlier one are
+    /// skipped.
+    generation: u64,
     resume: Option<Resume>,
 }
 
@@ -497,7 +501,8 @@ impl Subscription {
     /// the `id:` of that event). It moves on without events too, as the relay advances, when
     /// nothing is queued. `None` before the relay has started.
     ///
-    /// Events dropped for lag ([`Delivery::Lagged`]) count as seen once the marker is read.
+    /// Events dropped for lag ([`Delivery::Lagged`]) count as seen once a later watermark is
+    /// joined: treat the marker as a reset of what the reader shows.
     pub fn position(&self) -> Option<Position> {
         if self.resume.is_some() {
             return self.position.clone();
@@ -596,6 +601,16 @@ impl Subscription {
                 Some(Resume::Replaying(catch_up)) => match catch_up.items.pop_front() {
                     Some(Delivery::Event(event)) => {
                         let position = self.position.get_or_insert_with(|| catch_up.base.clone());
+                        // The items come in (xid, id) order: what the catch-up's snapshot sees
+                        // below this one's xid is handed out, so the position joins it and
+                        // keeps ids of this transaction only, however long the replay.
+                        if catch_up.replayed_xid != Some(event.xid()) {
+                            catch_up.replayed_xid = Some(event.xid());
+                            position.absorb(&Watermark::new(
+                                catch_up.until.epoch,
+                                catch_up.until.snapshot.below(event.xid()),
+                            ));
+                        }
                         if !position.covers(event.xid(), event.id()) {
                             position.record(event.xid(), event.id());
                             return Poll::Ready(Some(Delivery::Event(event)));
@@ -604,10 +619,12 @@ impl Subscription {
                     Some(other) => return Poll::Ready(Some(other)),
                     None => {
                         // Everything under the catch-up's snapshot is handed out now: its live
-                        // copies in the queue are skipped.
+                        // copies in the queue are skipped, and so is what is queued from before
+                        // a rewind the catch-up came after.
                         if let Some(position) = &mut self.position {
                             position.absorb(&catch_up.until);
                         }
+                        self.generation = self.generation.max(catch_up.until.generation);
                         self.resume = None;
                     }
                 },
@@ -621,6 +638,12 @@ impl Subscription {
         let Some(watermark) = watermark else {
             return true;
         };
+        if watermark.generation < self.generation {
+            // Queued before a rewind that this subscription's catch-up came after: what of it
+            // survived, the catch-up read again.
+            return false;
+        }
+        self.generation = watermark.generation;
         let position = self
             .position
             .get_or_insert_with(|| Position::at(&watermark));
@@ -638,7 +661,7 @@ impl Subscription {
         if position.snapshot().is_visible(event.xid()) {
             return false;
         }
-        position.record_new(event.xid(), event.id());
+        position.record(event.xid(), event.id());
         true
     }
 }
@@ -668,6 +691,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::position::RunChange;
 
     fn event(n: u128, channel: &str, user: &str) -> Event {
         Event::new(
@@ -938,6 +962,7 @@ mod tests {
         assert_eq!(sub.position(), Some(base.clone()));
         answer
             .send(Ok(CatchUp {
+                replayed_xid: None,
                 base,
                 items: [event_at(1, 100), event_at(2, 101)]
                     .into_iter()
@@ -972,6 +997,76 @@ mod tests {
         fanout.close();
         assert!(orphan.try_recv().is_none());
         assert_eq!(orphan.len(), 0);
+    }
+
+    #[test]
+    fn what_was_queued_before_a_rewind_the_catch_up_came_after_is_skipped() {
+        let fanout = Fanout::default();
+        let run_1 = |snapshot: &str| Arc::new(Watermark::new(1, snapshot.parse().unwrap()));
+        fanout.set_watermark(run_1("100:100:"));
+        let base = Position::at(&run_1("100:100:"));
+        let (answer, answered) = oneshot::channel();
+        let mut sub = fanout.subscribe_resumed(all(), 100, Some(base.clone()), answered);
+        // Queued live on run 1: xid 105, which survives the failover.
+        fanout.deliver(&[event_at(5, 105)]);
+        // The relay rewinds to run 2 (floor 110) and reads from there: xid 112.
+        let change = Some(RunChange {
+            from: 1,
+            floor: 110,
+        });
+        let run_2 = |snapshot: &str| {
+            Arc::new(Watermark {
+                change,
+                generation: 1,
+                ..Watermark::new(2, snapshot.parse().unwrap())
+            })
+        };
+        fanout.set_watermark(run_2("100:110:"));
+        fanout.deliver(&[event_at(7, 112)]);
+        fanout.set_watermark(run_2("113:113:"));
+        // Answered on run 2: the catch-up read both.
+        answer
+            .send(Ok(CatchUp {
+                base: base.carried_over(2, 110),
+                items: [event_at(5, 105), event_at(7, 112)]
+                    .into_iter()
+                    .map(Delivery::Event)
+                    .collect(),
+                until: Watermark {
+                    generation: 1,
+                    ..Watermark::new(2, "113:113:".parse().unwrap())
+                },
+                replayed_xid: None,
+            }))
+            .unwrap();
+        assert_eq!(ids(&mut sub), [5, 7], "each event once");
+    }
+
+    #[test]
+    fn a_long_replay_keeps_the_position_small() {
+        let fanout = Fanout::default();
+        let start = Arc::new(Watermark::new(1, "100:100:".parse().unwrap()));
+        fanout.set_watermark(Arc::clone(&start));
+        let base = Position::at(&start);
+        let (answer, answered) = oneshot::channel();
+        let mut sub = fanout.subscribe_resumed(all(), 100, Some(base.clone()), answered);
+        let n = 3_000u64;
+        answer
+            .send(Ok(CatchUp {
+                base,
+                items: (0..n)
+                    .map(|i| Delivery::Event(event_at(u128::from(i), 100 + i / 2)))
+                    .collect(),
+                until: Watermark::new(1, format!("{0}:{0}:", 100 + n).parse().unwrap()),
+                replayed_xid: None,
+            }))
+            .unwrap();
+        for _ in 0..n - 1 {
+            assert!(sub.try_recv().is_some());
+            // Two events per transaction: at most one id beyond the snapshot.
+            let token = sub.position().unwrap().to_string();
+            assert!(token.len() < 60, "{}", token.len());
+        }
     }
 
     #[test]

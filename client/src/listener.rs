@@ -91,6 +91,8 @@ pub(crate) struct Listener {
     /// The change into the current run, when the relay proved where the old history holds:
     /// its subscriptions' positions are carried over.
     carried_from: Option<RunChange>,
+    /// How many times the relay rewound (see [`Watermark::generation`]).
+    generation: u64,
     /// Resume requests waiting for the next catch-up query.
     waiting_resumes: Vec<ResumeRequest>,
 }
@@ -149,6 +151,7 @@ impl Listener {
             history_went_back: false,
             run_changes: Vec::new(),
             carried_from: None,
+            generation: 0,
             waiting_resumes: Vec::new(),
         };
         listener.publish_watermark();
@@ -374,6 +377,7 @@ impl Listener {
     fn publish_watermark(&self) {
         self.shared.fanout.set_watermark(Arc::new(Watermark {
             change: self.carried_from,
+            generation: self.generation,
             ..Watermark::new(self.server.epoch(), self.cursor.snapshot().clone())
         }));
     }
@@ -397,6 +401,7 @@ impl Listener {
         let requests = std::mem::take(&mut self.waiting_resumes);
         let answering = Answering {
             epoch: self.server.epoch(),
+            generation: self.generation,
             changes: &self.run_changes,
             cfg: &self.cfg,
         };
@@ -434,8 +439,15 @@ impl Listener {
         };
         let metrics = &self.shared.metrics;
         Metrics::add(&metrics.resume_queries, 1);
+        // Rows handed out by a catch-up are history this relay has seen too: witnesses of where
+        // it holds, should the server lose part of it (positions are carried over from there).
+        self.cursor.witness(read.rows.iter().map(|row| match row {
+            Ok(event) => (event.xid(), event.id()),
+            Err(unreadable) => (unreadable.xid, unreadable.id),
+        }));
         let answering = Answering {
             epoch: self.server.epoch(),
+            generation: self.generation,
             changes: &self.run_changes,
             cfg: &self.cfg,
         };
@@ -614,7 +626,10 @@ impl Listener {
                 xid
             }
             Floor::Assumed(xid) => {
+                // Where the old history ends is not known: no position of an earlier run can
+                // be carried over from here on.
                 self.carried_from = None;
+                self.run_changes.clear();
                 self.steps.push(Step::Gap(Gap::Rewound { floor_xid: xid }));
                 xid
             }
@@ -631,6 +646,7 @@ impl Listener {
              the history it still holds"
         );
         Metrics::add(&self.shared.metrics.rewinds, 1);
+        self.generation += 1;
         self.server = run.clone();
         self.history_went_back = false;
         self.flush();

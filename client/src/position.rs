@@ -20,6 +20,7 @@
 //! the previous (from `xmin` for the first), the count of ids beyond and each as `xid - xmin`
 //! followed by the 16 bytes of the id.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -61,6 +62,11 @@ pub(crate) struct Watermark {
     pub snapshot: Snapshot,
     /// How the relay came to `epoch`, when it proved where the previous run's history holds.
     pub change: Option<RunChange>,
+    /// How many times this relay had rewound (to a new server run) when it published this: a
+    /// subscription that has joined a later generation (a catch-up answered after a rewind)
+    /// skips what is still queued from an earlier one, which that catch-up read again from the
+    /// history that survived.
+    pub generation: u64,
 }
 
 impl Watermark {
@@ -69,6 +75,7 @@ impl Watermark {
             epoch,
             snapshot,
             change: None,
+            generation: 0,
         }
     }
 }
@@ -81,6 +88,10 @@ pub(crate) struct RunChange {
     pub from: u32,
     pub floor: u64,
 }
+
+/// Transaction ids from here on are refused in a token: no server gets near them (a `xid8` grows
+/// by its 32-bit epoch), and arithmetic on them stays far from overflowing.
+const MAX_XID: u64 = 1 << 62;
 
 /// A token that is not a position: damaged, truncated, or not made by this client.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -123,15 +134,14 @@ impl Position {
         self.snapshot.is_visible(xid) || self.beyond.contains(&(xid, id))
     }
 
-    /// Notes the event `(xid, id)` as seen.
-    pub(crate) fn record(&mut self, xid: u64, id: Uuid) {
-        if !self.covers(xid, id) {
-            self.beyond.push((xid, id));
-        }
+    /// The events seen beyond *S*, for checking many rows against a position whose list may be
+    /// long (a token's: up to some 2,700 ids).
+    pub(crate) fn seen_beyond(&self) -> HashSet<(u64, Uuid)> {
+        self.beyond.iter().copied().collect()
     }
 
     /// Notes the event `(xid, id)`, which the caller knows was not seen, as seen.
-    pub(crate) fn record_new(&mut self, xid: u64, id: Uuid) {
+    pub(crate) fn record(&mut self, xid: u64, id: Uuid) {
         if !self.snapshot.is_visible(xid) {
             self.beyond.push((xid, id));
         }
@@ -204,7 +214,8 @@ impl Position {
         let xmin = reader.varint()?;
         let xmax = xmin
             .checked_add(reader.varint()?)
-            .ok_or(invalid("xmax overflows"))?;
+            .filter(|&xmax| xmax < MAX_XID)
+            .ok_or(invalid("xmax is beyond any transaction id"))?;
         // Every entry takes at least one byte: a count beyond what is left is a lie, and is
         // refused before anything is allocated for it.
         let running = reader.count(1)?;
@@ -220,12 +231,14 @@ impl Position {
             Snapshot::from_parts(xmin, xmax, xip).ok_or(invalid("an impossible snapshot"))?;
         let seen = reader.count(17)?;
         let mut beyond = Vec::with_capacity(seen);
+        let mut repeated = HashSet::with_capacity(seen);
         for _ in 0..seen {
             let xid = xmin
                 .checked_add(reader.varint()?)
-                .ok_or(invalid("an xid overflows"))?;
+                .filter(|&xid| xid < MAX_XID)
+                .ok_or(invalid("an xid is beyond any transaction id"))?;
             let id = Uuid::from_bytes(reader.array()?);
-            if snapshot.is_visible(xid) || beyond.contains(&(xid, id)) {
+            if snapshot.is_visible(xid) || !repeated.insert((xid, id)) {
                 return Err(invalid("an id beyond the snapshot is not beyond it"));
             }
             beyond.push((xid, id));
@@ -432,6 +445,11 @@ mod tests {
         ] {
             assert!(token.parse::<Position>().is_err(), "{token:?}");
         }
+        // An xid beyond any a server hands out, where `xid + 1` would overflow.
+        let mut huge = vec![1, 1, 0, 0, 0, 0, 10, 0, 1];
+        put_varint(&mut huge, u64::MAX);
+        huge.extend_from_slice(&[7; 16]);
+        assert!(Position::from_bytes(&huge).is_err());
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(Position::from_bytes(&trailing).is_err());

@@ -43,6 +43,8 @@ pub(crate) struct CatchUp {
     pub base: Position,
     pub items: VecDeque<Delivery>,
     pub until: Watermark,
+    /// The xid of the last event handed out from `items`.
+    pub replayed_xid: Option<u64>,
 }
 
 /// The statement of the catch-up: `$1` is the least xmin, as text, then the users wanted and
@@ -130,6 +132,8 @@ pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Resu
 /// and its configuration (channels relayed, own origin).
 pub(crate) struct Answering<'a> {
     pub epoch: u32,
+    /// The relay's rewinds so far (see [`Watermark::generation`]).
+    pub generation: u64,
     pub changes: &'a [RunChange],
     pub cfg: &'a RelayBuilder,
 }
@@ -141,7 +145,7 @@ impl Answering<'_> {
         let server = &read.snapshot;
         let position_xmax = base
             .beyond_xids()
-            .map(|xid| xid + 1)
+            .map(|xid| xid.saturating_add(1))
             .chain([base.snapshot().xmax()])
             .max()
             .unwrap_or(0);
@@ -170,16 +174,18 @@ impl Answering<'_> {
                 && self.cfg.instance_id.is_some()
                 && origin == self.cfg.instance_id.as_deref()
         };
+        let seen = base.seen_beyond();
+        let covered = |xid: u64, id| base.snapshot().is_visible(xid) || seen.contains(&(xid, id));
         let items = read
             .rows
             .iter()
             .filter_map(|row| match row {
                 Ok(event) => (wanted(event.channel(), event.user_id())
                     && !own(event.origin())
-                    && !base.covers(event.xid(), event.id()))
+                    && !covered(event.xid(), event.id()))
                 .then(|| Delivery::Event(event.clone())),
                 Err(unreadable) => (wanted(&unreadable.channel, &unreadable.user_id)
-                    && !base.covers(unreadable.xid, unreadable.id))
+                    && !covered(unreadable.xid, unreadable.id))
                 .then(|| {
                     Delivery::Gap(Gap::Unreadable {
                         id: unreadable.id,
@@ -193,7 +199,11 @@ impl Answering<'_> {
         Ok(CatchUp {
             base,
             items,
-            until: Watermark::new(self.epoch, server.clone()),
+            replayed_xid: None,
+            until: Watermark {
+                generation: self.generation,
+                ..Watermark::new(self.epoch, server.clone())
+            },
         })
     }
 
@@ -284,6 +294,7 @@ mod tests {
         let cfg = RelayBuilder::from_connection_string("host=/nonexistent").unwrap();
         let answering = Answering {
             epoch: 1,
+            generation: 0,
             changes: &[],
             cfg: &cfg,
         };
@@ -310,6 +321,7 @@ mod tests {
         }];
         let answering = Answering {
             epoch: 2,
+            generation: 1,
             changes: &changes,
             cfg: &cfg,
         };

@@ -1,7 +1,10 @@
 //! Figure: what a replica costs the server. Publishers pace one-event transactions at a fixed
 //! rate well below saturation while N relays, each a `pg-outbox tail` process of its own (a real
 //! relay: it connects, LISTENs, fetches references and prints every event), follow everything;
-//! for N = 1, 4, 16 and 64, in each payload form and both notify modes.
+//! for N = 1, 4, 16 and 64, in each payload form and both notify modes; and, as what to move to,
+//! N `pg_recvlogical` processes reading `pg_outbox.logical_messages` from a slot each. The
+//! whole figure runs with `wal_level = logical` (restored afterwards), so every variant writes
+//! the same kind of WAL.
 //!
 //! Measured over a window that opens once every relay has delivered the warm-up's events and
 //! closes once every relay has delivered every event published:
@@ -30,43 +33,71 @@ use tokio::task::JoinHandle;
 use crate::report::{median, Table};
 use crate::Options;
 
-/// One way of notifying.
+/// One way of notifying, and what the replicas run to follow the events.
 #[derive(Clone, Copy)]
 struct Variant {
     notify_mode: &'static str,
     notify_payload: &'static str,
+    consumer: Consumer,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Consumer {
+    /// `pg-outbox tail`: LISTEN, fetches of references, sweeps.
+    Tail,
+    /// `pg_recvlogical` on a slot of its own, through `pgoutput` with `messages`: the events
+    /// as `pg_outbox.logical_messages` writes them, one walsender per replica.
+    Recvlogical,
 }
 
 impl Variant {
     fn name(&self) -> String {
-        format!("{}, {}", self.notify_mode, self.notify_payload)
+        match self.consumer {
+            Consumer::Tail => format!("{}, {}", self.notify_mode, self.notify_payload),
+            Consumer::Recvlogical => format!(
+                "{}, logical_messages = on; pg_recvlogical (pgoutput) on a slot each, no LISTEN",
+                self.notify_mode
+            ),
+        }
     }
 }
 
-const VARIANTS: [Variant; 6] = [
+const VARIANTS: [Variant; 7] = [
     Variant {
         notify_mode: "worker",
         notify_payload: "reference",
+        consumer: Consumer::Tail,
     },
     Variant {
         notify_mode: "worker",
         notify_payload: "inline",
+        consumer: Consumer::Tail,
     },
     Variant {
         notify_mode: "worker",
         notify_payload: "sealed",
+        consumer: Consumer::Tail,
     },
     Variant {
         notify_mode: "transaction",
         notify_payload: "reference",
+        consumer: Consumer::Tail,
     },
     Variant {
         notify_mode: "transaction",
         notify_payload: "inline",
+        consumer: Consumer::Tail,
     },
     Variant {
         notify_mode: "transaction",
         notify_payload: "sealed",
+        consumer: Consumer::Tail,
+    },
+    // The alternative for many replicas: each reads the WAL through a slot of its own.
+    Variant {
+        notify_mode: "worker",
+        notify_payload: "reference",
+        consumer: Consumer::Recvlogical,
     },
 ];
 
@@ -86,7 +117,7 @@ impl Plan {
     fn of(options: &Options) -> Plan {
         if options.smoke {
             Plan {
-                variants: vec![VARIANTS[0], VARIANTS[5]],
+                variants: vec![VARIANTS[0], VARIANTS[5], VARIANTS[6]],
                 relays: vec![1, 2],
                 rounds: 1,
                 rate: 200,
@@ -163,6 +194,19 @@ fn per_k(cpu: Duration, events: u64) -> f64 {
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     let plan = Plan::of(options);
     let binary = crate::memory::tail_binary();
+    // Slots for the logical-decoding replicas, one walsender each.
+    for setting in [
+        "wal_level = logical",
+        "max_wal_senders = 80",
+        "max_replication_slots = 80",
+    ] {
+        cluster.psql("postgres", &format!("ALTER SYSTEM SET {setting}"));
+    }
+    cluster.restart();
+    cluster.psql(
+        "postgres",
+        "DROP PUBLICATION IF EXISTS pg_outbox; CREATE PUBLICATION pg_outbox",
+    );
     // results[variant][relay count] = one Measured per round.
     let mut results: Vec<Vec<Vec<Measured>>> = plan
         .variants
@@ -187,8 +231,16 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             }
         }
     }
-    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.notify_payload");
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql("postgres", "DROP PUBLICATION pg_outbox");
+    for setting in [
+        "pg_outbox.notify_payload",
+        "wal_level",
+        "max_wal_senders",
+        "max_replication_slots",
+    ] {
+        cluster.psql("postgres", &format!("ALTER SYSTEM RESET {setting}"));
+    }
+    cluster.restart();
     vec![table(&plan, &results)]
 }
 
@@ -198,7 +250,7 @@ fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
         &[
             "notify_mode, notify_payload",
             "relays",
-            "events per relay (window)",
+            "events in the window",
             "every relay got every event",
             "server CPU ms per 1k events",
             "vs 1 relay",
@@ -225,7 +277,11 @@ fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
          same variant: (cost(N) − cost(1)) / (N − 1), in ms per 1k events and as a share of \
          the 1-relay cost. {rounds} round(s); medians of the rounds. Machine busy: \
          /proc/stat over the window, every core and process (another engineer's compiles \
-         included). A CHECKPOINT before each run.",
+         included). A CHECKPOINT before each run. The whole figure runs with wal_level = \
+         logical (and 80 walsenders and slots): the last variant's replicas are pg_recvlogical \
+         processes, each streaming a slot of its own through pgoutput (publication of no \
+         tables, messages = true), its events counted by the messages' prefix; its publishers \
+         set pg_outbox.logical_messages = on, and nothing LISTENs.",
         publishers = plan.publishers,
         rate = plan.rate,
         warm = plan.events(plan.warm_up),
@@ -322,11 +378,26 @@ async fn measure(
     cluster.psql("postgres", "SELECT pg_reload_conf()");
     cluster.psql("postgres", "CHECKPOINT");
 
-    let mut tails = Vec::with_capacity(relays);
-    for _ in 0..relays {
-        tails.push(Tail::spawn(cluster, binary, variant));
+    let slots: Vec<String> = match variant.consumer {
+        Consumer::Tail => Vec::new(),
+        Consumer::Recvlogical => (0..relays).map(|n| format!("bench_replica_{n}")).collect(),
+    };
+    for slot in &slots {
+        cluster.psql(
+            "postgres",
+            &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+        );
     }
-    for tail in &mut tails {
+    let mut replicas: Vec<Replica> = match variant.consumer {
+        Consumer::Tail => (0..relays)
+            .map(|_| Replica::tail(cluster, binary, variant))
+            .collect(),
+        Consumer::Recvlogical => slots
+            .iter()
+            .map(|slot| Replica::recvlogical(cluster, slot))
+            .collect(),
+    };
+    for tail in &mut replicas {
         tail.wait_listening().await;
     }
 
@@ -337,11 +408,11 @@ async fn measure(
 
     // The window opens when every relay has the warm-up's events.
     let warm = plan.events(plan.warm_up);
-    for tail in &mut tails {
+    for tail in &mut replicas {
         tail.wait_delivered(warm, Duration::from_secs(60)).await;
     }
     let data_dir = crate::server_cpu::data_dir(cluster);
-    let start = Sample::take(&data_dir, &tails, &published);
+    let start = Sample::take(&data_dir, &replicas, &published);
 
     let publish_time = publisher.await.unwrap_or_default();
     let queue_usage: f64 = control
@@ -351,19 +422,25 @@ async fn measure(
         .unwrap_or(f64::NAN);
     let committed = published.load(Ordering::Relaxed);
     // ...and closes when every relay has every event (or gave up: the count says so).
-    for tail in &mut tails {
+    for tail in &mut replicas {
         tail.wait_delivered(committed, Duration::from_secs(60))
             .await;
     }
-    let end = Sample::take(&data_dir, &tails, &published);
+    let end = Sample::take(&data_dir, &replicas, &published);
 
-    let counts: Vec<u64> = tails.iter().map(Tail::delivered).collect();
-    let reports = tails
+    let counts: Vec<u64> = replicas.iter().map(Replica::delivered).collect();
+    let reports = replicas
         .iter()
         .map(|t| t.reports.load(Ordering::Relaxed))
         .sum();
-    stop(tails).await;
+    stop(replicas).await;
     drop(control);
+    for slot in &slots {
+        cluster.psql(
+            "postgres",
+            &format!("SELECT pg_drop_replication_slot('{slot}')"),
+        );
+    }
 
     Measured {
         events: end.published - start.published,
@@ -393,12 +470,12 @@ struct Sample {
 }
 
 impl Sample {
-    fn take(data_dir: &Path, tails: &[Tail], published: &AtomicU64) -> Sample {
+    fn take(data_dir: &Path, replicas: &[Replica], published: &AtomicU64) -> Sample {
         Sample {
             at: Instant::now(),
             published: published.load(Ordering::Relaxed),
             server: crate::server_cpu::used(data_dir).unwrap_or_default(),
-            relays: tails
+            relays: replicas
                 .iter()
                 .filter_map(|t| crate::server_cpu::process(t.pid))
                 .sum(),
@@ -454,8 +531,11 @@ async fn publish(
         let client = cluster.connect("postgres").await;
         client
             .batch_execute(&format!(
-                "SET pg_outbox.notify_payload = '{}'; SET pg_outbox.notify_mode = '{}'",
-                variant.notify_payload, variant.notify_mode
+                "SET pg_outbox.notify_payload = '{}'; SET pg_outbox.notify_mode = '{}'; \
+                 SET pg_outbox.logical_messages = {}",
+                variant.notify_payload,
+                variant.notify_mode,
+                variant.consumer == Consumer::Recvlogical
             ))
             .await
             .expect("set the publisher's modes");
@@ -493,51 +573,113 @@ async fn publish(
     })
 }
 
-/// A `pg-outbox tail` process, its printed events counted as they arrive.
-struct Tail {
+/// A replica's process (`pg-outbox tail` or `pg_recvlogical`), the events it prints counted
+/// as they arrive.
+struct Replica {
     child: Child,
     pid: u32,
-    /// Lines printed on standard output: events delivered.
+    /// Events printed on standard output.
     delivered: watch::Receiver<u64>,
-    /// Whether the relay reported itself listening (`Some(true)`), or ended first.
+    /// Whether the process reported itself ready (`Some(true)`), or ended first.
     listening: watch::Receiver<Option<bool>>,
     /// Lag and gap reports on standard error.
     reports: Arc<AtomicU64>,
-    /// The last lines of standard error, for the message when the relay fails.
+    /// The last lines of standard error, for the message when the process fails.
     stderr_tail: Arc<Mutex<Vec<String>>>,
 }
 
-impl Tail {
-    fn spawn(cluster: &Cluster, binary: &Path, variant: Variant) -> Tail {
+/// What marks one event in a `pg_recvlogical` stream of `pgoutput` messages: the prefix of a
+/// logical-decoding message, NUL-terminated (a message is `M`, flags, LSN, prefix, length,
+/// content; the content is JSON, which holds no NUL).
+const MESSAGE_MARKER: &[u8] = b"pg_outbox\0";
+
+impl Replica {
+    /// `pg-outbox tail`, following every event; each line on standard output is one event, and
+    /// its first status line on standard error comes once `start` has returned: from then on
+    /// every committed event reaches it.
+    fn tail(cluster: &Cluster, binary: &Path, variant: Variant) -> Replica {
         let mut command = Command::new(binary);
-        command
-            .args(["tail", "--db", &cluster.connection_string("postgres")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        command.args(["tail", "--db", &cluster.connection_string("postgres")]);
         if variant.notify_payload == "sealed" {
             command.env("PG_OUTBOX_SEAL_KEY", crate::SEAL_KEY_BASE64);
         } else {
             command.env_remove("PG_OUTBOX_SEAL_KEY");
         }
+        Replica::spawn(command, b"\n", |line| {
+            let value = serde_json::from_str::<serde_json::Value>(line).ok();
+            let ready = value
+                .as_ref()
+                .and_then(|v| v.get("status"))
+                .and_then(|s| s.as_str())
+                == Some("listening");
+            let report = value
+                .as_ref()
+                .is_some_and(|v| v.get("lagged").is_some() || v.get("gap").is_some());
+            (ready, report)
+        })
+    }
+
+    /// `pg_recvlogical` streaming `slot` through `pgoutput`, the pg_outbox messages only (a
+    /// publication of no tables); ready once it reports the streaming started (`-v`). The slot
+    /// exists before the first event, so none can be missed either way.
+    fn recvlogical(cluster: &Cluster, slot: &str) -> Replica {
+        let mut command = Command::new(cluster.bindir().join("pg_recvlogical"));
+        command
+            .arg("-h")
+            .arg(cluster.root())
+            .arg("-p")
+            .arg(cluster.port().to_string())
+            .args([
+                "-U", "postgres", "-d", "postgres", "--slot", slot, "--start",
+            ])
+            .args(["-o", "proto_version=1", "-o", "publication_names=pg_outbox"])
+            .args(["-o", "messages=true", "-f", "-", "-v"]);
+        Replica::spawn(command, MESSAGE_MARKER, |line| {
+            (line.contains("streaming initiated"), false)
+        })
+    }
+
+    /// Runs `command`, counting the occurrences of `marker` on its standard output; `status`
+    /// reads each line of its standard error: (ready, a lag or gap report).
+    fn spawn(
+        mut command: Command,
+        marker: &'static [u8],
+        status: impl Fn(&str) -> (bool, bool) + Send + 'static,
+    ) -> Replica {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let program = command
+            .as_std()
+            .get_program()
+            .to_string_lossy()
+            .into_owned();
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("run {} (make bench builds it): {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("run {program} (make bench builds pg-outbox): {e}"));
         let pid = child.id().unwrap_or(0);
 
         let (delivered_tx, delivered) = watch::channel(0u64);
         if let Some(mut stdout) = child.stdout.take() {
             tokio::spawn(async move {
                 let mut buffer = vec![0u8; 64 * 1024];
-                while let Ok(n) = stdout.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
+                // The end of the previous read, too short to hold the marker, so that one
+                // split across two reads is counted.
+                let mut carry = 0;
+                loop {
+                    let n = match stdout.read(&mut buffer[carry..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let filled = carry + n;
+                    let found = count(&buffer[..filled], marker);
+                    if found > 0 {
+                        delivered_tx.send_modify(|count| *count += found);
                     }
-                    let lines = buffer[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-                    if lines > 0 {
-                        delivered_tx.send_modify(|count| *count += lines);
-                    }
+                    carry = (marker.len() - 1).min(filled);
+                    buffer.copy_within(filled - carry..filled, 0);
                 }
             });
         }
@@ -551,18 +693,11 @@ impl Tail {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let value = serde_json::from_str::<serde_json::Value>(&line).ok();
-                    let status = value
-                        .as_ref()
-                        .and_then(|v| v.get("status"))
-                        .and_then(|s| s.as_str());
-                    if status == Some("listening") {
+                    let (ready, report) = status(&line);
+                    if ready {
                         listening_tx.send_if_modified(|l| l.replace(true).is_none());
                     }
-                    if value
-                        .as_ref()
-                        .is_some_and(|v| v.get("lagged").is_some() || v.get("gap").is_some())
-                    {
+                    if report {
                         reports.fetch_add(1, Ordering::Relaxed);
                     }
                     if let Ok(mut tail) = stderr_tail.lock() {
@@ -572,11 +707,11 @@ impl Tail {
                         tail.push(line);
                     }
                 }
-                // Standard error closed: the relay ended, listening or not.
+                // Standard error closed: the process ended, ready or not.
                 listening_tx.send_if_modified(|l| l.replace(false).is_none());
             });
         }
-        Tail {
+        Replica {
             child,
             pid,
             delivered,
@@ -586,8 +721,7 @@ impl Tail {
         }
     }
 
-    /// Waits for the relay's first status line, which it prints once `start` has returned:
-    /// from then on every committed event reaches it.
+    /// Waits for the process to report itself ready.
     async fn wait_listening(&mut self) {
         let listening = tokio::time::timeout(
             Duration::from_secs(60),
@@ -598,7 +732,7 @@ impl Tail {
         .and_then(|r| r.ok().and_then(|l| *l));
         if listening != Some(true) {
             panic!(
-                "pg-outbox tail (pid {}) did not start listening within 60 s; its stderr:\n{}",
+                "replica process {} did not get ready within 60 s; its stderr:\n{}",
                 self.pid,
                 self.stderr_tail
                     .lock()
@@ -608,7 +742,7 @@ impl Tail {
         }
     }
 
-    /// Waits until the relay has printed `count` events, or `timeout` passes, or it ends.
+    /// Waits until the process has printed `count` events, or `timeout` passes, or it ends.
     async fn wait_delivered(&mut self, count: u64, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.delivered.wait_for(|&n| n >= count)).await;
     }
@@ -618,12 +752,20 @@ impl Tail {
     }
 }
 
+/// Occurrences of `marker` in `bytes`.
+fn count(bytes: &[u8], marker: &[u8]) -> u64 {
+    if marker.len() == 1 {
+        return bytes.iter().filter(|&&b| b == marker[0]).count() as u64;
+    }
+    bytes.windows(marker.len()).filter(|w| *w == marker).count() as u64
+}
+
 /// SIGTERM to every relay at once (each exits 0 after printing what it had), then waits; a
 /// relay still running after 30 s is killed.
-async fn stop(mut tails: Vec<Tail>) {
-    let pids: Vec<String> = tails.iter().map(|t| t.pid.to_string()).collect();
+async fn stop(mut replicas: Vec<Replica>) {
+    let pids: Vec<String> = replicas.iter().map(|t| t.pid.to_string()).collect();
     let _ = Command::new("kill").arg("-TERM").args(&pids).status().await;
-    for tail in &mut tails {
+    for tail in &mut replicas {
         if tokio::time::timeout(Duration::from_secs(30), tail.child.wait())
             .await
             .is_err()

@@ -67,6 +67,9 @@ static QUEUE_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.1);
 /// notifier (0: none, the notifier reads every batch from the table); read once at server start.
 /// Kilobytes.
 static HANDOFF_BUFFER: GucSetting<i32> = GucSetting::<i32>::new(4096);
+/// The shortest time between two of the notifier's batches: it gathers what commits meanwhile
+/// into one batch, sent in as few notifications as fit. Milliseconds.
+static NOTIFY_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(4);
 /// Who notifies: the publishing transaction or the notifier worker.
 static NOTIFY_MODE: GucSetting<NotifyMode> = GucSetting::<NotifyMode>::new(NotifyMode::Transaction);
 /// Whether `outbox_publish` also writes each event into the WAL as a logical-decoding message.
@@ -127,6 +130,16 @@ pub fn init(preloading: bool) {
         &PRUNE_PAUSE,
         0,
         60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.notify_interval",
+        c"The shortest time between two of the notifier's batches (notify_mode = worker).",
+        c"Every listener does the same work per notification, so with many relays a longer interval, more events per notification, costs the server less per relay; it adds up to this much latency.",
+        &NOTIFY_INTERVAL,
+        1,
+        1000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
@@ -231,6 +244,10 @@ pub fn prune_batch_size() -> i64 {
 
 pub fn prune_pause() -> Duration {
     Duration::from_millis(u64::try_from(PRUNE_PAUSE.get()).unwrap_or(0))
+}
+
+pub fn notify_interval() -> Duration {
+    Duration::from_millis(u64::try_from(NOTIFY_INTERVAL.get()).unwrap_or(4))
 }
 
 /// The workers' database, or `postgres` when the setting is empty.

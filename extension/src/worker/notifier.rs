@@ -54,13 +54,6 @@ pub const BACKEND_TYPE: &str = "pg_outbox notifier";
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 
-/// The shortest time between the starts of two batches: at most this much latency is added,
-/// and at most `1 / MIN_BATCH_INTERVAL` batches run per second however many commits wake it.
-/// Most of a batch's cost is per batch (starting a plan over every segment, a commit, waking
-/// the listeners), so the interval trades the worker's CPU per event against latency: 4 ms
-/// measured cheaper than 2 ms at 10,000 events/s (BENCHMARKS.md has the figures).
-const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(4);
-
 /// How often the worker runs a batch when no publisher wakes it.
 const IDLE_TICK: Duration = Duration::from_secs(5);
 
@@ -142,11 +135,19 @@ pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
                     unsafe { pg_sys::pg_usleep(left.min(Duration::from_millis(1)).as_micros() as _) };
                 }
                 // Under a stream of commits, gather what commits meanwhile into the next batch
-                // rather than running one batch per commit.
+                // rather than running one batch per commit. The interval between the starts of
+                // two batches (`pg_outbox.notify_interval`) is at most the latency it adds, and
+                // at most its inverse batches run per second however many commits wake it. Most
+                // of a batch's cost is per notification, not per event: a commit, and every
+                // listening backend and relay woken to read it. So the interval trades latency
+                // against the worker's CPU per event (4 ms measured cheaper than 2 ms at 10,000
+                // events/s) and against what each relay costs the server (BENCHMARKS.md has
+                // the figures).
+                let interval = guc::notify_interval();
                 let since = last_batch.elapsed();
-                if since < MIN_BATCH_INTERVAL {
+                if since < interval {
                     // SAFETY: a plain sleep; the latch stays set for the next wait.
-                    unsafe { pg_sys::pg_usleep((MIN_BATCH_INTERVAL - since).as_micros() as _) };
+                    unsafe { pg_sys::pg_usleep((interval - since).as_micros() as _) };
                 }
                 last_batch = Instant::now();
                 report_activity(c"notifying");

@@ -39,6 +39,8 @@ struct Variant {
     notify_mode: &'static str,
     notify_payload: &'static str,
     consumer: Consumer,
+    /// `pg_outbox.notify_interval` in ms: the notifier's batches (worker mode).
+    notify_interval_ms: u32,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -53,6 +55,10 @@ enum Consumer {
 impl Variant {
     fn name(&self) -> String {
         match self.consumer {
+            Consumer::Tail if self.notify_interval_ms != 4 => format!(
+                "{}, {}, notify_interval = {} ms",
+                self.notify_mode, self.notify_payload, self.notify_interval_ms
+            ),
             Consumer::Tail => format!("{}, {}", self.notify_mode, self.notify_payload),
             Consumer::Recvlogical => format!(
                 "{}, logical_messages = on; pg_recvlogical (pgoutput) on a slot each, no LISTEN",
@@ -62,42 +68,62 @@ impl Variant {
     }
 }
 
-const VARIANTS: [Variant; 7] = [
+const VARIANTS: [Variant; 9] = [
     Variant {
         notify_mode: "worker",
         notify_payload: "reference",
         consumer: Consumer::Tail,
+        notify_interval_ms: 4,
     },
     Variant {
         notify_mode: "worker",
         notify_payload: "inline",
         consumer: Consumer::Tail,
+        notify_interval_ms: 4,
     },
     Variant {
         notify_mode: "worker",
         notify_payload: "sealed",
         consumer: Consumer::Tail,
+        notify_interval_ms: 4,
     },
     Variant {
         notify_mode: "transaction",
         notify_payload: "reference",
         consumer: Consumer::Tail,
+        notify_interval_ms: 4,
     },
     Variant {
         notify_mode: "transaction",
         notify_payload: "inline",
         consumer: Consumer::Tail,
+        notify_interval_ms: 4,
     },
     Variant {
         notify_mode: "transaction",
         notify_payload: "sealed",
         consumer: Consumer::Tail,
+        notify_interval_ms: 4,
     },
     // The alternative for many replicas: each reads the WAL through a slot of its own.
     Variant {
         notify_mode: "worker",
         notify_payload: "reference",
         consumer: Consumer::Recvlogical,
+        notify_interval_ms: 4,
+    },
+    // The lever: more events per notification, so each listener is woken less often.
+    Variant {
+        notify_mode: "worker",
+        notify_payload: "reference",
+        consumer: Consumer::Tail,
+        notify_interval_ms: 25,
+    },
+    Variant {
+        notify_mode: "worker",
+        notify_payload: "sealed",
+        consumer: Consumer::Tail,
+        notify_interval_ms: 25,
     },
 ];
 
@@ -117,7 +143,7 @@ impl Plan {
     fn of(options: &Options) -> Plan {
         if options.smoke {
             Plan {
-                variants: vec![VARIANTS[0], VARIANTS[5], VARIANTS[6]],
+                variants: vec![VARIANTS[0], VARIANTS[5], VARIANTS[6], VARIANTS[8]],
                 relays: vec![1, 2],
                 rounds: 1,
                 rate: 200,
@@ -234,6 +260,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     cluster.psql("postgres", "DROP PUBLICATION pg_outbox");
     for setting in [
         "pg_outbox.notify_payload",
+        "pg_outbox.notify_interval",
         "wal_level",
         "max_wal_senders",
         "max_replication_slots",
@@ -374,7 +401,14 @@ async fn measure(
             variant.notify_payload
         ),
     );
-    // The notifier sends what the server's setting says; publishers set theirs per session.
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET pg_outbox.notify_interval = '{}ms'",
+            variant.notify_interval_ms
+        ),
+    );
+    // The notifier sends what the server's settings say; publishers set theirs per session.
     cluster.psql("postgres", "SELECT pg_reload_conf()");
     cluster.psql("postgres", "CHECKPOINT");
 

@@ -89,7 +89,7 @@ fuzz: setup
 		--sanitizer $(FUZZ_SANITIZER) relay_input corpus/relay_input seeds/relay_input \
 		-- -max_total_time=$(FUZZ_SECONDS)
 
-## bench: every figure of BENCHMARKS.md on a throwaway cluster (about 25 minutes); a quiet
+## bench: every figure of BENCHMARKS.md on a throwaway cluster (about 40 minutes); a quiet
 ## machine gives steadier ratios
 bench: install
 	cargo build --release -p pg_outbox_bench -p pg_outbox_cli -p pg_outbox_sse_example

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use pg_outbox_tests::Cluster;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -30,7 +30,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::report::{median, Table};
+use crate::report::{median, quantile, Table};
 use crate::Options;
 
 /// One way of notifying, and what the replicas run to follow the events.
@@ -194,6 +194,10 @@ struct Measured {
     publish_rate: f64,
     /// `pg_notification_queue_usage()` when the last event was published.
     queue_usage: f64,
+    /// From each event's `created_at` (before its commit) to the first replica printing it,
+    /// over the run, in ms.
+    latency_p50: f64,
+    latency_p99: f64,
 }
 
 impl Measured {
@@ -288,6 +292,7 @@ fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
             "bench process CPU ms per 1k events",
             "published/s",
             "queue use at the end",
+            "first relay: created_at to printed, p50 / p99 ms",
         ],
     );
     table.note = format!(
@@ -308,7 +313,9 @@ fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
          logical (and 80 walsenders and slots): the last variant's replicas are pg_recvlogical \
          processes, each streaming a slot of its own through pgoutput (publication of no \
          tables, messages = true), its events counted by the messages' prefix; its publishers \
-         set pg_outbox.logical_messages = on, and nothing LISTENs.",
+         set pg_outbox.logical_messages = on, and nothing LISTENs. Latency: from each \
+         event's created_at (clock_timestamp() in outbox_publish, before the commit) to the \
+         benchmark reading the first relay's line for it, over the whole run.",
         publishers = plan.publishers,
         rate = plan.rate,
         warm = plan.events(plan.warm_up),
@@ -379,6 +386,11 @@ fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
                 format!("{:.1}", of(&|m| per_k(m.bench_cpu, m.events))),
                 format!("{:.0}", of(&|m| m.publish_rate)),
                 format!("{:.4}", of(&|m| m.queue_usage)),
+                format!(
+                    "{:.1} / {:.1}",
+                    of(&|m| m.latency_p50),
+                    of(&|m| m.latency_p99)
+                ),
             ]);
         }
     }
@@ -424,11 +436,12 @@ async fn measure(
     }
     let mut replicas: Vec<Replica> = match variant.consumer {
         Consumer::Tail => (0..relays)
-            .map(|_| Replica::tail(cluster, binary, variant))
+            .map(|n| Replica::tail(cluster, binary, variant, n == 0))
             .collect(),
         Consumer::Recvlogical => slots
             .iter()
-            .map(|slot| Replica::recvlogical(cluster, slot))
+            .enumerate()
+            .map(|(n, slot)| Replica::recvlogical(cluster, slot, n == 0))
             .collect(),
     };
     for tail in &mut replicas {
@@ -467,6 +480,11 @@ async fn measure(
         .iter()
         .map(|t| t.reports.load(Ordering::Relaxed))
         .sum();
+    let latencies = replicas
+        .first()
+        .and_then(|r| r.latencies.as_ref())
+        .and_then(|l| l.lock().ok().map(|l| l.clone()))
+        .unwrap_or_default();
     stop(replicas).await;
     drop(control);
     for slot in &slots {
@@ -489,6 +507,8 @@ async fn measure(
         machine_busy: machine_busy(start.machine, end.machine),
         publish_rate: committed as f64 / publish_time.as_secs_f64().max(1e-9),
         queue_usage,
+        latency_p50: quantile(&latencies, 0.50),
+        latency_p99: quantile(&latencies, 0.99),
     }
 }
 
@@ -620,6 +640,8 @@ struct Replica {
     reports: Arc<AtomicU64>,
     /// The last lines of standard error, for the message when the process fails.
     stderr_tail: Arc<Mutex<Vec<String>>>,
+    /// When timed: each event's time from its `created_at` to being read here, in ms.
+    latencies: Option<Arc<Mutex<Vec<f64>>>>,
 }
 
 /// What marks one event in a `pg_recvlogical` stream of `pgoutput` messages: the prefix of a
@@ -631,7 +653,7 @@ impl Replica {
     /// `pg-outbox tail`, following every event; each line on standard output is one event, and
     /// its first status line on standard error comes once `start` has returned: from then on
     /// every committed event reaches it.
-    fn tail(cluster: &Cluster, binary: &Path, variant: Variant) -> Replica {
+    fn tail(cluster: &Cluster, binary: &Path, variant: Variant, timed: bool) -> Replica {
         let mut command = Command::new(binary);
         command.args(["tail", "--db", &cluster.connection_string("postgres")]);
         if variant.notify_payload == "sealed" {
@@ -639,7 +661,8 @@ impl Replica {
         } else {
             command.env_remove("PG_OUTBOX_SEAL_KEY");
         }
-        Replica::spawn(command, b"\n", |line| {
+        let created_at = timed.then_some(tail_created_at as CreatedAt);
+        Replica::spawn(command, b"\n", created_at, |line| {
             let value = serde_json::from_str::<serde_json::Value>(line).ok();
             let ready = value
                 .as_ref()
@@ -656,7 +679,7 @@ impl Replica {
     /// `pg_recvlogical` streaming `slot` through `pgoutput`, the pg_outbox messages only (a
     /// publication of no tables); ready once it reports the streaming started (`-v`). The slot
     /// exists before the first event, so none can be missed either way.
-    fn recvlogical(cluster: &Cluster, slot: &str) -> Replica {
+    fn recvlogical(cluster: &Cluster, slot: &str, timed: bool) -> Replica {
         let mut command = Command::new(cluster.bindir().join("pg_recvlogical"));
         command
             .arg("-h")
@@ -668,16 +691,19 @@ impl Replica {
             ])
             .args(["-o", "proto_version=1", "-o", "publication_names=pg_outbox"])
             .args(["-o", "messages=true", "-f", "-", "-v"]);
-        Replica::spawn(command, MESSAGE_MARKER, |line| {
+        let created_at = timed.then_some(message_created_at as CreatedAt);
+        Replica::spawn(command, MESSAGE_MARKER, created_at, |line| {
             (line.contains("streaming initiated"), false)
         })
     }
 
-    /// Runs `command`, counting the occurrences of `marker` on its standard output; `status`
-    /// reads each line of its standard error: (ready, a lag or gap report).
+    /// Runs `command`, counting the occurrences of `marker` on its standard output (and, with
+    /// `created_at`, timing each line that holds an event's); `status` reads each line of its
+    /// standard error: (ready, a lag or gap report).
     fn spawn(
         mut command: Command,
         marker: &'static [u8],
+        created_at: Option<CreatedAt>,
         status: impl Fn(&str) -> (bool, bool) + Send + 'static,
     ) -> Replica {
         command
@@ -696,8 +722,12 @@ impl Replica {
         let pid = child.id().unwrap_or(0);
 
         let (delivered_tx, delivered) = watch::channel(0u64);
+        let latencies = created_at.map(|_| Arc::new(Mutex::new(Vec::new())));
         if let Some(mut stdout) = child.stdout.take() {
+            let latencies = latencies.clone();
             tokio::spawn(async move {
+                // The line being read, when timed.
+                let mut line = Vec::new();
                 let mut buffer = vec![0u8; 64 * 1024];
                 // The end of the previous read, too short to hold the marker, so that one
                 // split across two reads is counted.
@@ -708,6 +738,22 @@ impl Replica {
                         Ok(n) => n,
                     };
                     let filled = carry + n;
+                    if let (Some(created_at), Some(latencies)) = (created_at, &latencies) {
+                        let read_at = SystemTime::now();
+                        for &byte in &buffer[carry..filled] {
+                            if byte != b'\n' {
+                                line.push(byte);
+                                continue;
+                            }
+                            let latency = created_at(&line)
+                                .and_then(|at| read_at.duration_since(at).ok())
+                                .map(|d| d.as_secs_f64() * 1000.0);
+                            if let (Some(ms), Ok(mut all)) = (latency, latencies.lock()) {
+                                all.push(ms);
+                            }
+                            line.clear();
+                        }
+                    }
                     let found = count(&buffer[..filled], marker);
                     if found > 0 {
                         delivered_tx.send_modify(|count| *count += found);
@@ -752,6 +798,7 @@ impl Replica {
             listening,
             reports,
             stderr_tail,
+            latencies,
         }
     }
 
@@ -784,6 +831,35 @@ impl Replica {
     fn delivered(&self) -> u64 {
         *self.delivered.borrow()
     }
+}
+
+/// Reads an event's `created_at` from a line of a replica's output.
+type CreatedAt = fn(&[u8]) -> Option<SystemTime>;
+
+/// `"created_at":"2026-12-05T01:03:45.123456Z"` in a line of `pg-outbox tail`.
+fn tail_created_at(line: &[u8]) -> Option<SystemTime> {
+    let key = b"\"created_at\":\"";
+    let start = find(line, key)? + key.len();
+    let end = start + line.get(start..)?.iter().position(|&b| b == b'"')?;
+    let text = std::str::from_utf8(line.get(start..end)?).ok()?;
+    humantime::parse_rfc3339(text).ok()
+}
+
+/// `"created_at_us":1795827481361761` in a logical-decoding message's document.
+fn message_created_at(line: &[u8]) -> Option<SystemTime> {
+    let key = b"\"created_at_us\":";
+    let start = find(line, key)? + key.len();
+    let digits = line.get(start..)?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    let micros: u64 = std::str::from_utf8(digits.get(..end)?).ok()?.parse().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(micros))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Occurrences of `marker` in `bytes`.

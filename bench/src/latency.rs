@@ -199,8 +199,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             ms(m.publish_p99),
         ]);
     }
-    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.notify_payload");
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.reset_setting("pg_outbox.notify_payload");
     vec![table, writers]
 }
 
@@ -251,14 +250,7 @@ async fn measure(
 ) -> Measured {
     cluster.psql("postgres", "TRUNCATE event_outbox");
     // The notifier sends what its own setting says; publishers set theirs per session.
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET pg_outbox.notify_payload = '{}'",
-            setup.notify_payload
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.set_setting("pg_outbox.notify_payload", setup.notify_payload);
     let samples: Samples = Arc::new(Mutex::new(Vec::new()));
     let mut receivers = Vec::new();
     for n in 0..relays {

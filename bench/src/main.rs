@@ -25,23 +25,27 @@ use std::time::Duration;
 
 use pg_outbox_tests::Cluster;
 
-/// The cluster's settings beyond initdb's defaults. `fsync` and `synchronous_commit` stay on:
-/// the cost of a commit's WAL flush is what the notify lock serialises.
-const SETTINGS: &[(&str, &str)] = &[
-    ("fsync", "on"),
-    ("synchronous_commit", "on"),
-    ("max_connections", "200"),
-    ("shared_buffers", "'512MB'"),
-    ("max_wal_size", "'4GB'"),
-    ("pg_outbox.prune_interval", "'1h'"),
+/// The cluster's settings beyond initdb's defaults, as `postgresql.conf` lines. `fsync` and
+/// `synchronous_commit` stay on: the cost of a commit's WAL flush is what the notify lock
+/// serialises.
+fn settings() -> Vec<(&'static str, String)> {
+    let mut settings: Vec<(&str, String)> = [
+        ("fsync", "on"),
+        ("synchronous_commit", "on"),
+        ("max_connections", "200"),
+        ("shared_buffers", "'512MB'"),
+        ("max_wal_size", "'4GB'"),
+        ("pg_outbox.prune_interval", "'1h'"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name, value.to_owned()))
+    .collect();
     // Used by the variants with `pg_outbox.notify_payload = 'sealed'` only.
-    (
-        "pg_outbox.seal_key",
-        "'q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk='",
-    ),
-];
+    settings.push(("pg_outbox.seal_key", format!("'{SEAL_KEY_BASE64}'")));
+    settings
+}
 
-/// The relays' copy of `pg_outbox.seal_key` above.
+/// `pg_outbox.seal_key`, which the server and the bench's relays share.
 pub const SEAL_KEY_BASE64: &str = "q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=";
 
 /// [`SEAL_KEY_BASE64`], for relays in this process.
@@ -115,8 +119,9 @@ async fn main() {
         }
     }
 
+    let settings = settings();
     let mut builder = Cluster::builder();
-    for (name, value) in SETTINGS {
+    for (name, value) in &settings {
         builder = builder.setting(name, value);
     }
     let cluster = builder.start();
@@ -128,7 +133,7 @@ async fn main() {
         cluster.psql("postgres", "SHOW server_version")
     );
     println!("Cluster settings beyond initdb's defaults:\n");
-    for (name, value) in SETTINGS {
+    for (name, value) in &settings {
         println!("- `{name} = {value}`");
     }
     println!("- `shared_preload_libraries = 'pg_outbox'`\n");

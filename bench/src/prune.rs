@@ -210,15 +210,9 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
                 wal_compression,
             } => {
                 load_backlog(cluster, "postgres", backlog);
-                cluster.psql(
-                    "postgres",
-                    &format!("ALTER SYSTEM SET pg_outbox.prune_pause = '{pause}'"),
-                );
+                cluster.set_setting("pg_outbox.prune_pause", pause);
                 if let Some(value) = wal_compression {
-                    cluster.psql(
-                        "postgres",
-                        &format!("ALTER SYSTEM SET wal_compression = '{value}'"),
-                    );
+                    cluster.set_setting("wal_compression", value);
                 }
                 Some(pause)
             }
@@ -232,11 +226,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
                 None
             };
         let pruned_before = rows_pruned(&admin).await;
-        cluster.psql(
-            "postgres",
-            "ALTER SYSTEM SET pg_outbox.prune_interval = '1s'",
-        );
-        cluster.psql("postgres", "SELECT pg_reload_conf()");
+        cluster.set_setting("pg_outbox.prune_interval", "1s");
         let started = Instant::now();
         // pgbench blocks its thread; the prune is watched meanwhile from this task.
         let publishing = tokio::task::spawn_blocking({
@@ -246,12 +236,11 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         });
         let pruned_in = wait_for_the_prune(&admin, started, pruned_before + backlog).await;
         let with = publishing.await.expect("the pgbench run while pruning");
-        cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_interval");
-        cluster.psql("postgres", "ALTER SYSTEM RESET wal_compression");
+        cluster.reset_setting("pg_outbox.prune_interval");
+        cluster.reset_setting("wal_compression");
         if pause.is_some() {
-            cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.prune_pause");
+            cluster.reset_setting("pg_outbox.prune_pause");
         }
-        cluster.psql("postgres", "SELECT pg_reload_conf()");
         outcomes[arm].push(Outcome {
             with,
             pruned_in,

@@ -225,12 +225,12 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     let plan = Plan::of(options);
     let binary = crate::memory::tail_binary();
     // Slots for the logical-decoding replicas, one walsender each.
-    for setting in [
-        "wal_level = logical",
-        "max_wal_senders = 80",
-        "max_replication_slots = 80",
+    for (name, value) in [
+        ("wal_level", "logical"),
+        ("max_wal_senders", "80"),
+        ("max_replication_slots", "80"),
     ] {
-        cluster.psql("postgres", &format!("ALTER SYSTEM SET {setting}"));
+        cluster.set_setting(name, value);
     }
     cluster.restart();
     cluster.psql(
@@ -269,7 +269,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         "max_wal_senders",
         "max_replication_slots",
     ] {
-        cluster.psql("postgres", &format!("ALTER SYSTEM RESET {setting}"));
+        cluster.reset_setting(setting);
     }
     cluster.restart();
     vec![table(&plan, &results)]
@@ -406,22 +406,12 @@ async fn measure(
     relays: usize,
 ) -> Measured {
     cluster.psql("postgres", "TRUNCATE event_outbox");
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET pg_outbox.notify_payload = '{}'",
-            variant.notify_payload
-        ),
-    );
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET pg_outbox.notify_interval = '{}ms'",
-            variant.notify_interval_ms
-        ),
-    );
     // The notifier sends what the server's settings say; publishers set theirs per session.
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.set_setting("pg_outbox.notify_payload", variant.notify_payload);
+    cluster.set_setting(
+        "pg_outbox.notify_interval",
+        &format!("{}ms", variant.notify_interval_ms),
+    );
     cluster.psql("postgres", "CHECKPOINT");
 
     let slots: Vec<String> = match variant.consumer {

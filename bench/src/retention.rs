@@ -206,11 +206,7 @@ pub async fn run(
 ) -> Vec<Table> {
     let backlog = backlog(options);
     // Segments would be children of the table the setup replaces.
-    cluster.psql(
-        "postgres",
-        "ALTER SYSTEM SET pg_outbox.segment_interval = 0",
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.set_setting("pg_outbox.segment_interval", "0");
     cluster.psql("postgres", &format!("CREATE DATABASE {DATABASE}"));
     cluster.psql_script(DATABASE, &setup_sql());
     serve(cluster, Some(DATABASE)).await;
@@ -256,7 +252,7 @@ pub async fn run(
 
     // Back to the plain table: one more run without pruning, so that its runs bracket the
     // partitioned ones.
-    cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.segment_interval");
+    cluster.reset_setting("pg_outbox.segment_interval");
     serve(cluster, None).await;
     let drained = crate::drain::spawn(cluster).await;
     let last = tps(cluster, &publishers(options));
@@ -434,12 +430,9 @@ COMMIT;
 /// first pass over (and the tables it finds then).
 async fn serve(cluster: &Cluster, database: Option<&str>) {
     match database {
-        Some(database) => cluster.psql(
-            "postgres",
-            &format!("ALTER SYSTEM SET pg_outbox.database = '{database}'"),
-        ),
-        None => cluster.psql("postgres", "ALTER SYSTEM RESET pg_outbox.database"),
-    };
+        Some(database) => cluster.set_setting("pg_outbox.database", database),
+        None => cluster.reset_setting("pg_outbox.database"),
+    }
     cluster.restart();
     let database = database.unwrap_or("postgres");
     let ready = format!(

@@ -468,6 +468,21 @@ impl Cluster {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// Sets `name` to `value` (read as a string literal) with ALTER SYSTEM and reloads the
+    /// configuration, as an operator does with SIGHUP. A setting that needs a restart takes
+    /// effect at the next [`Cluster::restart`].
+    pub fn set_setting(&self, name: &str, value: &str) {
+        let value = value.replace('\'', "''");
+        self.psql("postgres", &format!("ALTER SYSTEM SET {name} = '{value}'"));
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
+    /// Takes `name` back to the configuration file's value (ALTER SYSTEM RESET) and reloads.
+    pub fn reset_setting(&self, name: &str) {
+        self.psql("postgres", &format!("ALTER SYSTEM RESET {name}"));
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
     /// `pg_dump` of `dbname`, as a plain SQL script.
     pub fn pg_dump(&self, dbname: &str) -> String {
         let output = self.run_pg("pg_dump", |cmd| {

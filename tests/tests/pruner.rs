@@ -76,14 +76,7 @@ async fn follows_a_reloaded_retention() {
         12
     );
 
-    client
-        .batch_execute("ALTER SYSTEM SET pg_outbox.retention = '5min'")
-        .await
-        .unwrap();
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
+    cluster.set_setting("pg_outbox.retention", "5min");
     cluster
         .wait_for("the reloaded retention to prune", WAIT, || async {
             (count(&client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
@@ -93,8 +86,8 @@ async fn follows_a_reloaded_retention() {
 
 /// The WAL the cluster writes while the pruner deletes `rows` rows that were written before the
 /// last checkpoint, as expired rows are in production. The rows are inserted `age` old, younger
-/// than the retention in force, and expire when the retention is lowered to `expire_with`
-/// (which also reloads anything else set with ALTER SYSTEM), once the WAL position is read.
+/// than the retention in force, and expire when the retention is lowered to `expire_with`,
+/// once the WAL position is read.
 async fn wal_of_a_prune(
     cluster: &Cluster,
     client: &Client,
@@ -109,11 +102,7 @@ async fn wal_of_a_prune(
         .await
         .unwrap()
         .get(0);
-    cluster.psql(
-        "postgres",
-        &format!("ALTER SYSTEM SET pg_outbox.retention = '{expire_with}'"),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.set_setting("pg_outbox.retention", expire_with);
     cluster
         .wait_for("the expired rows to go", WAIT, || async {
             (count(client, "SELECT count(*) FROM event_outbox").await == 0).then_some(())
@@ -142,8 +131,8 @@ async fn compresses_its_full_page_images_unless_the_configuration_says_otherwise
     wait_for_a_full_pass(&cluster, &client).await;
     let compressed = wal_of_a_prune(&cluster, &client, 20_000, "50 minutes", "40min").await;
 
-    // Read by the pruner with the reload that expires the next rows, before it deletes them.
-    cluster.psql("postgres", "ALTER SYSTEM SET wal_compression = off");
+    // The pruner reads it at this reload, before the next rows expire.
+    cluster.set_setting("wal_compression", "off");
     let uncompressed = wal_of_a_prune(&cluster, &client, 20_000, "30 minutes", "20min").await;
 
     assert!(

@@ -144,8 +144,7 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
         .await;
 
     // The standby stops receiving: what the primary commits from now on, it never has.
-    standby.psql("postgres", "ALTER SYSTEM SET primary_conninfo = ''");
-    standby.psql("postgres", "SELECT pg_reload_conf()");
+    standby.set_setting("primary_conninfo", "");
     primary
         .wait_for("the standby's WAL receiver to stop", WAIT, || async {
             let row = standby_client

@@ -94,8 +94,7 @@ async fn events_go_into_the_segment_of_their_time_which_is_dropped_whole_once_ex
         .get(0);
     assert_eq!(outside, 0);
 
-    cluster.psql("postgres", "ALTER SYSTEM SET pg_outbox.retention = '1s'");
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.set_setting("pg_outbox.retention", "1s");
     cluster
         .wait_for("the expired segments to be dropped", WAIT, || async {
             let remaining: i64 = client

@@ -32,7 +32,7 @@ pub(crate) struct Advance {
 }
 
 /// A row whose payload this client cannot parse: settled like any row, reported as a gap.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Unreadable {
     pub id: Uuid,
     pub xid: u64,
@@ -42,7 +42,7 @@ pub(crate) struct Unreadable {
 }
 
 impl Unreadable {
-    fn into_gap(self) -> Gap {
+    pub fn into_gap(self) -> Gap {
         Gap::Unreadable {
             id: self.id,
             channel: self.channel,
@@ -52,10 +52,11 @@ impl Unreadable {
     }
 }
 
-fn row_key(row: &Result<Event, Unreadable>) -> (Uuid, u64) {
+/// A row's `(xid, id)`: where it stands in positions and witnesses.
+pub(crate) fn row_key(row: &Result<Event, Unreadable>) -> (u64, Uuid) {
     match row {
-        Ok(event) => (event.id(), event.xid()),
-        Err(unreadable) => (unreadable.id, unreadable.xid),
+        Ok(event) => (event.xid(), event.id()),
+        Err(unreadable) => (unreadable.xid, unreadable.id),
     }
 }
 
@@ -69,6 +70,10 @@ pub(crate) enum Step {
     Duplicate,
     /// Report a gap.
     Gap(Gap),
+    /// A row this client cannot parse: its subscribers are told with a [`Gap::Unreadable`],
+    /// which takes the row's place in their positions, so that it is reported once per
+    /// subscription, resumes included.
+    Unreadable(Unreadable),
     /// A notice heard before an advance whose snapshot cannot see its transaction: forged.
     /// Followed by its [`Gap::Missing`].
     Forged,
@@ -252,7 +257,7 @@ impl Cursor {
     /// Settles a row that cannot be delivered, and reports it.
     fn skip(&mut self, unreadable: Unreadable, out: &mut Vec<Step>) {
         self.settle(unreadable.id, unreadable.xid);
-        out.push(Step::Gap(unreadable.into_gap()));
+        out.push(Step::Unreadable(unreadable));
     }
 
     fn enqueue(&mut self, pending: Pending) {
@@ -307,7 +312,7 @@ impl Cursor {
             HashMap::with_capacity(rows.len());
         let mut order = Vec::with_capacity(rows.len());
         for row in rows {
-            let (id, xid) = row_key(&row);
+            let (xid, id) = row_key(&row);
             if !self.is_seen(id, xid) && !found.contains_key(&id) {
                 order.push(id);
                 found.insert(id, row);
@@ -487,7 +492,7 @@ mod tests {
         let gaps: Vec<Uuid> = out
             .iter()
             .filter_map(|step| match step {
-                Step::Gap(Gap::Unreadable { id, .. }) => Some(*id),
+                Step::Unreadable(row) => Some(row.id),
                 _ => None,
             })
             .collect();

@@ -135,7 +135,10 @@ pub enum Gap {
     },
     /// A row's payload could not be read as JSON by this client (a number beyond `f64`, such
     /// as `1e400`, or nesting deeper than 128 levels: valid `jsonb`, but not for `serde_json`).
-    /// The relay skips it and goes on. Sent to the subscribers of its channel and user.
+    /// The relay skips it and goes on. Sent to the subscribers of its channel and user, once
+    /// each: the gap takes the row's place in a subscription's [`Position`](crate::Position),
+    /// so a resume from a position past it does not report it again, and one from before it
+    /// does.
     Unreadable {
         /// The row's id.
         id: Uuid,

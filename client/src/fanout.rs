@@ -14,7 +14,8 @@
 //! The relay pushes with `try`-semantics only: when a subscriber's queue is full, the events
 //! beyond its room are dropped for that subscriber alone and a `Lagged { missed }` marker takes
 //! their place in the stream (one marker per run of drops, so markers never fill memory). Gaps
-//! are always queued.
+//! are always queued. The gap of an unreadable row stands for that row: it is handed out once
+//! per subscription, like an event, and counts as seen in its position.
 //!
 //! Each run carries the relay's *watermark* when it was queued (a snapshot everything under
 //! which was handed over before it), from which each subscription keeps its own
@@ -31,6 +32,9 @@ use std::task::{Context, Poll, Waker};
 use futures_util::Stream;
 use tokio::sync::oneshot;
 
+use uuid::Uuid;
+
+use crate::cursor::{self, Unreadable};
 use crate::event::{Delivery, Event, Gap, ResetReason};
 use crate::position::{Position, Watermark};
 use crate::resume::CatchUp;
@@ -76,7 +80,11 @@ impl Run {
 
 enum Queued {
     Events(Run),
-    Marker(Delivery),
+    /// A marker; `row` is the `(xid, id)` of the unreadable row a gap stands for.
+    Marker {
+        delivery: Delivery,
+        row: Option<(u64, Uuid)>,
+    },
 }
 
 struct Queue {
@@ -97,17 +105,18 @@ impl Queue {
         }
     }
 
-    fn push_marker(&mut self, delivery: Delivery) {
-        self.items.push_back(Queued::Marker(delivery));
+    fn push_marker(&mut self, delivery: Delivery, row: Option<(u64, Uuid)>) {
+        self.items.push_back(Queued::Marker { delivery, row });
         self.markers += 1;
     }
 
-    /// Takes the next item out: a marker, or a run of events, which becomes the one `reading`.
-    fn pop(&mut self, reading: &mut Option<Run>) -> Option<Delivery> {
+    /// Takes the next item out: a marker (with the row it stands for, if any), or a run of
+    /// events, which becomes the one `reading`.
+    fn pop(&mut self, reading: &mut Option<Run>) -> Option<(Delivery, Option<(u64, Uuid)>)> {
         match self.items.pop_front()? {
-            Queued::Marker(delivery) => {
+            Queued::Marker { delivery, row } => {
                 self.markers -= 1;
-                Some(delivery)
+                Some((delivery, row))
             }
             Queued::Events(run) => {
                 self.events = self.events.saturating_sub(run.len());
@@ -121,7 +130,7 @@ impl Queue {
     fn first_watermark(&self) -> Option<Arc<Watermark>> {
         self.items.iter().find_map(|item| match item {
             Queued::Events(run) => run.watermark.clone(),
-            Queued::Marker(_) => None,
+            Queued::Marker { .. } => None,
         })
     }
 }
@@ -171,17 +180,20 @@ impl Slot {
         let dropped = (events.len() - fits) as u64;
         if dropped > 0 {
             match queue.items.back_mut() {
-                Some(Queued::Marker(Delivery::Lagged { missed })) => *missed += dropped,
-                _ => queue.push_marker(Delivery::Lagged { missed: dropped }),
+                Some(Queued::Marker {
+                    delivery: Delivery::Lagged { missed },
+                    ..
+                }) => *missed += dropped,
+                _ => queue.push_marker(Delivery::Lagged { missed: dropped }, None),
             }
         }
         queue.wake();
         dropped
     }
 
-    fn push_marker(&self, delivery: Delivery) {
+    fn push_marker(&self, delivery: Delivery, row: Option<(u64, Uuid)>) {
         let mut queue = self.lock();
-        queue.push_marker(delivery);
+        queue.push_marker(delivery, row);
         queue.wake();
     }
 
@@ -415,25 +427,34 @@ impl Fanout {
             .sum()
     }
 
-    /// Tells the subscribers concerned about a gap.
+    /// Tells the subscribers concerned about a gap: those of its channel and user when it has
+    /// them, every one otherwise. An unreadable row goes through [`Fanout::unreadable`].
     pub fn gap(&self, gap: &Gap) {
         let index = self.index();
         let marker = || Delivery::Gap(gap.clone());
         match gap {
             Gap::Missing {
                 channel, user_id, ..
-            }
-            | Gap::Unreadable {
-                channel, user_id, ..
             } => index
                 .groups_for(channel, user_id)
                 .flat_map(|group| &group.slots)
-                .for_each(|slot| slot.push_marker(marker())),
+                .for_each(|slot| slot.push_marker(marker(), None)),
             _ => index
                 .groups()
                 .flat_map(|group| &group.slots)
-                .for_each(|slot| slot.push_marker(marker())),
+                .for_each(|slot| slot.push_marker(marker(), None)),
         }
+    }
+
+    /// Tells the subscribers of `row`'s channel and user that it cannot be read, with a
+    /// [`Gap::Unreadable`] that takes the row's place in their positions.
+    pub fn unreadable(&self, row: &Unreadable) {
+        let index = self.index();
+        let gap = Delivery::Gap(row.clone().into_gap());
+        index
+            .groups_for(&row.channel, &row.user_id)
+            .flat_map(|group| &group.slots)
+            .for_each(|slot| slot.push_marker(gap.clone(), Some((row.xid, row.id))));
     }
 
     /// Ends every stream (after what is queued) and every later subscription.
@@ -531,7 +552,7 @@ impl Subscription {
     pub fn len(&self) -> usize {
         let reading = self.reading.as_ref().map_or(0, Run::len);
         let replaying = match &self.resume {
-            Some(Resume::Replaying(catch_up)) => catch_up.items.len(),
+            Some(Resume::Replaying(catch_up)) => catch_up.rows.len(),
             _ => 0,
         };
         let queue = self.slot.lock();
@@ -564,7 +585,12 @@ impl Subscription {
             }
             let mut queue = self.slot.lock();
             match queue.pop(&mut self.reading) {
-                Some(marker) => return Poll::Ready(Some(marker)),
+                Some((marker, row)) => {
+                    drop(queue);
+                    if row.is_none_or(|(xid, id)| self.take_row(xid, id)) {
+                        return Poll::Ready(Some(marker));
+                    }
+                }
                 None if self.reading.is_some() => {}
                 None if queue.closed => return Poll::Ready(None),
                 None => {
@@ -598,25 +624,28 @@ impl Subscription {
                         self.position = None;
                     }
                 },
-                Some(Resume::Replaying(catch_up)) => match catch_up.items.pop_front() {
-                    Some(Delivery::Event(event)) => {
+                Some(Resume::Replaying(catch_up)) => match catch_up.rows.pop_front() {
+                    Some(row) => {
+                        let (xid, id) = cursor::row_key(&row);
                         let position = self.position.get_or_insert_with(|| catch_up.base.clone());
-                        // The items come in (xid, id) order: what the catch-up's snapshot sees
+                        // The rows come in (xid, id) order: what the catch-up's snapshot sees
                         // below this one's xid is handed out, so the position joins it and
                         // keeps ids of this transaction only, however long the replay.
-                        if catch_up.replayed_xid != Some(event.xid()) {
-                            catch_up.replayed_xid = Some(event.xid());
+                        if catch_up.replayed_xid != Some(xid) {
+                            catch_up.replayed_xid = Some(xid);
                             position.absorb(&Watermark::new(
                                 catch_up.until.epoch,
-                                catch_up.until.snapshot.below(event.xid()),
+                                catch_up.until.snapshot.below(xid),
                             ));
                         }
-                        if !position.covers(event.xid(), event.id()) {
-                            position.record(event.xid(), event.id());
-                            return Poll::Ready(Some(Delivery::Event(event)));
+                        if !position.covers(xid, id) {
+                            position.record(xid, id);
+                            return Poll::Ready(Some(match row {
+                                Ok(event) => Delivery::Event(event),
+                                Err(unreadable) => Delivery::Gap(unreadable.into_gap()),
+                            }));
                         }
                     }
-                    Some(other) => return Poll::Ready(Some(other)),
                     None => {
                         // Everything under the catch-up's snapshot is handed out now: its live
                         // copies in the queue are skipped, and so is what is queued from before
@@ -629,6 +658,19 @@ impl Subscription {
                     }
                 },
             }
+        }
+    }
+
+    /// Tells whether the unreadable row a queued gap stands for is new to this subscription's
+    /// position (noting it if so): a resumed subscription's catch-up may have reported it.
+    fn take_row(&mut self, xid: u64, id: Uuid) -> bool {
+        match &mut self.position {
+            Some(position) if position.covers(xid, id) => false,
+            Some(position) => {
+                position.record(xid, id);
+                true
+            }
+            None => true,
         }
     }
 
@@ -766,8 +808,9 @@ mod tests {
         let mut chat_a = fanout.subscribe(filter(Some("chat"), Some("a")), 10);
         let mut chat_b = fanout.subscribe(filter(Some("chat"), Some("b")), 10);
         let mut everything = fanout.subscribe(all(), 10);
-        fanout.gap(&Gap::Unreadable {
+        fanout.unreadable(&Unreadable {
             id: Uuid::from_u128(1),
+            xid: 100,
             channel: "chat".into(),
             user_id: "a".into(),
             reason: "test".into(),
@@ -964,15 +1007,75 @@ mod tests {
             .send(Ok(CatchUp {
                 replayed_xid: None,
                 base,
-                items: [event_at(1, 100), event_at(2, 101)]
+                rows: [event_at(1, 100), event_at(2, 101)]
                     .into_iter()
-                    .map(Delivery::Event)
+                    .map(Ok)
                     .collect(),
                 until: Watermark::new(1, "102:102:".parse().unwrap()),
             }))
             .unwrap();
         // 2's live copy is under the catch-up's snapshot: skipped.
         assert_eq!(ids(&mut sub), [1, 2, 3]);
+    }
+
+    #[test]
+    fn an_unreadable_row_is_reported_once_to_a_resumed_subscription_and_kept_in_its_position() {
+        let unreadable = |n: u128, xid: u64| Unreadable {
+            id: Uuid::from_u128(n),
+            xid,
+            channel: "c".into(),
+            user_id: "u".into(),
+            reason: "number out of range".into(),
+        };
+        let gaps = |deliveries: &[Delivery]| {
+            deliveries
+                .iter()
+                .filter(|d| matches!(d, Delivery::Gap(Gap::Unreadable { .. })))
+                .count()
+        };
+        let fanout = Fanout::default();
+        fanout.set_watermark(watermark("100:100:"));
+        let base = Position::at(&watermark("100:100:"));
+        let (answer, answered) = oneshot::channel();
+        let mut sub = fanout.subscribe_resumed(all(), 10, Some(base.clone()), answered);
+        // Row 2 commits after the subscription was filed and before the catch-up's snapshot:
+        // the catch-up reads it, and its live gap is queued too.
+        fanout.unreadable(&unreadable(2, 101));
+        fanout.deliver(&[event_at(3, 102)]);
+        answer
+            .send(Ok(CatchUp {
+                replayed_xid: None,
+                base,
+                rows: [Ok(event_at(1, 100)), Err(unreadable(2, 101))]
+                    .into_iter()
+                    .collect(),
+                until: Watermark::new(1, "102:102:".parse().unwrap()),
+            }))
+            .unwrap();
+        let first: Vec<Delivery> = std::iter::from_fn(|| sub.try_recv()).take(2).collect();
+        assert_eq!(gaps(&first), 1);
+        // Right after the gap, the position covers its row: a resume from it does not report
+        // the row again.
+        let after_gap = sub.position().unwrap();
+        assert!(after_gap.covers(101, Uuid::from_u128(2)));
+        let rest: Vec<Delivery> = std::iter::from_fn(|| sub.try_recv()).collect();
+        assert_eq!(gaps(&rest), 0, "the live copy of the gap is skipped");
+        let events: Vec<u128> = first
+            .into_iter()
+            .chain(rest)
+            .filter_map(Delivery::into_event)
+            .map(|e| e.id().as_u128())
+            .collect();
+        assert_eq!(events, [1, 3]);
+
+        // A subscription that was not resumed gets the live gap, and its position covers it.
+        let mut live = fanout.subscribe(all(), 10);
+        fanout.deliver(&[event_at(4, 103)]);
+        fanout.set_watermark(watermark("104:104:"));
+        fanout.unreadable(&unreadable(5, 104));
+        assert_eq!(ids(&mut live), [4]);
+        let position = live.position().unwrap();
+        assert!(position.covers(104, Uuid::from_u128(5)));
     }
 
     #[test]
@@ -1028,9 +1131,9 @@ mod tests {
         answer
             .send(Ok(CatchUp {
                 base: base.carried_over(2, 110),
-                items: [event_at(5, 105), event_at(7, 112)]
+                rows: [event_at(5, 105), event_at(7, 112)]
                     .into_iter()
-                    .map(Delivery::Event)
+                    .map(Ok)
                     .collect(),
                 until: Watermark {
                     generation: 1,
@@ -1054,8 +1157,8 @@ mod tests {
         answer
             .send(Ok(CatchUp {
                 base,
-                items: (0..n)
-                    .map(|i| Delivery::Event(event_at(u128::from(i), 100 + i / 2)))
+                rows: (0..n)
+                    .map(|i| Ok(event_at(u128::from(i), 100 + i / 2)))
                     .collect(),
                 until: Watermark::new(1, format!("{0}:{0}:", 100 + n).parse().unwrap()),
                 replayed_xid: None,

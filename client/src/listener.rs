@@ -23,7 +23,7 @@ use crate::advance;
 use crate::backoff::{backoff_delay, entropy};
 use crate::config::RelayBuilder;
 use crate::connection::{describe_close, Conn, ConnEvent};
-use crate::cursor::{Advance, Cursor, Step};
+use crate::cursor::{self, Advance, Cursor, Step};
 use crate::error::Error;
 use crate::event::{Event, Gap};
 use crate::fanout::Fanout;
@@ -441,10 +441,7 @@ impl Listener {
         Metrics::add(&metrics.resume_queries, 1);
         // Rows handed out by a catch-up are history this relay has seen too: witnesses of where
         // it holds, should the server lose part of it (positions are carried over from there).
-        self.cursor.witness(read.rows.iter().map(|row| match row {
-            Ok(event) => (event.xid(), event.id()),
-            Err(unreadable) => (unreadable.xid, unreadable.id),
-        }));
+        self.cursor.witness(read.rows.iter().map(cursor::row_key));
         let answering = Answering {
             epoch: self.server.epoch(),
             generation: self.generation,
@@ -497,14 +494,23 @@ impl Listener {
                 Step::Gap(gap) => {
                     deliver_batch(&self.shared, &mut self.batch);
                     Metrics::add(&metrics.gaps, 1);
-                    if matches!(gap, Gap::Unreadable { .. }) {
-                        Metrics::add(&metrics.decode_errors, 1);
-                    }
                     warn!(
                         ?gap,
                         "pg_outbox events were lost before this relay read them"
                     );
                     self.shared.fanout.gap(&gap);
+                }
+                Step::Unreadable(row) => {
+                    deliver_batch(&self.shared, &mut self.batch);
+                    Metrics::add(&metrics.gaps, 1);
+                    Metrics::add(&metrics.decode_errors, 1);
+                    warn!(
+                        id = %row.id,
+                        channel = %row.channel,
+                        reason = %row.reason,
+                        "a pg_outbox event's payload cannot be read by this client: reported as a gap"
+                    );
+                    self.shared.fanout.unreadable(&row);
                 }
             }
         }

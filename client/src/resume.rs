@@ -21,9 +21,9 @@ use tokio_postgres::Client;
 
 use crate::advance;
 use crate::config::RelayBuilder;
-use crate::cursor::Advance;
+use crate::cursor::{self, Advance, Unreadable};
 use crate::error::Error;
-use crate::event::{Delivery, Gap, ResetReason};
+use crate::event::{Event, ResetReason};
 use crate::fanout::Filter;
 use crate::position::{Position, RunChange, Watermark};
 
@@ -34,16 +34,16 @@ pub(crate) struct ResumeRequest {
     pub answer: oneshot::Sender<Result<CatchUp, ResetReason>>,
 }
 
-/// What a resumed subscription hands out before its queue: `items` (the events its position
-/// had not seen, in `(xid, id)` order, and the unreadable among them as gaps), from `base`
-/// (its position, carried over to the current server run if it was issued on an earlier one),
-/// after which it joins `until` (the query's snapshot).
+/// What a resumed subscription hands out before its queue: `rows` (those its position had not
+/// seen, in `(xid, id)` order: events, and the unreadable ones as gaps), from `base` (its
+/// position, carried over to the current server run if it was issued on an earlier one), after
+/// which it joins `until` (the query's snapshot).
 #[derive(Debug)]
 pub(crate) struct CatchUp {
     pub base: Position,
-    pub items: VecDeque<Delivery>,
+    pub rows: VecDeque<Result<Event, Unreadable>>,
     pub until: Watermark,
-    /// The xid of the last event handed out from `items`.
+    /// The xid of the last row handed out from `rows`.
     pub replayed_xid: Option<u64>,
 }
 
@@ -176,29 +176,22 @@ impl Answering<'_> {
         };
         let seen = base.seen_beyond();
         let covered = |xid: u64, id| base.snapshot().is_visible(xid) || seen.contains(&(xid, id));
-        let items = read
+        let rows = read
             .rows
             .iter()
-            .filter_map(|row| match row {
-                Ok(event) => (wanted(event.channel(), event.user_id())
-                    && !own(event.origin())
-                    && !covered(event.xid(), event.id()))
-                .then(|| Delivery::Event(event.clone())),
-                Err(unreadable) => (wanted(&unreadable.channel, &unreadable.user_id)
-                    && !covered(unreadable.xid, unreadable.id))
-                .then(|| {
-                    Delivery::Gap(Gap::Unreadable {
-                        id: unreadable.id,
-                        channel: unreadable.channel.clone(),
-                        user_id: unreadable.user_id.clone(),
-                        reason: unreadable.reason.clone(),
-                    })
-                }),
+            .filter(|row| {
+                let (xid, id) = cursor::row_key(row);
+                let wanted = match row {
+                    Ok(event) => wanted(event.channel(), event.user_id()) && !own(event.origin()),
+                    Err(unreadable) => wanted(&unreadable.channel, &unreadable.user_id),
+                };
+                wanted && !covered(xid, id)
             })
+            .cloned()
             .collect();
         Ok(CatchUp {
             base,
-            items,
+            rows,
             replayed_xid: None,
             until: Watermark {
                 generation: self.generation,
@@ -283,9 +276,9 @@ mod tests {
 
     fn ids(catch_up: &CatchUp) -> Vec<u128> {
         catch_up
-            .items
+            .rows
             .iter()
-            .filter_map(|item| item.event().map(|e| e.id().as_u128()))
+            .filter_map(|row| row.as_ref().ok().map(|e| e.id().as_u128()))
             .collect()
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use pg_outbox_client::{Delivery, Relay, ResetReason, Subscription, Topic};
+use pg_outbox_client::{Delivery, Gap, Relay, ResetReason, Subscription, Topic};
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, wait_listening, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
 use uuid::Uuid;
@@ -90,6 +90,56 @@ async fn another_relay_resumes_exactly_what_the_position_had_not_seen() {
     assert_eq!(seen.len(), 7, "every committed event of u1, once");
     let metrics = b.metrics();
     assert_eq!((metrics.resumes, metrics.resets), (1, 0));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The gaps of unreadable rows among `items`, by row id.
+fn unreadable_ids(items: &[Delivery]) -> Vec<Uuid> {
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Delivery::Gap(Gap::Unreadable { id, .. }) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_is_reported_once_per_browser_across_resumes() {
+    let cluster = Cluster::start();
+    let a = started(&cluster, "relay_resume_unreadable_a").await;
+    let b = started(&cluster, "relay_resume_unreadable_b").await;
+    let publisher = cluster.connect("postgres").await;
+    let mut on_a = a.subscribe_to(Topic::for_user("u1"));
+    let first = publish(&publisher, "chat", "u1", "{}", None).await;
+    assert_eq!(next_event(&mut on_a).await, first);
+    let before_it = on_a.position().unwrap().to_string();
+    // Valid jsonb that serde_json refuses: a number beyond f64.
+    let unreadable = publish(&publisher, "chat", "u1", r#"{"n": 1e400}"#, None).await;
+    let after = publish(&publisher, "chat", "u1", "{}", None).await;
+    match tokio::time::timeout(WAIT, on_a.recv()).await {
+        Ok(Some(Delivery::Gap(Gap::Unreadable { id, .. }))) => assert_eq!(id, unreadable),
+        other => panic!("expected the unreadable row's gap, got {other:?}"),
+    }
+    let past_it = on_a.position().unwrap().to_string();
+    assert_eq!(next_event(&mut on_a).await, after);
+
+    // A browser that had not seen the row is told once; one that had, not again.
+    let from_before = Collector::spawn(b.subscribe_from(Topic::for_user("u1"), &before_it));
+    let from_past = Collector::spawn(b.subscribe_from(Topic::for_user("u1"), &past_it));
+    let live = publish(&publisher, "chat", "u1", "{}", None).await;
+    let expected: HashSet<Uuid> = [after, live].into_iter().collect();
+    for resumed in [&from_before, &from_past] {
+        resumed
+            .wait_for_all(&cluster, "the missed and the live event", &expected)
+            .await;
+    }
+    wait_for_advances(&cluster, &b, 2).await;
+    from_before.assert_exactly("resumed before the row", &expected);
+    from_past.assert_exactly("resumed past the row", &expected);
+    assert_eq!(unreadable_ids(&from_before.items()), [unreadable]);
+    assert_eq!(unreadable_ids(&from_past.items()), Vec::<Uuid>::new());
     a.shutdown().await;
     b.shutdown().await;
 }

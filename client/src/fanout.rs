@@ -587,7 +587,14 @@ impl Subscription {
             match queue.pop(&mut self.reading) {
                 Some((marker, row)) => {
                     drop(queue);
-                    if row.is_none_or(|(xid, id)| self.take_row(xid, id)) {
+                    // The gap of an unreadable row, which a resumed subscription's catch-up
+                    // may have reported already.
+                    let new = row.is_none_or(|(xid, id)| {
+                        self.position
+                            .as_mut()
+                            .is_none_or(|position| position.see(xid, id))
+                    });
+                    if new {
                         return Poll::Ready(Some(marker));
                     }
                 }
@@ -638,8 +645,7 @@ impl Subscription {
                                 catch_up.until.snapshot.below(xid),
                             ));
                         }
-                        if !position.covers(xid, id) {
-                            position.record(xid, id);
+                        if position.see(xid, id) {
                             return Poll::Ready(Some(match row {
                                 Ok(event) => Delivery::Event(event),
                                 Err(unreadable) => Delivery::Gap(unreadable.into_gap()),
@@ -658,19 +664,6 @@ impl Subscription {
                     }
                 },
             }
-        }
-    }
-
-    /// Tells whether the unreadable row a queued gap stands for is new to this subscription's
-    /// position (noting it if so): a resumed subscription's catch-up may have reported it.
-    fn take_row(&mut self, xid: u64, id: Uuid) -> bool {
-        match &mut self.position {
-            Some(position) if position.covers(xid, id) => false,
-            Some(position) => {
-                position.record(xid, id);
-                true
-            }
-            None => true,
         }
     }
 

@@ -147,6 +147,15 @@ impl Position {
         }
     }
 
+    /// Notes the row `(xid, id)` as seen, unless it was; tells whether it is new.
+    pub(crate) fn see(&mut self, xid: u64, id: Uuid) -> bool {
+        if self.covers(xid, id) {
+            return false;
+        }
+        self.record(xid, id);
+        true
+    }
+
     /// Joins a snapshot everything under which was seen. A watermark of another server run
     /// means the relay moved to that run and rewound to what survived of the old one: the
     /// position is carried over below the floor the relay proved, or, without one, replaced.

@@ -134,6 +134,17 @@ impl Collector {
             .collect()
     }
 
+    /// The ids of the unreadable rows reported so far ([`Gap::Unreadable`]), in order.
+    pub fn unreadable_ids(&self) -> Vec<Uuid> {
+        self.gaps()
+            .into_iter()
+            .filter_map(|gap| match gap {
+                Gap::Unreadable { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Everything received so far, in order.
     pub fn items(&self) -> Vec<Delivery> {
         self.items.lock().unwrap().clone()

@@ -94,17 +94,6 @@ async fn another_relay_resumes_exactly_what_the_position_had_not_seen() {
     b.shutdown().await;
 }
 
-/// The gaps of unreadable rows among `items`, by row id.
-fn unreadable_ids(items: &[Delivery]) -> Vec<Uuid> {
-    items
-        .iter()
-        .filter_map(|item| match item {
-            Delivery::Gap(Gap::Unreadable { id, .. }) => Some(*id),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_row_is_reported_once_per_browser_across_resumes() {
     let cluster = Cluster::start();
@@ -138,8 +127,8 @@ async fn an_unreadable_row_is_reported_once_per_browser_across_resumes() {
     wait_for_advances(&cluster, &b, 2).await;
     from_before.assert_exactly("resumed before the row", &expected);
     from_past.assert_exactly("resumed past the row", &expected);
-    assert_eq!(unreadable_ids(&from_before.items()), [unreadable]);
-    assert_eq!(unreadable_ids(&from_past.items()), Vec::<Uuid>::new());
+    assert_eq!(from_before.unreadable_ids(), [unreadable]);
+    assert_eq!(from_past.unreadable_ids(), Vec::<Uuid>::new());
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_outbox_client::Gap;
 use pg_outbox_tests::{relay, Cluster, Listener, WAIT};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -547,21 +546,12 @@ async fn a_relay_goes_on_past_payloads_serde_json_cannot_read() {
         // Each unreadable row is reported to its subscribers, once, and skipped. Inline, the
         // events around them are delivered from their notifications, possibly before the
         // advance that reads the undecodable ones' rows has reported them: wait for it.
-        let reported = || -> Vec<_> {
-            all.gaps()
-                .into_iter()
-                .filter_map(|gap| match gap {
-                    Gap::Unreadable { id, .. } => Some(id),
-                    _ => None,
-                })
-                .collect()
-        };
         cluster
             .wait_for("the unreadable rows' gaps", WAIT, || async {
-                (reported().len() >= unreadable.len()).then_some(())
+                (all.unreadable_ids().len() >= unreadable.len()).then_some(())
             })
             .await;
-        assert_eq!(reported(), unreadable, "inline {inline}");
+        assert_eq!(all.unreadable_ids(), unreadable, "inline {inline}");
         relay.shutdown().await;
     }
 }

@@ -18,6 +18,16 @@ use crate::error::Error;
 use crate::notification::CHANNEL;
 use crate::tls::Tls;
 
+/// How the query connection plans: every statement the relay runs there (the advance, a
+/// resume's catch-up, the history checks) reads `event_outbox` and its segments by a range of
+/// `xid`, which its indexes serve whatever the tables hold. One generic plan per statement,
+/// kept, rather than planning again at each fetch; and no sequential scan in it: a generic plan
+/// made while the current segment was empty and vacuumed (a quiet night, a manual `VACUUM`)
+/// scanned that segment whole and kept scanning it as it filled, until autovacuum analyzed it
+/// (1.84× the server CPU per event, latency growing by the second: BENCHMARKS.md).
+pub(crate) const QUERY_SESSION_SETTINGS: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
+
 /// What a connection's driver task reports.
 pub(crate) enum ConnEvent {
     Notification(Notification),
@@ -87,10 +97,8 @@ impl Conn {
                 .batch_execute(&format!("LISTEN {CHANNEL}"))
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
-            // One plan for the advance, kept (the xid index suits every snapshot pair), rather
-            // than planning it again at each fetch.
             queries
-                .batch_execute("SET plan_cache_mode = force_generic_plan")
+                .batch_execute(QUERY_SESSION_SETTINGS)
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
             queries

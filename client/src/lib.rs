@@ -232,6 +232,11 @@ pub fn __advance_sql(schema: &str) -> String {
     advance::advance_sql(schema, false)
 }
 
+/// The settings of the relay's query connection, for the end-to-end test that checks the plans
+/// its statements get there. Not a stable API.
+#[doc(hidden)]
+pub const __QUERY_SESSION_SETTINGS: &str = connection::QUERY_SESSION_SETTINGS;
+
 /// The catch-up statement of resumed subscriptions for the extension in `schema`, with the
 /// users filter (`$2`) and no channels filter, exposed for the end-to-end test that checks its
 /// plan. Not a stable API.

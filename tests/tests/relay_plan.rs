@@ -2,7 +2,9 @@
 //! scan of the whole table, and parses and prints its snapshots once, so a catch-up costs what
 //! it returns; a resume's catch-up reads a `(user_id, xid)` index where one was created.
 
-use pg_outbox_tests::Cluster;
+use pg_outbox_client::Topic;
+use pg_outbox_tests::relay::{committed_ids, relay, Collector};
+use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::Client;
 
 /// 5,000 events of `users` users, one transaction each (one xid each, as in production), and
@@ -118,4 +120,124 @@ async fn a_resume_after_a_long_absence_reads_the_user_index_where_there_is_one()
     .await;
     let segments = segments_with_events(&client).await;
     assert_reads_through(&plan, &segments, "user_id_xid_idx", "the catch-up");
+}
+
+/// The current segment of a new cluster, emptied and vacuumed: what a quiet night, a manual
+/// `VACUUM` or `outbox_prune()` followed by autovacuum leave, with statistics that say 0 pages
+/// and 0 rows. Returns its name.
+fn vacuumed_empty_current_segment(cluster: &Cluster) -> String {
+    let segment = cluster.psql(
+        "postgres",
+        "SELECT name FROM outbox_segments WHERE starts_at <= now() AND now() < ends_at",
+    );
+    assert!(!segment.is_empty(), "the cluster has a current segment");
+    cluster.psql("postgres", &format!("VACUUM ANALYZE {segment}"));
+    assert_eq!(
+        cluster.psql(
+            "postgres",
+            &format!(
+                "SELECT relpages || ':' || reltuples FROM pg_class WHERE relname = '{segment}'"
+            )
+        ),
+        "0:0",
+        "the statistics say the segment is empty"
+    );
+    segment
+}
+
+/// 2,000 events, one transaction each, with no ANALYZE after them: the statistics still say
+/// the current segment is empty.
+fn publish_without_analyze(cluster: &Cluster) {
+    cluster.psql(
+        "postgres",
+        "DO $$ BEGIN FOR g IN 1..2000 LOOP \
+           PERFORM outbox_publish('chat', 'u' || (g % 10), jsonb_build_object('n', g)); \
+           COMMIT; \
+         END LOOP; END $$",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_made_over_an_empty_vacuumed_segment_reads_the_index_as_the_segment_fills() {
+    let cluster = Cluster::start();
+    let segment = vacuumed_empty_current_segment(&cluster);
+    let client = cluster.connect("postgres").await;
+    // The relay's query session; each statement's generic plan is made, and cached, while the
+    // segment is empty.
+    client
+        .batch_execute(pg_outbox_client::__QUERY_SESSION_SETTINGS)
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "PREPARE advance(text) AS {}; \
+             PREPARE catch_up(text, text[]) AS {}; \
+             EXECUTE advance('1:1:'); EXECUTE catch_up('1:1:', '{{u1}}')",
+            pg_outbox_client::__advance_sql("public"),
+            pg_outbox_client::__catch_up_sql("public"),
+        ))
+        .await
+        .unwrap();
+    publish_without_analyze(&cluster);
+    for (execute, what) in [
+        ("EXECUTE advance('1:1:')", "the advance"),
+        ("EXECUTE catch_up('1:1:', '{u1}')", "a resume's catch-up"),
+    ] {
+        let plan = plan(&client, "SELECT 1", execute).await;
+        assert!(
+            plan.contains(&format!("Index Scan using {segment}_xid_id_idx"))
+                || plan.contains(&format!("Bitmap Index Scan on {segment}_xid_id_idx")),
+            "{what} does not read {segment} through its xid index:\n{plan}"
+        );
+        assert!(
+            !plan.contains(&format!("Seq Scan on {segment}")),
+            "{what} scans {segment}:\n{plan}"
+        );
+    }
+}
+
+/// The segment's scans so far, as `pg_stat_user_tables` counts them: (whole, through an index).
+async fn scans(client: &Client, segment: &str) -> Option<(i64, i64)> {
+    let row = client
+        .query_one(
+            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = $1",
+            &[&segment],
+        )
+        .await
+        .ok()?;
+    Some((row.get(0), row.get(1)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_over_an_empty_vacuumed_segment_never_scans_it() {
+    let cluster = Cluster::start();
+    let segment = vacuumed_empty_current_segment(&cluster);
+    let client = cluster.connect("postgres").await;
+    // Creating the cluster's segments reads them; only the relay's reads count from here.
+    let (seq_before, index_before) = scans(&client, &segment).await.expect("segment statistics");
+    let relay = relay(&cluster, "plan_relay").build().unwrap();
+    let all = Collector::spawn(relay.subscribe_to(Topic::all().buffer(4096)));
+    relay.start().await.unwrap();
+    publish_without_analyze(&cluster);
+    cluster
+        .wait_for("every event relayed", WAIT, || async {
+            (all.ids().len() >= 2000).then_some(())
+        })
+        .await;
+    // Statistics reach pg_stat_user_tables when the relay's backend goes idle, within a
+    // second: wait until they show its reads.
+    let (seq_scans, index_scans) = cluster
+        .wait_for("the relay's reads in the statistics", WAIT, || async {
+            let (seq, index) = scans(&client, &segment).await?;
+            let (seq, index) = (seq - seq_before, index - index_before);
+            (seq + index >= 20).then_some((seq, index))
+        })
+        .await;
+    assert_eq!(
+        seq_scans, 0,
+        "the relay's statements scanned {segment} whole {seq_scans} times \
+         (and through an index {index_scans} times)"
+    );
+    all.assert_exactly("the relay", &committed_ids(&client).await);
+    relay.shutdown().await;
 }

@@ -101,3 +101,78 @@ async fn the_example_serves_publishes_and_ends_its_streams_on_sigterm() {
         .expect("the stream ends with the replica")
         .unwrap();
 }
+
+/// A deploy sends every browser of a replica to the others at once. A replica that does not
+/// accept for a moment (busy, or paused here with SIGSTOP) must still complete every
+/// connection's handshake, so no browser waits a second for its SYN to be sent again: with
+/// tokio's default backlog of 128, the 129th connection does not complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_fits_the_listen_backlog() {
+    let cluster = Cluster::start();
+    let mut replica = Replica::start(&cluster.connection_string("postgres"), "storm", &[]).await;
+    let pid = replica.pid().expect("the replica runs");
+    // What the process may open: its soft limit was raised to its hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a limit on open files")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        open_files[0], open_files[1],
+        "soft and hard limits:\n{limits}"
+    );
+
+    // The kernel caps every backlog at net.core.somaxconn.
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let storm = 1000.min(somaxconn);
+    assert!(
+        storm > 129,
+        "net.core.somaxconn is {somaxconn}: too small to tell"
+    );
+    signal(pid, "-STOP");
+    let connects: Vec<_> = (0..storm)
+        .map(|_| {
+            let address = replica.address();
+            tokio::spawn(async move { TcpStream::connect(address).await })
+        })
+        .collect();
+    let mut connections = Vec::with_capacity(storm);
+    for connect in connects {
+        let connection = tokio::time::timeout(WAIT, connect)
+            .await
+            .expect("the handshake completes while the replica does not accept")
+            .unwrap()
+            .expect("connect");
+        connections.push(connection);
+    }
+    signal(pid, "-CONT");
+    // The last to arrive is served once the replica accepts again.
+    let mut last = connections.pop().unwrap();
+    last.write_all(b"GET /?user=u1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    tokio::time::timeout(WAIT, last.read_to_string(&mut page))
+        .await
+        .expect("a response")
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    drop(connections);
+    assert!(replica.terminate().await.success(), "{}", replica.log());
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}

@@ -53,6 +53,10 @@ struct Args {
     /// Silence after which a stream sends a keep-alive, in milliseconds.
     #[arg(long, default_value_t = 15_000)]
     keep_alive_ms: u64,
+    /// How many connections may wait to be accepted. A deploy sends every browser of a
+    /// replica to the others at once; the kernel caps this at `net.core.somaxconn`.
+    #[arg(long, default_value_t = 4096)]
+    backlog: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +65,13 @@ enum AppError {
     Relay(#[from] pg_outbox_client::Error),
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
-    #[error("listen: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serve: {0}")]
+    Serve(#[from] std::io::Error),
 }
 
 #[derive(Clone)]
@@ -84,6 +93,14 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), AppError> {
+    let open_files = raise_open_files_limit();
+    // A browser's connection is one descriptor; the relay, the database and the runtime take a
+    // few dozen more.
+    info!(
+        open_files,
+        "open files limit: about {} browser connections",
+        open_files.saturating_sub(64)
+    );
     let relay = RelayBuilder::from_connection_string(&args.db)?
         .application_name(format!("pg_outbox_sse_{}", args.name))
         .build()?;
@@ -107,9 +124,12 @@ async fn run(args: Args) -> Result<(), AppError> {
         .route("/publish", post(publish))
         .with_state(app);
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = listen(args.listen, args.backlog).map_err(|source| AppError::Listen {
+        address: args.listen,
+        source,
+    })?;
     let address = listener.local_addr()?;
-    info!(name = %args.name, %address, "serving");
+    info!(name = %args.name, %address, backlog = args.backlog, "serving");
     // The line tests and scripts wait for.
     println!("listening on http://{address}");
     axum::serve(listener, router)
@@ -120,6 +140,42 @@ async fn run(args: Args) -> Result<(), AppError> {
         })
         .await?;
     Ok(())
+}
+
+/// A listening socket with room for a reconnect storm: `TcpListener::bind` asks for a backlog
+/// of 128, and 256 browsers arriving at once then wait a second each for their SYN to be sent
+/// again.
+fn listen(address: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    if let Some(somaxconn) = somaxconn.filter(|&cap| cap < backlog) {
+        warn!(
+            backlog,
+            somaxconn, "net.core.somaxconn caps the listen backlog: raise it for reconnect storms"
+        );
+    }
+    socket.listen(backlog)
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as Go programs do: each
+/// SSE connection holds a descriptor, and at the limit the server stops accepting (axum logs
+/// each refused accept). Returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(err) => {
+            warn!(%err, "could not raise the open files limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -2,17 +2,21 @@
 //! throwaway cluster this program starts (and prints the configuration of).
 //!
 //! ```text
-//! pg-outbox-bench [--smoke] [--only publish|latency|browser|fanout|prune|memory|resume|relays]
+//! pg-outbox-bench [--smoke]
+//!     [--only publish|latency|browser|fanout|prune|memory|resume|relays|plan|connections]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
 
 mod browser;
+mod connections;
 mod drain;
 mod fanout;
 mod latency;
 mod memory;
+mod pace;
 mod pgbench;
+mod plan;
 mod prune;
 mod publish_rate;
 mod relay_cost;
@@ -20,6 +24,7 @@ mod report;
 mod resume;
 mod retention;
 mod server_cpu;
+mod sse_client;
 
 use std::time::Duration;
 
@@ -162,6 +167,12 @@ async fn main() {
     }
     if options.wants("relays") {
         tables.extend(relay_cost::run(&cluster, &options).await);
+    }
+    if options.wants("plan") {
+        tables.extend(plan::run(&cluster, &options).await);
+    }
+    if options.wants("connections") {
+        tables.extend(connections::run(&cluster, &options).await);
     }
     println!("## Results\n");
     for table in tables {

@@ -93,7 +93,8 @@ pub fn tail_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("pg-outbox"))
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// The resident memory of process `pid`, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -24,9 +24,12 @@ use crate::tls::Tls;
 /// kept, rather than planning again at each fetch; and no sequential scan in it: a generic plan
 /// made while the current segment was empty and vacuumed (a quiet night, a manual `VACUUM`)
 /// scanned that segment whole and kept scanning it as it filled, until autovacuum analyzed it
-/// (1.84× the server CPU per event, latency growing by the second: BENCHMARKS.md).
+/// (1.84× the server CPU per event, latency growing by the second: BENCHMARKS.md). And no JIT:
+/// these statements return in a fraction of a millisecond, and compiling one (which the cost of
+/// a disabled scan of `outbox_prune_state`, a table of one row, would set off at every
+/// execution) took 300 ms.
 pub(crate) const QUERY_SESSION_SETTINGS: &str =
-    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off";
 
 /// What a connection's driver task reports.
 pub(crate) enum ConnEvent {

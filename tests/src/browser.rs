@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -76,9 +76,15 @@ impl Replica {
     /// Starts a replica named `name` on `db` (a connection string), with `args` besides, on a
     /// free port; returns once it prints that it serves.
     pub async fn start(db: &str, name: &str, args: &[&str]) -> Replica {
+        Replica::start_program(&example_app(), db, name, args).await
+    }
+
+    /// [`Replica::start`] of another program that takes the same arguments and prints the same
+    /// line once it serves (the benchmark's hand-written replica).
+    pub async fn start_program(program: &Path, db: &str, name: &str, args: &[&str]) -> Replica {
         let log = scratch(&format!("sse-{name}")).join("replica.log");
         let stderr = std::fs::File::create(&log).expect("create the replica's log");
-        let mut child = tokio::process::Command::new(example_app())
+        let mut child = tokio::process::Command::new(program)
             .args(["--db", db, "--listen", "127.0.0.1:0", "--name", name])
             .args(args)
             .stdout(Stdio::piped())
@@ -113,6 +119,11 @@ impl Replica {
     /// Where it serves.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Kills it with SIGKILL, as a crash would, and reaps it.

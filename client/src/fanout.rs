@@ -56,6 +56,10 @@ struct Run {
     next: usize,
     /// The relay's watermark when the run was queued; `None` before the relay has one.
     watermark: Option<Arc<Watermark>>,
+    /// The watermark that the run completes, when it is the last the relay queued for this
+    /// subscriber before that watermark: everything under it is handed over once the run is
+    /// read to its end.
+    then: Option<Arc<Watermark>>,
 }
 
 impl Run {
@@ -63,19 +67,35 @@ impl Run {
         self.events.len() - self.next
     }
 
-    /// The next event of the run being read, if any, with the run's watermark; the run is let
-    /// go with its last event, so an idle subscriber keeps no batch alive.
-    fn read(reading: &mut Option<Run>) -> Option<(Event, Option<Arc<Watermark>>)> {
+    /// The next event of the run being read, if any, with the run's watermark, and with the
+    /// watermark it completes if that was its last event; the run is let go with its last
+    /// event, so an idle subscriber keeps no batch alive.
+    fn read(reading: &mut Option<Run>) -> Option<(Event, Read)> {
         let run = reading.as_mut()?;
         let event = run.events.get(run.next)?.clone();
         run.next += 1;
-        let watermark = if run.len() == 0 {
-            reading.take().and_then(|run| run.watermark)
+        let read = if run.len() == 0 {
+            reading.take().map_or_else(Read::default, |run| Read {
+                under: run.watermark,
+                completes: run.then,
+            })
         } else {
-            run.watermark.clone()
+            Read {
+                under: run.watermark.clone(),
+                completes: None,
+            }
         };
-        Some((event, watermark))
+        Some((event, read))
     }
+}
+
+/// The watermarks an event read from a run comes with.
+#[derive(Default)]
+struct Read {
+    /// The relay's watermark when the event was queued.
+    under: Option<Arc<Watermark>>,
+    /// The watermark that reading the event completes (see [`Run::then`]).
+    completes: Option<Arc<Watermark>>,
 }
 
 enum Queued {
@@ -155,13 +175,20 @@ impl Slot {
 
     /// Queues as many of `events` (all wanted by this subscriber) as its room allows, under one
     /// lock and with one wake-up; returns how many it dropped because its queue was full.
-    fn push_events(&self, events: &Arc<[Event]>, watermark: &Option<Arc<Watermark>>) -> u64 {
+    fn push_events(
+        &self,
+        events: &Arc<[Event]>,
+        watermark: &Option<Arc<Watermark>>,
+        then: Option<&Arc<Watermark>>,
+    ) -> u64 {
         let mut queue = self.lock();
         let fits = self.capacity.saturating_sub(queue.events).min(events.len());
         debug_assert!(
             !events.is_empty(),
             "a group's share of a batch is never empty"
         );
+        // A cut run is followed by the drops' marker: it completes no watermark.
+        let then = then.filter(|_| fits == events.len()).cloned();
         if fits > 0 {
             // A cut run gets its own copy of the part that fits: sharing the whole batch would
             // keep the dropped events in memory for as long as this lagging subscriber takes.
@@ -174,6 +201,7 @@ impl Slot {
                 events,
                 next: 0,
                 watermark: watermark.clone(),
+                then,
             }));
             queue.events += fits;
         }
@@ -397,8 +425,10 @@ impl Fanout {
     }
 
     /// Hands each event of `batch`, in order, to every matching subscriber; returns how many
-    /// (event, subscriber) deliveries were dropped for lag.
-    pub fn deliver(&self, batch: &[Event]) -> u64 {
+    /// (event, subscriber) deliveries were dropped for lag. `then`: the watermark the relay
+    /// sets next, nothing else being queued before it, so that every subscriber that reads its
+    /// share of `batch` to the end has been handed everything under it.
+    pub fn deliver(&self, batch: &[Event], then: Option<&Arc<Watermark>>) -> u64 {
         let index = self.index();
         let watermark = lock(&self.watermark).clone();
         // Sort the batch out by group first, keeping commit order within each, so that every
@@ -421,7 +451,7 @@ impl Fanout {
                 group
                     .slots
                     .iter()
-                    .map(|slot| slot.push_events(&events, &watermark))
+                    .map(|slot| slot.push_events(&events, &watermark, then))
                     .sum::<u64>()
             })
             .sum()
@@ -577,8 +607,12 @@ impl Subscription {
                 Poll::Ready(None) => {}
                 Poll::Pending => return Poll::Pending,
             }
-            if let Some((event, watermark)) = Run::read(&mut self.reading) {
-                if self.take(&event, watermark) {
+            if let Some((event, read)) = Run::read(&mut self.reading) {
+                let new = self.take(&event, read.under);
+                if let Some(completed) = read.completes {
+                    self.join(completed);
+                }
+                if new {
                     return Poll::Ready(Some(Delivery::Event(event)));
                 }
                 continue;
@@ -673,23 +707,11 @@ impl Subscription {
         let Some(watermark) = watermark else {
             return true;
         };
-        if watermark.generation < self.generation {
+        let Some(position) = self.join(watermark) else {
             // Queued before a rewind that this subscription's catch-up came after: what of it
             // survived, the catch-up read again.
             return false;
-        }
-        self.generation = watermark.generation;
-        let position = self
-            .position
-            .get_or_insert_with(|| Position::at(&watermark));
-        if !self
-            .absorbed
-            .as_ref()
-            .is_some_and(|absorbed| Arc::ptr_eq(absorbed, &watermark))
-        {
-            position.absorb(&watermark);
-            self.absorbed = Some(watermark);
-        }
+        };
         // The relay hands each event over once, and a resumed subscription's catch-up ended
         // with a snapshot that sees every event its position holds by id: its snapshot alone
         // tells a live copy from a new event, without a scan of the ids.
@@ -698,6 +720,27 @@ impl Subscription {
         }
         position.record(event.xid(), event.id());
         true
+    }
+
+    /// Joins `watermark` (everything under it was handed over) into the position, unless it
+    /// comes from before a rewind this subscription has seen past; returns the position.
+    fn join(&mut self, watermark: Arc<Watermark>) -> Option<&mut Position> {
+        if watermark.generation < self.generation {
+            return None;
+        }
+        self.generation = watermark.generation;
+        let fresh = !self
+            .absorbed
+            .as_ref()
+            .is_some_and(|absorbed| Arc::ptr_eq(absorbed, &watermark));
+        let position = self
+            .position
+            .get_or_insert_with(|| Position::at(&watermark));
+        if fresh {
+            position.absorb(&watermark);
+            self.absorbed = Some(watermark);
+        }
+        Some(position)
     }
 }
 
@@ -756,9 +799,9 @@ mod tests {
         let fanout = Fanout::default();
         let mut chat = fanout.subscribe(filter(Some("chat"), None), 10);
         let mut u1 = fanout.subscribe(filter(Some("chat"), Some("u1")), 10);
-        fanout.deliver(&[event(1, "chat", "u1")]);
-        fanout.deliver(&[event(2, "chat", "u2")]);
-        fanout.deliver(&[event(3, "other", "u1")]);
+        fanout.deliver(&[event(1, "chat", "u1")], None);
+        fanout.deliver(&[event(2, "chat", "u2")], None);
+        fanout.deliver(&[event(3, "other", "u1")], None);
         assert_eq!(ids(&mut chat), [1, 2]);
         assert_eq!(ids(&mut u1), [1]);
     }
@@ -786,7 +829,7 @@ mod tests {
             event(4, "chat", "a"),
             event(5, "news", "c"),
         ];
-        assert_eq!(fanout.deliver(&batch), 0);
+        assert_eq!(fanout.deliver(&batch, None), 0);
         assert_eq!(ids(&mut everything), [1, 2, 3, 4, 5]);
         assert_eq!(ids(&mut user_a), [1, 2, 4]);
         assert_eq!(ids(&mut chat), [1, 3, 4]);
@@ -820,7 +863,7 @@ mod tests {
         let mut fast = fanout.subscribe(all(), 100);
         let mut lagged = 0;
         for n in 0..10 {
-            lagged += fanout.deliver(&[event(n, "c", "u")]);
+            lagged += fanout.deliver(&[event(n, "c", "u")], None);
             while fast.try_recv().is_some() {}
         }
         assert_eq!(lagged, 8);
@@ -832,7 +875,7 @@ mod tests {
         ));
         assert!(slow.try_recv().is_none());
         // Room again: delivery resumes.
-        assert_eq!(fanout.deliver(&[event(10, "c", "u")]), 0);
+        assert_eq!(fanout.deliver(&[event(10, "c", "u")], None), 0);
         assert_eq!(
             slow.try_recv().and_then(|d| d.into_event()).map(|e| e.id()),
             Some(Uuid::from_u128(10))
@@ -844,7 +887,7 @@ mod tests {
         let fanout = Fanout::default();
         let mut small = fanout.subscribe(all(), 3);
         let batch: Vec<Event> = (1..=5).map(|n| event(n, "c", "u")).collect();
-        assert_eq!(fanout.deliver(&batch), 2);
+        assert_eq!(fanout.deliver(&batch, None), 2);
         assert_eq!(small.len(), 4, "three events and one marker");
         match small.slot.lock().items.front() {
             Some(Queued::Events(run)) => assert_eq!(run.events.len(), 3, "holds no dropped event"),
@@ -852,7 +895,10 @@ mod tests {
         }
         assert!(matches!(small.try_recv(), Some(Delivery::Event(_))));
         // The run being read no longer takes room: the next batch fits whole.
-        assert_eq!(fanout.deliver(&[event(6, "c", "u"), event(7, "c", "u")]), 0);
+        assert_eq!(
+            fanout.deliver(&[event(6, "c", "u"), event(7, "c", "u")], None),
+            0
+        );
         let rest: Vec<String> = std::iter::from_fn(|| small.try_recv())
             .map(|d| match d {
                 Delivery::Event(e) => e.id().as_u128().to_string(),
@@ -870,7 +916,7 @@ mod tests {
     fn markers_keep_their_place_between_runs_being_read() {
         let fanout = Fanout::default();
         let mut sub = fanout.subscribe(all(), 10);
-        fanout.deliver(&[event(1, "c", "u"), event(2, "c", "u")]);
+        fanout.deliver(&[event(1, "c", "u"), event(2, "c", "u")], None);
         assert_eq!(
             sub.try_recv()
                 .and_then(Delivery::into_event)
@@ -881,7 +927,7 @@ mod tests {
             pruned_through_xid: 9,
             cursor_xmin: 3,
         });
-        fanout.deliver(&[event(3, "c", "u")]);
+        fanout.deliver(&[event(3, "c", "u")], None);
         assert_eq!(sub.len(), 3);
         assert_eq!(
             sub.try_recv()
@@ -905,7 +951,7 @@ mod tests {
         let pusher = Arc::clone(&fanout);
         let task = tokio::spawn(async move {
             tokio::task::yield_now().await;
-            pusher.deliver(&[event(1, "c", "u")]);
+            pusher.deliver(&[event(1, "c", "u")], None);
             pusher.close();
         });
         assert!(matches!(sub.next().await, Some(Delivery::Event(_))));
@@ -920,11 +966,14 @@ mod tests {
     async fn a_stream_reads_a_run_to_its_end_before_what_follows_and_before_it_ends() {
         let fanout = Fanout::default();
         let mut sub = fanout.subscribe(all(), 10);
-        fanout.deliver(&[event(1, "c", "u"), event(2, "c", "u"), event(3, "c", "u")]);
+        fanout.deliver(
+            &[event(1, "c", "u"), event(2, "c", "u"), event(3, "c", "u")],
+            None,
+        );
         let next_id = |d: Option<Delivery>| d.and_then(Delivery::into_event).map(|e| e.id());
         assert_eq!(next_id(sub.next().await), Some(Uuid::from_u128(1)));
         // Queued while the run is being read: comes after it, and so does the end.
-        fanout.deliver(&[event(4, "c", "u")]);
+        fanout.deliver(&[event(4, "c", "u")], None);
         fanout.close();
         for n in 2..=4 {
             assert_eq!(next_id(sub.next().await), Some(Uuid::from_u128(n)));
@@ -938,7 +987,7 @@ mod tests {
         let mut roomy = fanout.subscribe(all(), 10);
         let mut cramped = fanout.subscribe(all(), 2);
         let batch: Vec<Event> = (1..=4).map(|n| event(n, "c", "u")).collect();
-        assert_eq!(fanout.deliver(&batch), 2);
+        assert_eq!(fanout.deliver(&batch, None), 2);
         assert_eq!(ids(&mut roomy), [1, 2, 3, 4]);
         assert_eq!(cramped.len(), 3);
         assert_eq!(ids(&mut cramped), [1, 2]);
@@ -966,7 +1015,7 @@ mod tests {
         let mut sub = fanout.subscribe(all(), 10);
         assert_eq!(sub.position(), None, "no watermark yet");
         fanout.set_watermark(watermark("100:100:"));
-        fanout.deliver(&[event_at(1, 100), event_at(2, 101)]);
+        fanout.deliver(&[event_at(1, 100), event_at(2, 101)], None);
         // Nothing read: everything under the run's watermark, nothing of the run.
         let before = sub.position().unwrap();
         assert!(!before.covers(100, Uuid::from_u128(1)));
@@ -986,6 +1035,33 @@ mod tests {
     }
 
     #[test]
+    fn reading_an_advance_to_its_end_joins_the_watermark_it_completes() {
+        let fanout = Fanout::default();
+        fanout.set_watermark(watermark("100:100:"));
+        let mut reader = fanout.subscribe(all(), 10);
+        let mut cramped = fanout.subscribe(all(), 1);
+        let next = watermark("103:103:");
+        fanout.deliver(&[event_at(1, 100), event_at(2, 101)], Some(&next));
+        // Read before the relay sets that watermark, as a subscriber on another thread may:
+        // its position is the watermark alone, with no ids beyond it.
+        let mut positions = Vec::new();
+        while let Some(delivery) = reader.try_recv() {
+            assert!(delivery.into_event().is_some());
+            positions.push(reader.position().unwrap());
+        }
+        assert!(
+            !positions[0].covers(101, Uuid::from_u128(2)),
+            "not past the first"
+        );
+        assert_eq!(positions[1], Position::at(&next));
+        assert!(positions[1].to_string().len() < positions[0].to_string().len());
+        // A run cut for lag completes nothing: what was dropped is not seen.
+        assert_eq!(ids(&mut cramped), [1]);
+        let cut = cramped.position().unwrap();
+        assert!(cut.covers(100, Uuid::from_u128(1)) && !cut.covers(101, Uuid::from_u128(2)));
+    }
+
+    #[test]
     fn a_resumed_subscription_hands_out_its_catch_up_then_what_it_does_not_cover() {
         let fanout = Fanout::default();
         fanout.set_watermark(watermark("100:100:"));
@@ -993,7 +1069,7 @@ mod tests {
         let (answer, answered) = oneshot::channel();
         let mut sub = fanout.subscribe_resumed(all(), 10, Some(base.clone()), answered);
         // Live events pile up while the catch-up is out, and wait.
-        fanout.deliver(&[event_at(2, 101), event_at(3, 102)]);
+        fanout.deliver(&[event_at(2, 101), event_at(3, 102)], None);
         assert!(sub.try_recv().is_none());
         assert_eq!(sub.position(), Some(base.clone()));
         answer
@@ -1034,7 +1110,7 @@ mod tests {
         // Row 2 commits after the subscription was filed and before the catch-up's snapshot:
         // the catch-up reads it, and its live gap is queued too.
         fanout.unreadable(&unreadable(2, 101));
-        fanout.deliver(&[event_at(3, 102)]);
+        fanout.deliver(&[event_at(3, 102)], None);
         answer
             .send(Ok(CatchUp {
                 replayed_xid: None,
@@ -1063,7 +1139,7 @@ mod tests {
 
         // A subscription that was not resumed gets the live gap, and its position covers it.
         let mut live = fanout.subscribe(all(), 10);
-        fanout.deliver(&[event_at(4, 103)]);
+        fanout.deliver(&[event_at(4, 103)], None);
         fanout.set_watermark(watermark("104:104:"));
         fanout.unreadable(&unreadable(5, 104));
         assert_eq!(ids(&mut live), [4]);
@@ -1077,7 +1153,7 @@ mod tests {
         fanout.set_watermark(watermark("100:100:"));
         let (answer, answered) = oneshot::channel();
         let mut sub = fanout.subscribe_resumed(all(), 10, None, answered);
-        fanout.deliver(&[event_at(1, 100)]);
+        fanout.deliver(&[event_at(1, 100)], None);
         answer.send(Err(ResetReason::OtherServerRun)).unwrap();
         assert!(matches!(
             sub.try_recv(),
@@ -1104,7 +1180,7 @@ mod tests {
         let (answer, answered) = oneshot::channel();
         let mut sub = fanout.subscribe_resumed(all(), 100, Some(base.clone()), answered);
         // Queued live on run 1: xid 105, which survives the failover.
-        fanout.deliver(&[event_at(5, 105)]);
+        fanout.deliver(&[event_at(5, 105)], None);
         // The relay rewinds to run 2 (floor 110) and reads from there: xid 112.
         let change = Some(RunChange {
             from: 1,
@@ -1118,7 +1194,7 @@ mod tests {
             })
         };
         fanout.set_watermark(run_2("100:110:"));
-        fanout.deliver(&[event_at(7, 112)]);
+        fanout.deliver(&[event_at(7, 112)], None);
         fanout.set_watermark(run_2("113:113:"));
         // Answered on run 2: the catch-up read both.
         answer

@@ -154,7 +154,7 @@ impl Listener {
             generation: 0,
             waiting_resumes: Vec::new(),
         };
-        listener.publish_watermark();
+        listener.shared.fanout.set_watermark(listener.watermark());
         // One advance now proves the relay may read the outbox (privileges are checked when a
         // statement runs, not when it is prepared), and settles what committed meanwhile.
         if let Err(err) = listener.advance().await {
@@ -367,19 +367,29 @@ impl Listener {
         self.advance_wanted = false;
         self.cursor.on_advance(advance, &mut self.steps);
         span.record("settled", self.steps.len());
-        self.flush();
-        self.publish_watermark();
+        self.flush_settled();
         Ok(())
     }
 
-    /// Tells the fan-out that everything under the cursor's snapshot was handed over: call
-    /// only once the steps that settled it are flushed.
-    fn publish_watermark(&self) {
-        self.shared.fanout.set_watermark(Arc::new(Watermark {
+    /// The cursor's snapshot as a watermark: everything under it is handed over once the
+    /// steps that settled it are.
+    fn watermark(&self) -> Arc<Watermark> {
+        Arc::new(Watermark {
             change: self.carried_from,
             generation: self.generation,
             ..Watermark::new(self.server.epoch(), self.cursor.snapshot().clone())
-        }));
+        })
+    }
+
+    /// Delivers the steps that settled the cursor's snapshot, then that snapshot as the
+    /// watermark. Its last events carry it, so a subscriber that reads them joins it at once:
+    /// the position it reports after each has no ids beyond the snapshot, whether or not it
+    /// read them before the fan-out's watermark moved (an SSE frame's `id:` is then some 24
+    /// characters shorter).
+    fn flush_settled(&mut self) {
+        let watermark = self.watermark();
+        self.flush_then(Some(&watermark));
+        self.shared.fanout.set_watermark(watermark);
     }
 
     /// Sends one catch-up query for every resume request waiting; `None` without a connection
@@ -465,6 +475,12 @@ impl Listener {
     /// one batch (each subscriber is locked and woken once per batch, not once per event); a gap
     /// first flushes the events before it, so every stream keeps the delivery order.
     fn flush(&mut self) {
+        self.flush_then(None);
+    }
+
+    /// [`Listener::flush`], the last batch's runs carrying `watermark` (see
+    /// [`Fanout::deliver`]).
+    fn flush_then(&mut self, watermark: Option<&Arc<Watermark>>) {
         if self.steps.is_empty() {
             return;
         }
@@ -492,7 +508,7 @@ impl Listener {
                     debug!("a pg_outbox notification was dropped: too many rows wait for a fetch")
                 }
                 Step::Gap(gap) => {
-                    deliver_batch(&self.shared, &mut self.batch);
+                    deliver_batch(&self.shared, &mut self.batch, None);
                     Metrics::add(&metrics.gaps, 1);
                     warn!(
                         ?gap,
@@ -501,7 +517,7 @@ impl Listener {
                     self.shared.fanout.gap(&gap);
                 }
                 Step::Unreadable(row) => {
-                    deliver_batch(&self.shared, &mut self.batch);
+                    deliver_batch(&self.shared, &mut self.batch, None);
                     Metrics::add(&metrics.gaps, 1);
                     Metrics::add(&metrics.decode_errors, 1);
                     warn!(
@@ -514,7 +530,7 @@ impl Listener {
                 }
             }
         }
-        deliver_batch(&self.shared, &mut self.batch);
+        deliver_batch(&self.shared, &mut self.batch, watermark);
     }
 
     /// Notes the connection lost; the loop reconnects.
@@ -655,8 +671,7 @@ impl Listener {
         self.generation += 1;
         self.server = run.clone();
         self.history_went_back = false;
-        self.flush();
-        self.publish_watermark();
+        self.flush_settled();
         Ok(())
     }
 
@@ -671,11 +686,11 @@ impl Listener {
 }
 
 /// Hands `batch` to the subscribers and empties it.
-fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>) {
+fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>, then: Option<&Arc<Watermark>>) {
     if batch.is_empty() {
         return;
     }
-    let lagged = shared.fanout.deliver(batch);
+    let lagged = shared.fanout.deliver(batch, then);
     if lagged > 0 {
         Metrics::add(&shared.metrics.lagged, lagged);
         debug!(

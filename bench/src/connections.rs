@@ -30,6 +30,13 @@ const OPENING_AT_ONCE: usize = 256;
 /// Publishing connections.
 const PUBLISHERS: u32 = 4;
 
+/// How long one stream may take to open before it counts as refused.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Descriptors kept for everything but the streams: the runtime, the database connections,
+/// the replica's own files.
+const SPARE_DESCRIPTORS: usize = 256;
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     /// `examples/sse` with the defaults: pg_outbox_client and pg_outbox_sse.
@@ -78,6 +85,8 @@ struct Received {
     events: AtomicU64,
     /// Body bytes of the frames that carried events.
     event_bytes: AtomicU64,
+    /// Of those, the bytes of their `id:` lines.
+    id_bytes: AtomicU64,
     /// Commit-to-client milliseconds, from each event's `created_at_us`.
     latencies: Mutex<Vec<f64>>,
 }
@@ -98,7 +107,12 @@ impl Drop for Readers {
 /// are counted, not fatal (at a descriptor limit, that is the figure).
 async fn open_all(address: SocketAddr, users: &[String]) -> (Vec<SseStream>, usize) {
     let opened: Vec<_> = stream::iter(users.iter().map(|user| async move {
-        SseStream::open(address, &format!("/events?user={user}"), None).await
+        // A connection the replica cannot accept (at its descriptor limit) waits in the accept
+        // queue for ever: count it as refused.
+        let path = format!("/events?user={user}");
+        tokio::time::timeout(OPEN_TIMEOUT, SseStream::open(address, &path, None))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     }))
     .buffer_unordered(OPENING_AT_ONCE)
     .collect()
@@ -123,6 +137,11 @@ fn read_all(streams: Vec<SseStream>) -> Readers {
                     received
                         .event_bytes
                         .fetch_add(frame.bytes as u64, Ordering::Relaxed);
+                    // "id: ", the token, the line's end.
+                    let id_line = frame.id.as_ref().map_or(0, |id| id.len() + 5);
+                    received
+                        .id_bytes
+                        .fetch_add(id_line as u64, Ordering::Relaxed);
                     received.events.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -154,6 +173,7 @@ struct Measured {
     server_cpu_us_per_event: f64,
     latencies: Vec<f64>,
     bytes_per_event: f64,
+    id_bytes_per_event: f64,
 }
 
 async fn measure(
@@ -210,6 +230,8 @@ async fn measure(
         latencies: received.latencies.lock().expect("latencies").clone(),
         bytes_per_event: received.event_bytes.load(Ordering::Relaxed) as f64
             / delivered.max(1) as f64,
+        id_bytes_per_event: received.id_bytes.load(Ordering::Relaxed) as f64
+            / delivered.max(1) as f64,
     };
     drop(readers);
     drop(replica);
@@ -217,19 +239,26 @@ async fn measure(
 }
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
-    raise_open_files_limit();
-    let sizes: &[usize] = if options.smoke {
-        &[50]
+    // Each stream holds a descriptor here and one in the replica, whose limit is the same.
+    let limit = raise_open_files_limit().saturating_sub(SPARE_DESCRIPTORS);
+    // (connections, events/s)
+    let runs: Vec<(usize, u32)> = if options.smoke {
+        vec![(50, 100)]
     } else {
-        &[1_000, 10_000, 20_000]
+        vec![
+            (1_000, 1_000),
+            (10_000, 1_000),
+            (20_000.min(limit), 1_000),
+            (1_000, 5_000),
+        ]
     };
-    let rate = if options.smoke { 100 } else { 1_000 };
     let duration = options.latency_time() * 2;
     let mut table = Table::new(
         "Connections per replica: examples/sse beside a hand-written replica",
         &[
             "replica",
             "connections",
+            "events/s",
             "opened in s",
             "KiB per connection",
             "events delivered",
@@ -238,23 +267,29 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             "p50 ms",
             "p99 ms",
             "bytes per event",
+            "of which the id: line",
         ],
     );
     table.note = format!(
         "One replica holds one SSE connection per user, opened {OPENING_AT_ONCE} at a time by \
          the benchmark (plain sockets, chunked bodies decoded, frames cut as a browser does). \
-         {PUBLISHERS} publishers then pace one-event transactions to random users at {rate} \
-         events/s for {} s. Memory: the replica's RSS growth over the opening, per connection. \
+         {PUBLISHERS} publishers then pace one-event transactions to random users at the rate \
+         given for {} s. Memory: the replica's RSS growth over the opening, per connection. \
          CPU: the replica's process, and every PostgreSQL process, over the publishing until \
          every event arrived, per event delivered. Latency: from the row's created_at to the \
-         frame's arrival. Bytes per event: the SSE body bytes of an event's frame (the same JSON \
-         in both; pg_outbox adds the `id:` line a browser resumes from). By hand: \
+         frame's arrival. Bytes per event: the SSE body bytes of an event's frame: the same JSON \
+         in both but for the event's id (a UUID here, a bigserial by hand), and pg_outbox's \
+         `id:` line, the position a browser resumes from. By hand: \
          `handwritten-sse-replica` (bench/src/bin), the original design: LISTEN, NOTIFY of the \
          row id, a SELECT by id per notification, broadcast to the user's streams; no catch-up, \
-         no resume. Both with the defaults a new user has.",
-        duration.as_secs()
+         no resume. Both with the defaults a new user has. The largest count stops short of \
+         the open files limit ({} here, for the benchmark and each replica alike); a stream \
+         not open within {} s counts as refused.",
+        duration.as_secs(),
+        limit + SPARE_DESCRIPTORS,
+        OPEN_TIMEOUT.as_secs()
     );
-    for &size in sizes {
+    for &(size, rate) in &runs {
         for kind in [Kind::PgOutbox, Kind::ByHand] {
             let m = measure(cluster, kind, size, rate, duration).await;
             let connections = if m.refused > 0 {
@@ -265,6 +300,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
             table.row(vec![
                 kind.name().to_owned(),
                 connections,
+                rate.to_string(),
                 format!("{:.2}", m.open_time.as_secs_f64()),
                 format!("{:.1}", m.bytes_per_connection / 1024.0),
                 format!("{} of {}", m.delivered, m.events),
@@ -273,6 +309,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
                 format!("{:.2}", quantile(&m.latencies, 0.50)),
                 format!("{:.2}", quantile(&m.latencies, 0.99)),
                 format!("{:.0}", m.bytes_per_event),
+                format!("{:.1}", m.id_bytes_per_event),
             ]);
         }
     }
@@ -280,12 +317,15 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
 }
 
 /// Lets this process, and the replicas it starts, hold the figure's connections: a descriptor
-/// per stream on each side.
-fn raise_open_files_limit() {
+/// per stream on each side. Returns the limit in force.
+fn raise_open_files_limit() -> usize {
     const WANTED: u64 = 65_536;
-    if rlimit::setrlimit(rlimit::Resource::NOFILE, WANTED, WANTED).is_err() {
-        let _ = rlimit::increase_nofile_limit(WANTED);
-    }
+    let limit = if rlimit::setrlimit(rlimit::Resource::NOFILE, WANTED, WANTED).is_ok() {
+        WANTED
+    } else {
+        rlimit::increase_nofile_limit(WANTED).unwrap_or(1024)
+    };
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
 /// 5,000 browsers of replica A reconnect to replica B within one second, with the

@@ -328,14 +328,15 @@ fn raise_open_files_limit() -> usize {
     usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
-/// 5,000 browsers of replica A reconnect to replica B within one second, with the
-/// `Last-Event-ID` of the last event they got from A; each missed one event meanwhile.
+/// 5,000 browsers of replica A reconnect to replica B within one second, or all at once, with
+/// the `Last-Event-ID` of the last event they got from A; each missed one event meanwhile.
 async fn storm(cluster: &Cluster, options: &Options) -> Table {
     let browsers = if options.smoke { 50 } else { 5_000 };
     let mut table = Table::new(
         "A reconnect storm over HTTP: a replica's browsers arrive at another within one second",
         &[
             "listen backlog",
+            "arriving",
             "browsers",
             "served",
             "refused or failed",
@@ -347,21 +348,33 @@ async fn storm(cluster: &Cluster, options: &Options) -> Table {
     table.note = format!(
         "{browsers} browsers (one user each) follow replica A of examples/sse and get one event \
          each; A is killed (SIGKILL) and one more event per user is published, which they miss. \
-         All {browsers} then open `GET /events` on replica B within one second (evenly spread), \
-         each with the `Last-Event-ID` A gave it. Times run from the first reconnect to the \
+         All {browsers} then open `GET /events` on replica B, evenly spread over one second or \
+         all at once (what `EventSource`'s fixed `retry` does after a deploy), each with the \
+         `Last-Event-ID` A gave it. Times run from the first reconnect to the \
          last browser's first frame (served), and to the last browser holding its missed \
          event. The backlog is the example app's `--backlog` (default 4096); 128 is what \
          `TcpListener::bind` asks for."
     );
-    let backlogs: &[&str] = if options.smoke {
-        &["4096"]
+    let one_second = Duration::from_secs(1);
+    let runs: &[(&str, Duration)] = if options.smoke {
+        &[("4096", Duration::ZERO)]
     } else {
-        &["4096", "128"]
+        &[
+            ("4096", one_second),
+            ("128", one_second),
+            ("4096", Duration::ZERO),
+            ("128", Duration::ZERO),
+        ]
     };
-    for &backlog in backlogs {
-        let m = storm_once(cluster, browsers, backlog).await;
+    for &(backlog, spread) in runs {
+        let m = storm_once(cluster, browsers, backlog, spread).await;
         table.row(vec![
             backlog.to_owned(),
+            if spread.is_zero() {
+                "at once".to_owned()
+            } else {
+                format!("over {} s", spread.as_secs())
+            },
             browsers.to_string(),
             m.served.to_string(),
             m.failed.to_string(),
@@ -381,7 +394,7 @@ struct Storm {
     missed: usize,
 }
 
-async fn storm_once(cluster: &Cluster, browsers: usize, backlog: &str) -> Storm {
+async fn storm_once(cluster: &Cluster, browsers: usize, backlog: &str, spread: Duration) -> Storm {
     let users: Vec<String> = (0..browsers).map(|n| format!("storm{n}")).collect();
     let publisher = cluster.connect("postgres").await;
     let publish_one_each = || async {
@@ -420,7 +433,6 @@ async fn storm_once(cluster: &Cluster, browsers: usize, backlog: &str) -> Storm 
 
     let served = Arc::new(AtomicUsize::new(0));
     let first = Instant::now();
-    let spread = Duration::from_secs(1);
     let address = b.address();
     let tasks: Vec<JoinHandle<Option<(Duration, Duration)>>> = users
         .iter()

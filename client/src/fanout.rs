@@ -487,6 +487,19 @@ impl Fanout {
             .for_each(|slot| slot.push_marker(gap.clone(), Some((row.xid, row.id))));
     }
 
+    /// How many subscriptions there are, and how many events wait in their queues (besides
+    /// the batch each is reading): for the metrics, not the hot path.
+    #[cfg(feature = "metrics")]
+    pub fn load(&self) -> (usize, usize) {
+        let index = self.index();
+        index
+            .groups()
+            .flat_map(|group| &group.slots)
+            .fold((0, 0), |(subscriptions, queued), slot| {
+                (subscriptions + 1, queued + slot.lock().events)
+            })
+    }
+
     /// Ends every stream (after what is queued) and every later subscription.
     pub fn close(&self) {
         let mut index = self.index();

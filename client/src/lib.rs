@@ -150,6 +150,8 @@ mod connection;
 mod cursor;
 mod error;
 mod event;
+#[cfg(feature = "metrics")]
+pub mod export;
 mod fanout;
 mod health;
 mod history;

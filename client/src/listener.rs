@@ -462,7 +462,7 @@ impl Listener {
             let answer = answering.answer(&request, &read);
             Metrics::add(&metrics.resumes, 1);
             if let Err(reason) = &answer {
-                Metrics::add(&metrics.resets, 1);
+                metrics.count_reset(reason);
                 debug!(?reason, "a pg_outbox subscription could not resume exactly");
             }
             // A subscription dropped meanwhile needs no answer.
@@ -509,7 +509,7 @@ impl Listener {
                 }
                 Step::Gap(gap) => {
                     deliver_batch(&self.shared, &mut self.batch, None);
-                    Metrics::add(&metrics.gaps, 1);
+                    metrics.count_gap(gap.kind());
                     warn!(
                         ?gap,
                         "pg_outbox events were lost before this relay read them"
@@ -518,7 +518,7 @@ impl Listener {
                 }
                 Step::Unreadable(row) => {
                     deliver_batch(&self.shared, &mut self.batch, None);
-                    Metrics::add(&metrics.gaps, 1);
+                    metrics.count_gap(row.clone().into_gap().kind());
                     Metrics::add(&metrics.decode_errors, 1);
                     warn!(
                         id = %row.id,

@@ -3,6 +3,14 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
+use crate::event::ResetReason;
+
+/// [`Gap::kind`](crate::Gap::kind) of every kind, in the order of [`Metrics::gaps_by_kind`].
+pub(crate) const GAP_KINDS: [&str; 4] = ["pruned", "unreadable", "rewound", "missing"];
+
+/// [`ResetReason::kind`] of every reason, in the order of [`Metrics::resets_by_reason`].
+pub(crate) const RESET_REASONS: [&str; 4] = ["malformed", "expired", "other_server_run", "ahead"];
+
 /// Upper bounds of the latency buckets, in microseconds; a last bucket takes the rest.
 const BUCKETS_US: [u64; 20] = [
     100,
@@ -45,12 +53,32 @@ pub(crate) struct Metrics {
     pub resumes: AtomicU64,
     pub resume_queries: AtomicU64,
     pub resets: AtomicU64,
+    /// `gaps`, by [`GAP_KINDS`].
+    pub gaps_by_kind: [AtomicU64; GAP_KINDS.len()],
+    /// `resets`, by [`RESET_REASONS`].
+    pub resets_by_reason: [AtomicU64; RESET_REASONS.len()],
     latency: [AtomicU64; BUCKETS_US.len() + 1],
 }
 
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Counts a gap reported to subscribers, in the total and by its [`Gap::kind`](crate::Gap::kind).
+    pub fn count_gap(&self, kind: &str) {
+        Metrics::add(&self.gaps, 1);
+        if let Some(i) = GAP_KINDS.iter().position(|&known| known == kind) {
+            Metrics::add(&self.gaps_by_kind[i], 1);
+        }
+    }
+
+    /// Counts a resume that could not go on exactly, in the total and by its reason.
+    pub fn count_reset(&self, reason: &ResetReason) {
+        Metrics::add(&self.resets, 1);
+        if let Some(i) = RESET_REASONS.iter().position(|&kind| kind == reason.kind()) {
+            Metrics::add(&self.resets_by_reason[i], 1);
+        }
     }
 
     /// Records the delay from `created_at` (the database's clock) to now (this host's clock);
@@ -143,6 +171,15 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Each bucket's upper bound (`None`: unbounded) with how many latencies fell in it.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn buckets(&self) -> impl Iterator<Item = (Option<Duration>, u64)> + '_ {
+        self.buckets.iter().enumerate().map(|(i, &n)| {
+            let bound = BUCKETS_US.get(i).map(|&us| Duration::from_micros(us));
+            (bound, n)
+        })
+    }
+
     /// How many latencies were recorded.
     pub fn count(&self) -> u64 {
         self.buckets.iter().sum()

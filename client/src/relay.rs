@@ -139,7 +139,12 @@ impl Relay {
             }
             Err(err) => {
                 let subscription = fanout.subscribe_resumed(filter, buffer, None, answered);
-                let _ = answer.send(Err(crate::event::ResetReason::Malformed(err)));
+                // Answered here, and counted as the listener counts the resumes it answers.
+                let reason = crate::event::ResetReason::Malformed(err);
+                let metrics = &self.inner.shared.metrics;
+                Metrics::add(&metrics.resumes, 1);
+                metrics.count_reset(&reason);
+                let _ = answer.send(Err(reason));
                 subscription
             }
         }
@@ -195,6 +200,17 @@ impl Relay {
             .take()
             .ok_or(Error::AlreadyStarted)?;
         self.inner.shared.health.send_replace(Health::Listening);
+        #[cfg(feature = "metrics")]
+        tokio::spawn(crate::export::run(
+            Arc::downgrade(&self.inner.shared),
+            self.inner
+                .config
+                .pg
+                .get_application_name()
+                .unwrap_or_default()
+                .to_owned(),
+            self.inner.shared.health.subscribe(),
+        ));
         *state = State::Running(tokio::spawn(listener.run(resumes)));
         Ok(())
     }

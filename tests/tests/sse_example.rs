@@ -71,6 +71,39 @@ async fn the_example_serves_publishes_and_ends_its_streams_on_sigterm() {
     );
     assert_eq!(stored, r#"chat u1 {"text": "hi"}"#);
 
+    // The relay's metrics, for Prometheus: the event it delivered, once copied (every second).
+    cluster
+        .wait_for("the event in /metrics", WAIT, || async {
+            let scraped = request(
+                &replica,
+                "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
+            let lines = body(&scraped).lines().map(|line| Ok(line.to_owned()));
+            let scrape =
+                prometheus_parse::Scrape::parse(lines).expect("the Prometheus text format");
+            let value = |name: &str, label: Option<(&str, &str)>| {
+                scrape.samples.iter().find_map(|sample| {
+                    let labelled = label.is_none_or(|(k, v)| sample.labels.get(k) == Some(v));
+                    match sample.value {
+                        prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Gauge(n)
+                            if sample.metric == name && labelled =>
+                        {
+                            Some(n)
+                        }
+                        _ => None,
+                    }
+                })
+            };
+            assert_eq!(
+                value("pg_outbox_relay_health", Some(("state", "listening"))),
+                Some(1.0)
+            );
+            (value("pg_outbox_relay_events_delivered_total", None) == Some(1.0)).then_some(())
+        })
+        .await;
+
     let bad_channel = r#"{"channel": "chat room", "user_id": "u1", "payload": {}}"#;
     let refused = request(
         &replica,

@@ -10,7 +10,9 @@
 //!   each thing it receives to `URL`, in order, for tests and benchmarks);
 //! - `GET /events?user=u1`: the SSE stream itself;
 //! - `POST /publish` with `{"channel", "user_id", "payload"}`: publishes an event
-//!   (`outbox_publish`), answers `{"id"}`.
+//!   (`outbox_publish`), answers `{"id"}`;
+//! - `GET /metrics`: the relay's metrics in the Prometheus text format (the client's `metrics`
+//!   feature, exported by `metrics-exporter-prometheus`).
 //!
 //! In a real app the user comes from authentication (a session cookie, a token), never from the
 //! query string: anyone can type `?user=someone-else`.
@@ -29,6 +31,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pg_outbox_client::export::LAG_SECONDS_BUCKETS;
 use pg_outbox_client::{Relay, RelayBuilder, Topic};
 use pg_outbox_sse::{EventStream, LastEventId, SseConfig};
 use serde::Deserialize;
@@ -72,10 +76,13 @@ enum AppError {
     },
     #[error("serve: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
 }
 
 #[derive(Clone)]
 struct App {
+    metrics: PrometheusHandle,
     relay: Relay,
     publisher: Arc<tokio_postgres::Client>,
     sse: SseConfig,
@@ -93,6 +100,13 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), AppError> {
+    // Before the relay is built: its metrics go to the recorder installed when it starts.
+    let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("pg_outbox_relay_lag_seconds".into()),
+            &LAG_SECONDS_BUCKETS,
+        )
+        .and_then(PrometheusBuilder::install_recorder)?;
     let open_files = raise_open_files_limit();
     // A browser's connection is one descriptor; the relay, the database and the runtime take a
     // few dozen more.
@@ -112,6 +126,7 @@ async fn run(args: Args) -> Result<(), AppError> {
         }
     });
     let app = App {
+        metrics,
         relay: relay.clone(),
         publisher: Arc::new(publisher),
         sse: SseConfig::default()
@@ -122,6 +137,7 @@ async fn run(args: Args) -> Result<(), AppError> {
         .route("/", get(page))
         .route("/events", get(events))
         .route("/publish", post(publish))
+        .route("/metrics", get(metrics_text))
         .with_state(app);
 
     let listener = listen(args.listen, args.backlog).map_err(|source| AppError::Listen {
@@ -223,6 +239,14 @@ struct Publish {
     channel: String,
     user_id: String,
     payload: serde_json::Value,
+}
+
+/// The relay's metrics for a Prometheus scrape.
+async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
 }
 
 /// Publishes one event in a transaction of its own: in a real app, in the transaction that

@@ -4,8 +4,9 @@
 # what a relay says behind a transaction-mode pooler), sudo (cargo pgrx test runs the test server
 # as the postgres user through it), the pinned cargo-pgrx, and its configuration pointing at the
 # system pg_config; for the examples tested in CI: psycopg 3 and psycopg2 (logical replication) for Debian's python3, Node.js with
-# npm and examples/node's locked packages, openssl (test certificates for TLS), and Chromium (the
-# browser test, the demo's browser step and the commit-to-browser benchmark run it headless).
+# npm and examples/node's locked packages, openssl (test certificates for TLS), Chromium (the
+# browser test, the demo's browser step and the commit-to-browser benchmark run it headless), and
+# prometheus-postgres-exporter (monitoring/postgres_exporter.yaml is tested through it).
 # Safe to run again; quiet when nothing is missing.
 set -euo pipefail
 
@@ -14,7 +15,7 @@ PGRX_VERSION=0.18.0
 CARGO_FUZZ_VERSION=0.13.2
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer
-    python3-psycopg python3-psycopg2 openssl chromium)
+    python3-psycopg python3-psycopg2 openssl chromium prometheus-postgres-exporter)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 as_root() {

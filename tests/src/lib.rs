@@ -777,7 +777,7 @@ fn is_root() -> bool {
 }
 
 /// A TCP port nobody listens on right now (the kernel's choice of an ephemeral port).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

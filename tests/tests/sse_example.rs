@@ -209,3 +209,42 @@ fn signal(pid: u32, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
 }
+
+/// `POST /publish` of one event for `user`: the response.
+async fn publish(replica: &Replica, user: &str) -> String {
+    let event = format!(r#"{{"channel": "chat", "user_id": "{user}", "payload": {{}}}}"#);
+    request(
+        replica,
+        &format!(
+            "POST /publish HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{event}",
+            event.len()
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_publishes_again_after_a_server_restart() {
+    let cluster = Cluster::start();
+    let replica = Replica::start(&cluster.connection_string("postgres"), "restart", &[]).await;
+    let before = publish(&replica, "u1").await;
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    cluster.restart();
+    // The first attempts may meet the closed connections; the pool opens new ones.
+    let after = cluster
+        .wait_for("a publish after the restart", WAIT, || async {
+            let response = publish(&replica, "u1").await;
+            response.starts_with("HTTP/1.1 200").then_some(response)
+        })
+        .await;
+    let answer: serde_json::Value = serde_json::from_str(body(&after)).unwrap();
+    let id: Uuid = answer["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        cluster.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM event_outbox WHERE id = '{id}'")
+        ),
+        "1"
+    );
+}

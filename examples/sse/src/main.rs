@@ -21,7 +21,6 @@
 //! streams end, and browsers reconnect elsewhere).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
@@ -31,6 +30,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pg_outbox_client::export::LAG_SECONDS_BUCKETS;
 use pg_outbox_client::{Relay, RelayBuilder, Topic};
@@ -61,6 +61,9 @@ struct Args {
     /// replica to the others at once; the kernel caps this at `net.core.somaxconn`.
     #[arg(long, default_value_t = 4096)]
     backlog: u32,
+    /// Publishing connections at most (`POST /publish`).
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +81,16 @@ enum AppError {
     Serve(#[from] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("publishing pool: {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
 }
 
 #[derive(Clone)]
 struct App {
     metrics: PrometheusHandle,
     relay: Relay,
-    publisher: Arc<tokio_postgres::Client>,
+    /// Publishing connections, opened again when the database restarts.
+    publishers: Pool,
     sse: SseConfig,
 }
 
@@ -119,16 +125,20 @@ async fn run(args: Args) -> Result<(), AppError> {
         .application_name(format!("pg_outbox_sse_{}", args.name))
         .build()?;
     relay.start().await?;
-    let (publisher, connection) = tokio_postgres::connect(&args.db, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            warn!(%err, "the publishing connection ended");
-        }
-    });
+    let publishers = Pool::builder(Manager::from_config(
+        args.db.parse()?,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            // A connection the server closed (a restart, a failover) is not handed out again.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    ))
+    .max_size(args.publishers)
+    .build()?;
     let app = App {
         metrics,
         relay: relay.clone(),
-        publisher: Arc::new(publisher),
+        publishers,
         sse: SseConfig::default()
             .retry(Duration::from_millis(args.retry_ms))
             .keep_alive(Duration::from_millis(args.keep_alive_ms)),
@@ -252,8 +262,14 @@ async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
 /// Publishes one event in a transaction of its own: in a real app, in the transaction that
 /// changes what the event is about.
 async fn publish(State(app): State<App>, Json(event): Json<Publish>) -> Response {
-    let published = app
-        .publisher
+    let publisher = match app.publishers.get().await {
+        Ok(publisher) => publisher,
+        Err(err) => {
+            warn!(%err, "no publishing connection");
+            return (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response();
+        }
+    };
+    let published = publisher
         .query_one(
             "SELECT outbox_publish($1, $2, $3)",
             &[&event.channel, &event.user_id, &event.payload],

@@ -13,7 +13,7 @@ use tracing::{debug, info_span, Instrument};
 
 use crate::advance;
 use crate::backoff::entropy;
-use crate::config::RelayBuilder;
+use crate::config::Settings;
 use crate::error::Error;
 use crate::notification::CHANNEL;
 use crate::tls::Tls;
@@ -57,12 +57,12 @@ pub(crate) struct Conn {
 impl Conn {
     /// Connects, refuses a standby, LISTENs, then connects for queries and prepares the
     /// advance statement.
-    pub async fn open(cfg: &RelayBuilder) -> Result<Conn, Error> {
+    pub async fn open(cfg: &Settings) -> Result<Conn, Error> {
         let span = info_span!("pg_outbox_connect", tls = cfg.tls.name());
         Conn::open_inner(cfg).instrument(span).await
     }
 
-    async fn open_inner(cfg: &RelayBuilder) -> Result<Conn, Error> {
+    async fn open_inner(cfg: &Settings) -> Result<Conn, Error> {
         let (tx, events) = mpsc::unbounded_channel();
         let connect = || async {
             timeout(
@@ -105,7 +105,10 @@ impl Conn {
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
             queries
-                .prepare(&advance::advance_sql(schema, !cfg.channels.is_empty()))
+                .prepare(&advance::advance_sql(
+                    schema,
+                    !cfg.policy.channels().is_empty(),
+                ))
                 .await
                 .map_err(|e| Error::from_query(e, schema))
         };
@@ -134,7 +137,7 @@ impl Conn {
 
     /// Proves LISTEN holds across transactions: a notification sent from another session on a
     /// private channel must arrive. Through a pooler in transaction mode it does not.
-    pub async fn verify_listen(&mut self, cfg: &RelayBuilder) -> Result<(), Error> {
+    pub async fn verify_listen(&mut self, cfg: &Settings) -> Result<(), Error> {
         let channel = format!(
             "pg_outbox_probe_{:016x}",
             entropy(u64::from(std::process::id()))

@@ -38,15 +38,7 @@ use crate::cursor::{self, Unreadable};
 use crate::event::{Delivery, Event, Gap, ResetReason};
 use crate::position::{Position, Watermark};
 use crate::resume::CatchUp;
-
-/// Which events a subscription wants.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Filter {
-    /// `None`: every channel.
-    pub channel: Option<String>,
-    /// `None`: every user.
-    pub user_id: Option<String>,
-}
+use crate::topic::Filter;
 
 /// Events of one batch queued for a subscriber, from `next` on; never empty when queued.
 /// `events` is shared by the subscribers of the group that wanted them, except when only part

@@ -156,10 +156,12 @@ mod history;
 mod listener;
 mod metrics;
 mod notification;
+mod policy;
 mod position;
 mod relay;
 mod resume;
 mod tls;
+mod topic;
 
 pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
 pub use error::Error;
@@ -170,7 +172,8 @@ pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
 pub use pg_outbox_wire::{SealKey, SealKeyError, Snapshot, SnapshotParseError};
 pub use position::{Position, PositionError};
-pub use relay::{Relay, Topic};
+pub use relay::Relay;
+pub use topic::Topic;
 
 /// The rustls version the `tls` feature uses, for building a [`rustls::ClientConfig`].
 #[cfg(feature = "tls")]

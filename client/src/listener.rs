@@ -21,7 +21,7 @@ use tracing::{debug, debug_span, field, info, warn, Instrument, Span};
 
 use crate::advance;
 use crate::backoff::{backoff_delay, entropy};
-use crate::config::RelayBuilder;
+use crate::config::Settings;
 use crate::connection::{describe_close, Conn, ConnEvent};
 use crate::cursor::{self, Advance, Cursor, Step};
 use crate::error::Error;
@@ -30,7 +30,7 @@ use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::history::{self, Floor, ServerRun};
 use crate::metrics::Metrics;
-use crate::notification::{self, CHANNEL};
+use crate::notification::CHANNEL;
 use crate::position::{RunChange, Watermark};
 use crate::resume::{self, Answering, ResumeRequest, Wanted};
 
@@ -63,7 +63,7 @@ pub(crate) struct Shared {
 
 /// The listener task's state.
 pub(crate) struct Listener {
-    cfg: Arc<RelayBuilder>,
+    cfg: Arc<Settings>,
     shared: Arc<Shared>,
     cursor: Cursor,
     conn: Option<Conn>,
@@ -101,7 +101,7 @@ impl Listener {
     /// Connects, LISTENs, verifies LISTEN holds, and takes the starting snapshot. Once this
     /// returns, nothing committed afterwards can be missed.
     pub async fn start(
-        cfg: Arc<RelayBuilder>,
+        cfg: Arc<Settings>,
         shared: Arc<Shared>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Listener, Error> {
@@ -281,8 +281,8 @@ impl Listener {
         }
         let metrics = &self.shared.metrics;
         Metrics::add(&metrics.received, 1);
-        let (notices, trusted) = match notification::read(n.payload(), self.cfg.seal_key.as_ref()) {
-            Ok(read) => read,
+        let notices = match self.cfg.policy.notices(n.payload()) {
+            Ok(notices) => notices,
             Err(err) => {
                 Metrics::add(&metrics.decode_errors, 1);
                 if err.is_forged() {
@@ -295,14 +295,8 @@ impl Listener {
                 return;
             }
         };
-        for mut notice in notices {
-            if !trusted {
-                // Anyone may have sent it: read the row, as for a reference.
-                notice.payload = None;
-            }
-            if self.cfg.channels.is_empty() || self.cfg.channels.contains(&notice.channel) {
-                self.cursor.on_notice(notice, &mut self.steps);
-            }
+        for notice in notices {
+            self.cursor.on_notice(notice, &mut self.steps);
         }
     }
 
@@ -330,7 +324,8 @@ impl Listener {
             settled = field::Empty,
         );
         let (client, statement) = (Arc::clone(&conn.queries), conn.advance.clone());
-        let (from, channels) = (self.cursor.snapshot().clone(), self.cfg.channels.clone());
+        let from = self.cursor.snapshot().clone();
+        let channels = self.cfg.policy.channels().to_vec();
         let heard_before = self.cursor.heard();
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let query = async move {
@@ -403,7 +398,7 @@ impl Listener {
             epoch: self.server.epoch(),
             generation: self.generation,
             changes: &self.run_changes,
-            cfg: &self.cfg,
+            policy: &self.cfg.policy,
         };
         let wanted = Wanted::of(&requests, &answering);
         let client = Arc::clone(&conn.queries);
@@ -446,7 +441,7 @@ impl Listener {
             epoch: self.server.epoch(),
             generation: self.generation,
             changes: &self.run_changes,
-            cfg: &self.cfg,
+            policy: &self.cfg.policy,
         };
         for request in done.requests {
             let answer = answering.answer(&request, &read);
@@ -473,9 +468,7 @@ impl Listener {
         for step in self.steps.drain(..) {
             match step {
                 Step::Deliver { event, notified } => {
-                    let own = self.cfg.instance_id.is_some()
-                        && event.origin() == self.cfg.instance_id.as_deref();
-                    if own && !self.cfg.deliver_own_origin {
+                    if self.cfg.policy.is_own(event.origin()) {
                         Metrics::add(&metrics.skipped_own_origin, 1);
                         continue;
                     }

@@ -6,15 +6,15 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::config::RelayBuilder;
+use crate::config::{RelayBuilder, Settings};
 use crate::error::Error;
-use crate::fanout::{Fanout, Filter, Subscription};
-
+use crate::fanout::{Fanout, Subscription};
 use crate::health::Health;
 use crate::listener::{Listener, Shared};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::position::Position;
 use crate::resume::ResumeRequest;
+use crate::topic::{Filter, Topic};
 
 /// Relays `pg_outbox` events from PostgreSQL to this process's subscribers.
 ///
@@ -26,7 +26,7 @@ pub struct Relay {
 }
 
 struct Inner {
-    config: Arc<RelayBuilder>,
+    settings: Arc<Settings>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     state: Mutex<State>,
@@ -40,19 +40,27 @@ enum State {
     Stopped,
 }
 
+impl RelayBuilder {
+    /// Checks the settings and builds the relay (not started: subscribe, then
+    /// [`Relay::start`]).
+    pub fn build(self) -> Result<Relay, Error> {
+        self.settings().map(Relay::new)
+    }
+}
+
 impl Relay {
     /// A builder for a relay on this connection configuration.
     pub fn builder(pg: tokio_postgres::Config) -> RelayBuilder {
         RelayBuilder::new(pg)
     }
 
-    pub(crate) fn new(config: RelayBuilder) -> Relay {
+    fn new(settings: Settings) -> Relay {
         let (health, _) = watch::channel(Health::NotStarted);
         let (shutdown, _) = watch::channel(false);
         let (resumes, resume_queue) = mpsc::unbounded_channel();
         Relay {
             inner: Arc::new(Inner {
-                config: Arc::new(config),
+                settings: Arc::new(settings),
                 shared: Arc::new(Shared {
                     fanout: Fanout::default(),
                     metrics: Metrics::default(),
@@ -64,11 +72,6 @@ impl Relay {
                 resumes: std::sync::Mutex::new(Some(resume_queue)),
             }),
         }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn config(&self) -> &RelayBuilder {
-        &self.inner.config
     }
 
     /// Events of one channel, every user.
@@ -147,9 +150,8 @@ impl Relay {
 
     /// A topic's filter and buffer, checked against the relay's configuration.
     fn topic_parts(&self, topic: Topic) -> (Filter, usize) {
-        let channels = &self.inner.config.channels;
         if let Some(channel) = &topic.filter.channel {
-            if !channels.is_empty() && !channels.contains(channel) {
+            if !self.inner.settings.policy.wants(channel) {
                 warn!(
                     channel = %channel,
                     "subscribing to a channel this relay does not relay (see RelayBuilder::channels)"
@@ -162,7 +164,7 @@ impl Relay {
                 1
             }
             Some(events) => events,
-            None => self.inner.config.subscriber_buffer,
+            None => self.inner.settings.subscriber_buffer,
         };
         (topic.filter, buffer)
     }
@@ -182,7 +184,7 @@ impl Relay {
             State::Stopped => return Err(Error::Stopped),
         }
         let listener = Listener::start(
-            Arc::clone(&self.inner.config),
+            Arc::clone(&self.inner.settings),
             Arc::clone(&self.inner.shared),
             self.inner.shutdown.subscribe(),
         )
@@ -216,7 +218,7 @@ impl Relay {
 
     /// The instance id events are deduplicated against.
     pub fn instance_id(&self) -> Option<&str> {
-        self.inner.config.instance_id.as_deref()
+        self.inner.settings.policy.instance_id()
     }
 
     /// Stops the relay: closes its connection, ends every subscription's stream (after what is
@@ -248,62 +250,9 @@ impl Drop for Inner {
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
-            .field("instance_id", &self.inner.config.instance_id)
+            .field("instance_id", &self.instance_id())
             .field("health", &self.health())
             .finish()
-    }
-}
-
-/// What a subscription wants: a channel (or all), optionally one user, optionally its own
-/// buffer size.
-///
-/// ```
-/// use pg_outbox_client::Topic;
-/// let topic = Topic::channel("chat").user("u1").buffer(64);
-/// ```
-#[derive(Clone, Debug)]
-pub struct Topic {
-    filter: Filter,
-    buffer: Option<usize>,
-}
-
-impl Topic {
-    /// Every channel, every user.
-    pub fn all() -> Topic {
-        Topic {
-            filter: Filter {
-                channel: None,
-                user_id: None,
-            },
-            buffer: None,
-        }
-    }
-
-    /// One channel, every user.
-    pub fn channel(channel: impl Into<String>) -> Topic {
-        let mut topic = Topic::all();
-        topic.filter.channel = Some(channel.into());
-        topic
-    }
-
-    /// Every channel, one user: what a user's SSE or websocket connection needs.
-    pub fn for_user(user_id: impl Into<String>) -> Topic {
-        Topic::all().user(user_id)
-    }
-
-    /// Only the events addressed to this user.
-    pub fn user(mut self, user_id: impl Into<String>) -> Topic {
-        self.filter.user_id = Some(user_id.into());
-        self
-    }
-
-    /// This subscription's buffer, in events, instead of the relay's `subscriber_buffer`: how
-    /// many it may have queued, besides the batch it is reading, before it lags. At least 1,
-    /// as for [`RelayBuilder::subscriber_buffer`] (which refuses 0 when the relay is built):
-    /// `subscribe_to` takes 0 as 1, and logs a warning.
-    pub fn buffer(mut self, events: usize) -> Topic {
-        self.buffer = Some(events);
-        self
     }
 }
 

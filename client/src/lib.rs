@@ -160,19 +160,20 @@ mod policy;
 mod position;
 mod relay;
 mod resume;
+mod subscription;
 mod tls;
 mod topic;
 
 pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
 pub use error::Error;
 pub use event::{DecodeError, Delivery, Event, Gap, ResetReason};
-pub use fanout::Subscription;
 pub use health::Health;
 pub use metrics::{Latency, MetricsSnapshot};
 pub use notification::NotificationError;
 pub use pg_outbox_wire::{SealKey, SealKeyError, Snapshot, SnapshotParseError};
 pub use position::{Position, PositionError};
 pub use relay::Relay;
+pub use subscription::Subscription;
 pub use topic::Topic;
 
 /// The rustls version the `tls` feature uses, for building a [`rustls::ClientConfig`].

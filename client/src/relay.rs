@@ -8,12 +8,13 @@ use tracing::warn;
 
 use crate::config::{RelayBuilder, Settings};
 use crate::error::Error;
-use crate::fanout::{Fanout, Subscription};
+use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::listener::{Listener, Shared};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::position::Position;
 use crate::resume::ResumeRequest;
+use crate::subscription::Subscription;
 use crate::topic::{Filter, Topic};
 
 /// Relays `pg_outbox` events from PostgreSQL to this process's subscribers.
@@ -102,7 +103,7 @@ impl Relay {
     /// Events matching `topic`, with its own buffer size if it sets one.
     pub fn subscribe_to(&self, topic: Topic) -> Subscription {
         let (filter, buffer) = self.topic_parts(topic);
-        self.inner.shared.fanout.subscribe(filter, buffer)
+        Subscription::live(self.inner.shared.fanout.subscribe(filter, buffer))
     }
 
     /// Resumes a subscription from `last_seen`, a position token from
@@ -121,17 +122,12 @@ impl Relay {
     /// [`MetricsSnapshot::resume_queries`]). It runs once the relay is started and connected.
     pub fn subscribe_from(&self, topic: Topic, last_seen: &str) -> Subscription {
         let (filter, buffer) = self.topic_parts(topic);
-        let fanout = &self.inner.shared.fanout;
+        // Filed before the request goes: see the `resume` module for why.
+        let inbox = self.inner.shared.fanout.subscribe(filter.clone(), buffer);
         let (answer, answered) = oneshot::channel();
         match last_seen.parse::<Position>() {
             Ok(position) => {
-                // Filed before the request goes: see the `resume` module for why.
-                let subscription = fanout.subscribe_resumed(
-                    filter.clone(),
-                    buffer,
-                    Some(position.clone()),
-                    answered,
-                );
+                let subscription = Subscription::resumed(inbox, Some(position.clone()), answered);
                 // Fails only once the relay stopped: the subscription's stream then ends.
                 let _ = self.inner.shared.resumes.send(ResumeRequest {
                     filter,
@@ -141,7 +137,7 @@ impl Relay {
                 subscription
             }
             Err(err) => {
-                let subscription = fanout.subscribe_resumed(filter, buffer, None, answered);
+                let subscription = Subscription::resumed(inbox, None, answered);
                 let _ = answer.send(Err(crate::event::ResetReason::Malformed(err)));
                 subscription
             }

@@ -25,11 +25,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
-use uuid::Uuid;
-
-use crate::cursor::Unreadable;
 use crate::event::{Delivery, Event, Gap};
 use crate::position::Watermark;
+use crate::rows::{RowKey, Unreadable};
 use crate::topic::Filter;
 
 /// Events of one batch queued for a subscriber, from `next` on; never empty when queued.
@@ -64,10 +62,10 @@ impl Run {
 
 enum Queued {
     Events(Run),
-    /// A marker; `row` is the `(xid, id)` of the unreadable row a gap stands for.
+    /// A marker; `row` is the unreadable row a gap stands for.
     Marker {
         delivery: Delivery,
-        row: Option<(u64, Uuid)>,
+        row: Option<RowKey>,
     },
 }
 
@@ -89,14 +87,14 @@ impl Queue {
         }
     }
 
-    fn push_marker(&mut self, delivery: Delivery, row: Option<(u64, Uuid)>) {
+    fn push_marker(&mut self, delivery: Delivery, row: Option<RowKey>) {
         self.items.push_back(Queued::Marker { delivery, row });
         self.markers += 1;
     }
 
     /// Takes the next item out: a marker (with the row it stands for, if any), or a run of
     /// events, which becomes the one `reading`.
-    fn pop(&mut self, reading: &mut Option<Run>) -> Option<(Delivery, Option<(u64, Uuid)>)> {
+    fn pop(&mut self, reading: &mut Option<Run>) -> Option<(Delivery, Option<RowKey>)> {
         match self.items.pop_front()? {
             Queued::Marker { delivery, row } => {
                 self.markers -= 1;
@@ -175,7 +173,7 @@ impl Slot {
         dropped
     }
 
-    fn push_marker(&self, delivery: Delivery, row: Option<(u64, Uuid)>) {
+    fn push_marker(&self, delivery: Delivery, row: Option<RowKey>) {
         let mut queue = self.lock();
         queue.push_marker(delivery, row);
         queue.wake();
@@ -406,7 +404,7 @@ impl Fanout {
         index
             .groups_for(&row.channel, &row.user_id)
             .flat_map(|group| &group.slots)
-            .for_each(|slot| slot.push_marker(gap.clone(), Some((row.xid, row.id))));
+            .for_each(|slot| slot.push_marker(gap.clone(), Some(row.key())));
     }
 
     /// Ends every stream (after what is queued) and every later subscription.
@@ -427,8 +425,8 @@ impl Fanout {
 pub(crate) enum Item {
     /// An event, with the watermark of the run it came in (`None` before the relay had one).
     Event(Event, Option<Arc<Watermark>>),
-    /// A marker, with the `(xid, id)` of the unreadable row a gap stands for.
-    Marker(Delivery, Option<(u64, Uuid)>),
+    /// A marker, with the unreadable row a gap stands for.
+    Marker(Delivery, Option<RowKey>),
 }
 
 /// Where a subscriber's queue stands, read under one lock after the relay's latest watermark:

@@ -160,6 +160,7 @@ mod policy;
 mod position;
 mod relay;
 mod resume;
+mod rows;
 mod subscription;
 mod tls;
 mod topic;
@@ -218,12 +219,12 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
     }
     let heard_before = cursor.heard();
     cursor.on_advance(
-        cursor::Advance {
+        rows::Visible {
             snapshot: next,
             pruned_through_xid: 0,
             rows,
-            heard_before,
         },
+        heard_before,
         &mut steps,
     );
     steps.len()

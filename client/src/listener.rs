@@ -23,7 +23,7 @@ use crate::advance;
 use crate::backoff::{backoff_delay, entropy};
 use crate::config::Settings;
 use crate::connection::{describe_close, Conn, ConnEvent};
-use crate::cursor::{self, Advance, Cursor, Step};
+use crate::cursor::{Cursor, Step};
 use crate::error::Error;
 use crate::event::{Event, Gap};
 use crate::fanout::Fanout;
@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::notification::CHANNEL;
 use crate::position::{RunChange, Watermark};
 use crate::resume::{self, Answering, ResumeRequest, Wanted};
+use crate::rows::{RowKey, Visible};
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
@@ -199,9 +200,10 @@ impl Listener {
                         None => std::future::pending().await,
                     }
                 }, if !idle => {
-                    let span = advancing.take().map(|a| a.span).unwrap_or_else(Span::none);
-                    if let Err(err) = self.settle(result, &span) {
-                        self.lose(err.to_string()).await;
+                    if let Some(done) = advancing.take() {
+                        if let Err(err) = self.settle(result, &done) {
+                            self.lose(err.to_string()).await;
+                        }
                     }
                     next_sweep = Instant::now() + self.cfg.sweep_interval;
                 }
@@ -306,7 +308,7 @@ impl Listener {
             .begin_advance()
             .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
         let result = advancing.result().await;
-        self.settle(result, &advancing.span)
+        self.settle(result, &advancing)
     }
 
     /// Sends the advance query from the cursor's snapshot; `None` without a connection.
@@ -329,8 +331,7 @@ impl Listener {
         let heard_before = self.cursor.heard();
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let query = async move {
-            let query =
-                advance::advance(&client, &statement, &from, heard_before, &channels, &schema);
+            let query = advance::advance(&client, &statement, &from, &channels, &schema);
             timeout(query_timeout, query)
                 .await
                 .map_err(|_| Error::Timeout {
@@ -340,27 +341,34 @@ impl Listener {
         };
         Some(Advancing {
             query: Box::pin(query.instrument(span.clone())),
+            heard_before,
             span,
         })
     }
 
     /// Applies an advance's result to the cursor and delivers what it settles.
-    fn settle(&mut self, result: Result<Advance, Error>, span: &Span) -> Result<(), Error> {
-        let advance = result?;
+    fn settle(
+        &mut self,
+        result: Result<Visible, Error>,
+        advancing: &Advancing,
+    ) -> Result<(), Error> {
+        let visible = result?;
+        let span = &advancing.span;
         let _entered = span.enter();
         Metrics::add(&self.shared.metrics.advances, 1);
-        if advance.snapshot.xmax() < self.cursor.snapshot().xmax() {
+        if visible.snapshot.xmax() < self.cursor.snapshot().xmax() {
             // Transaction ids went back on what looked like the same server: its history is
             // not the one the cursor read. Reconnect, and check it.
             self.history_went_back = true;
             return Err(Error::ConnectionLost(format!(
                 "the server's transaction ids went back, from {} to {}",
                 self.cursor.snapshot().xmax(),
-                advance.snapshot.xmax()
+                visible.snapshot.xmax()
             )));
         }
         self.advance_wanted = false;
-        self.cursor.on_advance(advance, &mut self.steps);
+        self.cursor
+            .on_advance(visible, advancing.heard_before, &mut self.steps);
         span.record("settled", self.steps.len());
         self.flush();
         self.publish_watermark();
@@ -405,7 +413,7 @@ impl Listener {
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let span = debug_span!("pg_outbox_resume", requests = requests.len());
         let query = async move {
-            timeout(query_timeout, resume::read(&client, &wanted, &schema))
+            timeout(query_timeout, resume::query(&client, &wanted, &schema))
                 .await
                 .map_err(|_| Error::Timeout {
                     doing: "running the resume query",
@@ -423,7 +431,7 @@ impl Listener {
     fn answer_resumes(
         &mut self,
         done: Resuming,
-        result: Result<Advance, Error>,
+        result: Result<Visible, Error>,
     ) -> Result<(), Error> {
         let read = match result {
             Ok(read) => read,
@@ -436,7 +444,7 @@ impl Listener {
         Metrics::add(&metrics.resume_queries, 1);
         // Rows handed out by a catch-up are history this relay has seen too: witnesses of where
         // it holds, should the server lose part of it (positions are carried over from there).
-        self.cursor.witness(read.rows.iter().map(cursor::row_key));
+        self.cursor.witness(read.rows.iter().map(RowKey::of));
         let answering = Answering {
             epoch: self.server.epoch(),
             generation: self.generation,
@@ -683,17 +691,19 @@ fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>) {
 /// A catch-up query for resumed subscriptions on its way, with the requests it serves.
 struct Resuming {
     requests: Vec<ResumeRequest>,
-    query: Pin<Box<dyn Future<Output = Result<Advance, Error>> + Send>>,
+    query: Pin<Box<dyn Future<Output = Result<Visible, Error>> + Send>>,
 }
 
 /// An advance query on its way, polled by the listener among its other work.
 struct Advancing {
-    query: Pin<Box<dyn Future<Output = Result<Advance, Error>> + Send>>,
+    query: Pin<Box<dyn Future<Output = Result<Visible, Error>> + Send>>,
+    /// [`Cursor::heard`] when the query was sent.
+    heard_before: u64,
     span: Span,
 }
 
 impl Advancing {
-    async fn result(&mut self) -> Result<Advance, Error> {
+    async fn result(&mut self) -> Result<Visible, Error> {
         (&mut self.query).await
     }
 }

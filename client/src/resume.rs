@@ -20,11 +20,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use crate::advance;
-use crate::cursor::{self, Advance, Unreadable};
 use crate::error::Error;
-use crate::event::{Event, ResetReason};
+use crate::event::ResetReason;
 use crate::policy::Policy;
 use crate::position::{Position, RunChange, Watermark};
+use crate::rows::{Row, RowKey, Visible};
 use crate::topic::Filter;
 
 /// A subscription's request to resume from `position`.
@@ -41,7 +41,7 @@ pub(crate) struct ResumeRequest {
 #[derive(Debug)]
 pub(crate) struct CatchUp {
     pub base: Position,
-    pub rows: VecDeque<Result<Event, Unreadable>>,
+    pub rows: VecDeque<Row>,
     pub until: Watermark,
     /// The xid of the last row handed out from `rows`.
     pub replayed_xid: Option<u64>,
@@ -106,7 +106,11 @@ impl Wanted {
 }
 
 /// Runs the catch-up query for `wanted`.
-pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Result<Advance, Error> {
+pub(crate) async fn query(
+    client: &Client,
+    wanted: &Wanted,
+    schema: &str,
+) -> Result<Visible, Error> {
     let (users, channels) = if wanted.everything {
         (false, false)
     } else {
@@ -125,7 +129,7 @@ pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Resu
         .query(&sql, &params)
         .await
         .map_err(|e| Error::from_query(e, schema))?;
-    advance::parse(&rows, 0)
+    advance::parse(&rows)
 }
 
 /// What the relay knows when it answers: the current server run, the runs it went through,
@@ -140,7 +144,7 @@ pub(crate) struct Answering<'a> {
 
 impl Answering<'_> {
     /// Answers one request from the catch-up `read` returned.
-    pub fn answer(&self, request: &ResumeRequest, read: &Advance) -> Result<CatchUp, ResetReason> {
+    pub fn answer(&self, request: &ResumeRequest, read: &Visible) -> Result<CatchUp, ResetReason> {
         let base = self.carry_over(&request.position)?;
         let server = &read.snapshot;
         let position_xmax = base
@@ -167,12 +171,12 @@ impl Answering<'_> {
             request.filter.matches(channel, user_id) && self.policy.wants(channel)
         };
         let seen = base.seen_beyond();
-        let covered = |xid: u64, id| base.snapshot().is_visible(xid) || seen.contains(&(xid, id));
+        let covered = |key: RowKey| base.snapshot().is_visible(key.xid) || seen.contains(&key);
         let rows = read
             .rows
             .iter()
             .filter(|row| {
-                let (xid, id) = cursor::row_key(row);
+                let key = RowKey::of(row);
                 let wanted = match row {
                     Ok(event) => {
                         wanted(event.channel(), event.user_id())
@@ -180,7 +184,7 @@ impl Answering<'_> {
                     }
                     Err(unreadable) => wanted(&unreadable.channel, &unreadable.user_id),
                 };
-                wanted && !covered(xid, id)
+                wanted && !covered(key)
             })
             .cloned()
             .collect();
@@ -222,8 +226,8 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::cursor::Snapshot;
     use crate::event::Event;
+    use pg_outbox_wire::Snapshot;
 
     fn snap(text: &str) -> Snapshot {
         text.parse().unwrap()
@@ -255,17 +259,19 @@ mod tests {
     fn position(epoch: u32, text: &str, seen: &[(u64, u128)]) -> Position {
         let mut position = Position::at(&Watermark::new(epoch, snap(text)));
         for (xid, n) in seen {
-            position.record(*xid, Uuid::from_u128(*n));
+            position.record(RowKey {
+                xid: *xid,
+                id: Uuid::from_u128(*n),
+            });
         }
         position
     }
 
-    fn read(snapshot: &str, pruned: u64, rows: Vec<Event>) -> Advance {
-        Advance {
+    fn read(snapshot: &str, pruned: u64, rows: Vec<Event>) -> Visible {
+        Visible {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
             rows: rows.into_iter().map(Ok).collect(),
-            heard_before: 0,
         }
     }
 

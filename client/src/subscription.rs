@@ -16,11 +16,11 @@ use std::task::{Context, Poll, Waker};
 use futures_util::Stream;
 use tokio::sync::oneshot;
 
-use crate::cursor;
 use crate::event::{Delivery, Event, ResetReason};
 use crate::fanout::{Inbox, Item, Standing};
 use crate::position::{Position, Watermark};
 use crate::resume::CatchUp;
+use crate::rows::RowKey;
 
 /// What a resumed subscription still has to do before it reads its queue: wait for its relay
 /// to read what its position has not seen, then hand that out.
@@ -152,10 +152,10 @@ impl Subscription {
                 Poll::Ready(Some(Item::Marker(marker, row))) => {
                     // The gap of an unreadable row, which a resumed subscription's catch-up
                     // may have reported already.
-                    let new = row.is_none_or(|(xid, id)| {
+                    let new = row.is_none_or(|row| {
                         self.position
                             .as_mut()
-                            .is_none_or(|position| position.see(xid, id))
+                            .is_none_or(|position| position.see(row))
                     });
                     if new {
                         return Poll::Ready(Some(marker));
@@ -230,19 +230,19 @@ impl Subscription {
             self.resume = None;
             return None;
         };
-        let (xid, id) = cursor::row_key(&row);
+        let key = RowKey::of(&row);
         let position = self.position.get_or_insert_with(|| catch_up.base.clone());
         // The rows come in (xid, id) order: what the catch-up's snapshot sees below this one's
         // xid is handed out, so the position joins it and keeps ids of this transaction only,
         // however long the replay.
-        if catch_up.replayed_xid != Some(xid) {
-            catch_up.replayed_xid = Some(xid);
+        if catch_up.replayed_xid != Some(key.xid) {
+            catch_up.replayed_xid = Some(key.xid);
             position.absorb(&Watermark::new(
                 catch_up.until.epoch,
-                catch_up.until.snapshot.below(xid),
+                catch_up.until.snapshot.below(key.xid),
             ));
         }
-        if !position.see(xid, id) {
+        if !position.see(key) {
             return None;
         }
         Some(match row {
@@ -280,7 +280,7 @@ impl Subscription {
         if position.snapshot().is_visible(event.xid()) {
             return false;
         }
-        position.record(event.xid(), event.id());
+        position.record(RowKey::of_event(event));
         true
     }
 }
@@ -309,16 +309,23 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::cursor::Unreadable;
     use crate::event::Gap;
     use crate::fanout::Fanout;
     use crate::position::RunChange;
+    use crate::rows::Unreadable;
     use crate::topic::Filter;
 
     fn all() -> Filter {
         Filter {
             channel: None,
             user_id: None,
+        }
+    }
+
+    fn key(xid: u64, n: u128) -> RowKey {
+        RowKey {
+            xid,
+            id: Uuid::from_u128(n),
         }
     }
 
@@ -354,7 +361,7 @@ mod tests {
         fanout.deliver(&[event_at(1, 100), event_at(2, 101)]);
         // Nothing read: everything under the run's watermark, nothing of the run.
         let before = sub.position().unwrap();
-        assert!(!before.covers(100, Uuid::from_u128(1)));
+        assert!(!before.covers(key(100, 1)));
         let first = sub
             .try_recv()
             .and_then(Delivery::into_event)
@@ -363,7 +370,7 @@ mod tests {
         // The watermark moved while an event is still queued: not joined yet.
         fanout.set_watermark(watermark("102:102:"));
         let mid = sub.position().unwrap();
-        assert!(mid.covers(100, Uuid::from_u128(1)) && !mid.covers(101, Uuid::from_u128(2)));
+        assert!(mid.covers(key(100, 1)) && !mid.covers(key(101, 2)));
         assert_eq!(ids(&mut sub), [2]);
         let idle = sub.position().unwrap();
         assert_eq!(idle.snapshot().to_string(), "102:102:");
@@ -437,7 +444,7 @@ mod tests {
         // Right after the gap, the position covers its row: a resume from it does not report
         // the row again.
         let after_gap = sub.position().unwrap();
-        assert!(after_gap.covers(101, Uuid::from_u128(2)));
+        assert!(after_gap.covers(key(101, 2)));
         let rest: Vec<Delivery> = std::iter::from_fn(|| sub.try_recv()).collect();
         assert_eq!(gaps(&rest), 0, "the live copy of the gap is skipped");
         let events: Vec<u128> = first
@@ -455,7 +462,7 @@ mod tests {
         fanout.unreadable(&unreadable(5, 104));
         assert_eq!(ids(&mut live), [4]);
         let position = live.position().unwrap();
-        assert!(position.covers(104, Uuid::from_u128(5)));
+        assert!(position.covers(key(104, 5)));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::advance;
 use crate::backoff::entropy;
 use crate::config::Settings;
 use crate::error::Error;
-use crate::notification::CHANNEL;
+use crate::incoming::CHANNEL;
 use crate::tls::Tls;
 
 /// How the query connection plans: every statement the relay runs there (the advance, a

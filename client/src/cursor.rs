@@ -18,7 +18,7 @@ use uuid::Uuid;
 use pg_outbox_wire::Snapshot;
 
 use crate::event::{Event, Gap};
-use crate::notification::{self, Notice};
+use crate::incoming::{self, Notice};
 use crate::rows::{Row, RowKey, Unreadable, Visible};
 
 /// What the cursor asks the listener to do, in order.
@@ -242,7 +242,7 @@ impl Cursor {
             self.enqueue(Pending::Reference(notice));
             return;
         }
-        let Some(event) = notification::into_event(notice) else {
+        let Some(event) = incoming::into_event(notice) else {
             return;
         };
         if self.queue.is_empty() {

@@ -153,9 +153,9 @@ mod event;
 mod fanout;
 mod health;
 mod history;
+mod incoming;
 mod listener;
 mod metrics;
-mod notification;
 mod policy;
 mod position;
 mod relay;
@@ -169,8 +169,8 @@ pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
 pub use error::Error;
 pub use event::{DecodeError, Delivery, Event, Gap, ResetReason};
 pub use health::Health;
+pub use incoming::NotificationError;
 pub use metrics::{Latency, MetricsSnapshot};
-pub use notification::NotificationError;
 pub use pg_outbox_wire::{SealKey, SealKeyError, Snapshot, SnapshotParseError};
 pub use position::{Position, PositionError};
 pub use relay::Relay;
@@ -186,13 +186,13 @@ pub use rustls;
 /// and the round-trip tests. Not a stable API.
 #[doc(hidden)]
 pub fn __decode_notification(payload: &str) -> Result<Vec<(Event, bool)>, NotificationError> {
-    let notices = notification::decode(payload)?;
+    let notices = incoming::decode(payload)?;
     Ok(notices
         .into_iter()
         .map(|mut notice| {
             let inline = notice.payload.is_some();
             let payload = notice.payload.take().unwrap_or(serde_json::Value::Null);
-            (notification::event_with(notice, payload), inline)
+            (incoming::event_with(notice, payload), inline)
         })
         .collect())
 }
@@ -210,8 +210,8 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
     let mut steps = Vec::new();
     let mut rows = Vec::new();
     for payload in payloads {
-        for notice in notification::decode(payload).unwrap_or_default() {
-            if let Some(event) = notification::into_event(notice.clone()) {
+        for notice in incoming::decode(payload).unwrap_or_default() {
+            if let Some(event) = incoming::into_event(notice.clone()) {
                 rows.push(Ok(event));
             }
             cursor.on_notice(notice, &mut steps);

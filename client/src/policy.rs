@@ -4,7 +4,7 @@
 
 use pg_outbox_wire::SealKey;
 
-use crate::notification::{self, Notice, ReadError};
+use crate::incoming::{self, Notice, ReadError};
 
 /// The rules of one relay; nothing changes them once it runs.
 #[derive(Clone, Debug, Default)]
@@ -56,14 +56,14 @@ impl Policy {
     /// with the relay's key can; so can any when the relay has no key (it reads inline payloads
     /// as they come); an unsealed one when the relay has a key cannot, since any role that can
     /// connect may have sent it.
-    pub fn trusts(&self, opened: &notification::Opened) -> bool {
+    pub fn trusts(&self, opened: &incoming::Opened) -> bool {
         opened.sealed || self.seal_key.is_none()
     }
 
     /// The events a notification announces that this relay wants, each stripped of its inline
     /// payload unless [trusted](Policy::trusts) (its row is then read, as a reference's is).
     pub fn notices(&self, text: &str) -> Result<Vec<Notice>, ReadError> {
-        let opened = notification::open(text, self.seal_key.as_ref())?;
+        let opened = incoming::open(text, self.seal_key.as_ref())?;
         let trusted = self.trusts(&opened);
         Ok(opened
             .notices

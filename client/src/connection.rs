@@ -14,7 +14,7 @@ use tracing::{debug, info_span, Instrument};
 use crate::advance;
 use crate::backoff::entropy;
 use crate::config::Settings;
-use crate::error::Error;
+use crate::error::{within, Error};
 use crate::incoming::CHANNEL;
 use crate::tls::Tls;
 
@@ -64,17 +64,11 @@ impl Conn {
 
     async fn open_inner(cfg: &Settings) -> Result<Conn, Error> {
         let (tx, events) = mpsc::unbounded_channel();
-        let connect = || async {
-            timeout(
-                cfg.connect_timeout,
-                connect(&cfg.pg, &cfg.tls, Some(tx.clone())),
-            )
-            .await
-            .map_err(|_| Error::Timeout {
-                doing: "connecting",
-                after: cfg.connect_timeout,
-            })?
-            .map_err(Error::Connect)
+        let connect = || {
+            let connecting = connect(&cfg.pg, &cfg.tls, Some(tx.clone()));
+            within(cfg.connect_timeout, "connecting", async {
+                connecting.await.map_err(Error::Connect)
+            })
         };
         let (listen, listen_driver) = connect().await?;
         let (queries, queries_driver) = match connect().await {
@@ -116,15 +110,9 @@ impl Conn {
             drivers.iter().for_each(JoinHandle::abort);
             Err(err)
         };
-        let advance = match timeout(cfg.connect_timeout, setup).await {
-            Ok(Ok(statement)) => statement,
-            Ok(Err(err)) => return failed(err),
-            Err(_) => {
-                return failed(Error::Timeout {
-                    doing: "setting up LISTEN",
-                    after: cfg.connect_timeout,
-                })
-            }
+        let advance = match within(cfg.connect_timeout, "setting up LISTEN", setup).await {
+            Ok(statement) => statement,
+            Err(err) => return failed(err),
         };
         Ok(Conn {
             listen,

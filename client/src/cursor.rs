@@ -184,11 +184,6 @@ impl Cursor {
         &self.snapshot
     }
 
-    /// Whether a reference is waiting to be fetched (an advance resolves it).
-    pub fn needs_advance(&self) -> bool {
-        !self.queue.is_empty()
-    }
-
     /// How many notified rows wait for an advance: references, and the events behind them.
     pub fn waiting(&self) -> usize {
         self.queue.len()
@@ -485,7 +480,7 @@ mod tests {
         cursor.on_notice(notice(1, 100, true), &mut out);
         cursor.on_notice(notice(2, 99, true), &mut out); // visible in S: old
         assert_eq!(delivered(&out), [1]);
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
         // The sweep finds the same row: not delivered again, and the dedupe set shrinks.
         let mut out = Vec::new();
         cursor.on_advance(advance("101:101:", 0, &[(1, 100)]), 0, &mut out);
@@ -523,14 +518,14 @@ mod tests {
         cursor.on_notice(notice(1, 100, false), &mut out);
         cursor.on_notice(notice(2, 101, true), &mut out); // inline, queued behind references
         assert!(out.is_empty());
-        assert!(cursor.needs_advance());
+        assert!(cursor.waiting() > 0);
         cursor.on_advance(
             advance("103:103:", 0, &[(1, 100), (2, 101), (3, 102)]),
             0,
             &mut out,
         );
         assert_eq!(delivered(&out), [3, 1, 2]);
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
     }
 
     #[test]
@@ -543,7 +538,7 @@ mod tests {
         // The advance's snapshot sees 100 only; 101 and 102 were still running.
         cursor.on_advance(advance("101:103:101,102", 0, &[(1, 100)]), 0, &mut out);
         assert_eq!(delivered(&out), [1]);
-        assert!(cursor.needs_advance());
+        assert!(cursor.waiting() > 0);
         cursor.on_advance(advance("103:103:", 0, &[(2, 101), (3, 102)]), 0, &mut out);
         assert_eq!(delivered(&out), [1, 2, 3]);
     }
@@ -566,7 +561,7 @@ mod tests {
         cursor.on_notice(notice(1, 100, true), &mut out);
         cursor.on_notice(notice(2, 101, false), &mut out);
         assert!(out.iter().all(|s| matches!(s, Step::Duplicate)));
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
     }
 
     #[test]
@@ -619,7 +614,7 @@ mod tests {
                 if roll != 0 {
                     cursor.on_notice(notice(t as u128, base + t as u64, roll == 1), &mut out);
                 }
-                if next() % 3 == 0 || cursor.needs_advance() && next() % 2 == 0 {
+                if next() % 3 == 0 || cursor.waiting() > 0 && next() % 2 == 0 {
                     let s2 = snapshot_after(k);
                     let rows = (0..n)
                         .filter(|&t| {
@@ -659,7 +654,7 @@ mod tests {
             got.sort_unstable();
             assert_eq!(got, (0..n as u128).collect::<Vec<_>>(), "{commit_order:?}");
             assert!(!out.iter().any(|s| matches!(s, Step::Gap(_))));
-            assert!(!cursor.needs_advance());
+            assert_eq!(cursor.waiting(), 0);
             assert_eq!(cursor.delivered_beyond(), 0);
         }
     }
@@ -706,7 +701,7 @@ mod tests {
         // An advance sent before the notice was heard may not see it yet: it waits.
         cursor.on_advance(advance("101:101:", 0, &[]), 0, &mut out);
         assert!(out.is_empty());
-        assert!(cursor.needs_advance());
+        assert!(cursor.waiting() > 0);
         // One sent after cannot see it either: its transaction never committed.
         let heard = cursor.heard();
         cursor.on_advance(advance("102:102:", 0, &[]), heard, &mut out);
@@ -714,7 +709,7 @@ mod tests {
             out.as_slice(),
             [Step::Forged, Step::Gap(Gap::Missing { .. })]
         ));
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
         // A forged inline notice is delivered (inline events cannot be told from real ones), but
         // its id is not kept once an advance shows it false.
         let mut out = Vec::new();
@@ -774,6 +769,6 @@ mod tests {
         cursor.on_notice(notice(1, 100, false), &mut out);
         cursor.on_advance(advance("101:101:", 0, &[]), 0, &mut out);
         assert!(matches!(out.as_slice(), [Step::Gap(Gap::Missing { .. })]));
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
     }
 }

@@ -1,5 +1,6 @@
 //! The relay's errors.
 
+use std::future::Future;
 use std::time::Duration;
 
 /// SQLSTATE `25006` (`read_only_sql_transaction`): what LISTEN says on a hot standby.
@@ -122,4 +123,19 @@ impl Error {
             _ => Error::Query(err),
         }
     }
+}
+
+/// Runs `work` for at most `limit`; past it, fails with [`Error::Timeout`] saying what was being
+/// done.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    doing: &'static str,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| Error::Timeout {
+            doing,
+            after: limit,
+        })?
 }

@@ -95,7 +95,7 @@ pub(crate) async fn server_run(client: &Client, schema: &str) -> Result<ServerRu
 }
 
 /// Where the history the relay read still holds, after the server may have lost part of it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Floor {
     /// Every xid below this is the one the relay saw; from it on, none of the rows the relay
     /// covered exists any more.

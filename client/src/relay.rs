@@ -10,10 +10,11 @@ use crate::config::{RelayBuilder, Settings};
 use crate::error::Error;
 use crate::fanout::Fanout;
 use crate::health::Health;
-use crate::listener::{Listener, Shared};
+use crate::listener::Listener;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::position::Position;
 use crate::resume::ResumeRequest;
+use crate::shared::Shared;
 use crate::subscription::Subscription;
 use crate::topic::{Filter, Topic};
 

@@ -12,7 +12,7 @@ use pg_outbox_wire::{quote_ident, Snapshot};
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::event::Event;
 use crate::rows::{Unreadable, Visible};
 
@@ -101,7 +101,7 @@ pub(crate) async fn advance(
 pub(crate) fn parse(rows: &[Row]) -> Result<Visible, Error> {
     let first = rows
         .first()
-        .ok_or_else(|| Error::Protocol("the advance query returned no row".into()))?;
+        .ok_or_else(|| Error::from(Kind::Protocol("the advance query returned no row".into())))?;
     let snapshot: String = first.try_get("snapshot").map_err(protocol)?;
     let snapshot: Snapshot = snapshot.parse().map_err(protocol)?;
     let pruned: String = first.try_get("pruned").map_err(protocol)?;
@@ -148,11 +148,11 @@ pub(crate) fn parse(rows: &[Row]) -> Result<Visible, Error> {
 
 pub(crate) fn parse_xid(text: &str) -> Result<u64, Error> {
     text.parse()
-        .map_err(|_| Error::Protocol(format!("not an xid8: {text:?}")))
+        .map_err(|_| Error::from(Kind::Protocol(format!("not an xid8: {text:?}"))))
 }
 
 pub(crate) fn protocol(err: impl std::fmt::Display) -> Error {
-    Error::Protocol(err.to_string())
+    Error::from(Kind::Protocol(err.to_string()))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use pg_outbox_wire::SealKey;
 
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::policy::Policy;
 use crate::tls::Tls;
 
@@ -93,7 +93,7 @@ impl RelayBuilder {
     pub fn from_connection_string(s: &str) -> Result<RelayBuilder, Error> {
         s.parse()
             .map(RelayBuilder::new)
-            .map_err(Error::ConnectionString)
+            .map_err(|e| Error::from(Kind::ConnectionString(e)))
     }
 
     /// This replica's instance id. Events published with this origin
@@ -219,31 +219,39 @@ impl RelayBuilder {
     /// ```
     #[cfg(feature = "tls")]
     pub fn tls_root_certificates_pem(self, pem: &[u8]) -> Result<Self, Error> {
-        let config = crate::tls::config_from_pem(pem).map_err(Error::Tls)?;
+        let config = crate::tls::config_from_pem(pem).map_err(|e| Error::from(Kind::Tls(e)))?;
         Ok(self.tls(config))
     }
 
     /// Checks the settings, and fills in the connection's defaults.
     pub(crate) fn settings(mut self) -> Result<Settings, Error> {
         if self.subscriber_buffer == 0 {
-            return Err(Error::InvalidConfig("subscriber_buffer must be at least 1"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "subscriber_buffer must be at least 1",
+            )));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
-            return Err(Error::InvalidConfig(
+            return Err(Error::from(Kind::InvalidConfig(
                 "backoff bounds must satisfy 0 < min <= max",
-            ));
+            )));
         }
         if self.sweep_interval.is_zero() {
-            return Err(Error::InvalidConfig("sweep_interval must be above zero"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "sweep_interval must be above zero",
+            )));
         }
         if self.connect_timeout.is_zero() || self.query_timeout.is_zero() {
-            return Err(Error::InvalidConfig("timeouts must be above zero"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "timeouts must be above zero",
+            )));
         }
         if self.schema.is_empty() {
-            return Err(Error::InvalidConfig("schema must not be empty"));
+            return Err(Error::from(Kind::InvalidConfig("schema must not be empty")));
         }
         if self.instance_id.as_deref() == Some("") {
-            return Err(Error::InvalidConfig("instance_id must not be empty"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "instance_id must not be empty",
+            )));
         }
         match self.application_name.take() {
             Some(name) => {

@@ -14,7 +14,7 @@ use tracing::{debug, info_span, Instrument};
 use crate::advance;
 use crate::backoff::entropy;
 use crate::config::Settings;
-use crate::error::{within, Error};
+use crate::error::{within, Error, Kind};
 use crate::incoming::CHANNEL;
 use crate::tls::Tls;
 
@@ -67,7 +67,7 @@ impl Conn {
         let connect = || {
             let connecting = connect(&cfg.pg, &cfg.tls, Some(tx.clone()));
             within(cfg.connect_timeout, "connecting", async {
-                connecting.await.map_err(Error::Connect)
+                connecting.await.map_err(|e| Error::from(Kind::Connect(e)))
             })
         };
         let (listen, listen_driver) = connect().await?;
@@ -86,9 +86,11 @@ impl Conn {
                 .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
-            let in_recovery: bool = row.try_get(0).map_err(|e| Error::Protocol(e.to_string()))?;
+            let in_recovery: bool = row
+                .try_get(0)
+                .map_err(|e| Error::from(Kind::Protocol(e.to_string())))?;
             if in_recovery {
-                return Err(Error::Standby);
+                return Err(Error::from(Kind::Standby));
             }
             listen
                 .batch_execute(&format!("LISTEN {CHANNEL}"))
@@ -140,7 +142,7 @@ impl Conn {
         probe_cfg.application_name(&name);
         let (probe, probe_driver) = connect(&probe_cfg, &cfg.tls, None)
             .await
-            .map_err(Error::Connect)?;
+            .map_err(|e| Error::from(Kind::Connect(e)))?;
         let sent = probe
             .execute("SELECT pg_notify($1, 'probe')", &[&channel])
             .await
@@ -157,13 +159,19 @@ impl Conn {
                 // Committed before the starting snapshot is taken: not to be delivered.
                 Ok(Some(ConnEvent::Notification(_))) => continue,
                 Ok(Some(ConnEvent::Closed(err))) => {
-                    return Err(Error::ConnectionLost(describe_close(err.as_ref())))
+                    return Err(Error::from(Kind::ConnectionLost(describe_close(
+                        err.as_ref(),
+                    ))))
                 }
-                Ok(None) => return Err(Error::ConnectionLost("connection task ended".into())),
+                Ok(None) => {
+                    return Err(Error::from(Kind::ConnectionLost(
+                        "connection task ended".into(),
+                    )))
+                }
                 Err(_) => {
-                    return Err(Error::TransactionPooler(
+                    return Err(Error::from(Kind::TransactionPooler(
                         "a notification sent to it from another session never arrived",
-                    ))
+                    )))
                 }
             }
         }

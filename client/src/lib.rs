@@ -111,8 +111,8 @@
 //!
 //! LISTEN is session state: the relay needs a direct connection (or a session-mode pool) to the
 //! primary. A hot standby (SQLSTATE 25006) or a pooler in transaction mode makes
-//! [`Relay::start`] fail with [`Error::Standby`] or [`Error::TransactionPooler`], whose messages
-//! name the fix. The connection's `application_name` defaults to `pg_outbox_relay`.
+//! [`Relay::start`] fail with an [`Error`] whose [`is_standby`](Error::is_standby) or
+//! [`is_pooler`](Error::is_pooler) is true, and whose message names the fix. The connection's `application_name` defaults to `pg_outbox_relay`.
 //!
 //! # TLS
 //!

@@ -27,7 +27,7 @@ use crate::backoff::{backoff_delay, entropy};
 use crate::config::Settings;
 use crate::connection::{describe_close, Conn, ConnEvent};
 use crate::cursor::{Cursor, Step};
-use crate::error::{within, Error};
+use crate::error::{within, Error, Kind};
 use crate::event::{Event, Gap};
 use crate::health::Health;
 use crate::history::{self, Floor, ServerRun};
@@ -288,7 +288,7 @@ impl Listener {
     async fn advance(&mut self) -> Result<(), Error> {
         let mut advance = self
             .begin_advance()
-            .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
+            .ok_or_else(|| Error::from(Kind::ConnectionLost("no connection".into())))?;
         let result = (&mut advance.rows).await;
         self.settle(result, &advance.what)
     }
@@ -338,11 +338,11 @@ impl Listener {
             // Transaction ids went back on what looked like the same server: its history is
             // not the one the cursor read. Reconnect, and check it.
             self.lineage.went_back();
-            return Err(Error::ConnectionLost(format!(
+            return Err(Error::from(Kind::ConnectionLost(format!(
                 "the server's transaction ids went back, from {} to {}",
                 self.cursor.snapshot().xmax(),
                 visible.snapshot.xmax()
-            )));
+            ))));
         }
         self.undecodable = false;
         self.cursor
@@ -499,7 +499,7 @@ impl Listener {
         let mut attempt: u32 = 0;
         loop {
             if *shutdown.borrow() {
-                return Err(Error::Stopped);
+                return Err(Error::from(Kind::Stopped));
             }
             attempt = attempt.saturating_add(1);
             self.shared.health.send_replace(Health::Reconnecting {
@@ -514,7 +514,7 @@ impl Listener {
             );
             let result = tokio::select! {
                 biased;
-                _ = shutdown.changed() => return Err(Error::Stopped),
+                _ = shutdown.changed() => return Err(Error::from(Kind::Stopped)),
                 result = async {
                     sleep(delay).await;
                     self.try_reconnect().await
@@ -561,7 +561,7 @@ impl Listener {
         let conn = self
             .conn
             .as_ref()
-            .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
+            .ok_or_else(|| Error::from(Kind::ConnectionLost("no connection".into())))?;
         let witnesses = self.cursor.witnesses();
         let floor = history::floor(&conn.queries, &witnesses, &self.cfg.schema);
         let floor = within(

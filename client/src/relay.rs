@@ -7,7 +7,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::config::{RelayBuilder, Settings};
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::listener::Listener;
@@ -177,8 +177,8 @@ impl Relay {
         let mut state = self.inner.state.lock().await;
         match *state {
             State::NotStarted => {}
-            State::Running(_) => return Err(Error::AlreadyStarted),
-            State::Stopped => return Err(Error::Stopped),
+            State::Running(_) => return Err(Error::from(Kind::AlreadyStarted)),
+            State::Stopped => return Err(Error::from(Kind::Stopped)),
         }
         let listener = Listener::start(
             Arc::clone(&self.inner.settings),
@@ -192,7 +192,7 @@ impl Relay {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .ok_or(Error::AlreadyStarted)?;
+            .ok_or(Error::from(Kind::AlreadyStarted))?;
         self.inner.shared.health.send_replace(Health::Listening);
         *state = State::Running(tokio::spawn(listener.run(resumes)));
         Ok(())
@@ -289,6 +289,6 @@ mod tests {
             .unwrap();
         relay.shutdown().await;
         assert_eq!(relay.health(), Health::Stopped);
-        assert!(matches!(relay.start().await, Err(Error::Stopped)));
+        assert!(relay.start().await.is_err_and(|err| err.is_stopped()));
     }
 }

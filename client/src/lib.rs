@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
-//! use pg_outbox_client::{Delivery, Relay, RelayBuilder};
+//! use pg_outbox_client::{Delivery, Relay, RelayBuilder, Topic};
 //!
 //! #[derive(serde::Deserialize)]
 //! struct ChatMessage {
@@ -20,7 +20,8 @@
 //! let relay = RelayBuilder::from_connection_string("host=/run/postgresql dbname=app")?
 //!     .instance_id("replica-a") // skip the events this replica published itself
 //!     .build()?;
-//! let mut chat = relay.subscribe("chat"); // or subscribe_user("chat", "u1"), subscribe_all()
+//! // or Topic::channel("chat").user("u1"), Topic::all(), Topic::all().user("u1")
+//! let mut chat = relay.subscribe_to(Topic::channel("chat"));
 //! relay.start().await?; // LISTEN is in effect: nothing committed from now on is missed
 //!
 //! while let Some(item) = chat.next().await {

@@ -20,7 +20,7 @@ use crate::topic::{Filter, Topic};
 
 /// Relays `pg_outbox` events from PostgreSQL to this process's subscribers.
 ///
-/// Build one per process with [`Relay::builder`], subscribe, [`start`](Relay::start) it. Cloning
+/// Build one per process with [`RelayBuilder`], subscribe, [`start`](Relay::start) it. Cloning
 /// gives another handle to the same relay; when the last handle is dropped the relay stops.
 #[derive(Clone)]
 pub struct Relay {
@@ -51,11 +51,6 @@ impl RelayBuilder {
 }
 
 impl Relay {
-    /// A builder for a relay on this connection configuration.
-    pub fn builder(pg: tokio_postgres::Config) -> RelayBuilder {
-        RelayBuilder::new(pg)
-    }
-
     fn new(settings: Settings) -> Relay {
         let (health, _) = watch::channel(Health::NotStarted);
         let (shutdown, _) = watch::channel(false);
@@ -76,32 +71,8 @@ impl Relay {
         }
     }
 
-    /// Events of one channel, every user.
-    pub fn subscribe(&self, channel: impl Into<String>) -> Subscription {
-        self.subscribe_to(Topic::channel(channel))
-    }
-
-    /// Events of one channel addressed to one user.
-    pub fn subscribe_user(
-        &self,
-        channel: impl Into<String>,
-        user_id: impl Into<String>,
-    ) -> Subscription {
-        self.subscribe_to(Topic::channel(channel).user(user_id))
-    }
-
-    /// Every event the relay delivers.
-    pub fn subscribe_all(&self) -> Subscription {
-        self.subscribe_to(Topic::all())
-    }
-
-    /// Every event addressed to one user, on every channel: what a user's SSE or websocket
-    /// connection needs.
-    pub fn subscribe_for_user(&self, user_id: impl Into<String>) -> Subscription {
-        self.subscribe_to(Topic::for_user(user_id))
-    }
-
-    /// Events matching `topic`, with its own buffer size if it sets one.
+    /// Events matching `topic` (a channel or every one, optionally one user), with its own
+    /// buffer size if it sets one.
     pub fn subscribe_to(&self, topic: Topic) -> Subscription {
         let (filter, buffer) = self.topic_parts(topic);
         Subscription::live(self.inner.shared.fanout.subscribe(filter, buffer))
@@ -263,7 +234,7 @@ mod tests {
             .unwrap()
             .build()
             .unwrap();
-        let mut subscription = relay.subscribe_all();
+        let mut subscription = relay.subscribe_to(Topic::all());
         let health = relay.watch_health();
         assert_eq!(*health.borrow(), Health::NotStarted);
         drop(relay);

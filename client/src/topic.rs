@@ -50,12 +50,8 @@ impl Topic {
         topic
     }
 
-    /// Every channel, one user: what a user's SSE or websocket connection needs.
-    pub fn for_user(user_id: impl Into<String>) -> Topic {
-        Topic::all().user(user_id)
-    }
-
-    /// Only the events addressed to this user.
+    /// Only the events addressed to this user (`Topic::all().user(id)`: every channel, one
+    /// user, what a user's SSE or websocket connection needs).
     pub fn user(mut self, user_id: impl Into<String>) -> Topic {
         self.filter.user_id = Some(user_id.into());
         self

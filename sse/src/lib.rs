@@ -25,7 +25,7 @@
 //!     Query(who): Query<Who>,
 //!     last_event_id: LastEventId,
 //! ) -> axum::response::sse::Sse<EventStream> {
-//!     pg_outbox_sse::stream(&relay, Topic::for_user(who.user), last_event_id.as_deref())
+//!     pg_outbox_sse::stream(&relay, Topic::all().user(who.user), last_event_id.as_deref())
 //! }
 //!
 //! # fn app(relay: Relay) -> Router {

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use pg_outbox_client::Gap;
+use pg_outbox_client::{Gap, Topic};
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
 use uuid::Uuid;
@@ -14,7 +14,7 @@ async fn forged_references_are_settled_as_missing_and_the_relay_goes_on() {
     let cluster = Cluster::start();
     cluster.psql("postgres", "CREATE ROLE mallory LOGIN");
     let relay = relay(&cluster, "relay_forged").build().unwrap();
-    let chat = Collector::spawn(relay.subscribe("chat"));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     relay.start().await.unwrap();
 
     let mallory = cluster.connect_as("postgres", "mallory").await;

@@ -42,7 +42,7 @@ async fn a_resumed_stream_delivers_what_the_live_one_does() {
     type Wants = fn(&Published) -> bool;
     let topics: [(fn() -> Topic, Wants); 3] = [
         (Topic::all, |_| true),
-        (|| Topic::for_user("u1"), |(_, _, user)| *user == "u1"),
+        (|| Topic::all().user("u1"), |(_, _, user)| *user == "u1"),
         (
             || Topic::channel("news"),
             |(_, channel, _)| *channel == "news",

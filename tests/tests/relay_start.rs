@@ -1,7 +1,7 @@
 //! `start()` fails fast with an error that names the cause; a relay whose handles are all
 //! dropped stops.
 
-use pg_outbox_client::{Health, RelayBuilder};
+use pg_outbox_client::{Health, RelayBuilder, Topic};
 use pg_outbox_tests::{relay, Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +39,7 @@ async fn an_unreachable_server_is_a_connect_error() {
 async fn dropping_every_handle_stops_the_relay() {
     let cluster = Cluster::start();
     let relay = relay::relay(&cluster, "relay_dropped").build().unwrap();
-    let mut subscription = relay.subscribe_all();
+    let mut subscription = relay.subscribe_to(Topic::all());
     relay.start().await.unwrap();
     let mut health = relay.watch_health();
     let clone = relay.clone();

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use pg_outbox_client::{Error, RelayBuilder};
+use pg_outbox_client::{Error, RelayBuilder, Topic};
 use pg_outbox_tests::relay::{publish, Collector};
 use pg_outbox_tests::Cluster;
 
@@ -26,7 +26,7 @@ async fn a_relay_connects_over_verified_tls() {
         .expect("the CA parses")
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.expect("the relay starts over TLS");
 
     let encrypted = cluster.psql(

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::Cluster;
 
 const RELAYS: usize = 4;
@@ -305,7 +306,7 @@ async fn soak_relay_process() {
         .subscriber_buffer(1 << 17)
         .build()
         .unwrap();
-    let mut all = relay.subscribe_all();
+    let mut all = relay.subscribe_to(Topic::all());
     relay.start().await.unwrap();
     println!("{PREFIX} ready");
 

@@ -3,7 +3,7 @@
 //! carries into an [`Event`].
 
 use pg_outbox_wire::seal::{self, OpenError};
-pub use pg_outbox_wire::NotificationError;
+use pg_outbox_wire::NotificationError;
 use pg_outbox_wire::SealKey;
 pub(crate) use pg_outbox_wire::{decode, Notice, CHANNEL};
 

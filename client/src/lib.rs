@@ -173,9 +173,8 @@ pub use config::{RelayBuilder, DEFAULT_APPLICATION_NAME};
 pub use error::Error;
 pub use event::{DecodeError, Delivery, Event, Gap, ResetReason};
 pub use health::Health;
-pub use incoming::NotificationError;
 pub use metrics::{Latency, MetricsSnapshot};
-pub use pg_outbox_wire::{SealKey, SealKeyError, Snapshot, SnapshotParseError};
+pub use pg_outbox_wire::{SealKey, SealKeyError};
 pub use position::{Position, PositionError};
 pub use relay::Relay;
 pub use subscription::Subscription;
@@ -188,8 +187,11 @@ pub use rustls;
 /// Decodes one notification payload as the relay does: the events it carries, each with whether
 /// its payload came inline (a reference's event carries a `null` payload). For the fuzz target
 /// and the round-trip tests. Not a stable API.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
-pub fn __decode_notification(payload: &str) -> Result<Vec<(Event, bool)>, NotificationError> {
+pub fn __decode_notification(
+    payload: &str,
+) -> Result<Vec<(Event, bool)>, pg_outbox_wire::NotificationError> {
     let notices = incoming::decode(payload)?;
     Ok(notices
         .into_iter()
@@ -205,9 +207,13 @@ pub fn __decode_notification(payload: &str) -> Result<Vec<(Event, bool)>, Notifi
 /// `snapshot` (text, as the server sends it) is fed every notification payload that decodes,
 /// then one advance to `next` that returns the inline ones as rows. Returns how many steps the
 /// cursor produced. For the fuzz target: it must never panic. Not a stable API.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usize {
-    let (Ok(start), Ok(next)) = (snapshot.parse::<Snapshot>(), next.parse::<Snapshot>()) else {
+    let (Ok(start), Ok(next)) = (
+        snapshot.parse::<pg_outbox_wire::Snapshot>(),
+        next.parse::<pg_outbox_wire::Snapshot>(),
+    ) else {
         return 0;
     };
     let mut cursor = cursor::Cursor::new(start);
@@ -236,6 +242,7 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
 
 /// The advance statement for the extension in `schema` (`$1`: the cursor's snapshot as text),
 /// exposed for the end-to-end test that checks its plan. Not a stable API.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub fn __advance_sql(schema: &str) -> String {
     advance::advance_sql(schema, false)
@@ -243,12 +250,14 @@ pub fn __advance_sql(schema: &str) -> String {
 
 /// The settings of the relay's query connection, for the end-to-end test that checks the plans
 /// its statements get there. Not a stable API.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub const __QUERY_SESSION_SETTINGS: &str = connection::QUERY_SESSION_SETTINGS;
 
 /// The catch-up statement of resumed subscriptions for the extension in `schema`, with the
 /// users filter (`$2`) and no channels filter, exposed for the end-to-end test that checks its
 /// plan. Not a stable API.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub fn __catch_up_sql(schema: &str) -> String {
     resume::catch_up_sql(schema, true, false, false)

@@ -30,7 +30,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         ],
     );
     table.note = format!(
-        "Each of {browsers} users has one subscription (`Topic::for_user`) on relay A and reads \
+        "Each of {browsers} users has one subscription (`Topic::all().user(…)`) on relay A and reads \
          one event; the positions are kept and A's subscriptions dropped. One more event per \
          user is published (what the browsers miss while they move), then all {browsers} \
          resume on relay B within one second, and once the last resume is issued one live \

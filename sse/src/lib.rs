@@ -140,7 +140,7 @@ impl SseConfig {
     }
 }
 
-/// The events of `topic` (for a browser: [`Topic::for_user`]) as an SSE response, with the
+/// The events of `topic` (for a browser: `Topic::all().user(id)`) as an SSE response, with the
 /// default [`SseConfig`]: from `last_event_id` (the request's `Last-Event-ID`, see
 /// [`LastEventId`]) when the browser reconnects, from now otherwise.
 pub fn stream(relay: &Relay, topic: Topic, last_event_id: Option<&str>) -> Sse<EventStream> {

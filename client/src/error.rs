@@ -193,8 +193,8 @@ impl Error {
     }
 }
 
-/// Runs `work` for at most `limit`; past it, fails with [`Error::Timeout`] saying what was being
-/// done.
+/// Runs `work` for at most `limit`; past it, fails with a timeout ([`Error::is_timeout`]) that
+/// says what was being done.
 pub(crate) async fn within<T>(
     limit: Duration,
     doing: &'static str,

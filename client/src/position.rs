@@ -21,6 +21,7 @@
 //! followed by the 16 bytes of the id.
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
 
@@ -283,6 +284,45 @@ impl FromStr for Position {
             .decode(token.trim())
             .map_err(|_| invalid("not base64url"))?;
         Position::from_bytes(&bytes)
+    }
+}
+
+/// What [`Relay::subscribe_from`](crate::Relay::subscribe_from) resumes from: a token as a
+/// browser sends it back (`&str`, `String`), parsed there, or a position at hand.
+impl TryFrom<&str> for Position {
+    type Error = PositionError;
+
+    fn try_from(token: &str) -> Result<Position, PositionError> {
+        token.parse()
+    }
+}
+
+impl TryFrom<&String> for Position {
+    type Error = PositionError;
+
+    fn try_from(token: &String) -> Result<Position, PositionError> {
+        token.parse()
+    }
+}
+
+impl TryFrom<String> for Position {
+    type Error = PositionError;
+
+    fn try_from(token: String) -> Result<Position, PositionError> {
+        token.parse()
+    }
+}
+
+impl From<&Position> for Position {
+    fn from(position: &Position) -> Position {
+        position.clone()
+    }
+}
+
+/// A position at hand is never malformed.
+impl From<Infallible> for PositionError {
+    fn from(never: Infallible) -> PositionError {
+        match never {}
     }
 }
 

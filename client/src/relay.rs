@@ -8,11 +8,12 @@ use tracing::warn;
 
 use crate::config::{RelayBuilder, Settings};
 use crate::error::{Error, Kind};
+use crate::event::ResetReason;
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::listener::Listener;
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::position::Position;
+use crate::position::{Position, PositionError};
 use crate::resume::ResumeRequest;
 use crate::shared::Shared;
 use crate::subscription::Subscription;
@@ -78,9 +79,10 @@ impl Relay {
         Subscription::live(self.inner.shared.fanout.subscribe(filter, buffer))
     }
 
-    /// Resumes a subscription from `last_seen`, a position token from
-    /// [`Subscription::position`] on this relay or any other on the same database (for SSE,
-    /// the `Last-Event-ID` header): the events matching `topic` that the position had not seen,
+    /// Resumes a subscription from `last_seen`: a [`Position`] from [`Subscription::position`]
+    /// on this relay or any other on the same database, or its token as text (for SSE, the
+    /// `Last-Event-ID` header). It hands out the events matching `topic` that the position had
+    /// not seen,
     /// in `(xid, id)` order, then the live stream, with no event twice and none missed, whatever
     /// order publishers committed in.
     ///
@@ -92,12 +94,16 @@ impl Relay {
     ///
     /// The catch-up is one query; subscriptions resuming together share it (see
     /// [`MetricsSnapshot::resume_queries`]). It runs once the relay is started and connected.
-    pub fn subscribe_from(&self, topic: Topic, last_seen: &str) -> Subscription {
+    pub fn subscribe_from<P>(&self, topic: Topic, last_seen: P) -> Subscription
+    where
+        P: TryInto<Position>,
+        P::Error: Into<PositionError>,
+    {
         let (filter, buffer) = self.topic_parts(topic);
         // Filed before the request goes: see the `resume` module for why.
         let inbox = self.inner.shared.fanout.subscribe(filter.clone(), buffer);
         let (answer, answered) = oneshot::channel();
-        match last_seen.parse::<Position>() {
+        match last_seen.try_into() {
             Ok(position) => {
                 let subscription = Subscription::resumed(inbox, Some(position.clone()), answered);
                 // Fails only once the relay stopped: the subscription's stream then ends.
@@ -110,7 +116,7 @@ impl Relay {
             }
             Err(err) => {
                 let subscription = Subscription::resumed(inbox, None, answered);
-                let _ = answer.send(Err(crate::event::ResetReason::Malformed(err)));
+                let _ = answer.send(Err(ResetReason::Malformed(err.into())));
                 subscription
             }
         }

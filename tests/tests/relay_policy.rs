@@ -70,9 +70,7 @@ async fn a_resumed_stream_delivers_what_the_live_one_does() {
     let resumed: Vec<Collector> = topics
         .iter()
         .zip(&positions)
-        .map(|((topic, _), from)| {
-            Collector::spawn(relay.subscribe_from(topic(), &from.to_string()))
-        })
+        .map(|((topic, _), from)| Collector::spawn(relay.subscribe_from(topic(), from)))
         .collect();
     let expected: Vec<HashSet<Uuid>> = topics
         .iter()

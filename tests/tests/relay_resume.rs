@@ -65,8 +65,7 @@ async fn another_relay_resumes_exactly_what_the_position_had_not_seen() {
     late_tx.commit().await.unwrap();
     let after = publish(&publisher, "chat", "u1", r#"{"n": "after"}"#, None).await;
 
-    let resumed =
-        Collector::spawn(b.subscribe_from(Topic::all().user("u1"), &position.to_string()));
+    let resumed = Collector::spawn(b.subscribe_from(Topic::all().user("u1"), &position));
     let expected: HashSet<Uuid> = before
         .iter()
         .copied()

@@ -87,7 +87,7 @@ struct Settled {
 }
 
 /// How many of the rows with the greatest xids the cursor keeps as witnesses.
-const WITNESSES: usize = 256;
+pub(crate) const WITNESSES: usize = 256;
 
 /// The rows with the greatest xids among those the cursor has covered (delivered, skipped, or
 /// already there when it started): after the server lost part of its history, the greatest of

@@ -12,13 +12,13 @@ use tokio::time::Instant;
 /// soon: with inline payloads nothing else moves the snapshot, and a sweep every
 /// `sweep_interval` would read back every row of those seconds (30,000 at 15,000 events/s) and
 /// keep as many ids in the dedupe set meanwhile.
-const SWEEP_AFTER_DELIVERED: usize = 2_000;
+pub(crate) const SWEEP_AFTER_DELIVERED: usize = 2_000;
 
 /// A fetch of references starts before `fetch_interval` is up once this many notified rows
 /// wait: a busy relay then fetches once per this many events (under 0.05 queries per event)
 /// and the wait for a fetch shrinks as the rate grows, while a relay at a few hundred events a
 /// second fetches once per `fetch_interval` at most.
-const EARLY_FETCH_AT: usize = 32;
+pub(crate) const EARLY_FETCH_AT: usize = 32;
 
 /// What the cursor holds that an advance would settle.
 #[derive(Clone, Copy, Debug, Default)]

@@ -62,9 +62,11 @@ demo: install
 ## fuzzing, and every benchmark figure run tiny so the benchmark cannot rot
 test: setup lint test-extension test-e2e fuzz bench-smoke
 
-lint:
+## lint: formatting, clippy, and no circle of module imports in any crate of the workspace
+lint: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo-cycles --workspace .
 
 test-extension: setup
 	mkdir -p $(PGRX_TEST_DIR)

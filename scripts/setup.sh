@@ -2,8 +2,8 @@
 # Installs what building, testing and running pg_outbox needs on Debian 12, skipping whatever is
 # already there: PostgreSQL 15 with its server headers, clang for bindgen, PgBouncer (tests show
 # what a relay says behind a transaction-mode pooler), sudo (cargo pgrx test runs the test server
-# as the postgres user through it), the pinned cargo-pgrx, and its configuration pointing at the
-# system pg_config; for the examples tested in CI: psycopg 3 and psycopg2 (logical replication) for Debian's python3, Node.js with
+# as the postgres user through it), the pinned cargo-pgrx and cargo-cycles (`make lint`), and
+# cargo-pgrx's configuration pointing at the system pg_config; for the examples tested in CI: psycopg 3 and psycopg2 (logical replication) for Debian's python3, Node.js with
 # npm and examples/node's locked packages, openssl (test certificates for TLS), Chromium (the
 # browser test, the demo's browser step and the commit-to-browser benchmark run it headless), and
 # prometheus-postgres-exporter (monitoring/postgres_exporter.yaml is tested through it).
@@ -13,6 +13,7 @@ set -euo pipefail
 PG_MAJOR=15
 PGRX_VERSION=0.18.0
 CARGO_FUZZ_VERSION=0.13.2
+CARGO_CYCLES_VERSION=0.2.0
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer
     python3-psycopg python3-psycopg2 openssl chromium prometheus-postgres-exporter)
@@ -51,6 +52,15 @@ fi
 if ! cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION\$"; then
     echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION (a few minutes, once)"
     cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet
+fi
+
+# `make lint`: cargo-cycles fails on a circle of module imports in any crate of the workspace.
+# (cargo-modules' `dependencies --acyclic` checks items, not modules: a method and its own type
+# already count as a circle there.) It runs as `cargo-cycles`: `cargo cycles` passes it an
+# argument it refuses.
+if ! cargo-cycles --version 2>/dev/null | grep -q " $CARGO_CYCLES_VERSION\$"; then
+    echo "setup: installing cargo-cycles $CARGO_CYCLES_VERSION (a minute, once)"
+    cargo install cargo-cycles --version "$CARGO_CYCLES_VERSION" --locked --quiet
 fi
 
 # `cargo pgrx init` with an explicit pg_config only writes its configuration; plain

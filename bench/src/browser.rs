@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use pg_outbox_client::{Delivery, Relay, Topic};
+use pg_outbox_client::{Delivery, RelayBuilder, Topic};
 use pg_outbox_tests::browser::{events, Chromium, Replica, Reports};
 use pg_outbox_tests::Cluster;
 use uuid::Uuid;
@@ -93,12 +93,12 @@ async fn measure(cluster: &Cluster, options: &Options, rate: u32) -> Measured {
         )
         .await;
 
-    let relay = Relay::builder(cluster.config("postgres", "postgres"))
+    let relay = RelayBuilder::new(cluster.config("postgres", "postgres"))
         .application_name("bench_browser_relay")
         .subscriber_buffer(1 << 20)
         .build()
         .expect("build the relay");
-    let mut subscription = relay.subscribe_to(Topic::for_user(user.clone()));
+    let mut subscription = relay.subscribe_to(Topic::all().user(user.clone()));
     relay.start().await.expect("start the relay");
     let relay_seen: Arc<Mutex<Vec<(Uuid, f64)>>> = Arc::default();
     let sink = Arc::clone(&relay_seen);

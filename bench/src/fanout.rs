@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use pg_outbox_client::{Delivery, Relay, Subscription};
+use pg_outbox_client::{Delivery, RelayBuilder, Subscription, Topic};
 use pg_outbox_tests::Cluster;
 
 use crate::pgbench::{tps_at, Run};
@@ -96,7 +96,7 @@ fn now_micros() -> u64 {
 
 async fn measure(cluster: &Cluster, options: &Options, audience: Audience) -> Measured {
     cluster.psql("postgres", "TRUNCATE event_outbox");
-    let relay = Relay::builder(cluster.config("postgres", "postgres"))
+    let relay = RelayBuilder::new(cluster.config("postgres", "postgres"))
         .application_name("bench_fanout")
         .subscriber_buffer(1 << 20)
         .build()
@@ -108,8 +108,10 @@ async fn measure(cluster: &Cluster, options: &Options, audience: Audience) -> Me
     let mut readers = Vec::new();
     for n in 0..SUBSCRIBERS {
         let mut subscription: Subscription = match audience {
-            Audience::Everyone => relay.subscribe("chat"),
-            Audience::OnePerUser => relay.subscribe_user("chat", format!("user-{n}")),
+            Audience::Everyone => relay.subscribe_to(Topic::channel("chat")),
+            Audience::OnePerUser => {
+                relay.subscribe_to(Topic::channel("chat").user(format!("user-{n}")))
+            }
         };
         let (delivered, lagged) = (Arc::clone(&delivered), Arc::clone(&lagged));
         let (first, last) = (Arc::clone(&first), Arc::clone(&last));

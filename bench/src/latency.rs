@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use pg_outbox_client::{Delivery, Relay};
+use pg_outbox_client::{Delivery, RelayBuilder, Topic};
 use pg_outbox_tests::Cluster;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -393,7 +393,7 @@ fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
 }
 
 async fn client_relay(cluster: &Cluster, n: usize, setup: Setup, samples: Samples) -> Running {
-    let mut builder = Relay::builder(cluster.config("postgres", "postgres"))
+    let mut builder = RelayBuilder::new(cluster.config("postgres", "postgres"))
         .application_name(format!("bench_relay_{n}"))
         .subscriber_buffer(1 << 20);
     if let Some(ms) = setup.fetch_interval_ms {
@@ -403,7 +403,7 @@ async fn client_relay(cluster: &Cluster, n: usize, setup: Setup, samples: Sample
         builder = builder.seal_key(crate::seal_key());
     }
     let relay = builder.build().expect("build the relay");
-    let mut all = relay.subscribe_all();
+    let mut all = relay.subscribe_to(Topic::all());
     relay.start().await.expect("start the relay");
     let reader = tokio::spawn(async move {
         while let Some(delivery) = all.next().await {

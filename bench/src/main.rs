@@ -8,6 +8,7 @@
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
 
+mod backlog;
 mod browser;
 mod connections;
 mod drain;

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use pg_outbox_client::{Delivery, Relay};
+use pg_outbox_client::{Delivery, RelayBuilder, Topic};
 use pg_outbox_tests::Cluster;
 
 use crate::pace;
@@ -74,12 +74,12 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
     );
     for outbox in [Outbox::Analyzed, Outbox::EmptiedAndVacuumed] {
         outbox.prepare(cluster);
-        let relay = Relay::builder(cluster.config("postgres", "postgres"))
+        let relay = RelayBuilder::new(cluster.config("postgres", "postgres"))
             .application_name("bench_plan")
             .subscriber_buffer(1 << 20)
             .build()
             .expect("build the relay");
-        let mut subscription = relay.subscribe_all();
+        let mut subscription = relay.subscribe_to(Topic::all());
         relay.start().await.expect("start the relay");
         let latencies = Arc::new(Mutex::new(Vec::new()));
         let collected = Arc::clone(&latencies);

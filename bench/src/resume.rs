@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use pg_outbox_client::{Delivery, Relay, Subscription, Topic};
+use pg_outbox_client::{Delivery, Relay, RelayBuilder, Subscription, Topic};
 use pg_outbox_tests::Cluster;
 use tokio_postgres::Client;
 
@@ -30,7 +30,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         ],
     );
     table.note = format!(
-        "Each of {browsers} users has one subscription (`Topic::for_user`) on relay A and reads \
+        "Each of {browsers} users has one subscription (`Topic::all().user(…)`) on relay A and reads \
          one event; the positions are kept and A's subscriptions dropped. One more event per \
          user is published (what the browsers miss while they move), then all {browsers} \
          resume on relay B within one second, and once the last resume is issued one live \
@@ -74,7 +74,7 @@ impl Storm {
 }
 
 async fn relay(cluster: &Cluster, name: &str) -> Relay {
-    let relay = Relay::builder(cluster.config("postgres", "postgres"))
+    let relay = RelayBuilder::new(cluster.config("postgres", "postgres"))
         .application_name(name)
         .build()
         .expect("build a relay");
@@ -109,7 +109,7 @@ async fn positions(cluster: &Cluster, publisher: &Client, browsers: usize) -> Ve
     cluster.psql("postgres", "TRUNCATE event_outbox");
     let issuer = relay(cluster, "bench_storm_a").await;
     let mut subscriptions: Vec<Subscription> = (0..browsers)
-        .map(|n| issuer.subscribe_to(Topic::for_user(user(n))))
+        .map(|n| issuer.subscribe_to(Topic::all().user(user(n))))
         .collect();
     publish_one_each(publisher, browsers).await;
     let mut tokens = Vec::with_capacity(browsers);
@@ -136,7 +136,7 @@ async fn relay_storm(cluster: &Cluster, browsers: usize) -> Storm {
         if n % per_tick == 0 {
             tick.tick().await;
         }
-        let mut subscription = resumer.subscribe_from(Topic::for_user(user(n)), token);
+        let mut subscription = resumer.subscribe_from(Topic::all().user(user(n)), token);
         readers.push(tokio::spawn(async move {
             next_event(&mut subscription).await;
             let missed = Instant::now();

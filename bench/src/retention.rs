@@ -36,10 +36,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
-use crate::pgbench::{tps, tps_in};
-use crate::prune::{
+use crate::backlog::{
     backlog, load_backlog, load_backlog_into_a_segment, publishers, EXPIRED_SEGMENT,
 };
+use crate::pgbench::{tps, tps_in};
 use crate::report::{median, ratio, Table};
 use crate::Options;
 

@@ -514,7 +514,6 @@ async fn check_privileges(
     Ok(())
 }
 
-/// How full the notification queue is, and what notifications carry.
 /// The queue fraction the server's pruner warns at (`pg_outbox.queue_warning`, 0.1 unless set).
 fn warning_at(setting: Option<&str>) -> f64 {
     setting
@@ -523,6 +522,7 @@ fn warning_at(setting: Option<&str>) -> f64 {
         .unwrap_or(0.1)
 }
 
+/// How full the notification queue is, and what notifications carry.
 async fn check_notifications(client: &Client, report: &mut Report) -> anyhow::Result<()> {
     let row = simple_row(
         client,

@@ -4,7 +4,7 @@
 
 mod support;
 
-use pg_outbox_tests::Cluster;
+use pg_outbox_tests::{Cluster, WAIT};
 use support::{run, stderr, stdout};
 
 fn doctor(db: &str) -> (bool, String) {
@@ -118,27 +118,22 @@ async fn a_standby_and_a_transaction_pooler_fail() {
     );
 }
 
-#[test]
-fn worker_mode_is_checked_against_the_notifier() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_mode_is_checked_against_the_notifier() {
     let cluster = Cluster::builder()
         .setting("pg_outbox.notify_mode", "'worker'")
         .start();
     // The notifier started before CREATE EXTENSION: a publish wakes it to find the extension.
     cluster.psql("postgres", "SELECT outbox_publish('c', 'u', '{}')");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !cluster
-        .psql(
-            "postgres",
-            "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier'",
-        )
-        .starts_with("idle")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the notifier never became idle"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let activity = "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_outbox notifier'";
+    cluster
+        .wait_for("the notifier to become idle", WAIT, || async {
+            cluster
+                .psql("postgres", activity)
+                .starts_with("idle")
+                .then_some(())
+        })
+        .await;
     let (ok, report) = doctor(&cluster.connection_string("postgres"));
     assert!(ok, "{report}");
     assert!(

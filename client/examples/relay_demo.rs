@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pg_outbox_client::{Delivery, RelayBuilder};
+use pg_outbox_client::{Delivery, RelayBuilder, Topic};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -40,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .backoff(Duration::from_millis(100), Duration::from_secs(2))
         .sweep_interval(Duration::from_millis(500))
         .build()?;
-    let mut all = relay.subscribe_all();
+    let mut all = relay.subscribe_to(Topic::all());
     relay.start().await?;
     println!("{instance}: ready");
 

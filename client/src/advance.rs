@@ -8,13 +8,13 @@
 
 use std::time::SystemTime;
 
+use pg_outbox_wire::{quote_ident, Snapshot};
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
-use crate::cursor::{Advance, Snapshot, Unreadable};
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::event::Event;
-use pg_outbox_wire::quote_ident;
+use crate::rows::{Unreadable, Visible};
 
 /// The advance statement for the extension in `schema`; with `filter_channels`, `$2` is the
 /// `text[]` of channels to read. Both snapshots come from the CTE, parsed or taken once, and
@@ -80,15 +80,14 @@ pub(crate) async fn current(client: &Client, schema: &str) -> Result<Snapshot, E
     text.parse().map_err(protocol)
 }
 
-/// Runs one advance from `from`; `heard_before` is the cursor's notice clock as the query goes.
+/// Runs one advance from `from`.
 pub(crate) async fn advance(
     client: &Client,
     statement: &Statement,
     from: &Snapshot,
-    heard_before: u64,
     channels: &[String],
     schema: &str,
-) -> Result<Advance, Error> {
+) -> Result<Visible, Error> {
     let from = from.to_string();
     let rows = if channels.is_empty() {
         client.query(statement, &[&from]).await
@@ -96,13 +95,13 @@ pub(crate) async fn advance(
         client.query(statement, &[&from, &channels]).await
     }
     .map_err(|e| Error::from_query(e, schema))?;
-    parse(&rows, heard_before)
+    parse(&rows)
 }
 
-pub(crate) fn parse(rows: &[Row], heard_before: u64) -> Result<Advance, Error> {
+pub(crate) fn parse(rows: &[Row]) -> Result<Visible, Error> {
     let first = rows
         .first()
-        .ok_or_else(|| Error::Protocol("the advance query returned no row".into()))?;
+        .ok_or_else(|| Error::from(Kind::Protocol("the advance query returned no row".into())))?;
     let snapshot: String = first.try_get("snapshot").map_err(protocol)?;
     let snapshot: Snapshot = snapshot.parse().map_err(protocol)?;
     let pruned: String = first.try_get("pruned").map_err(protocol)?;
@@ -140,21 +139,20 @@ pub(crate) fn parse(rows: &[Row], heard_before: u64) -> Result<Advance, Error> {
             }),
         });
     }
-    Ok(Advance {
+    Ok(Visible {
         snapshot,
         pruned_through_xid,
         rows: events,
-        heard_before,
     })
 }
 
 pub(crate) fn parse_xid(text: &str) -> Result<u64, Error> {
     text.parse()
-        .map_err(|_| Error::Protocol(format!("not an xid8: {text:?}")))
+        .map_err(|_| Error::from(Kind::Protocol(format!("not an xid8: {text:?}"))))
 }
 
 pub(crate) fn protocol(err: impl std::fmt::Display) -> Error {
-    Error::Protocol(err.to_string())
+    Error::from(Kind::Protocol(err.to_string()))
 }
 
 #[cfg(test)]

@@ -1,35 +1,54 @@
-//! The relay's builder, its documented defaults, and the reconnect backoff.
+//! The relay's builder, its documented defaults, and the settings a built relay runs with.
 
 use std::time::Duration;
 
 use pg_outbox_wire::SealKey;
 
-use crate::error::Error;
-use crate::relay::Relay;
+use crate::error::{Error, Kind};
+use crate::policy::Policy;
 use crate::tls::Tls;
 
 /// Default `application_name` of the relay's connection (visible in `pg_stat_activity`).
 pub const DEFAULT_APPLICATION_NAME: &str = "pg_outbox_relay";
 
-/// Configures a [`Relay`]. Every setting has a default; only the connection is required.
+/// Configures a [`Relay`](crate::Relay). Every setting has a default; only the connection is required.
 #[derive(Clone, Debug)]
 pub struct RelayBuilder {
-    pub(crate) pg: tokio_postgres::Config,
-    pub(crate) instance_id: Option<String>,
-    pub(crate) channels: Vec<String>,
-    pub(crate) subscriber_buffer: usize,
-    pub(crate) backoff_min: Duration,
-    pub(crate) backoff_max: Duration,
-    pub(crate) deliver_own_origin: bool,
-    pub(crate) sweep_interval: Duration,
-    pub(crate) fetch_interval: Duration,
-    pub(crate) schema: String,
-    pub(crate) application_name: Option<String>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) query_timeout: Duration,
-    pub(crate) verify_listen: bool,
-    pub(crate) tls: Tls,
-    pub(crate) seal_key: Option<SealKey>,
+    pg: tokio_postgres::Config,
+    instance_id: Option<String>,
+    channels: Vec<String>,
+    subscriber_buffer: usize,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    deliver_own_origin: bool,
+    sweep_interval: Duration,
+    fetch_interval: Duration,
+    schema: String,
+    application_name: Option<String>,
+    connect_timeout: Duration,
+    query_timeout: Duration,
+    verify_listen: bool,
+    tls: Tls,
+    seal_key: Option<SealKey>,
+}
+
+/// What a built relay runs with: the builder's settings, checked, with the rules of which
+/// events it passes on folded into its [`Policy`]. Shared, never changed, by the relay's handle
+/// and its task.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub pg: tokio_postgres::Config,
+    pub policy: Policy,
+    pub subscriber_buffer: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub sweep_interval: Duration,
+    pub fetch_interval: Duration,
+    pub schema: String,
+    pub connect_timeout: Duration,
+    pub query_timeout: Duration,
+    pub verify_listen: bool,
+    pub tls: Tls,
 }
 
 impl RelayBuilder {
@@ -74,7 +93,7 @@ impl RelayBuilder {
     pub fn from_connection_string(s: &str) -> Result<RelayBuilder, Error> {
         s.parse()
             .map(RelayBuilder::new)
-            .map_err(Error::ConnectionString)
+            .map_err(|e| Error::from(Kind::ConnectionString(e)))
     }
 
     /// This replica's instance id. Events published with this origin
@@ -200,32 +219,39 @@ impl RelayBuilder {
     /// ```
     #[cfg(feature = "tls")]
     pub fn tls_root_certificates_pem(self, pem: &[u8]) -> Result<Self, Error> {
-        let config = crate::tls::config_from_pem(pem).map_err(Error::Tls)?;
+        let config = crate::tls::config_from_pem(pem).map_err(|e| Error::from(Kind::Tls(e)))?;
         Ok(self.tls(config))
     }
 
-    /// Checks the settings and builds the relay (not started: subscribe, then
-    /// [`Relay::start`]).
-    pub fn build(mut self) -> Result<Relay, Error> {
+    /// Checks the settings, and fills in the connection's defaults.
+    pub(crate) fn settings(mut self) -> Result<Settings, Error> {
         if self.subscriber_buffer == 0 {
-            return Err(Error::InvalidConfig("subscriber_buffer must be at least 1"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "subscriber_buffer must be at least 1",
+            )));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
-            return Err(Error::InvalidConfig(
+            return Err(Error::from(Kind::InvalidConfig(
                 "backoff bounds must satisfy 0 < min <= max",
-            ));
+            )));
         }
         if self.sweep_interval.is_zero() {
-            return Err(Error::InvalidConfig("sweep_interval must be above zero"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "sweep_interval must be above zero",
+            )));
         }
         if self.connect_timeout.is_zero() || self.query_timeout.is_zero() {
-            return Err(Error::InvalidConfig("timeouts must be above zero"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "timeouts must be above zero",
+            )));
         }
         if self.schema.is_empty() {
-            return Err(Error::InvalidConfig("schema must not be empty"));
+            return Err(Error::from(Kind::InvalidConfig("schema must not be empty")));
         }
         if self.instance_id.as_deref() == Some("") {
-            return Err(Error::InvalidConfig("instance_id must not be empty"));
+            return Err(Error::from(Kind::InvalidConfig(
+                "instance_id must not be empty",
+            )));
         }
         match self.application_name.take() {
             Some(name) => {
@@ -239,7 +265,25 @@ impl RelayBuilder {
         if self.pg.get_connect_timeout().is_none() {
             self.pg.connect_timeout(self.connect_timeout);
         }
-        Ok(Relay::new(self))
+        Ok(Settings {
+            pg: self.pg,
+            policy: Policy::new(
+                self.channels,
+                self.instance_id,
+                self.deliver_own_origin,
+                self.seal_key,
+            ),
+            subscriber_buffer: self.subscriber_buffer,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            sweep_interval: self.sweep_interval,
+            fetch_interval: self.fetch_interval,
+            schema: self.schema,
+            connect_timeout: self.connect_timeout,
+            query_timeout: self.query_timeout,
+            verify_listen: self.verify_listen,
+            tls: self.tls,
+        })
     }
 }
 
@@ -250,30 +294,27 @@ mod tests {
     #[test]
     fn build_checks_settings() {
         let b = || RelayBuilder::from_connection_string("host=/tmp dbname=x").unwrap();
-        assert!(b().subscriber_buffer(0).build().is_err());
+        assert!(b().subscriber_buffer(0).settings().is_err());
         assert!(b()
             .backoff(Duration::from_secs(2), Duration::from_secs(1))
-            .build()
+            .settings()
             .is_err());
-        assert!(b().schema("").build().is_err());
-        assert!(b().instance_id("").build().is_err());
+        assert!(b().schema("").settings().is_err());
+        assert!(b().instance_id("").settings().is_err());
         assert!(RelayBuilder::from_connection_string("port=notaport").is_err());
     }
 
     #[test]
     fn application_name_defaults_but_respects_the_connection_string() {
-        let relay = b("host=/tmp").build().unwrap();
-        assert_eq!(
-            relay.config().pg.get_application_name(),
-            Some("pg_outbox_relay")
-        );
-        let relay = b("host=/tmp application_name=mine").build().unwrap();
-        assert_eq!(relay.config().pg.get_application_name(), Some("mine"));
-        let relay = b("host=/tmp application_name=mine")
-            .application_name("forced")
-            .build()
-            .unwrap();
-        assert_eq!(relay.config().pg.get_application_name(), Some("forced"));
+        let name = |builder: RelayBuilder| {
+            let settings = builder.settings().unwrap();
+            settings.pg.get_application_name().map(str::to_owned)
+        };
+        assert_eq!(name(b("host=/tmp")).as_deref(), Some("pg_outbox_relay"));
+        let mine = b("host=/tmp application_name=mine");
+        assert_eq!(name(mine).as_deref(), Some("mine"));
+        let forced = b("host=/tmp application_name=mine").application_name("forced");
+        assert_eq!(name(forced).as_deref(), Some("forced"));
     }
 
     fn b(s: &str) -> RelayBuilder {

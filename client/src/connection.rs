@@ -13,9 +13,9 @@ use tracing::{debug, info_span, Instrument};
 
 use crate::advance;
 use crate::backoff::entropy;
-use crate::config::RelayBuilder;
-use crate::error::Error;
-use crate::notification::CHANNEL;
+use crate::config::Settings;
+use crate::error::{within, Error, Kind};
+use crate::incoming::CHANNEL;
 use crate::tls::Tls;
 
 /// How the query connection plans: every statement the relay runs there (the advance, a
@@ -57,24 +57,18 @@ pub(crate) struct Conn {
 impl Conn {
     /// Connects, refuses a standby, LISTENs, then connects for queries and prepares the
     /// advance statement.
-    pub async fn open(cfg: &RelayBuilder) -> Result<Conn, Error> {
+    pub async fn open(cfg: &Settings) -> Result<Conn, Error> {
         let span = info_span!("pg_outbox_connect", tls = cfg.tls.name());
         Conn::open_inner(cfg).instrument(span).await
     }
 
-    async fn open_inner(cfg: &RelayBuilder) -> Result<Conn, Error> {
+    async fn open_inner(cfg: &Settings) -> Result<Conn, Error> {
         let (tx, events) = mpsc::unbounded_channel();
-        let connect = || async {
-            timeout(
-                cfg.connect_timeout,
-                connect(&cfg.pg, &cfg.tls, Some(tx.clone())),
-            )
-            .await
-            .map_err(|_| Error::Timeout {
-                doing: "connecting",
-                after: cfg.connect_timeout,
-            })?
-            .map_err(Error::Connect)
+        let connect = || {
+            let connecting = connect(&cfg.pg, &cfg.tls, Some(tx.clone()));
+            within(cfg.connect_timeout, "connecting", async {
+                connecting.await.map_err(|e| Error::from(Kind::Connect(e)))
+            })
         };
         let (listen, listen_driver) = connect().await?;
         let (queries, queries_driver) = match connect().await {
@@ -92,9 +86,11 @@ impl Conn {
                 .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
-            let in_recovery: bool = row.try_get(0).map_err(|e| Error::Protocol(e.to_string()))?;
+            let in_recovery: bool = row
+                .try_get(0)
+                .map_err(|e| Error::from(Kind::Protocol(e.to_string())))?;
             if in_recovery {
-                return Err(Error::Standby);
+                return Err(Error::from(Kind::Standby));
             }
             listen
                 .batch_execute(&format!("LISTEN {CHANNEL}"))
@@ -105,7 +101,10 @@ impl Conn {
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
             queries
-                .prepare(&advance::advance_sql(schema, !cfg.channels.is_empty()))
+                .prepare(&advance::advance_sql(
+                    schema,
+                    !cfg.policy.channels().is_empty(),
+                ))
                 .await
                 .map_err(|e| Error::from_query(e, schema))
         };
@@ -113,15 +112,9 @@ impl Conn {
             drivers.iter().for_each(JoinHandle::abort);
             Err(err)
         };
-        let advance = match timeout(cfg.connect_timeout, setup).await {
-            Ok(Ok(statement)) => statement,
-            Ok(Err(err)) => return failed(err),
-            Err(_) => {
-                return failed(Error::Timeout {
-                    doing: "setting up LISTEN",
-                    after: cfg.connect_timeout,
-                })
-            }
+        let advance = match within(cfg.connect_timeout, "setting up LISTEN", setup).await {
+            Ok(statement) => statement,
+            Err(err) => return failed(err),
         };
         Ok(Conn {
             listen,
@@ -134,7 +127,7 @@ impl Conn {
 
     /// Proves LISTEN holds across transactions: a notification sent from another session on a
     /// private channel must arrive. Through a pooler in transaction mode it does not.
-    pub async fn verify_listen(&mut self, cfg: &RelayBuilder) -> Result<(), Error> {
+    pub async fn verify_listen(&mut self, cfg: &Settings) -> Result<(), Error> {
         let channel = format!(
             "pg_outbox_probe_{:016x}",
             entropy(u64::from(std::process::id()))
@@ -149,7 +142,7 @@ impl Conn {
         probe_cfg.application_name(&name);
         let (probe, probe_driver) = connect(&probe_cfg, &cfg.tls, None)
             .await
-            .map_err(Error::Connect)?;
+            .map_err(|e| Error::from(Kind::Connect(e)))?;
         let sent = probe
             .execute("SELECT pg_notify($1, 'probe')", &[&channel])
             .await
@@ -166,13 +159,19 @@ impl Conn {
                 // Committed before the starting snapshot is taken: not to be delivered.
                 Ok(Some(ConnEvent::Notification(_))) => continue,
                 Ok(Some(ConnEvent::Closed(err))) => {
-                    return Err(Error::ConnectionLost(describe_close(err.as_ref())))
+                    return Err(Error::from(Kind::ConnectionLost(describe_close(
+                        err.as_ref(),
+                    ))))
                 }
-                Ok(None) => return Err(Error::ConnectionLost("connection task ended".into())),
+                Ok(None) => {
+                    return Err(Error::from(Kind::ConnectionLost(
+                        "connection task ended".into(),
+                    )))
+                }
                 Err(_) => {
-                    return Err(Error::TransactionPooler(
+                    return Err(Error::from(Kind::TransactionPooler(
                         "a notification sent to it from another session never arrived",
-                    ))
+                    )))
                 }
             }
         }

@@ -15,50 +15,11 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 
 use uuid::Uuid;
 
+use pg_outbox_wire::Snapshot;
+
 use crate::event::{Event, Gap};
-use crate::notification::{self, Notice};
-pub(crate) use pg_outbox_wire::Snapshot;
-
-/// The result of one advance query: the snapshot it took, the prune state it read and the rows
-/// visible in that snapshot but not in the cursor's (ordered by xid, id).
-#[derive(Debug)]
-pub(crate) struct Advance {
-    pub snapshot: Snapshot,
-    pub pruned_through_xid: u64,
-    pub rows: Vec<Result<Event, Unreadable>>,
-    /// [`Cursor::heard`] when the query was sent: every notice counted in it had its
-    /// transaction visible to the query's snapshot, if the notice is genuine.
-    pub heard_before: u64,
-}
-
-/// A row whose payload this client cannot parse: settled like any row, reported as a gap.
-#[derive(Clone, Debug)]
-pub(crate) struct Unreadable {
-    pub id: Uuid,
-    pub xid: u64,
-    pub channel: String,
-    pub user_id: String,
-    pub reason: String,
-}
-
-impl Unreadable {
-    pub fn into_gap(self) -> Gap {
-        Gap::Unreadable {
-            id: self.id,
-            channel: self.channel,
-            user_id: self.user_id,
-            reason: self.reason,
-        }
-    }
-}
-
-/// A row's `(xid, id)`: where it stands in positions and witnesses.
-pub(crate) fn row_key(row: &Result<Event, Unreadable>) -> (u64, Uuid) {
-    match row {
-        Ok(event) => (event.xid(), event.id()),
-        Err(unreadable) => (unreadable.xid, unreadable.id),
-    }
-}
+use crate::incoming::{self, Notice};
+use crate::rows::{Row, RowKey, Unreadable, Visible};
 
 /// What the cursor asks the listener to do, in order.
 #[derive(Debug)]
@@ -126,24 +87,24 @@ struct Settled {
 }
 
 /// How many of the rows with the greatest xids the cursor keeps as witnesses.
-const WITNESSES: usize = 256;
+pub(crate) const WITNESSES: usize = 256;
 
 /// The rows with the greatest xids among those the cursor has covered (delivered, skipped, or
 /// already there when it started): after the server lost part of its history, the greatest of
 /// them that still exists bounds the xids the server may have handed out again.
 #[derive(Debug, Default)]
-struct Witnesses(BinaryHeap<Reverse<(u64, Uuid)>>);
+struct Witnesses(BinaryHeap<Reverse<RowKey>>);
 
 impl Witnesses {
-    fn add(&mut self, xid: u64, id: Uuid) {
+    fn add(&mut self, row: RowKey) {
         if self.0.len() >= WITNESSES {
             match self.0.peek() {
-                Some(Reverse((least, _))) if *least >= xid => return,
+                Some(Reverse(least)) if least.xid >= row.xid => return,
                 _ => {}
             }
             self.0.pop();
         }
-        self.0.push(Reverse((xid, id)));
+        self.0.push(Reverse(row));
     }
 }
 
@@ -182,27 +143,26 @@ impl Cursor {
         }
     }
 
-    /// The notice clock: pass it with the next advance (`Advance::heard_before`).
+    /// The notice clock: pass it to [`Cursor::on_advance`] with the result of the next advance.
     pub fn heard(&self) -> u64 {
         self.heard
     }
 
     /// Rows visible in the starting snapshot, as witnesses (see [`Cursor::witnesses`]).
-    pub fn witness(&mut self, rows: impl IntoIterator<Item = (u64, Uuid)>) {
-        for (xid, id) in rows {
-            self.witnesses.add(xid, id);
+    pub fn witness(&mut self, rows: impl IntoIterator<Item = RowKey>) {
+        for row in rows {
+            self.witnesses.add(row);
         }
     }
 
-    /// The covered rows a recovery checks for, as `(xid, id)`: the witnesses and the ids
-    /// delivered beyond the snapshot.
-    pub fn witnesses(&self) -> Vec<(u64, Uuid)> {
-        let mut rows: Vec<(u64, Uuid)> = self.witnesses.0.iter().map(|r| r.0).collect();
-        rows.extend(
-            self.delivered
-                .iter()
-                .map(|(id, settled)| (settled.xid, *id)),
-        );
+    /// The covered rows a recovery checks for: the witnesses and the ids delivered beyond the
+    /// snapshot.
+    pub fn witnesses(&self) -> Vec<RowKey> {
+        let mut rows: Vec<RowKey> = self.witnesses.0.iter().map(|r| r.0).collect();
+        rows.extend(self.delivered.iter().map(|(id, settled)| RowKey {
+            xid: settled.xid,
+            id: *id,
+        }));
         rows
     }
 
@@ -216,17 +176,12 @@ impl Cursor {
         self.queue.clear();
         self.queued.clear();
         self.heard_at.clear();
-        self.witnesses.0.retain(|Reverse((xid, _))| *xid < floor);
+        self.witnesses.0.retain(|Reverse(row)| row.xid < floor);
     }
 
     /// The snapshot `S`.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
-    }
-
-    /// Whether a reference is waiting to be fetched (an advance resolves it).
-    pub fn needs_advance(&self) -> bool {
-        !self.queue.is_empty()
     }
 
     /// How many notified rows wait for an advance: references, and the events behind them.
@@ -282,7 +237,7 @@ impl Cursor {
             self.enqueue(Pending::Reference(notice));
             return;
         }
-        let Some(event) = notification::into_event(notice) else {
+        let Some(event) = incoming::into_event(notice) else {
             return;
         };
         if self.queue.is_empty() {
@@ -294,13 +249,15 @@ impl Cursor {
 
     /// An advance's result: delivers the queued rows it settles (in notification order), then
     /// the rows it found that no notification announced (in xid order), then moves `S`.
-    pub fn on_advance(&mut self, advance: Advance, out: &mut Vec<Step>) {
-        let Advance {
+    ///
+    /// `heard_before` is [`Cursor::heard`] when the advance's query was sent: every notice
+    /// counted in it had its transaction visible to the query's snapshot, if it is genuine.
+    pub fn on_advance(&mut self, visible: Visible, heard_before: u64, out: &mut Vec<Step>) {
+        let Visible {
             snapshot: next,
             pruned_through_xid,
             rows,
-            heard_before,
-        } = advance;
+        } = visible;
         if self.may_have_lost_to_pruning(&next, pruned_through_xid) {
             out.push(Step::Gap(Gap::Pruned {
                 pruned_through_xid,
@@ -308,11 +265,10 @@ impl Cursor {
             }));
         }
 
-        let mut found: HashMap<Uuid, Result<Event, Unreadable>> =
-            HashMap::with_capacity(rows.len());
+        let mut found: HashMap<Uuid, Row> = HashMap::with_capacity(rows.len());
         let mut order = Vec::with_capacity(rows.len());
         for row in rows {
-            let (xid, id) = row_key(&row);
+            let RowKey { xid, id } = RowKey::of(&row);
             if !self.is_seen(id, xid) && !found.contains_key(&id) {
                 order.push(id);
                 found.insert(id, row);
@@ -374,7 +330,10 @@ impl Cursor {
         let (delivered, witnesses) = (&mut self.delivered, &mut self.witnesses);
         delivered.retain(|id, settled| {
             if next.is_visible(settled.xid) {
-                witnesses.add(settled.xid, *id);
+                witnesses.add(RowKey {
+                    xid: settled.xid,
+                    id: *id,
+                });
                 return false;
             }
             settled.heard > heard_before
@@ -457,12 +416,11 @@ mod tests {
         }
     }
 
-    fn advance(snapshot: &str, pruned: u64, rows: &[(u128, u64)]) -> Advance {
-        Advance {
+    fn advance(snapshot: &str, pruned: u64, rows: &[(u128, u64)]) -> Visible {
+        Visible {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
             rows: rows.iter().map(|&(n, xid)| Ok(event(n, xid))).collect(),
-            heard_before: 0,
         }
     }
 
@@ -481,12 +439,12 @@ mod tests {
             })
         };
         cursor.on_advance(
-            Advance {
+            Visible {
                 snapshot: snap("103:103:"),
                 pruned_through_xid: 0,
                 rows: vec![unreadable(1, 100), unreadable(2, 101), Ok(event(3, 102))],
-                heard_before: 0,
             },
+            0,
             &mut out,
         );
         let gaps: Vec<Uuid> = out
@@ -522,10 +480,10 @@ mod tests {
         cursor.on_notice(notice(1, 100, true), &mut out);
         cursor.on_notice(notice(2, 99, true), &mut out); // visible in S: old
         assert_eq!(delivered(&out), [1]);
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
         // The sweep finds the same row: not delivered again, and the dedupe set shrinks.
         let mut out = Vec::new();
-        cursor.on_advance(advance("101:101:", 0, &[(1, 100)]), &mut out);
+        cursor.on_advance(advance("101:101:", 0, &[(1, 100)]), 0, &mut out);
         assert!(delivered(&out).is_empty());
         assert_eq!(cursor.delivered_beyond(), 0);
     }
@@ -542,11 +500,11 @@ mod tests {
         cursor.on_notice(notice(2, 101, true), &mut out); // committed after that snapshot
         assert_eq!(delivered(&out), [1, 2]);
         let mut out = Vec::new();
-        cursor.on_advance(out_there, &mut out);
+        cursor.on_advance(out_there, 0, &mut out);
         assert!(delivered(&out).is_empty());
         // 101 is beyond the new snapshot: still remembered, and not delivered again by the next.
         assert_eq!(cursor.delivered_beyond(), 1);
-        cursor.on_advance(advance("102:102:", 0, &[(2, 101)]), &mut out);
+        cursor.on_advance(advance("102:102:", 0, &[(2, 101)]), 0, &mut out);
         assert!(delivered(&out).is_empty());
         assert_eq!(cursor.delivered_beyond(), 0);
     }
@@ -560,13 +518,14 @@ mod tests {
         cursor.on_notice(notice(1, 100, false), &mut out);
         cursor.on_notice(notice(2, 101, true), &mut out); // inline, queued behind references
         assert!(out.is_empty());
-        assert!(cursor.needs_advance());
+        assert!(cursor.waiting() > 0);
         cursor.on_advance(
             advance("103:103:", 0, &[(1, 100), (2, 101), (3, 102)]),
+            0,
             &mut out,
         );
         assert_eq!(delivered(&out), [3, 1, 2]);
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
     }
 
     #[test]
@@ -577,10 +536,10 @@ mod tests {
         cursor.on_notice(notice(2, 101, false), &mut out);
         cursor.on_notice(notice(3, 102, true), &mut out);
         // The advance's snapshot sees 100 only; 101 and 102 were still running.
-        cursor.on_advance(advance("101:103:101,102", 0, &[(1, 100)]), &mut out);
+        cursor.on_advance(advance("101:103:101,102", 0, &[(1, 100)]), 0, &mut out);
         assert_eq!(delivered(&out), [1]);
-        assert!(cursor.needs_advance());
-        cursor.on_advance(advance("103:103:", 0, &[(2, 101), (3, 102)]), &mut out);
+        assert!(cursor.waiting() > 0);
+        cursor.on_advance(advance("103:103:", 0, &[(2, 101), (3, 102)]), 0, &mut out);
         assert_eq!(delivered(&out), [1, 2, 3]);
     }
 
@@ -588,7 +547,7 @@ mod tests {
     fn rows_no_notification_announced_are_caught_up_in_xid_order() {
         let mut cursor = Cursor::new(snap("100:100:"));
         let mut out = Vec::new();
-        cursor.on_advance(advance("103:103:", 0, &[(1, 100), (2, 101)]), &mut out);
+        cursor.on_advance(advance("103:103:", 0, &[(1, 100), (2, 101)]), 0, &mut out);
         assert!(matches!(
             out[0],
             Step::Deliver {
@@ -602,7 +561,7 @@ mod tests {
         cursor.on_notice(notice(1, 100, true), &mut out);
         cursor.on_notice(notice(2, 101, false), &mut out);
         assert!(out.iter().all(|s| matches!(s, Step::Duplicate)));
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
     }
 
     #[test]
@@ -613,7 +572,7 @@ mod tests {
         cursor.on_notice(notice(2, 101, true), &mut out); // visible in S: old
         assert!(delivered(&out).is_empty());
         // Disconnected; 100 commits meanwhile; the catch-up advance finds it.
-        cursor.on_advance(advance("102:102:", 0, &[(1, 100)]), &mut out);
+        cursor.on_advance(advance("102:102:", 0, &[(1, 100)]), 0, &mut out);
         assert_eq!(delivered(&out), [1]);
     }
 
@@ -655,7 +614,7 @@ mod tests {
                 if roll != 0 {
                     cursor.on_notice(notice(t as u128, base + t as u64, roll == 1), &mut out);
                 }
-                if next() % 3 == 0 || cursor.needs_advance() && next() % 2 == 0 {
+                if next() % 3 == 0 || cursor.waiting() > 0 && next() % 2 == 0 {
                     let s2 = snapshot_after(k);
                     let rows = (0..n)
                         .filter(|&t| {
@@ -665,12 +624,12 @@ mod tests {
                         .map(|t| Ok(event(t as u128, base + t as u64)))
                         .collect();
                     cursor.on_advance(
-                        Advance {
+                        Visible {
                             snapshot: s2,
                             pruned_through_xid: 0,
                             rows,
-                            heard_before: 0,
                         },
+                        0,
                         &mut out,
                     );
                 }
@@ -683,19 +642,19 @@ mod tests {
                 .map(Ok)
                 .collect();
             cursor.on_advance(
-                Advance {
+                Visible {
                     snapshot: snapshot_after(n),
                     pruned_through_xid: 0,
                     rows,
-                    heard_before: 0,
                 },
+                0,
                 &mut out,
             );
             let mut got = delivered(&out);
             got.sort_unstable();
             assert_eq!(got, (0..n as u128).collect::<Vec<_>>(), "{commit_order:?}");
             assert!(!out.iter().any(|s| matches!(s, Step::Gap(_))));
-            assert!(!cursor.needs_advance());
+            assert_eq!(cursor.waiting(), 0);
             assert_eq!(cursor.delivered_beyond(), 0);
         }
     }
@@ -705,12 +664,12 @@ mod tests {
         let mut cursor = Cursor::new(snap("100:105:100,103"));
         let mut out = Vec::new();
         // Pruned rows all below the horizon: nothing lost.
-        cursor.on_advance(advance("100:105:100,103", 99, &[]), &mut out);
+        cursor.on_advance(advance("100:105:100,103", 99, &[]), 0, &mut out);
         // Pruned through a row committed before S (visible): nothing lost.
-        cursor.on_advance(advance("100:105:100,103", 102, &[]), &mut out);
+        cursor.on_advance(advance("100:105:100,103", 102, &[]), 0, &mut out);
         assert!(out.is_empty());
         // Pruned through a transaction that was running in S: it may be lost.
-        cursor.on_advance(advance("106:106:", 103, &[]), &mut out);
+        cursor.on_advance(advance("106:106:", 103, &[]), 0, &mut out);
         assert!(matches!(
             out.as_slice(),
             [Step::Gap(Gap::Pruned {
@@ -720,7 +679,7 @@ mod tests {
         ));
         // Checked against the old S only: once past it, no repeat.
         let mut out = Vec::new();
-        cursor.on_advance(advance("107:107:", 103, &[]), &mut out);
+        cursor.on_advance(advance("107:107:", 103, &[]), 0, &mut out);
         assert!(out.is_empty());
     }
 
@@ -730,7 +689,7 @@ mod tests {
         // 103, and 100, committed late with old rows, may have been among them.
         let mut cursor = Cursor::new(snap("100:105:100"));
         let mut out = Vec::new();
-        cursor.on_advance(advance("106:106:", 103, &[]), &mut out);
+        cursor.on_advance(advance("106:106:", 103, &[]), 0, &mut out);
         assert!(matches!(out.as_slice(), [Step::Gap(Gap::Pruned { .. })]));
     }
 
@@ -740,28 +699,24 @@ mod tests {
         let mut out = Vec::new();
         cursor.on_notice(notice(1, 5_000, false), &mut out);
         // An advance sent before the notice was heard may not see it yet: it waits.
-        let mut early = advance("101:101:", 0, &[]);
-        early.heard_before = 0;
-        cursor.on_advance(early, &mut out);
+        cursor.on_advance(advance("101:101:", 0, &[]), 0, &mut out);
         assert!(out.is_empty());
-        assert!(cursor.needs_advance());
+        assert!(cursor.waiting() > 0);
         // One sent after cannot see it either: its transaction never committed.
-        let mut later = advance("102:102:", 0, &[]);
-        later.heard_before = cursor.heard();
-        cursor.on_advance(later, &mut out);
+        let heard = cursor.heard();
+        cursor.on_advance(advance("102:102:", 0, &[]), heard, &mut out);
         assert!(matches!(
             out.as_slice(),
             [Step::Forged, Step::Gap(Gap::Missing { .. })]
         ));
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
         // A forged inline notice is delivered (inline events cannot be told from real ones), but
         // its id is not kept once an advance shows it false.
         let mut out = Vec::new();
         cursor.on_notice(notice(2, 9_000, true), &mut out);
         assert_eq!(delivered(&out), [2]);
-        let mut next = advance("103:103:", 0, &[]);
-        next.heard_before = cursor.heard();
-        cursor.on_advance(next, &mut out);
+        let heard = cursor.heard();
+        cursor.on_advance(advance("103:103:", 0, &[]), heard, &mut out);
         assert_eq!(cursor.delivered_beyond(), 0);
     }
 
@@ -779,7 +734,7 @@ mod tests {
         let mut out = Vec::new();
         let mut rows: Vec<(u128, u64)> = (0..MAX_WAITING as u128).map(|n| (n, 100)).collect();
         rows.push((overflow, 101));
-        cursor.on_advance(advance("102:102:", 0, &rows), &mut out);
+        cursor.on_advance(advance("102:102:", 0, &rows), 0, &mut out);
         assert_eq!(delivered(&out).len(), MAX_WAITING + 1);
         assert_eq!(delivered(&out).last(), Some(&overflow));
     }
@@ -790,10 +745,11 @@ mod tests {
         let mut out = Vec::new();
         cursor.on_advance(
             advance("110:110:", 0, &[(1, 100), (2, 104), (3, 108)]),
+            0,
             &mut out,
         );
         assert_eq!(delivered(&out), [1, 2, 3]);
-        let mut witnesses: Vec<u64> = cursor.witnesses().iter().map(|w| w.0).collect();
+        let mut witnesses: Vec<u64> = cursor.witnesses().iter().map(|w| w.xid).collect();
         witnesses.sort_unstable();
         assert_eq!(witnesses, [100, 104, 108]);
         // The server crashed: 108 is gone, and it hands out 105.. again. Row 2 (xid 104)
@@ -802,7 +758,7 @@ mod tests {
         assert_eq!(cursor.snapshot().to_string(), "105:105:");
         let mut out = Vec::new();
         // The catch-up reads everything the new snapshot sees from the floor on.
-        cursor.on_advance(advance("107:107:", 0, &[(4, 105), (5, 106)]), &mut out);
+        cursor.on_advance(advance("107:107:", 0, &[(4, 105), (5, 106)]), 0, &mut out);
         assert_eq!(delivered(&out), [4, 5]);
     }
 
@@ -811,8 +767,8 @@ mod tests {
         let mut cursor = Cursor::new(snap("100:100:"));
         let mut out = Vec::new();
         cursor.on_notice(notice(1, 100, false), &mut out);
-        cursor.on_advance(advance("101:101:", 0, &[]), &mut out);
+        cursor.on_advance(advance("101:101:", 0, &[]), 0, &mut out);
         assert!(matches!(out.as_slice(), [Step::Gap(Gap::Missing { .. })]));
-        assert!(!cursor.needs_advance());
+        assert_eq!(cursor.waiting(), 0);
     }
 }

@@ -1,5 +1,6 @@
 //! The relay's errors.
 
+use std::future::Future;
 use std::time::Duration;
 
 /// SQLSTATE `25006` (`read_only_sql_transaction`): what LISTEN says on a hot standby.
@@ -13,9 +14,18 @@ const INVALID_SCHEMA_NAME: &str = "3F000";
 const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 
 /// Everything that can go wrong starting or running a relay.
+///
+/// Opaque, as `tokio_postgres::Error` is: ask it what went wrong with its predicates
+/// ([`code`](Error::code), [`is_standby`](Error::is_standby), [`is_pooler`](Error::is_pooler),
+/// …); its message names the fix where there is one, and its [`source`](std::error::Error::source)
+/// chain holds the server's or the network's error. What it wraps can change without a
+/// breaking release.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
+#[error(transparent)]
+pub struct Error(Box<Kind>);
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Kind {
     /// The connection string did not parse.
     #[error("invalid connection string: {}", detail(.0))]
     ConnectionString(#[source] tokio_postgres::Error),
@@ -63,6 +73,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// The TLS settings are unusable (feature `tls`): the CA certificates did not parse.
+    #[cfg(feature = "tls")]
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
     /// A query failed.
@@ -95,31 +106,104 @@ fn detail(err: &tokio_postgres::Error) -> String {
     text
 }
 
+impl From<Kind> for Error {
+    fn from(kind: Kind) -> Error {
+        Error(Box::new(kind))
+    }
+}
+
 impl Error {
     /// The SQLSTATE the server reported, if this error came from the server.
     pub fn code(&self) -> Option<&str> {
-        match self {
-            Error::Connect(e) | Error::Query(e) | Error::ExtensionMissing { source: e, .. } => {
+        match &*self.0 {
+            Kind::Connect(e) | Kind::Query(e) | Kind::ExtensionMissing { source: e, .. } => {
                 e.code().map(|c| c.code())
             }
-            Error::Standby => Some(READ_ONLY_SQL_TRANSACTION),
+            Kind::Standby => Some(READ_ONLY_SQL_TRANSACTION),
             _ => None,
         }
     }
 
+    /// The server is a hot standby, where LISTEN does not work: point the relay at the primary.
+    pub fn is_standby(&self) -> bool {
+        matches!(*self.0, Kind::Standby)
+    }
+
+    /// LISTEN did not survive to the next transaction: a pooler in transaction mode is between
+    /// the relay and PostgreSQL.
+    pub fn is_pooler(&self) -> bool {
+        matches!(*self.0, Kind::TransactionPooler(_))
+    }
+
+    /// The extension is not in the schema the relay looks in.
+    pub fn is_extension_missing(&self) -> bool {
+        matches!(*self.0, Kind::ExtensionMissing { .. })
+    }
+
+    /// A step (connecting, a query) did not finish within its timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(*self.0, Kind::Timeout { .. })
+    }
+
+    /// Connecting failed: network, authentication, no such database, TLS refused.
+    pub fn is_connect(&self) -> bool {
+        matches!(*self.0, Kind::Connect(_))
+    }
+
+    /// The relay's configuration is unusable: the connection string, a builder setting, the TLS
+    /// settings.
+    pub fn is_config(&self) -> bool {
+        match *self.0 {
+            Kind::ConnectionString(_) | Kind::InvalidConfig(_) => true,
+            #[cfg(feature = "tls")]
+            Kind::Tls(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The connection closed under the relay (which reconnects by itself once started).
+    pub fn is_closed(&self) -> bool {
+        matches!(*self.0, Kind::ConnectionLost(_))
+    }
+
+    /// `start()` was called on a relay already started.
+    pub fn is_already_started(&self) -> bool {
+        matches!(*self.0, Kind::AlreadyStarted)
+    }
+
+    /// The relay was shut down.
+    pub fn is_stopped(&self) -> bool {
+        matches!(*self.0, Kind::Stopped)
+    }
+
     /// Classifies a server error met while setting the relay's connection up or querying it.
     pub(crate) fn from_query(err: tokio_postgres::Error, schema: &str) -> Error {
-        match err.code().map(|c| c.code()) {
-            Some(READ_ONLY_SQL_TRANSACTION) => Error::Standby,
-            Some(UNDEFINED_TABLE | INVALID_SCHEMA_NAME) => Error::ExtensionMissing {
+        Error::from(match err.code().map(|c| c.code()) {
+            Some(READ_ONLY_SQL_TRANSACTION) => Kind::Standby,
+            Some(UNDEFINED_TABLE | INVALID_SCHEMA_NAME) => Kind::ExtensionMissing {
                 schema: schema.to_owned(),
                 source: err,
             },
             Some(INVALID_SQL_STATEMENT_NAME) => {
-                Error::TransactionPooler("a prepared statement disappeared between transactions")
+                Kind::TransactionPooler("a prepared statement disappeared between transactions")
             }
-            _ if err.is_closed() => Error::ConnectionLost(err.to_string()),
-            _ => Error::Query(err),
-        }
+            _ if err.is_closed() => Kind::ConnectionLost(err.to_string()),
+            _ => Kind::Query(err),
+        })
     }
+}
+
+/// Runs `work` for at most `limit`; past it, fails with a timeout ([`Error::is_timeout`]) that
+/// says what was being done.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    doing: &'static str,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| Kind::Timeout {
+            doing,
+            after: limit,
+        })?
 }

@@ -37,8 +37,8 @@ use ::metrics::{describe_counter, describe_gauge, describe_histogram, Counter, G
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::listener::Shared;
 use crate::metrics::{MetricsSnapshot, GAP_KINDS, RESET_REASONS};
+use crate::shared::Shared;
 
 /// How often the relay's counters are copied to the facade.
 const INTERVAL: Duration = Duration::from_secs(1);

@@ -3,26 +3,26 @@
 
 use std::time::SystemTime;
 
-use pg_outbox_wire::quote_ident;
+use pg_outbox_wire::{quote_ident, Snapshot};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::advance::{parse_xid, protocol};
-use crate::cursor::Snapshot;
 use crate::error::Error;
+use crate::rows::RowKey;
 
 /// How many witnesses the relay reads at start: the rows with the greatest xids visible in its
 /// starting snapshot.
 const START_WITNESSES: i64 = 64;
 
-/// The rows with the greatest xids visible in `snapshot`, as `(xid, id)`: the relay's first
+/// The rows with the greatest xids visible in `snapshot`: the relay's first
 /// witnesses (see [`floor`]), so that a relay that has delivered nothing yet still knows which
 /// history it started from.
 pub(crate) async fn start_witnesses(
     client: &Client,
     snapshot: &Snapshot,
     schema: &str,
-) -> Result<Vec<(u64, Uuid)>, Error> {
+) -> Result<Vec<RowKey>, Error> {
     let sql = format!(
         "SELECT xid::text, id FROM {}.event_outbox \
          WHERE pg_visible_in_snapshot(xid, $1::text::pg_snapshot) ORDER BY xid DESC LIMIT $2",
@@ -35,7 +35,10 @@ pub(crate) async fn start_witnesses(
     rows.iter()
         .map(|row| {
             let xid: &str = row.try_get(0).map_err(protocol)?;
-            Ok((parse_xid(xid)?, row.try_get(1).map_err(protocol)?))
+            Ok(RowKey {
+                xid: parse_xid(xid)?,
+                id: row.try_get(1).map_err(protocol)?,
+            })
         })
         .collect()
 }
@@ -92,7 +95,7 @@ pub(crate) async fn server_run(client: &Client, schema: &str) -> Result<ServerRu
 }
 
 /// Where the history the relay read still holds, after the server may have lost part of it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Floor {
     /// Every xid below this is the one the relay saw; from it on, none of the rows the relay
     /// covered exists any more.
@@ -101,14 +104,14 @@ pub(crate) enum Floor {
     Assumed(u64),
 }
 
-/// Finds the floor from the witnesses `(xid, id)`: one past the greatest xid among those whose
+/// Finds the floor from the witnesses: one past the greatest xid among those whose
 /// row still exists, or was pruned (the prune state is durable, and so is the history it
 /// pruned through). A row that survived proves its transaction is in the history the server
 /// recovered, and after recovery the server assigns xids only from past the greatest one that
 /// history holds: neither that xid nor any below it is handed out again.
 pub(crate) async fn floor(
     client: &Client,
-    witnesses: &[(u64, Uuid)],
+    witnesses: &[RowKey],
     schema: &str,
 ) -> Result<Floor, Error> {
     let schema_q = quote_ident(schema);
@@ -120,8 +123,8 @@ pub(crate) async fn floor(
          FROM (SELECT COALESCE((SELECT pruned_through_xid FROM {schema_q}.outbox_prune_state \
                                  LIMIT 1), '0') AS pruned) p"
     );
-    let ids: Vec<Uuid> = witnesses.iter().map(|(_, id)| *id).collect();
-    let xids: Vec<String> = witnesses.iter().map(|(xid, _)| xid.to_string()).collect();
+    let ids: Vec<Uuid> = witnesses.iter().map(|row| row.id).collect();
+    let xids: Vec<String> = witnesses.iter().map(|row| row.xid.to_string()).collect();
     let row = client
         .query_one(&sql, &[&ids, &xids])
         .await
@@ -132,7 +135,7 @@ pub(crate) async fn floor(
     // would look as if it went back.
     let assigned = parse_xid(row.try_get(2).map_err(protocol)?)?;
     let pruned_floor = if pruned == 0 { 0 } else { pruned + 1 };
-    let least = witnesses.iter().map(|(xid, _)| *xid).min();
+    let least = witnesses.iter().map(|row| row.xid).min();
     Ok(match (surviving, least) {
         (Some(xid), _) => Floor::Exact((parse_xid(xid)? + 1).max(pruned_floor).min(assigned)),
         (None, None) => Floor::Exact(pruned_floor.min(assigned)),

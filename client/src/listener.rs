@@ -1,9 +1,13 @@
-//! The one task that owns the relay's connection: LISTEN, decode, advance, reconnect.
+//! The one task that owns the relay's two connections (one that LISTENs, one for queries):
+//! LISTEN, decode, advance, answer resumes, reconnect.
 //!
-//! Each of its two connections is driven by a small companion task that reads
-//! `Connection::poll_message` and forwards notifications (and the connection's end) through one
-//! channel; this task is the only reader of that channel and the only user of the clients, so
-//! every notification and every advance result is applied to the cursor in one sequence.
+//! Each connection is driven by a small companion task that reads `Connection::poll_message`
+//! and forwards notifications (and the connection's end) through one channel; this task is the
+//! only reader of that channel and the only user of the clients, so every notification and
+//! every advance result is applied to the cursor in one sequence. It consults values rather
+//! than spelling rules out: the [`Schedule`] says when to advance, the [`Lineage`] which
+//! history of the server it follows, the relay's [`Policy`](crate::policy::Policy) which
+//! events it passes on.
 //!
 //! An advance runs alongside the notifications rather than in front of them: while its query is
 //! out, notifications keep being decoded and delivered (the cursor's dedupe set makes the rows
@@ -14,94 +18,94 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, Instant};
 use tokio_postgres::Notification;
 use tracing::{debug, debug_span, field, info, warn, Instrument, Span};
 
 use crate::advance;
 use crate::backoff::{backoff_delay, entropy};
-use crate::config::RelayBuilder;
+use crate::config::Settings;
 use crate::connection::{describe_close, Conn, ConnEvent};
-use crate::cursor::{self, Advance, Cursor, Step};
-use crate::error::Error;
+use crate::cursor::{Cursor, Step};
+use crate::error::{within, Error, Kind};
 use crate::event::{Event, Gap};
-use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::history::{self, Floor, ServerRun};
+use crate::incoming::CHANNEL;
+use crate::lineage::Lineage;
 use crate::metrics::Metrics;
-use crate::notification::{self, CHANNEL};
-use crate::position::{RunChange, Watermark};
-use crate::resume::{self, Answering, ResumeRequest, Wanted};
+use crate::position::Watermark;
+use crate::resume::{self, ResumeRequest, Wanted};
+use crate::rows::{RowKey, Visible};
+use crate::schedule::{Demand, Due, Schedule};
+use crate::shared::Shared;
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
 
-/// A sweep is due once this many events were delivered beyond the cursor's snapshot, however
-/// soon: with inline payloads nothing else moves the snapshot, and a sweep every
-/// `sweep_interval` would read back every row of those seconds (30,000 at 15,000 events/s) and
-/// keep as many ids in the dedupe set meanwhile.
-const SWEEP_AFTER_DELIVERED: usize = 2_000;
-
-/// A fetch of references starts before `fetch_interval` is up once this many notified rows
-/// wait: a busy relay then fetches once per this many events (under 0.05 queries per event)
-/// and the wait for a fetch shrinks as the rate grows, while a relay at a few hundred events a
-/// second fetches once per `fetch_interval` at most.
-pub(crate) const EARLY_FETCH_AT: usize = 32;
-
-/// At most this many changes of server run are remembered for carrying positions over.
-const RUN_CHANGES_KEPT: usize = 16;
-
-/// What the handle and the task share.
-pub(crate) struct Shared {
-    pub fanout: Fanout,
-    pub metrics: Metrics,
-    pub health: watch::Sender<Health>,
-    /// Subscriptions asking to resume from a position.
-    pub resumes: mpsc::UnboundedSender<ResumeRequest>,
-}
-
 /// The listener task's state.
 pub(crate) struct Listener {
-    cfg: Arc<RelayBuilder>,
+    cfg: Arc<Settings>,
     shared: Arc<Shared>,
     cursor: Cursor,
     conn: Option<Conn>,
-    /// Why the connection was lost, for the first `Reconnecting` status.
-    lost: Option<String>,
-    /// An advance is wanted soon (a notification did not decode).
-    advance_wanted: bool,
+    /// The connection given up, until the next attempt closes it.
+    lost: Option<Lost>,
+    /// A notification did not decode: rows may stand behind it.
+    undecodable: bool,
     /// Whether rows the current advance finds without a notification count as caught up: true
     /// for the catch-up after a reconnect and for sweeps, false for fetches of references (whose
     /// extra rows are mostly just read ahead of their notifications).
     counts_caught_up: bool,
     shutdown: watch::Receiver<bool>,
     steps: Vec<Step>,
-    /// When the last advance started: fetches of references wait `fetch_interval` after it.
-    last_advance: Instant,
+    schedule: Schedule,
     /// Events settled by the cursor and waiting to be handed to subscribers in one batch.
     batch: Vec<Event>,
-    /// The server run whose history the cursor follows.
-    server: ServerRun,
-    /// An advance saw the server's transaction ids go back: check the history at the next
-    /// connection, even if the server's run looks the same.
-    history_went_back: bool,
-    /// The server runs the relay went through before this one, oldest first.
-    run_changes: Vec<RunChange>,
-    /// The change into the current run, when the relay proved where the old history holds:
-    /// its subscriptions' positions are carried over.
-    carried_from: Option<RunChange>,
-    /// How many times the relay rewound (see [`Watermark::generation`]).
-    generation: u64,
+    lineage: Lineage,
     /// Resume requests waiting for the next catch-up query.
     waiting_resumes: Vec<ResumeRequest>,
+}
+
+/// A connection given up, and why (the first `Reconnecting` status says it).
+struct Lost {
+    reason: String,
+    conn: Conn,
+}
+
+/// The queries under way on the query connection, polled among the listener's other work.
+#[derive(Default)]
+struct InFlight {
+    advance: Option<Query<Advancing>>,
+    resume: Option<Query<Vec<ResumeRequest>>>,
+}
+
+/// A query on its way, with what its answer is for.
+struct Query<T> {
+    rows: Pin<Box<dyn Future<Output = Result<Visible, Error>> + Send>>,
+    what: T,
+}
+
+/// What an advance's answer is for.
+struct Advancing {
+    /// [`Cursor::heard`] when the query was sent.
+    heard_before: u64,
+    span: Span,
+}
+
+/// The answer of `query`; pending for ever when none is out.
+async fn answer<T>(query: &mut Option<Query<T>>) -> Result<Visible, Error> {
+    match query {
+        Some(query) => (&mut query.rows).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Listener {
     /// Connects, LISTENs, verifies LISTEN holds, and takes the starting snapshot. Once this
     /// returns, nothing committed afterwards can be missed.
     pub async fn start(
-        cfg: Arc<RelayBuilder>,
+        cfg: Arc<Settings>,
         shared: Arc<Shared>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Listener, Error> {
@@ -118,40 +122,30 @@ impl Listener {
             let witnesses = history::start_witnesses(&conn.queries, &snapshot, &cfg.schema).await?;
             Ok((snapshot, server, witnesses))
         };
-        let (snapshot, server, witnesses) = match timeout(cfg.connect_timeout, begin).await {
-            Ok(Ok(begun)) => begun,
-            Ok(Err(err)) => {
-                conn.close().await;
-                return Err(err);
-            }
-            Err(_) => {
-                conn.close().await;
-                return Err(Error::Timeout {
-                    doing: "reading the starting snapshot",
-                    after: cfg.connect_timeout,
-                });
-            }
-        };
+        let (snapshot, server, witnesses) =
+            match within(cfg.connect_timeout, "reading the starting snapshot", begin).await {
+                Ok(begun) => begun,
+                Err(err) => {
+                    conn.close().await;
+                    return Err(err);
+                }
+            };
         info!(snapshot = %snapshot, "pg_outbox relay listening");
         let mut cursor = Cursor::new(snapshot);
         cursor.witness(witnesses);
         let mut listener = Listener {
+            schedule: Schedule::new(cfg.sweep_interval, cfg.fetch_interval, Instant::now()),
             cfg,
             shared,
             cursor,
             conn: Some(conn),
             lost: None,
-            advance_wanted: false,
+            undecodable: false,
             counts_caught_up: true,
             shutdown,
             steps: Vec::new(),
-            last_advance: Instant::now(),
             batch: Vec::new(),
-            server,
-            history_went_back: false,
-            run_changes: Vec::new(),
-            carried_from: None,
-            generation: 0,
+            lineage: Lineage::new(server),
             waiting_resumes: Vec::new(),
         };
         listener.shared.fanout.set_watermark(listener.watermark());
@@ -166,91 +160,82 @@ impl Listener {
         Ok(listener)
     }
 
-    /// The task: until shutdown, apply notifications, advance when needed, answer resume
-    /// requests, reconnect when lost.
+    /// The task: until shutdown, apply notifications, advance when the schedule says, answer
+    /// resume requests, reconnect when lost.
     pub async fn run(mut self, mut resumes: mpsc::UnboundedReceiver<ResumeRequest>) {
         let mut shutdown = self.shutdown.clone();
-        // A deadline rather than an interval: under a steady flood of notifications the select
-        // below always has one ready, and the sweep must still happen.
-        let mut next_sweep = Instant::now() + self.cfg.sweep_interval;
-        let mut advancing: Option<Advancing> = None;
-        let mut resuming: Option<Resuming> = None;
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
+        let mut in_flight = InFlight::default();
+        while !*shutdown.borrow() {
+            let wake_at = self.schedule.wake_at(self.demand());
             let Some(conn) = self.conn.as_mut() else {
                 if self.reconnect(&mut shutdown).await.is_err() {
                     break;
                 }
-                next_sweep = Instant::now() + self.cfg.sweep_interval;
                 continue;
             };
-            let fetch_at = self.last_advance + self.cfg.fetch_interval;
-            let fetch_waiting = self.cursor.needs_advance();
-            let idle = advancing.is_none();
-            let catching_up = resuming.is_some();
+            let (advancing, resuming) = (in_flight.advance.is_some(), in_flight.resume.is_some());
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                result = async {
-                    match advancing.as_mut() {
-                        Some(advancing) => advancing.result().await,
-                        None => std::future::pending().await,
+                result = answer(&mut in_flight.advance), if advancing => {
+                    if let Some(done) = in_flight.advance.take() {
+                        if let Err(err) = self.settle(result, &done.what) {
+                            self.lose(err.to_string());
+                        }
                     }
-                }, if !idle => {
-                    let span = advancing.take().map(|a| a.span).unwrap_or_else(Span::none);
-                    if let Err(err) = self.settle(result, &span) {
-                        self.lose(err.to_string()).await;
-                    }
-                    next_sweep = Instant::now() + self.cfg.sweep_interval;
                 }
-                result = async {
-                    match resuming.as_mut() {
-                        Some(resuming) => (&mut resuming.query).await,
-                        None => std::future::pending().await,
-                    }
-                }, if catching_up => {
-                    if let Some(done) = resuming.take() {
-                        if let Err(err) = self.answer_resumes(done, result) {
-                            self.lose(err.to_string()).await;
+                result = answer(&mut in_flight.resume), if resuming => {
+                    if let Some(done) = in_flight.resume.take() {
+                        if let Err(err) = self.answer_resumes(done.what, result) {
+                            self.lose(err.to_string());
                         }
                     }
                 }
                 event = conn.events.recv() => self.on_conn_event(event),
                 Some(request) = resumes.recv() => self.waiting_resumes.push(request),
-                _ = sleep_until(fetch_at), if idle && fetch_waiting => {}
-                _ = sleep_until(next_sweep), if idle => {}
+                _ = sleep_until(wake_at), if !advancing => {}
             }
             self.drain();
             self.flush();
-            if self.conn.is_none() {
-                // Lost: what was under way on that connection is moot; resumes wait for the
-                // next one.
-                advancing = None;
-                if let Some(lost) = resuming.take() {
-                    self.waiting_resumes.extend(lost.requests);
-                }
-                continue;
+            self.send_queries(&mut in_flight, &mut resumes);
+        }
+        drop(in_flight);
+        self.stop().await;
+    }
+
+    /// Sends what is due on the query connection; without one, what was under way on the lost
+    /// one is moot, and its resume requests wait for the next.
+    fn send_queries(
+        &mut self,
+        in_flight: &mut InFlight,
+        resumes: &mut mpsc::UnboundedReceiver<ResumeRequest>,
+    ) {
+        if self.conn.is_none() {
+            in_flight.advance = None;
+            if let Some(lost) = in_flight.resume.take() {
+                self.waiting_resumes.extend(lost.what);
             }
-            if resuming.is_none() {
-                resuming = self.begin_resume(&mut resumes);
-            }
-            let now = Instant::now();
-            // Fetches and early sweeps both wait fetch_interval after the last advance.
-            let spaced = now >= self.last_advance + self.cfg.fetch_interval;
-            let sweep_due = now >= next_sweep
-                || (spaced && self.cursor.delivered_beyond() >= SWEEP_AFTER_DELIVERED);
-            let fetch = self.cursor.needs_advance();
-            let fetch_due = fetch && (spaced || self.cursor.waiting() >= EARLY_FETCH_AT);
-            if advancing.is_none() && (sweep_due || self.advance_wanted || fetch_due) {
-                self.counts_caught_up = !fetch;
-                self.last_advance = now;
-                advancing = self.begin_advance();
+            return;
+        }
+        if in_flight.resume.is_none() {
+            in_flight.resume = self.begin_resume(resumes);
+        }
+        if in_flight.advance.is_none() {
+            let demand = self.demand();
+            if let Some(due) = self.schedule.start_due(Instant::now(), demand) {
+                self.counts_caught_up = due == Due::Sweep;
+                in_flight.advance = self.begin_advance();
             }
         }
-        drop(advancing);
-        self.stop().await;
+    }
+
+    /// What the cursor holds that an advance would settle.
+    fn demand(&self) -> Demand {
+        Demand {
+            waiting: self.cursor.waiting(),
+            delivered_beyond: self.cursor.delivered_beyond(),
+            undecodable: self.undecodable,
+        }
     }
 
     /// Applies the notifications already buffered, so one advance serves them all.
@@ -270,8 +255,8 @@ impl Listener {
     fn on_conn_event(&mut self, event: Option<ConnEvent>) {
         match event {
             Some(ConnEvent::Notification(n)) => self.on_notification(&n),
-            Some(ConnEvent::Closed(err)) => self.mark_lost(describe_close(err.as_ref())),
-            None => self.mark_lost("connection task ended".into()),
+            Some(ConnEvent::Closed(err)) => self.lose(describe_close(err.as_ref())),
+            None => self.lose("connection task ended".into()),
         }
     }
 
@@ -281,8 +266,8 @@ impl Listener {
         }
         let metrics = &self.shared.metrics;
         Metrics::add(&metrics.received, 1);
-        let (notices, trusted) = match notification::read(n.payload(), self.cfg.seal_key.as_ref()) {
-            Ok(read) => read,
+        let notices = match self.cfg.policy.notices(n.payload()) {
+            Ok(notices) => notices,
             Err(err) => {
                 Metrics::add(&metrics.decode_errors, 1);
                 if err.is_forged() {
@@ -291,32 +276,26 @@ impl Listener {
                 let prefix: String = n.payload().chars().take(200).collect();
                 warn!(error = %err, payload = %prefix, "skipping a pg_outbox notification");
                 // If rows stand behind it, the next advance finds them.
-                self.advance_wanted = true;
+                self.undecodable = true;
                 return;
             }
         };
-        for mut notice in notices {
-            if !trusted {
-                // Anyone may have sent it: read the row, as for a reference.
-                notice.payload = None;
-            }
-            if self.cfg.channels.is_empty() || self.cfg.channels.contains(&notice.channel) {
-                self.cursor.on_notice(notice, &mut self.steps);
-            }
+        for notice in notices {
+            self.cursor.on_notice(notice, &mut self.steps);
         }
     }
 
     /// Runs one advance on the current connection and delivers what it settles.
     async fn advance(&mut self) -> Result<(), Error> {
-        let mut advancing = self
+        let mut advance = self
             .begin_advance()
-            .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
-        let result = advancing.result().await;
-        self.settle(result, &advancing.span)
+            .ok_or_else(|| Error::from(Kind::ConnectionLost("no connection".into())))?;
+        let result = (&mut advance.rows).await;
+        self.settle(result, &advance.what)
     }
 
     /// Sends the advance query from the cursor's snapshot; `None` without a connection.
-    fn begin_advance(&self) -> Option<Advancing> {
+    fn begin_advance(&self) -> Option<Query<Advancing>> {
         let conn = self.conn.as_ref()?;
         // A catch-up (after a reconnect) or a sweep when rows found without a notification count
         // as caught up; a fetch of notified references otherwise.
@@ -330,43 +309,46 @@ impl Listener {
             settled = field::Empty,
         );
         let (client, statement) = (Arc::clone(&conn.queries), conn.advance.clone());
-        let (from, channels) = (self.cursor.snapshot().clone(), self.cfg.channels.clone());
-        let heard_before = self.cursor.heard();
+        let from = self.cursor.snapshot().clone();
+        let channels = self.cfg.policy.channels().to_vec();
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
-        let query = async move {
-            let query =
-                advance::advance(&client, &statement, &from, heard_before, &channels, &schema);
-            timeout(query_timeout, query)
-                .await
-                .map_err(|_| Error::Timeout {
-                    doing: "running the advance query",
-                    after: query_timeout,
-                })?
+        let rows = async move {
+            let rows = advance::advance(&client, &statement, &from, &channels, &schema);
+            within(query_timeout, "running the advance query", rows).await
         };
-        Some(Advancing {
-            query: Box::pin(query.instrument(span.clone())),
-            span,
+        Some(Query {
+            rows: Box::pin(rows.instrument(span.clone())),
+            what: Advancing {
+                heard_before: self.cursor.heard(),
+                span,
+            },
         })
     }
 
     /// Applies an advance's result to the cursor and delivers what it settles.
-    fn settle(&mut self, result: Result<Advance, Error>, span: &Span) -> Result<(), Error> {
-        let advance = result?;
-        let _entered = span.enter();
+    fn settle(
+        &mut self,
+        result: Result<Visible, Error>,
+        advancing: &Advancing,
+    ) -> Result<(), Error> {
+        self.schedule.settled(Instant::now());
+        let visible = result?;
+        let _entered = advancing.span.enter();
         Metrics::add(&self.shared.metrics.advances, 1);
-        if advance.snapshot.xmax() < self.cursor.snapshot().xmax() {
+        if visible.snapshot.xmax() < self.cursor.snapshot().xmax() {
             // Transaction ids went back on what looked like the same server: its history is
             // not the one the cursor read. Reconnect, and check it.
-            self.history_went_back = true;
-            return Err(Error::ConnectionLost(format!(
+            self.lineage.went_back();
+            return Err(Error::from(Kind::ConnectionLost(format!(
                 "the server's transaction ids went back, from {} to {}",
                 self.cursor.snapshot().xmax(),
-                advance.snapshot.xmax()
-            )));
+                visible.snapshot.xmax()
+            ))));
         }
-        self.advance_wanted = false;
-        self.cursor.on_advance(advance, &mut self.steps);
-        span.record("settled", self.steps.len());
+        self.undecodable = false;
+        self.cursor
+            .on_advance(visible, advancing.heard_before, &mut self.steps);
+        advancing.span.record("settled", self.steps.len());
         self.flush_settled();
         Ok(())
     }
@@ -374,11 +356,7 @@ impl Listener {
     /// The cursor's snapshot as a watermark: everything under it is handed over once the
     /// steps that settled it are.
     fn watermark(&self) -> Arc<Watermark> {
-        Arc::new(Watermark {
-            change: self.carried_from,
-            generation: self.generation,
-            ..Watermark::new(self.server.epoch(), self.cursor.snapshot().clone())
-        })
+        Arc::new(self.lineage.watermark(self.cursor.snapshot().clone()))
     }
 
     /// Delivers the steps that settled the cursor's snapshot, then that snapshot as the
@@ -397,7 +375,7 @@ impl Listener {
     fn begin_resume(
         &mut self,
         resumes: &mut mpsc::UnboundedReceiver<ResumeRequest>,
-    ) -> Option<Resuming> {
+    ) -> Option<Query<Vec<ResumeRequest>>> {
         while let Ok(request) = resumes.try_recv() {
             self.waiting_resumes.push(request);
         }
@@ -409,27 +387,17 @@ impl Listener {
             return None;
         }
         let requests = std::mem::take(&mut self.waiting_resumes);
-        let answering = Answering {
-            epoch: self.server.epoch(),
-            generation: self.generation,
-            changes: &self.run_changes,
-            cfg: &self.cfg,
-        };
-        let wanted = Wanted::of(&requests, &answering);
+        let wanted = Wanted::of(&requests, &self.lineage.answering(&self.cfg.policy));
         let client = Arc::clone(&conn.queries);
         let (schema, query_timeout) = (self.cfg.schema.clone(), self.cfg.query_timeout);
         let span = debug_span!("pg_outbox_resume", requests = requests.len());
-        let query = async move {
-            timeout(query_timeout, resume::read(&client, &wanted, &schema))
-                .await
-                .map_err(|_| Error::Timeout {
-                    doing: "running the resume query",
-                    after: query_timeout,
-                })?
+        let rows = async move {
+            let rows = resume::query(&client, &wanted, &schema);
+            within(query_timeout, "running the resume query", rows).await
         };
-        Some(Resuming {
-            requests,
-            query: Box::pin(query.instrument(span)),
+        Some(Query {
+            rows: Box::pin(rows.instrument(span)),
+            what: requests,
         })
     }
 
@@ -437,13 +405,13 @@ impl Listener {
     /// for the next connection.
     fn answer_resumes(
         &mut self,
-        done: Resuming,
-        result: Result<Advance, Error>,
+        requests: Vec<ResumeRequest>,
+        result: Result<Visible, Error>,
     ) -> Result<(), Error> {
         let read = match result {
             Ok(read) => read,
             Err(err) => {
-                self.waiting_resumes.extend(done.requests);
+                self.waiting_resumes.extend(requests);
                 return Err(err);
             }
         };
@@ -451,14 +419,9 @@ impl Listener {
         Metrics::add(&metrics.resume_queries, 1);
         // Rows handed out by a catch-up are history this relay has seen too: witnesses of where
         // it holds, should the server lose part of it (positions are carried over from there).
-        self.cursor.witness(read.rows.iter().map(cursor::row_key));
-        let answering = Answering {
-            epoch: self.server.epoch(),
-            generation: self.generation,
-            changes: &self.run_changes,
-            cfg: &self.cfg,
-        };
-        for request in done.requests {
+        self.cursor.witness(read.rows.iter().map(RowKey::of));
+        let answering = self.lineage.answering(&self.cfg.policy);
+        for request in requests {
             let answer = answering.answer(&request, &read);
             Metrics::add(&metrics.resumes, 1);
             if let Err(reason) = &answer {
@@ -489,9 +452,7 @@ impl Listener {
         for step in self.steps.drain(..) {
             match step {
                 Step::Deliver { event, notified } => {
-                    let own = self.cfg.instance_id.is_some()
-                        && event.origin() == self.cfg.instance_id.as_deref();
-                    if own && !self.cfg.deliver_own_origin {
+                    if self.cfg.policy.is_own(event.origin()) {
                         Metrics::add(&metrics.skipped_own_origin, 1);
                         continue;
                     }
@@ -533,30 +494,28 @@ impl Listener {
         deliver_batch(&self.shared, &mut self.batch, watermark);
     }
 
-    /// Notes the connection lost; the loop reconnects.
-    fn mark_lost(&mut self, reason: String) {
+    /// Gives the connection up, whatever noticed it was lost (its end, a failed or timed-out
+    /// query, a history that went back): the loop closes it and reconnects.
+    fn lose(&mut self, reason: String) {
         if let Some(conn) = self.conn.take() {
             warn!(reason = %reason, "pg_outbox relay connection lost");
-            conn.drivers.iter().for_each(JoinHandle::abort);
-            self.lost = Some(reason);
+            self.lost = Some(Lost { reason, conn });
         }
-    }
-
-    async fn lose(&mut self, reason: String) {
-        warn!(reason = %reason, "pg_outbox relay connection lost");
-        if let Some(conn) = self.conn.take() {
-            conn.close().await;
-        }
-        self.lost = Some(reason);
     }
 
     /// Reconnects with backoff and catches up; `Err` only on shutdown.
     async fn reconnect(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
-        let mut last_error = self.lost.take().unwrap_or_else(|| "connection lost".into());
+        let mut last_error = match self.lost.take() {
+            Some(lost) => {
+                lost.conn.close().await;
+                lost.reason
+            }
+            None => "connection lost".into(),
+        };
         let mut attempt: u32 = 0;
         loop {
             if *shutdown.borrow() {
-                return Err(Error::Stopped);
+                return Err(Error::from(Kind::Stopped));
             }
             attempt = attempt.saturating_add(1);
             self.shared.health.send_replace(Health::Reconnecting {
@@ -571,7 +530,7 @@ impl Listener {
             );
             let result = tokio::select! {
                 biased;
-                _ = shutdown.changed() => return Err(Error::Stopped),
+                _ = shutdown.changed() => return Err(Error::from(Kind::Stopped)),
                 result = async {
                     sleep(delay).await;
                     self.try_reconnect().await
@@ -581,6 +540,7 @@ impl Listener {
                 Ok(()) => {
                     Metrics::add(&self.shared.metrics.reconnects, 1);
                     self.shared.health.send_replace(Health::Listening);
+                    self.schedule.settled(Instant::now());
                     info!(attempt, "pg_outbox relay reconnected and caught up");
                     return Ok(());
                 }
@@ -599,16 +559,11 @@ impl Listener {
     async fn try_reconnect(&mut self) -> Result<(), Error> {
         let conn = Conn::open(&self.cfg).await?;
         let run = history::server_run(&conn.queries, &self.cfg.schema);
-        let run = timeout(self.cfg.query_timeout, run)
-            .await
-            .map_err(|_| Error::Timeout {
-                doing: "reading the server's identity",
-                after: self.cfg.query_timeout,
-            })?;
+        let run = within(self.cfg.query_timeout, "reading the server's identity", run).await;
         self.conn = Some(conn);
         let run = run?;
-        if run != self.server || self.history_went_back {
-            self.rewind(&run).await?;
+        if self.lineage.needs_check(&run) {
+            self.rewind(run).await?;
         }
         self.counts_caught_up = true;
         self.advance().await
@@ -618,47 +573,32 @@ impl Listener {
     /// cursor saw, handing their ids out again: rewinds the cursor to the floor its witnesses
     /// prove, so the catch-up reads every xid from there again, and reports a gap where no
     /// witness survived.
-    async fn rewind(&mut self, run: &ServerRun) -> Result<(), Error> {
+    async fn rewind(&mut self, run: ServerRun) -> Result<(), Error> {
         let conn = self
             .conn
             .as_ref()
-            .ok_or_else(|| Error::ConnectionLost("no connection".into()))?;
+            .ok_or_else(|| Error::from(Kind::ConnectionLost("no connection".into())))?;
         let witnesses = self.cursor.witnesses();
         let floor = history::floor(&conn.queries, &witnesses, &self.cfg.schema);
-        let floor =
-            timeout(self.cfg.query_timeout, floor)
-                .await
-                .map_err(|_| Error::Timeout {
-                    doing: "checking the server's history",
-                    after: self.cfg.query_timeout,
-                })??;
+        let floor = within(
+            self.cfg.query_timeout,
+            "checking the server's history",
+            floor,
+        )
+        .await?;
         let from = self.cursor.snapshot().clone();
         let floor_xid = match floor {
-            Floor::Exact(xid) => {
-                // Positions issued on the old run stay exact below the floor.
-                let change = RunChange {
-                    from: self.server.epoch(),
-                    floor: xid,
-                };
-                self.carried_from = Some(change);
-                self.run_changes.push(change);
-                if self.run_changes.len() > RUN_CHANGES_KEPT {
-                    self.run_changes.remove(0);
-                }
-                xid
-            }
+            // Positions issued on the old run stay exact below the floor.
+            Floor::Exact(xid) => xid,
+            // Where the old history ends is not known.
             Floor::Assumed(xid) => {
-                // Where the old history ends is not known: no position of an earlier run can
-                // be carried over from here on.
-                self.carried_from = None;
-                self.run_changes.clear();
                 self.steps.push(Step::Gap(Gap::Rewound { floor_xid: xid }));
                 xid
             }
         };
         self.cursor.rewind(floor_xid);
         warn!(
-            previous = ?self.server,
+            previous = ?self.lineage.server(),
             now = ?run,
             cursor = %from,
             rewound_to = %self.cursor.snapshot(),
@@ -668,9 +608,7 @@ impl Listener {
              the history it still holds"
         );
         Metrics::add(&self.shared.metrics.rewinds, 1);
-        self.generation += 1;
-        self.server = run.clone();
-        self.history_went_back = false;
+        self.lineage.moved_to(run, floor);
         self.flush_settled();
         Ok(())
     }
@@ -678,6 +616,9 @@ impl Listener {
     async fn stop(mut self) {
         if let Some(conn) = self.conn.take() {
             conn.close().await;
+        }
+        if let Some(lost) = self.lost.take() {
+            lost.conn.close().await;
         }
         self.shared.fanout.close();
         self.shared.health.send_replace(Health::Stopped);
@@ -700,22 +641,4 @@ fn deliver_batch(shared: &Shared, batch: &mut Vec<Event>, then: Option<&Arc<Wate
         );
     }
     batch.clear();
-}
-
-/// A catch-up query for resumed subscriptions on its way, with the requests it serves.
-struct Resuming {
-    requests: Vec<ResumeRequest>,
-    query: Pin<Box<dyn Future<Output = Result<Advance, Error>> + Send>>,
-}
-
-/// An advance query on its way, polled by the listener among its other work.
-struct Advancing {
-    query: Pin<Box<dyn Future<Output = Result<Advance, Error>> + Send>>,
-    span: Span,
-}
-
-impl Advancing {
-    async fn result(&mut self) -> Result<Advance, Error> {
-        (&mut self.query).await
-    }
 }

@@ -21,6 +21,7 @@
 //! followed by the 16 bytes of the id.
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
 
@@ -28,7 +29,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use uuid::Uuid;
 
-use crate::cursor::Snapshot;
+use pg_outbox_wire::Snapshot;
+
+use crate::rows::RowKey;
 
 const VERSION: u8 = 1;
 
@@ -54,7 +57,7 @@ pub struct Position {
     epoch: u32,
     snapshot: Snapshot,
     /// Events seen whose transaction `snapshot` does not see, in the order they were seen.
-    beyond: Vec<(u64, Uuid)>,
+    beyond: Vec<RowKey>,
 }
 
 /// A snapshot the relay has delivered everything under, on the server run `epoch`.
@@ -128,33 +131,33 @@ impl Position {
 
     /// The transaction ids of the events seen beyond *S*.
     pub(crate) fn beyond_xids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.beyond.iter().map(|(xid, _)| *xid)
+        self.beyond.iter().map(|row| row.xid)
     }
 
-    /// Whether the event `(xid, id)` was seen.
-    pub(crate) fn covers(&self, xid: u64, id: Uuid) -> bool {
-        self.snapshot.is_visible(xid) || self.beyond.contains(&(xid, id))
+    /// Whether the row was seen.
+    pub(crate) fn covers(&self, row: RowKey) -> bool {
+        self.snapshot.is_visible(row.xid) || self.beyond.contains(&row)
     }
 
     /// The events seen beyond *S*, for checking many rows against a position whose list may be
     /// long (a token's: up to some 2,700 ids).
-    pub(crate) fn seen_beyond(&self) -> HashSet<(u64, Uuid)> {
+    pub(crate) fn seen_beyond(&self) -> HashSet<RowKey> {
         self.beyond.iter().copied().collect()
     }
 
-    /// Notes the event `(xid, id)`, which the caller knows was not seen, as seen.
-    pub(crate) fn record(&mut self, xid: u64, id: Uuid) {
-        if !self.snapshot.is_visible(xid) {
-            self.beyond.push((xid, id));
+    /// Notes the row, which the caller knows was not seen, as seen.
+    pub(crate) fn record(&mut self, row: RowKey) {
+        if !self.snapshot.is_visible(row.xid) {
+            self.beyond.push(row);
         }
     }
 
-    /// Notes the row `(xid, id)` as seen, unless it was; tells whether it is new.
-    pub(crate) fn see(&mut self, xid: u64, id: Uuid) -> bool {
-        if self.covers(xid, id) {
+    /// Notes the row as seen, unless it was; tells whether it is new.
+    pub(crate) fn see(&mut self, row: RowKey) -> bool {
+        if self.covers(row) {
             return false;
         }
-        self.record(xid, id);
+        self.record(row);
         true
     }
 
@@ -175,7 +178,7 @@ impl Position {
         }
         self.snapshot = self.snapshot.union(&watermark.snapshot);
         let snapshot = &self.snapshot;
-        self.beyond.retain(|(xid, _)| !snapshot.is_visible(*xid));
+        self.beyond.retain(|row| !snapshot.is_visible(row.xid));
     }
 
     /// This position carried over to the server run `epoch`, whose history is the same as the
@@ -188,7 +191,7 @@ impl Position {
                 .beyond
                 .iter()
                 .copied()
-                .filter(|(xid, _)| *xid < floor)
+                .filter(|row| row.xid < floor)
                 .collect(),
         }
     }
@@ -208,10 +211,10 @@ impl Position {
             previous = xid;
         }
         put_varint(&mut out, self.beyond.len() as u64);
-        for (xid, id) in &self.beyond {
+        for row in &self.beyond {
             // Not visible in S, so at or above its xmin.
-            put_varint(&mut out, xid - xmin);
-            out.extend_from_slice(id.as_bytes());
+            put_varint(&mut out, row.xid - xmin);
+            out.extend_from_slice(row.id.as_bytes());
         }
         out
     }
@@ -249,10 +252,11 @@ impl Position {
                 .filter(|&xid| xid < MAX_XID)
                 .ok_or(invalid("an xid is beyond any transaction id"))?;
             let id = Uuid::from_bytes(reader.array()?);
-            if snapshot.is_visible(xid) || !repeated.insert((xid, id)) {
+            let row = RowKey { xid, id };
+            if snapshot.is_visible(xid) || !repeated.insert(row) {
                 return Err(invalid("an id beyond the snapshot is not beyond it"));
             }
-            beyond.push((xid, id));
+            beyond.push(row);
         }
         if !reader.bytes.is_empty() {
             return Err(invalid("bytes after the end"));
@@ -282,6 +286,45 @@ impl FromStr for Position {
             .decode(token.trim())
             .map_err(|_| invalid("not base64url"))?;
         Position::from_bytes(&bytes)
+    }
+}
+
+/// What [`Relay::subscribe_from`](crate::Relay::subscribe_from) resumes from: a token as a
+/// browser sends it back (`&str`, `String`), parsed there, or a position at hand.
+impl TryFrom<&str> for Position {
+    type Error = PositionError;
+
+    fn try_from(token: &str) -> Result<Position, PositionError> {
+        token.parse()
+    }
+}
+
+impl TryFrom<&String> for Position {
+    type Error = PositionError;
+
+    fn try_from(token: &String) -> Result<Position, PositionError> {
+        token.parse()
+    }
+}
+
+impl TryFrom<String> for Position {
+    type Error = PositionError;
+
+    fn try_from(token: String) -> Result<Position, PositionError> {
+        token.parse()
+    }
+}
+
+impl From<&Position> for Position {
+    fn from(position: &Position) -> Position {
+        position.clone()
+    }
+}
+
+/// A position at hand is never malformed.
+impl From<Infallible> for PositionError {
+    fn from(never: Infallible) -> PositionError {
+        match never {}
     }
 }
 
@@ -351,16 +394,19 @@ mod tests {
         Watermark::new(epoch, snap(text))
     }
 
-    fn id(n: u128) -> Uuid {
-        Uuid::from_u128(n)
+    fn key(xid: u64, n: u128) -> RowKey {
+        RowKey {
+            xid,
+            id: Uuid::from_u128(n),
+        }
     }
 
     #[test]
     fn a_token_reads_back_as_the_same_position_and_is_url_safe() {
         let mut position = Position::at(&watermark(7, "1000:1010:1000,1003,1004"));
-        position.record(1003, id(1));
-        position.record(1012, id(u128::MAX));
-        position.record(999, id(3)); // seen already: under xmin
+        position.record(key(1003, 1));
+        position.record(key(1012, u128::MAX));
+        position.record(key(999, 3)); // seen already: under xmin
         let token = position.to_string();
         assert!(token
             .bytes()
@@ -386,18 +432,18 @@ mod tests {
     #[test]
     fn watermarks_let_the_ids_beyond_go() {
         let mut position = Position::at(&watermark(1, "100:103:100,101"));
-        position.record(101, id(1));
-        position.record(104, id(2));
-        assert!(position.covers(101, id(1)) && !position.covers(101, id(9)));
+        position.record(key(101, 1));
+        position.record(key(104, 2));
+        assert!(position.covers(key(101, 1)) && !position.covers(key(101, 9)));
         position.absorb(&watermark(1, "101:105:101"));
         // 100 and 104 are seen now; 101 only through its id.
-        assert_eq!(position.beyond, [(101, id(1))]);
-        assert!(position.covers(100, id(5)) && position.covers(104, id(2)));
+        assert_eq!(position.beyond, [key(101, 1)]);
+        assert!(position.covers(key(100, 5)) && position.covers(key(104, 2)));
         position.absorb(&watermark(1, "106:106:"));
         assert!(position.beyond.is_empty());
         assert_eq!(position.snapshot().to_string(), "106:106:");
         // Another server run's watermark replaces it, unless the relay proved a floor.
-        position.record(107, id(3));
+        position.record(key(107, 3));
         let mut carried = position.clone();
         position.absorb(&watermark(2, "50:50:"));
         assert_eq!(position, Position::at(&watermark(2, "50:50:")));
@@ -416,19 +462,19 @@ mod tests {
     #[test]
     fn carried_over_keeps_only_the_history_under_the_floor() {
         let mut position = Position::at(&watermark(1, "100:110:105"));
-        position.record(105, id(1));
-        position.record(112, id(2));
+        position.record(key(105, 1));
+        position.record(key(112, 2));
         let carried = position.carried_over(2, 108);
         assert_eq!(carried.epoch(), 2);
         assert_eq!(carried.snapshot().to_string(), "100:108:105");
-        assert_eq!(carried.beyond, [(105, id(1))]);
+        assert_eq!(carried.beyond, [key(105, 1)]);
     }
 
     #[test]
     fn hostile_tokens_are_errors_never_panics() {
         let good = {
             let mut position = Position::at(&watermark(3, "10:20:12,15"));
-            position.record(15, id(42));
+            position.record(key(15, 42));
             position.to_bytes()
         };
         // Every truncation, and every single-byte corruption, is an error or another valid
@@ -466,7 +512,7 @@ mod tests {
         assert!(Position::from_bytes(&trailing).is_err());
         // An id "beyond" that the snapshot already sees.
         let mut position = Position::at(&watermark(3, "10:20:12"));
-        position.beyond.push((11, id(1)));
+        position.beyond.push(key(11, 1));
         assert!(Position::from_bytes(&position.to_bytes()).is_err());
     }
 

@@ -6,19 +6,22 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::config::RelayBuilder;
-use crate::error::Error;
-use crate::fanout::{Fanout, Filter, Subscription};
-
+use crate::config::{RelayBuilder, Settings};
+use crate::error::{Error, Kind};
+use crate::event::ResetReason;
+use crate::fanout::Fanout;
 use crate::health::Health;
-use crate::listener::{Listener, Shared};
+use crate::listener::Listener;
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::position::Position;
+use crate::position::{Position, PositionError};
 use crate::resume::ResumeRequest;
+use crate::shared::Shared;
+use crate::subscription::Subscription;
+use crate::topic::{Filter, Topic};
 
 /// Relays `pg_outbox` events from PostgreSQL to this process's subscribers.
 ///
-/// Build one per process with [`Relay::builder`], subscribe, [`start`](Relay::start) it. Cloning
+/// Build one per process with [`RelayBuilder`], subscribe, [`start`](Relay::start) it. Cloning
 /// gives another handle to the same relay; when the last handle is dropped the relay stops.
 #[derive(Clone)]
 pub struct Relay {
@@ -26,7 +29,7 @@ pub struct Relay {
 }
 
 struct Inner {
-    config: Arc<RelayBuilder>,
+    settings: Arc<Settings>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     state: Mutex<State>,
@@ -40,19 +43,22 @@ enum State {
     Stopped,
 }
 
-impl Relay {
-    /// A builder for a relay on this connection configuration.
-    pub fn builder(pg: tokio_postgres::Config) -> RelayBuilder {
-        RelayBuilder::new(pg)
+impl RelayBuilder {
+    /// Checks the settings and builds the relay (not started: subscribe, then
+    /// [`Relay::start`]).
+    pub fn build(self) -> Result<Relay, Error> {
+        self.settings().map(Relay::new)
     }
+}
 
-    pub(crate) fn new(config: RelayBuilder) -> Relay {
+impl Relay {
+    fn new(settings: Settings) -> Relay {
         let (health, _) = watch::channel(Health::NotStarted);
         let (shutdown, _) = watch::channel(false);
         let (resumes, resume_queue) = mpsc::unbounded_channel();
         Relay {
             inner: Arc::new(Inner {
-                config: Arc::new(config),
+                settings: Arc::new(settings),
                 shared: Arc::new(Shared {
                     fanout: Fanout::default(),
                     metrics: Metrics::default(),
@@ -66,45 +72,17 @@ impl Relay {
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn config(&self) -> &RelayBuilder {
-        &self.inner.config
-    }
-
-    /// Events of one channel, every user.
-    pub fn subscribe(&self, channel: impl Into<String>) -> Subscription {
-        self.subscribe_to(Topic::channel(channel))
-    }
-
-    /// Events of one channel addressed to one user.
-    pub fn subscribe_user(
-        &self,
-        channel: impl Into<String>,
-        user_id: impl Into<String>,
-    ) -> Subscription {
-        self.subscribe_to(Topic::channel(channel).user(user_id))
-    }
-
-    /// Every event the relay delivers.
-    pub fn subscribe_all(&self) -> Subscription {
-        self.subscribe_to(Topic::all())
-    }
-
-    /// Every event addressed to one user, on every channel: what a user's SSE or websocket
-    /// connection needs.
-    pub fn subscribe_for_user(&self, user_id: impl Into<String>) -> Subscription {
-        self.subscribe_to(Topic::for_user(user_id))
-    }
-
-    /// Events matching `topic`, with its own buffer size if it sets one.
+    /// Events matching `topic` (a channel or every one, optionally one user), with its own
+    /// buffer size if it sets one.
     pub fn subscribe_to(&self, topic: Topic) -> Subscription {
         let (filter, buffer) = self.topic_parts(topic);
-        self.inner.shared.fanout.subscribe(filter, buffer)
+        Subscription::live(self.inner.shared.fanout.subscribe(filter, buffer))
     }
 
-    /// Resumes a subscription from `last_seen`, a position token from
-    /// [`Subscription::position`] on this relay or any other on the same database (for SSE,
-    /// the `Last-Event-ID` header): the events matching `topic` that the position had not seen,
+    /// Resumes a subscription from `last_seen`: a [`Position`] from [`Subscription::position`]
+    /// on this relay or any other on the same database, or its token as text (for SSE, the
+    /// `Last-Event-ID` header). It hands out the events matching `topic` that the position had
+    /// not seen,
     /// in `(xid, id)` order, then the live stream, with no event twice and none missed, whatever
     /// order publishers committed in.
     ///
@@ -116,19 +94,18 @@ impl Relay {
     ///
     /// The catch-up is one query; subscriptions resuming together share it (see
     /// [`MetricsSnapshot::resume_queries`]). It runs once the relay is started and connected.
-    pub fn subscribe_from(&self, topic: Topic, last_seen: &str) -> Subscription {
+    pub fn subscribe_from<P>(&self, topic: Topic, last_seen: P) -> Subscription
+    where
+        P: TryInto<Position>,
+        P::Error: Into<PositionError>,
+    {
         let (filter, buffer) = self.topic_parts(topic);
-        let fanout = &self.inner.shared.fanout;
+        // Filed before the request goes: see the `resume` module for why.
+        let inbox = self.inner.shared.fanout.subscribe(filter.clone(), buffer);
         let (answer, answered) = oneshot::channel();
-        match last_seen.parse::<Position>() {
+        match last_seen.try_into() {
             Ok(position) => {
-                // Filed before the request goes: see the `resume` module for why.
-                let subscription = fanout.subscribe_resumed(
-                    filter.clone(),
-                    buffer,
-                    Some(position.clone()),
-                    answered,
-                );
+                let subscription = Subscription::resumed(inbox, Some(position.clone()), answered);
                 // Fails only once the relay stopped: the subscription's stream then ends.
                 let _ = self.inner.shared.resumes.send(ResumeRequest {
                     filter,
@@ -138,9 +115,9 @@ impl Relay {
                 subscription
             }
             Err(err) => {
-                let subscription = fanout.subscribe_resumed(filter, buffer, None, answered);
+                let subscription = Subscription::resumed(inbox, None, answered);
                 // Answered here, and counted as the listener counts the resumes it answers.
-                let reason = crate::event::ResetReason::Malformed(err);
+                let reason = ResetReason::Malformed(err.into());
                 let metrics = &self.inner.shared.metrics;
                 Metrics::add(&metrics.resumes, 1);
                 metrics.count_reset(&reason);
@@ -152,9 +129,8 @@ impl Relay {
 
     /// A topic's filter and buffer, checked against the relay's configuration.
     fn topic_parts(&self, topic: Topic) -> (Filter, usize) {
-        let channels = &self.inner.config.channels;
         if let Some(channel) = &topic.filter.channel {
-            if !channels.is_empty() && !channels.contains(channel) {
+            if !self.inner.settings.policy.wants(channel) {
                 warn!(
                     channel = %channel,
                     "subscribing to a channel this relay does not relay (see RelayBuilder::channels)"
@@ -167,7 +143,7 @@ impl Relay {
                 1
             }
             Some(events) => events,
-            None => self.inner.config.subscriber_buffer,
+            None => self.inner.settings.subscriber_buffer,
         };
         (topic.filter, buffer)
     }
@@ -183,11 +159,11 @@ impl Relay {
         let mut state = self.inner.state.lock().await;
         match *state {
             State::NotStarted => {}
-            State::Running(_) => return Err(Error::AlreadyStarted),
-            State::Stopped => return Err(Error::Stopped),
+            State::Running(_) => return Err(Error::from(Kind::AlreadyStarted)),
+            State::Stopped => return Err(Error::from(Kind::Stopped)),
         }
         let listener = Listener::start(
-            Arc::clone(&self.inner.config),
+            Arc::clone(&self.inner.settings),
             Arc::clone(&self.inner.shared),
             self.inner.shutdown.subscribe(),
         )
@@ -198,13 +174,13 @@ impl Relay {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .ok_or(Error::AlreadyStarted)?;
+            .ok_or(Error::from(Kind::AlreadyStarted))?;
         self.inner.shared.health.send_replace(Health::Listening);
         #[cfg(feature = "metrics")]
         tokio::spawn(crate::export::run(
             Arc::downgrade(&self.inner.shared),
             self.inner
-                .config
+                .settings
                 .pg
                 .get_application_name()
                 .unwrap_or_default()
@@ -232,7 +208,7 @@ impl Relay {
 
     /// The instance id events are deduplicated against.
     pub fn instance_id(&self) -> Option<&str> {
-        self.inner.config.instance_id.as_deref()
+        self.inner.settings.policy.instance_id()
     }
 
     /// Stops the relay: closes its connection, ends every subscription's stream (after what is
@@ -264,62 +240,9 @@ impl Drop for Inner {
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
-            .field("instance_id", &self.inner.config.instance_id)
+            .field("instance_id", &self.instance_id())
             .field("health", &self.health())
             .finish()
-    }
-}
-
-/// What a subscription wants: a channel (or all), optionally one user, optionally its own
-/// buffer size.
-///
-/// ```
-/// use pg_outbox_client::Topic;
-/// let topic = Topic::channel("chat").user("u1").buffer(64);
-/// ```
-#[derive(Clone, Debug)]
-pub struct Topic {
-    filter: Filter,
-    buffer: Option<usize>,
-}
-
-impl Topic {
-    /// Every channel, every user.
-    pub fn all() -> Topic {
-        Topic {
-            filter: Filter {
-                channel: None,
-                user_id: None,
-            },
-            buffer: None,
-        }
-    }
-
-    /// One channel, every user.
-    pub fn channel(channel: impl Into<String>) -> Topic {
-        let mut topic = Topic::all();
-        topic.filter.channel = Some(channel.into());
-        topic
-    }
-
-    /// Every channel, one user: what a user's SSE or websocket connection needs.
-    pub fn for_user(user_id: impl Into<String>) -> Topic {
-        Topic::all().user(user_id)
-    }
-
-    /// Only the events addressed to this user.
-    pub fn user(mut self, user_id: impl Into<String>) -> Topic {
-        self.filter.user_id = Some(user_id.into());
-        self
-    }
-
-    /// This subscription's buffer, in events, instead of the relay's `subscriber_buffer`: how
-    /// many it may have queued, besides the batch it is reading, before it lags. At least 1,
-    /// as for [`RelayBuilder::subscriber_buffer`] (which refuses 0 when the relay is built):
-    /// `subscribe_to` takes 0 as 1, and logs a warning.
-    pub fn buffer(mut self, events: usize) -> Topic {
-        self.buffer = Some(events);
-        self
     }
 }
 
@@ -333,7 +256,7 @@ mod tests {
             .unwrap()
             .build()
             .unwrap();
-        let mut subscription = relay.subscribe_all();
+        let mut subscription = relay.subscribe_to(Topic::all());
         let health = relay.watch_health();
         assert_eq!(*health.borrow(), Health::NotStarted);
         drop(relay);
@@ -359,6 +282,6 @@ mod tests {
             .unwrap();
         relay.shutdown().await;
         assert_eq!(relay.health(), Health::Stopped);
-        assert!(matches!(relay.start().await, Err(Error::Stopped)));
+        assert!(relay.start().await.is_err_and(|err| err.is_stopped()));
     }
 }

@@ -20,12 +20,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use crate::advance;
-use crate::config::RelayBuilder;
-use crate::cursor::{self, Advance, Unreadable};
 use crate::error::Error;
-use crate::event::{Event, ResetReason};
-use crate::fanout::Filter;
+use crate::event::ResetReason;
+use crate::policy::Policy;
 use crate::position::{Position, RunChange, Watermark};
+use crate::rows::{Row, RowKey, Visible};
+use crate::topic::Filter;
 
 /// A subscription's request to resume from `position`.
 pub(crate) struct ResumeRequest {
@@ -41,7 +41,7 @@ pub(crate) struct ResumeRequest {
 #[derive(Debug)]
 pub(crate) struct CatchUp {
     pub base: Position,
-    pub rows: VecDeque<Result<Event, Unreadable>>,
+    pub rows: VecDeque<Row>,
     pub until: Watermark,
     /// The xid of the last row handed out from `rows`.
     pub replayed_xid: Option<u64>,
@@ -106,7 +106,11 @@ impl Wanted {
 }
 
 /// Runs the catch-up query for `wanted`.
-pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Result<Advance, Error> {
+pub(crate) async fn query(
+    client: &Client,
+    wanted: &Wanted,
+    schema: &str,
+) -> Result<Visible, Error> {
     let (users, channels) = if wanted.everything {
         (false, false)
     } else {
@@ -125,22 +129,22 @@ pub(crate) async fn read(client: &Client, wanted: &Wanted, schema: &str) -> Resu
         .query(&sql, &params)
         .await
         .map_err(|e| Error::from_query(e, schema))?;
-    advance::parse(&rows, 0)
+    advance::parse(&rows)
 }
 
 /// What the relay knows when it answers: the current server run, the runs it went through,
-/// and its configuration (channels relayed, own origin).
+/// and its policy (channels relayed, own origin), the live stream's.
 pub(crate) struct Answering<'a> {
     pub epoch: u32,
     /// The relay's rewinds so far (see [`Watermark::generation`]).
     pub generation: u64,
     pub changes: &'a [RunChange],
-    pub cfg: &'a RelayBuilder,
+    pub policy: &'a Policy,
 }
 
 impl Answering<'_> {
     /// Answers one request from the catch-up `read` returned.
-    pub fn answer(&self, request: &ResumeRequest, read: &Advance) -> Result<CatchUp, ResetReason> {
+    pub fn answer(&self, request: &ResumeRequest, read: &Visible) -> Result<CatchUp, ResetReason> {
         let base = self.carry_over(&request.position)?;
         let server = &read.snapshot;
         let position_xmax = base
@@ -163,29 +167,24 @@ impl Answering<'_> {
                 position_xmin: base.snapshot().xmin(),
             });
         }
-        let filter = &request.filter;
         let wanted = |channel: &str, user_id: &str| {
-            filter.channel.as_deref().is_none_or(|c| c == channel)
-                && filter.user_id.as_deref().is_none_or(|u| u == user_id)
-                && (self.cfg.channels.is_empty() || self.cfg.channels.iter().any(|c| c == channel))
-        };
-        let own = |origin: Option<&str>| {
-            !self.cfg.deliver_own_origin
-                && self.cfg.instance_id.is_some()
-                && origin == self.cfg.instance_id.as_deref()
+            request.filter.matches(channel, user_id) && self.policy.wants(channel)
         };
         let seen = base.seen_beyond();
-        let covered = |xid: u64, id| base.snapshot().is_visible(xid) || seen.contains(&(xid, id));
+        let covered = |key: RowKey| base.snapshot().is_visible(key.xid) || seen.contains(&key);
         let rows = read
             .rows
             .iter()
             .filter(|row| {
-                let (xid, id) = cursor::row_key(row);
+                let key = RowKey::of(row);
                 let wanted = match row {
-                    Ok(event) => wanted(event.channel(), event.user_id()) && !own(event.origin()),
+                    Ok(event) => {
+                        wanted(event.channel(), event.user_id())
+                            && !self.policy.is_own(event.origin())
+                    }
                     Err(unreadable) => wanted(&unreadable.channel, &unreadable.user_id),
                 };
-                wanted && !covered(xid, id)
+                wanted && !covered(key)
             })
             .cloned()
             .collect();
@@ -227,8 +226,8 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::cursor::Snapshot;
     use crate::event::Event;
+    use pg_outbox_wire::Snapshot;
 
     fn snap(text: &str) -> Snapshot {
         text.parse().unwrap()
@@ -260,17 +259,19 @@ mod tests {
     fn position(epoch: u32, text: &str, seen: &[(u64, u128)]) -> Position {
         let mut position = Position::at(&Watermark::new(epoch, snap(text)));
         for (xid, n) in seen {
-            position.record(*xid, Uuid::from_u128(*n));
+            position.record(RowKey {
+                xid: *xid,
+                id: Uuid::from_u128(*n),
+            });
         }
         position
     }
 
-    fn read(snapshot: &str, pruned: u64, rows: Vec<Event>) -> Advance {
-        Advance {
+    fn read(snapshot: &str, pruned: u64, rows: Vec<Event>) -> Visible {
+        Visible {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
             rows: rows.into_iter().map(Ok).collect(),
-            heard_before: 0,
         }
     }
 
@@ -284,12 +285,12 @@ mod tests {
 
     #[test]
     fn each_subscription_gets_what_its_own_position_had_not_seen() {
-        let cfg = RelayBuilder::from_connection_string("host=/nonexistent").unwrap();
+        let policy = Policy::default();
         let answering = Answering {
             epoch: 1,
             generation: 0,
             changes: &[],
-            cfg: &cfg,
+            policy: &policy,
         };
         // 101 committed late (after 102); u1 saw 102 beyond its snapshot, u2 saw nothing.
         let rows = vec![
@@ -307,7 +308,7 @@ mod tests {
 
     #[test]
     fn positions_that_cannot_resume_exactly_are_reset_with_the_reason() {
-        let cfg = RelayBuilder::from_connection_string("host=/nonexistent").unwrap();
+        let policy = Policy::default();
         let changes = [RunChange {
             from: 1,
             floor: 150,
@@ -316,7 +317,7 @@ mod tests {
             epoch: 2,
             generation: 1,
             changes: &changes,
-            cfg: &cfg,
+            policy: &policy,
         };
         let read = read("200:200:", 120, vec![event(1, 160, "u1")]);
         // Forged, or from a lost history: beyond what the server has assigned.

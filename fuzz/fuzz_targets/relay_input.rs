@@ -31,9 +31,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = event.decode::<serde_json::Value>();
         }
     }
-    if let Ok(parsed) = snapshot.parse::<pg_outbox_client::Snapshot>() {
+    if let Ok(parsed) = snapshot.parse::<pg_outbox_wire::Snapshot>() {
         // Printing and parsing again is the identity (the relay sends its cursor back as text).
-        let again: pg_outbox_client::Snapshot = parsed.to_string().parse().expect("round trip");
+        let again: pg_outbox_wire::Snapshot = parsed.to_string().parse().expect("round trip");
         assert_eq!(again, parsed);
         let _ = parsed.is_visible(parsed.xmin()) || parsed.is_visible(u64::MAX);
     }

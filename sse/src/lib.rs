@@ -25,7 +25,7 @@
 //!     Query(who): Query<Who>,
 //!     last_event_id: LastEventId,
 //! ) -> axum::response::sse::Sse<EventStream> {
-//!     pg_outbox_sse::stream(&relay, Topic::for_user(who.user), last_event_id.as_deref())
+//!     pg_outbox_sse::stream(&relay, Topic::all().user(who.user), last_event_id.as_deref())
 //! }
 //!
 //! # fn app(relay: Relay) -> Router {
@@ -140,7 +140,7 @@ impl SseConfig {
     }
 }
 
-/// The events of `topic` (for a browser: [`Topic::for_user`]) as an SSE response, with the
+/// The events of `topic` (for a browser: `Topic::all().user(id)`) as an SSE response, with the
 /// default [`SseConfig`]: from `last_event_id` (the request's `Last-Event-ID`, see
 /// [`LastEventId`]) when the browser reconnects, from now otherwise.
 pub fn stream(relay: &Relay, topic: Topic, last_event_id: Option<&str>) -> Sse<EventStream> {

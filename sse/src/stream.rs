@@ -163,7 +163,7 @@ mod tests {
         let config = SseConfig::default()
             .retry(Duration::from_millis(250))
             .keep_alive(Duration::from_secs(5));
-        let sse = stream_with(&relay, Topic::for_user("u1"), Some("garbage"), &config);
+        let sse = stream_with(&relay, Topic::all().user("u1"), Some("garbage"), &config);
         let mut frames = Box::pin(body(sse.into_response()));
         assert_eq!(frames.next().await.unwrap(), "retry: 250\n\n");
         let reset = frames.next().await.unwrap();
@@ -184,7 +184,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_first_connection_waits_for_events_and_ends_with_the_relay() {
         let relay = relay();
-        let sse = stream_with(&relay, Topic::for_user("u1"), None, &SseConfig::default());
+        let sse = stream_with(&relay, Topic::all().user("u1"), None, &SseConfig::default());
         let mut frames = Box::pin(body(sse.into_response()));
         assert_eq!(frames.next().await.unwrap(), "retry: 1000\n\n");
         assert_eq!(frames.next().await.unwrap(), ": keep-alive\n\n");

@@ -30,6 +30,7 @@ pub mod browser;
 pub mod callers;
 pub mod pruner;
 pub mod relay;
+pub mod soak;
 
 /// How long any single wait of a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(60);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pg_outbox_client::{Delivery, Gap, Relay, RelayBuilder, Subscription};
+use pg_outbox_client::{Delivery, Gap, Relay, RelayBuilder, Subscription, Topic};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
@@ -25,7 +25,7 @@ pub fn relay_as(cluster: &Cluster, application_name: &str, user: &str) -> RelayB
 
 /// [`relay`], connecting with `config`.
 pub fn relay_with(config: tokio_postgres::Config, application_name: &str) -> RelayBuilder {
-    Relay::builder(config)
+    RelayBuilder::new(config)
         .application_name(application_name)
         .backoff(Duration::from_millis(20), Duration::from_millis(300))
         .sweep_interval(Duration::from_millis(250))
@@ -36,7 +36,7 @@ pub async fn started(cluster: &Cluster, application_name: &str) -> (Relay, Colle
     let relay = relay(cluster, application_name)
         .build()
         .expect("build the relay");
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.expect("start the relay");
     (relay, all)
 }

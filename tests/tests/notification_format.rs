@@ -10,7 +10,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use pg_outbox_client::{__decode_notification, __fuzz_relay_input, Event, Snapshot};
+use pg_outbox_client::{__decode_notification, __fuzz_relay_input, Event};
+use pg_outbox_wire::Snapshot;
 use pg_outbox_wire::{BatchDocuments, NOTIFY_PAYLOAD_LIMIT};
 use proptest::prelude::*;
 use serde_json::{json, Value};

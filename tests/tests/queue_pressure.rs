@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{relay, Collector};
 use pg_outbox_tests::Cluster;
 use tokio_postgres::Client;
@@ -44,7 +45,7 @@ async fn a_listener_stuck_in_a_transaction_makes_the_queue_grow_until_it_ends() 
         .subscriber_buffer(100_000) // batches of 2000 land at once: no lag for the collector
         .build()
         .unwrap();
-    let delivered = Collector::spawn(relay.subscribe_all());
+    let delivered = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
 
     // Nothing is held yet: whatever the queue holds, everyone has read it.

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{committed_ids, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
 use uuid::Uuid;
@@ -17,7 +18,7 @@ async fn every_relay_gets_every_committed_event_once() {
     let mut relays = Vec::new();
     for name in ["relay_a", "relay_b", "relay_c"] {
         let relay = relay(&cluster, name).build().unwrap();
-        let all = Collector::spawn(relay.subscribe_all());
+        let all = Collector::spawn(relay.subscribe_to(Topic::all()));
         relay.start().await.unwrap();
         relays.push((relay, all));
     }

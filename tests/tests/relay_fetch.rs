@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
 
@@ -16,7 +17,7 @@ async fn thirty_two_waiting_references_are_fetched_at_once_in_one_query() {
         .sweep_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let chat = Collector::spawn(relay.subscribe("chat"));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     relay.start().await.unwrap();
     let mut client = cluster.connect("postgres").await;
     client

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use pg_outbox_client::Gap;
+use pg_outbox_client::{Gap, Topic};
 use pg_outbox_tests::relay::{
     create_relay_role, publish, relay_as, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
@@ -17,8 +17,8 @@ async fn rows_pruned_while_disconnected_are_reported_as_a_gap() {
     let relay = relay_as(&cluster, "relay_gap", "relay_user")
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
-    let chat = Collector::spawn(relay.subscribe("chat"));
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     relay.start().await.unwrap();
 
     let client = cluster.connect("postgres").await;

@@ -65,7 +65,7 @@ async fn a_crash_that_hands_seen_xids_out_again_loses_nothing() {
     let relay = relay_as(&cluster, "relay_crash", "relay_user")
         .build()
         .unwrap();
-    let chat = Collector::spawn(relay.subscribe("chat"));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     relay.start().await.unwrap();
     let before = publish_n(&cluster, 1).await;
     chat.wait_for_all(
@@ -119,9 +119,9 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
     let relay = relay_with(config.clone(), "relay_failover")
         .build()
         .unwrap();
-    let chat = Collector::spawn(relay.subscribe("chat"));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     // A browser's stream, whose position must come through the failover too.
-    let mut browser = relay.subscribe_to(Topic::for_user("u1"));
+    let mut browser = relay.subscribe_to(Topic::all().user("u1"));
     relay.start().await.unwrap();
     // The relay stays away from the promoted standby until the new transactions have
     // committed (its connection to the primary is not affected), so the catch-up is what must
@@ -189,7 +189,7 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
 
     // The browser resumes on the relay that went through the failover: the new transactions
     // that reuse the xids it saw are delivered, the lost events are not there to repeat.
-    let resumed = Collector::spawn(relay.subscribe_from(Topic::for_user("u1"), &position));
+    let resumed = Collector::spawn(relay.subscribe_from(Topic::all().user("u1"), &position));
     let new: HashSet<Uuid> = after.iter().copied().collect();
     resumed
         .wait_for_all(&standby, "the events after the failover, resumed", &new)
@@ -200,7 +200,7 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
     // ones: it resets.
     let fresh = relay_with(config, "relay_after_failover").build().unwrap();
     fresh.start().await.unwrap();
-    let mut reset = fresh.subscribe_from(Topic::for_user("u1"), &position);
+    let mut reset = fresh.subscribe_from(Topic::all().user("u1"), &position);
     let first = tokio::time::timeout(WAIT, reset.recv()).await.unwrap();
     assert!(
         matches!(
@@ -222,7 +222,7 @@ async fn a_late_commit_pruned_below_a_seen_xid_is_reported_as_a_gap() {
     let relay = relay_as(&cluster, "relay_late", "relay_user")
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
 
     // A transaction publishes and stays open while the relay's cursor moves past it.
@@ -260,7 +260,7 @@ async fn a_history_with_none_of_the_relays_witnesses_is_reported_as_a_gap() {
     let relay = relay_as(&cluster, "relay_rewound", "postgres")
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
     let before = publish_n(&cluster, 3).await;
     all.wait_for_all(

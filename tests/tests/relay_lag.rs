@@ -16,7 +16,7 @@ async fn a_slow_subscriber_lags_while_a_fast_one_gets_everything() {
     let relay = relay(&cluster, "relay_lag").build().unwrap();
     // Never read until the end.
     let mut slow = relay.subscribe_to(Topic::channel("chat").buffer(BUFFER));
-    let fast = Collector::spawn(relay.subscribe("chat"));
+    let fast = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     relay.start().await.unwrap();
 
     cluster.psql(

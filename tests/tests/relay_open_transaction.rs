@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{
     create_relay_role, publish, relay, relay_as, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
@@ -17,7 +18,7 @@ async fn a_transaction_open_at_start_is_delivered_when_it_commits() {
     let early = publish(&tx, "chat", "u1", r#"{"open":"before start"}"#, None).await;
 
     let relay = relay(&cluster, "relay_open").build().unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
     let other = cluster.connect("postgres").await;
     let later = publish(&other, "chat", "u1", r#"{"n":1}"#, None).await;
@@ -37,7 +38,7 @@ async fn a_transaction_committed_while_the_relay_is_away_is_caught_up() {
     let relay = relay_as(&cluster, "relay_away", "relay_user")
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
 
     let mut publisher = cluster.connect("postgres").await;

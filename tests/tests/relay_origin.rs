@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
 
@@ -24,7 +25,7 @@ async fn own_events_are_skipped_unless_asked_for() {
     let relays = [&a, &b, &a_too];
     let collectors: Vec<Collector> = relays
         .iter()
-        .map(|r| Collector::spawn(r.subscribe_all()))
+        .map(|r| Collector::spawn(r.subscribe_to(Topic::all())))
         .collect();
     for relay in relays {
         relay.start().await.unwrap();

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
 
@@ -9,10 +10,10 @@ use pg_outbox_tests::Cluster;
 async fn per_user_subscriptions_see_only_their_user() {
     let cluster = Cluster::start();
     let relay = relay(&cluster, "relay_users").build().unwrap();
-    let u1 = Collector::spawn(relay.subscribe_user("chat", "u1"));
-    let u2 = Collector::spawn(relay.subscribe_user("chat", "u2"));
-    let chat = Collector::spawn(relay.subscribe("chat"));
-    let other = Collector::spawn(relay.subscribe("other"));
+    let u1 = Collector::spawn(relay.subscribe_to(Topic::channel("chat").user("u1")));
+    let u2 = Collector::spawn(relay.subscribe_to(Topic::channel("chat").user("u2")));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
+    let other = Collector::spawn(relay.subscribe_to(Topic::channel("other")));
     relay.start().await.unwrap();
 
     let client = cluster.connect("postgres").await;

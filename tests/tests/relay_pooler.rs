@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pg_outbox_client::{Error, RelayBuilder};
+use pg_outbox_client::{RelayBuilder, Topic};
 use pg_outbox_tests::relay::{publish, Collector};
 use pg_outbox_tests::Cluster;
 
@@ -16,7 +16,7 @@ async fn a_transaction_mode_pooler_is_refused_naming_the_fix() {
         .build()
         .unwrap();
     let err = relay.start().await.unwrap_err();
-    assert!(matches!(err, Error::TransactionPooler(_)), "{err}");
+    assert!(err.is_pooler(), "{err}");
     assert!(err.to_string().contains("session-mode pool"), "{err}");
 }
 
@@ -25,7 +25,7 @@ async fn a_session_mode_pooler_works() {
     let cluster = Cluster::start();
     let bouncer = cluster.pgbouncer("session").await;
     let relay = RelayBuilder::new(bouncer.config()).build().unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
     let client = cluster.connect("postgres").await;
     let id = publish(&client, "chat", "u1", "{}", None).await;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{
     committed_ids, relay, try_publish, wait_for_advances, wait_listening, Collector,
 };
@@ -23,7 +24,7 @@ async fn kills_and_restarts_lose_and_duplicate_nothing() {
     let mut relays = Vec::new();
     for name in names {
         let relay = relay(&cluster, name).build().unwrap();
-        let all = Collector::spawn(relay.subscribe_all());
+        let all = Collector::spawn(relay.subscribe_to(Topic::all()));
         relay.start().await.unwrap();
         relays.push((relay, all));
     }

@@ -38,7 +38,7 @@ async fn another_relay_resumes_exactly_what_the_position_had_not_seen() {
     let cluster = Cluster::start();
     let a = started(&cluster, "relay_resume_a").await;
     let b = started(&cluster, "relay_resume_b").await;
-    let mut on_a = a.subscribe_to(Topic::for_user("u1"));
+    let mut on_a = a.subscribe_to(Topic::all().user("u1"));
     let publisher = cluster.connect("postgres").await;
     let mut late = cluster.connect("postgres").await;
 
@@ -65,7 +65,7 @@ async fn another_relay_resumes_exactly_what_the_position_had_not_seen() {
     late_tx.commit().await.unwrap();
     let after = publish(&publisher, "chat", "u1", r#"{"n": "after"}"#, None).await;
 
-    let resumed = Collector::spawn(b.subscribe_from(Topic::for_user("u1"), &position.to_string()));
+    let resumed = Collector::spawn(b.subscribe_from(Topic::all().user("u1"), &position));
     let expected: HashSet<Uuid> = before
         .iter()
         .copied()
@@ -100,7 +100,7 @@ async fn an_unreadable_row_is_reported_once_per_browser_across_resumes() {
     let a = started(&cluster, "relay_resume_unreadable_a").await;
     let b = started(&cluster, "relay_resume_unreadable_b").await;
     let publisher = cluster.connect("postgres").await;
-    let mut on_a = a.subscribe_to(Topic::for_user("u1"));
+    let mut on_a = a.subscribe_to(Topic::all().user("u1"));
     let first = publish(&publisher, "chat", "u1", "{}", None).await;
     assert_eq!(next_event(&mut on_a).await, first);
     let before_it = on_a.position().unwrap().to_string();
@@ -115,8 +115,8 @@ async fn an_unreadable_row_is_reported_once_per_browser_across_resumes() {
     assert_eq!(next_event(&mut on_a).await, after);
 
     // A browser that had not seen the row is told once; one that had, not again.
-    let from_before = Collector::spawn(b.subscribe_from(Topic::for_user("u1"), &before_it));
-    let from_past = Collector::spawn(b.subscribe_from(Topic::for_user("u1"), &past_it));
+    let from_before = Collector::spawn(b.subscribe_from(Topic::all().user("u1"), &before_it));
+    let from_past = Collector::spawn(b.subscribe_from(Topic::all().user("u1"), &past_it));
     let live = publish(&publisher, "chat", "u1", "{}", None).await;
     let expected: HashSet<Uuid> = [after, live].into_iter().collect();
     for resumed in [&from_before, &from_past] {
@@ -139,7 +139,7 @@ async fn positions_that_cannot_resume_exactly_reset_and_go_on_live() {
     let relay = started(&cluster, "relay_resume_reset").await;
     let publisher = cluster.connect("postgres").await;
     let token = {
-        let mut subscription = relay.subscribe_to(Topic::for_user("u1"));
+        let mut subscription = relay.subscribe_to(Topic::all().user("u1"));
         publish(&publisher, "chat", "u1", "{}", None).await;
         next_event(&mut subscription).await;
         subscription.position().unwrap().to_string()
@@ -160,9 +160,9 @@ async fn positions_that_cannot_resume_exactly_reset_and_go_on_live() {
     let ahead = forged(&bytes[1..5], 1 << 40);
     let other_run = forged(&[bytes[1] ^ 0xff, bytes[2], bytes[3], bytes[4]], 3);
 
-    let mut malformed = relay.subscribe_from(Topic::for_user("u1"), "not a position");
-    let mut ahead = relay.subscribe_from(Topic::for_user("u1"), &ahead);
-    let mut other_run = relay.subscribe_from(Topic::for_user("u1"), &other_run);
+    let mut malformed = relay.subscribe_from(Topic::all().user("u1"), "not a position");
+    let mut ahead = relay.subscribe_from(Topic::all().user("u1"), &ahead);
+    let mut other_run = relay.subscribe_from(Topic::all().user("u1"), &other_run);
     assert!(matches!(
         reset_of(&mut malformed).await,
         ResetReason::Malformed(_)
@@ -182,7 +182,7 @@ async fn positions_that_cannot_resume_exactly_reset_and_go_on_live() {
         "postgres",
         "UPDATE outbox_prune_state SET pruned_through_xid = pg_current_xact_id()",
     );
-    let mut expired = relay.subscribe_from(Topic::for_user("u1"), &token);
+    let mut expired = relay.subscribe_from(Topic::all().user("u1"), &token);
     assert!(matches!(
         reset_of(&mut expired).await,
         ResetReason::Expired { .. }
@@ -200,7 +200,7 @@ async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_
     let cluster = Cluster::start();
     let relay = started(&cluster, "relay_resume_restart").await;
     let publisher = cluster.connect("postgres").await;
-    let mut subscription = relay.subscribe_to(Topic::for_user("u1"));
+    let mut subscription = relay.subscribe_to(Topic::all().user("u1"));
     let first = publish(&publisher, "chat", "u1", "{}", None).await;
     assert_eq!(next_event(&mut subscription).await, first);
     let token = subscription.position().unwrap().to_string();
@@ -216,7 +216,7 @@ async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_
         .await;
     wait_listening(&relay).await;
 
-    let resumed = Collector::spawn(relay.subscribe_from(Topic::for_user("u1"), &token));
+    let resumed = Collector::spawn(relay.subscribe_from(Topic::all().user("u1"), &token));
     let expected = HashSet::from([missed]);
     resumed
         .wait_for_all(&cluster, "the event after the restart", &expected)
@@ -230,10 +230,10 @@ async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_
 
     // A relay started after the restart cannot tell what the old run's position saw.
     let fresh = started(&cluster, "relay_resume_fresh").await;
-    let mut reset = fresh.subscribe_from(Topic::for_user("u1"), &token);
+    let mut reset = fresh.subscribe_from(Topic::all().user("u1"), &token);
     assert_eq!(reset_of(&mut reset).await, ResetReason::OtherServerRun);
     // One issued after it resumes exactly there.
-    let mut after_restart = fresh.subscribe_from(Topic::for_user("u1"), &carried);
+    let mut after_restart = fresh.subscribe_from(Topic::all().user("u1"), &carried);
     let next = publish(&publisher, "chat", "u1", "{}", None).await;
     assert_eq!(next_event(&mut after_restart).await, next);
     relay.shutdown().await;
@@ -249,7 +249,7 @@ async fn a_storm_of_resumes_shares_catch_up_queries() {
     let publisher = cluster.connect("postgres").await;
     // Every browser's position, taken on A before anything below was published.
     let subscriptions: Vec<Subscription> = (0..USERS)
-        .map(|n| a.subscribe_to(Topic::for_user(format!("u{n}"))))
+        .map(|n| a.subscribe_to(Topic::all().user(format!("u{n}"))))
         .collect();
     wait_for_advances(&cluster, &a, 1).await;
     let tokens: Vec<String> = subscriptions
@@ -276,7 +276,7 @@ async fn a_storm_of_resumes_shares_catch_up_queries() {
         .iter()
         .enumerate()
         .map(|(n, token)| {
-            Collector::spawn(b.subscribe_from(Topic::for_user(format!("u{n}")), token))
+            Collector::spawn(b.subscribe_from(Topic::all().user(format!("u{n}")), token))
         })
         .collect();
     for (n, collector) in resumed.iter().enumerate() {
@@ -313,7 +313,7 @@ async fn a_browser_moving_between_relays_under_concurrent_publishers_gets_each_e
         started(&cluster, "relay_hops_a").await,
         started(&cluster, "relay_hops_b").await,
     ];
-    let mut subscription = relays[0].subscribe_to(Topic::for_user("u1"));
+    let mut subscription = relays[0].subscribe_to(Topic::all().user("u1"));
     // Two publishers whose transactions overlap: each holds its transaction open over a
     // query, so commits land out of xid order; every fifth rolls back.
     let publishers: Vec<_> = (0..2)
@@ -346,7 +346,7 @@ async fn a_browser_moving_between_relays_under_concurrent_publishers_gets_each_e
         }
         let position = subscription.position().unwrap().to_string();
         drop(subscription);
-        subscription = relays[(hop + 1) % 2].subscribe_from(Topic::for_user("u1"), &position);
+        subscription = relays[(hop + 1) % 2].subscribe_from(Topic::all().user("u1"), &position);
     }
     for publisher in publishers {
         publisher.await.unwrap();

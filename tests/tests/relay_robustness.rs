@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pg_outbox_client::{Gap, Health};
+use pg_outbox_client::{Gap, Health, Topic};
 use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::Cluster;
 
@@ -24,7 +24,7 @@ async fn bad_input_is_counted_and_skipped() {
         .sweep_interval(Duration::from_secs(600))
         .build()
         .unwrap();
-    let chat = Collector::spawn(relay.subscribe("chat"));
+    let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
     relay.start().await.unwrap();
 
     let client = cluster.connect("postgres").await;

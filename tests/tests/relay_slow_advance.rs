@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
 
@@ -14,7 +15,7 @@ async fn inline_events_arrive_while_an_advance_waits_on_a_lock() {
         .sweep_interval(Duration::from_millis(100))
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
 
     // Every advance reads outbox_prune_state: with it locked, the next sweep waits.

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use pg_outbox_client::Health;
+use pg_outbox_client::{Health, Topic};
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, Collector};
 use pg_outbox_tests::Cluster;
 
@@ -14,7 +14,7 @@ async fn delivers_what_is_published_after_start_then_stops() {
 
     let relay = relay(&cluster, "relay_smoke").build().unwrap();
     assert_eq!(relay.health(), Health::NotStarted);
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
     assert_eq!(relay.health(), Health::Listening);
 

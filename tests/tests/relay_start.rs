@@ -1,7 +1,7 @@
 //! `start()` fails fast with an error that names the cause; a relay whose handles are all
 //! dropped stops.
 
-use pg_outbox_client::{Error, Health, RelayBuilder};
+use pg_outbox_client::{Health, RelayBuilder, Topic};
 use pg_outbox_tests::{relay, Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -12,7 +12,7 @@ async fn a_database_without_the_extension_is_named() {
         .build()
         .unwrap();
     let err = relay.start().await.unwrap_err();
-    assert!(matches!(err, Error::ExtensionMissing { .. }), "{err}");
+    assert!(err.is_extension_missing(), "{err}");
     assert_eq!(err.code(), Some("42P01"));
     assert!(err.to_string().contains("CREATE EXTENSION pg_outbox"));
     assert_eq!(relay.health(), Health::NotStarted);
@@ -22,7 +22,7 @@ async fn a_database_without_the_extension_is_named() {
         .build()
         .unwrap();
     let err = relay.start().await.unwrap_err();
-    assert!(matches!(err, Error::ExtensionMissing { .. }), "{err}");
+    assert!(err.is_extension_missing(), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,14 +32,14 @@ async fn an_unreachable_server_is_a_connect_error() {
     config.port(1); // nothing listens there
     let relay = RelayBuilder::new(config).build().unwrap();
     let err = relay.start().await.unwrap_err();
-    assert!(matches!(err, Error::Connect(_)), "{err}");
+    assert!(err.is_connect(), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_every_handle_stops_the_relay() {
     let cluster = Cluster::start();
     let relay = relay::relay(&cluster, "relay_dropped").build().unwrap();
-    let mut subscription = relay.subscribe_all();
+    let mut subscription = relay.subscribe_to(Topic::all());
     relay.start().await.unwrap();
     let mut health = relay.watch_health();
     let clone = relay.clone();
@@ -70,7 +70,7 @@ async fn a_standby_is_refused_naming_the_fix() {
         .build()
         .unwrap();
     let err = relay.start().await.unwrap_err();
-    assert!(matches!(err, Error::Standby), "{err}");
+    assert!(err.is_standby(), "{err}");
     assert_eq!(err.code(), Some("25006"));
     assert!(err.to_string().contains("target_session_attrs=read-write"));
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pg_outbox_client::{Relay, SealKey};
+use pg_outbox_client::{Relay, SealKey, Topic};
 use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
 use uuid::Uuid;
@@ -28,7 +28,7 @@ async fn keyed_relay(cluster: &Cluster, name: &str) -> (Relay, Collector) {
         .sweep_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
     (relay, all)
 }
@@ -165,7 +165,7 @@ async fn what_does_not_fit_sealed_goes_as_a_sealed_reference() {
 async fn a_relay_without_the_key_still_gets_every_event_from_its_sweeps() {
     let cluster = sealed_cluster("transaction");
     let relay = relay(&cluster, "relay_sealed_keyless").build().unwrap();
-    let all = Collector::spawn(relay.subscribe_all());
+    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
     relay.start().await.unwrap();
     let client = cluster.connect("postgres").await;
     let mut expected = HashSet::new();

@@ -5,8 +5,8 @@
 //! within 10% (the peak RSS of the run's second half against its first half's).
 //!
 //! Not part of `make test` (too long): `make soak` (`SOAK_EVENTS=200000 make soak` for a
-//! shorter run). The relay processes are this test binary run again on the ignored test
-//! `soak_relay_process`, configured through the environment. Results: docs/soak.md.
+//! shorter run). The relay processes are the `soak-relay` binary of this crate
+//! ([`pg_outbox_tests::soak`]). Results: docs/soak.md.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -15,13 +15,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use pg_outbox_tests::soak::PREFIX;
 use pg_outbox_tests::Cluster;
 
 const RELAYS: usize = 4;
 /// Events per publishing transaction.
 const BATCH: i64 = 500;
-/// What the relay processes print, one line each, prefixed so libtest's own lines are told apart.
-const PREFIX: &str = "soak:";
 
 /// Events per second the publishers aim at (`SOAK_RATE`, default 5,000), so that a run lasts:
 /// 1M events take about 200 s. Unpaced publishing ends in seconds and proves little about memory.
@@ -59,15 +58,14 @@ type Lines = mpsc::Receiver<(usize, String)>;
 
 fn spawn_relays(cluster: &Cluster, n: i64) -> (Vec<RelayProcess>, Lines) {
     let (tx, rx) = mpsc::channel();
-    let exe = std::env::current_exe().expect("the test binary");
+    let exe = env!("CARGO_BIN_EXE_soak-relay");
     let relays = (0..RELAYS)
         .map(|i| {
             let name = format!("soak_relay_{i}");
-            let mut child = Command::new(&exe)
-                .args(["--ignored", "--exact", "soak_relay_process", "--nocapture"])
-                .env("SOAK_RELAY_CONN", cluster.connection_string("postgres"))
-                .env("SOAK_RELAY_NAME", &name)
-                .env("SOAK_EVENTS", n.to_string())
+            let mut child = Command::new(exe)
+                .arg(cluster.connection_string("postgres"))
+                .arg(&name)
+                .arg(n.to_string())
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("start a relay process");
@@ -282,75 +280,4 @@ async fn soak() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// One relay process of [`soak`]: relays everything, prints its progress every second, and
-/// once every event `0..SOAK_EVENTS` was delivered (or nothing new came for a minute) prints
-/// what it got. Does nothing when run on its own.
-#[tokio::test(flavor = "current_thread")]
-#[ignore = "a relay process of `soak`, started by it"]
-async fn soak_relay_process() {
-    let (Ok(conn), Ok(name)) = (
-        std::env::var("SOAK_RELAY_CONN"),
-        std::env::var("SOAK_RELAY_NAME"),
-    ) else {
-        return;
-    };
-    let n = events() as usize;
-    let relay = pg_outbox_client::RelayBuilder::from_connection_string(&conn)
-        .unwrap()
-        .application_name(name.as_str())
-        .backoff(Duration::from_millis(100), Duration::from_secs(2))
-        .sweep_interval(Duration::from_millis(500))
-        .subscriber_buffer(1 << 17)
-        .build()
-        .unwrap();
-    let mut all = relay.subscribe_all();
-    relay.start().await.unwrap();
-    println!("{PREFIX} ready");
-
-    // How many times each event arrived, UNSEEN for none. Filled with a non-zero byte so that
-    // every page is resident from the start: a zeroed allocation would only become resident as
-    // events arrive, a growth of one byte per event that is the test's, not the relay's.
-    const UNSEEN: u8 = u8::MAX;
-    let mut seen = vec![UNSEEN; n];
-    let (mut unique, mut duplicated, mut lagged, mut gaps, mut foreign) = (0, 0, 0u64, 0, 0);
-    let mut report = tokio::time::interval(Duration::from_secs(1));
-    let mut last_new = Instant::now();
-    while unique < n && last_new.elapsed() < Duration::from_secs(60) {
-        tokio::select! {
-            item = all.recv() => match item {
-                Some(pg_outbox_client::Delivery::Event(event)) => {
-                    match event.payload()["n"].as_u64().map(|i| i as usize) {
-                        Some(i) if i < n => {
-                            if seen[i] == UNSEEN {
-                                unique += 1;
-                                last_new = Instant::now();
-                                seen[i] = 1;
-                            } else {
-                                duplicated += 1;
-                                seen[i] = seen[i].saturating_add(1).min(UNSEEN - 1);
-                            }
-                        }
-                        _ => foreign += 1,
-                    }
-                }
-                Some(pg_outbox_client::Delivery::Lagged { missed }) => lagged += missed,
-                Some(pg_outbox_client::Delivery::Gap(_)) => gaps += 1,
-                Some(_) => {}
-                None => break,
-            },
-            _ = report.tick() => println!("{PREFIX} delivered {unique}"),
-        }
-    }
-    let metrics = relay.metrics();
-    relay.shutdown().await;
-    println!("{PREFIX} delivered {unique}");
-    println!(
-        "{PREFIX} result received {unique}, lost {}, duplicated {duplicated}, lagged {lagged}, \
-         gaps {gaps}, foreign {foreign}, reconnects {}, caught_up {}",
-        n - unique,
-        metrics.reconnects,
-        metrics.caught_up
-    );
 }

@@ -44,7 +44,7 @@ fn parse(text: &str) -> Frame {
 fn frames(relay: &Relay, last_event_id: Option<&str>) -> BoxStream<'static, Frame> {
     let config = SseConfig::default().keep_alive(Duration::from_millis(100));
     let response =
-        stream_with(relay, Topic::for_user("u1"), last_event_id, &config).into_response();
+        stream_with(relay, Topic::all().user("u1"), last_event_id, &config).into_response();
     response
         .into_body()
         .into_data_stream()

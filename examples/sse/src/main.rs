@@ -238,7 +238,7 @@ async fn events(
 ) -> Sse<EventStream> {
     pg_outbox_sse::stream_with(
         &app.relay,
-        Topic::for_user(who.user),
+        Topic::all().user(who.user),
         last_event_id.as_deref(),
         &app.sse,
     )

@@ -42,8 +42,10 @@ use crate::guc::{self, NotifyPayload};
 use crate::notify::notify;
 use crate::seal;
 use crate::worker::handoff::{self, Record};
+use crate::worker::session::{
+    self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION,
+};
 use crate::worker::shared;
-use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
 use pg_outbox_wire::{
     BatchDocuments, Notification, SealKey, Snapshot, NOTIFY_PAYLOAD_LIMIT, SEALED_DOCUMENT_LIMIT,
 };
@@ -67,7 +69,7 @@ const MAX_BATCH_ROWS: usize = 10_000;
 /// worker's time under load.
 const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The notifier's failed connection attempts in a row (see [`worker::connect`]).
+/// The notifier's failed connection attempts in a row (see [`session::connect`]).
 static CONNECT_ATTEMPTS: ConnectAttempts = unsafe { PgAtomic::new(c"pg_outbox_notifier_connect") };
 
 /// Reserves the shared memory and registers the worker; called from `_PG_init` while
@@ -90,7 +92,7 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_outbox_notifier_main(_arg: pg_sys::Datum) {
     let database = guc::database();
-    worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
+    session::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     // Whether publishers defer is left as an earlier notifier left it until `Setup::look` says.
     shared::advertise(true);
     match handoff::capacity() {

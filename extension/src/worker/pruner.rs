@@ -21,7 +21,9 @@ use crate::catalog::extension_schema;
 use crate::guc;
 use crate::prune::{prune_batch, OUTBOX};
 use crate::segment;
-use crate::worker::{self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION};
+use crate::worker::session::{
+    self, report_activity, ConnectAttempts, Waiting, WAITING_FOR_EXTENSION,
+};
 
 /// The name shown as `backend_type` in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "pg_outbox pruner";
@@ -32,7 +34,7 @@ const BUSY_PASSES_BEFORE_WARNING: u32 = 10;
 /// How long the postmaster waits before starting the worker again after it exits.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 
-/// The pruner's failed connection attempts in a row (see [`worker::connect`]).
+/// The pruner's failed connection attempts in a row (see [`session::connect`]).
 static CONNECT_ATTEMPTS: ConnectAttempts = unsafe { PgAtomic::new(c"pg_outbox_pruner_connect") };
 
 /// Registers the pruner with the postmaster; called from `_PG_init` while preloading.
@@ -52,11 +54,11 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_outbox_pruner_main(_arg: pg_sys::Datum) {
     let database = guc::database();
-    worker::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
+    session::connect(&CONNECT_ATTEMPTS, BACKEND_TYPE, &database);
     log!("pg_outbox pruner started in database \"{database}\"");
 
     // A snapshot taken at a transaction's start could miss rows of a segment it drops.
-    worker::set_for_session(c"default_transaction_isolation", c"read committed");
+    session::set_for_session(c"default_transaction_isolation", c"read committed");
     let mut pruner = Pruner {
         database,
         waiting: Waiting::default(),

@@ -30,6 +30,7 @@
 //! | `pg_outbox_relay_queued_events` | gauge | events waiting in the subscriptions' queues |
 //! | `pg_outbox_relay_lag_seconds` | histogram | commit (`created_at`) to delivery, each event at its bucket's upper bound ([`LAG_SECONDS_BUCKETS`]) |
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -222,6 +223,13 @@ fn export(handles: &Handles, snapshot: &MetricsSnapshot, recorded: &mut Vec<u64>
     }
 }
 
+/// Copies a labelled counter's values, one per label value, in the order of its handles.
+fn copy_labelled(counts: &[AtomicU64], handles: &[Counter]) {
+    for (count, handle) in counts.iter().zip(handles) {
+        handle.absolute(count.load(Relaxed));
+    }
+}
+
 /// Copies the relay's metrics to the facade every [`INTERVAL`] until it stops, then once more.
 pub(crate) async fn run(shared: Weak<Shared>, relay: String, mut health: watch::Receiver<Health>) {
     let handles = Handles::register(&relay);
@@ -237,14 +245,8 @@ pub(crate) async fn run(shared: Weak<Shared>, relay: String, mut health: watch::
             return;
         };
         export(&handles, &shared.metrics.snapshot(), &mut recorded);
-        let per_kind = shared.metrics.gaps_by_kind.iter().zip(&handles.gaps);
-        for (count, handle) in per_kind {
-            handle.absolute(count.load(std::sync::atomic::Ordering::Relaxed));
-        }
-        let per_reason = shared.metrics.resets_by_reason.iter().zip(&handles.resets);
-        for (count, handle) in per_reason {
-            handle.absolute(count.load(std::sync::atomic::Ordering::Relaxed));
-        }
+        copy_labelled(&shared.metrics.gaps_by_kind, &handles.gaps);
+        copy_labelled(&shared.metrics.resets_by_reason, &handles.resets);
         let now = state(&shared.health.borrow());
         for (state, gauge) in HEALTH_STATES.iter().zip(&handles.health) {
             gauge.set(if *state == now { 1.0 } else { 0.0 });

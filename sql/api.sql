@@ -46,12 +46,56 @@ $$;
 COMMENT ON FUNCTION outbox_stats() IS
     'Outbox size, the pruner''s state and history, and how full the notification queue is';
 
+CREATE FUNCTION outbox_rotate_seal_key(grace interval DEFAULT '10 minutes')
+    RETURNS timestamptz
+    VOLATILE PARALLEL UNSAFE
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    retired_at timestamptz := now() + grace;
+BEGIN
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'outbox_rotate_seal_key: grace must be zero or more, not %', grace
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give relays time to read the new key: the default, 10 minutes, is plenty.';
+    END IF;
+    DELETE FROM @extschema@.outbox_seal_keys WHERE expires_at <= now();
+    UPDATE @extschema@.outbox_seal_keys SET expires_at = retired_at WHERE expires_at IS NULL;
+    -- 32 bytes from three random UUIDs (366 random bits, from the server's strong random source).
+    INSERT INTO @extschema@.outbox_seal_keys (key)
+    VALUES (sha256(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())
+                   || uuid_send(gen_random_uuid())));
+    RETURN retired_at;
+END
+$$;
+
+COMMENT ON FUNCTION outbox_rotate_seal_key(interval) IS
+    'Seal notifications with a new random key from now on; relays still open the previous one until the returned time';
+
+-- Every change to the keys invalidates the table's relcache entry, which tells every backend
+-- to read the current key again.
+CREATE FUNCTION outbox_seal_keys_changed() RETURNS trigger
+    LANGUAGE c
+    AS 'MODULE_PATHNAME', 'outbox_seal_keys_changed';
+CREATE TRIGGER outbox_seal_keys_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox_seal_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_seal_keys_changed();
+
 -- Nothing is granted to PUBLIC: publishing, relaying, pruning and monitoring are granted to
 -- roles explicitly (see the README).
-REVOKE ALL ON TABLE event_outbox, outbox_segments, outbox_prune_state, outbox_notifier_state FROM PUBLIC;
+REVOKE ALL ON TABLE event_outbox, outbox_segments, outbox_prune_state, outbox_notifier_state,
+    outbox_seal_keys FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_publish(text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_rotate_seal_key(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_seal_keys_changed() FROM PUBLIC;
+-- outbox_relay_keys() answers exactly the roles that may read event_outbox.payload and refuses
+-- the others itself: a relay's role needs no grant beyond SELECT on event_outbox.
+
+-- The first key.
+SELECT outbox_rotate_seal_key();
 
 -- The first segments, so that the first events go into one rather than into event_outbox itself;
 -- the pruner creates the next ones. The function serves this script alone: declared, called,

@@ -68,9 +68,21 @@ CREATE TABLE outbox_notifier_state (
 );
 INSERT INTO outbox_notifier_state DEFAULT VALUES;
 
+-- The keys notifications are sealed with (pg_outbox.notify_payload = 'sealed', the default).
+-- Publishers seal with the key that has no expiry; relays open with every key not yet expired,
+-- which they read through outbox_relay_keys() when they connect. outbox_rotate_seal_key() adds a
+-- key and gives the previous one a grace period. Nothing is granted on it: see outbox_relay_keys.
+CREATE TABLE outbox_seal_keys (
+    key         bytea       PRIMARY KEY CHECK (length(key) = 32),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz
+);
+CREATE UNIQUE INDEX outbox_seal_keys_current_idx ON outbox_seal_keys ((true)) WHERE expires_at IS NULL;
+
 -- pg_dump carries none of these tables' rows, nor the segments: each holds transaction ids of this cluster (xid8,
 -- pg_snapshot), which mean nothing in the cluster a dump is restored into. Restored there, events
 -- would be delivered again once that cluster's ids passed theirs, and the workers' positions
 -- would skip or repeat rows (and the single state rows collided with the ones CREATE EXTENSION
 -- inserts). Events are transient (pg_outbox.retention): a restored database starts with an empty
--- outbox. pg_upgrade and physical backups keep the ids, and with them everything.
+-- outbox, and with a key of its own (outbox_seal_keys is not dumped either: a dump is no place
+-- for a secret). pg_upgrade and physical backups keep the ids, and with them everything.

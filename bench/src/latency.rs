@@ -75,7 +75,8 @@ const SETUPS: [Setup; 7] = [
         notify_mode: "worker",
         fetch_interval_ms: None,
     },
-    // Inline, sealed with the relays' key: no query per event, nothing for other roles to read.
+    // The default: inline, sealed with the database's key: no query per event, nothing for
+    // other roles to read.
     Setup {
         receiver: Receiver::Client,
         notify_payload: "sealed",
@@ -398,9 +399,6 @@ async fn client_relay(cluster: &Cluster, n: usize, setup: Setup, samples: Sample
         .subscriber_buffer(1 << 20);
     if let Some(ms) = setup.fetch_interval_ms {
         builder = builder.fetch_interval(Duration::from_millis(ms));
-    }
-    if setup.notify_payload == "sealed" {
-        builder = builder.seal_key(crate::seal_key());
     }
     let relay = builder.build().expect("build the relay");
     let mut all = relay.subscribe_to(Topic::all());

@@ -35,7 +35,7 @@ use pg_outbox_tests::Cluster;
 /// `synchronous_commit` stay on: the cost of a commit's WAL flush is what the notify lock
 /// serialises.
 fn settings() -> Vec<(&'static str, String)> {
-    let mut settings: Vec<(&str, String)> = [
+    [
         ("fsync", "on"),
         ("synchronous_commit", "on"),
         ("max_connections", "200"),
@@ -45,19 +45,7 @@ fn settings() -> Vec<(&'static str, String)> {
     ]
     .into_iter()
     .map(|(name, value)| (name, value.to_owned()))
-    .collect();
-    // Used by the variants with `pg_outbox.notify_payload = 'sealed'` only.
-    settings.push(("pg_outbox.seal_key", format!("'{SEAL_KEY_BASE64}'")));
-    settings
-}
-
-/// `pg_outbox.seal_key`, which the server and the bench's relays share.
-pub const SEAL_KEY_BASE64: &str = "q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=";
-
-/// [`SEAL_KEY_BASE64`], for relays in this process.
-pub fn seal_key() -> pg_outbox_client::SealKey {
-    pg_outbox_client::SealKey::from_base64(SEAL_KEY_BASE64)
-        .expect("the bench's seal key is base64 of 32 bytes")
+    .collect()
 }
 
 pub struct Options {

@@ -426,7 +426,7 @@ async fn measure(
     }
     let mut replicas: Vec<Replica> = match variant.consumer {
         Consumer::Tail => (0..relays)
-            .map(|n| Replica::tail(cluster, binary, variant, n == 0))
+            .map(|n| Replica::tail(cluster, binary, n == 0))
             .collect(),
         Consumer::Recvlogical => slots
             .iter()
@@ -643,14 +643,9 @@ impl Replica {
     /// `pg-outbox tail`, following every event; each line on standard output is one event, and
     /// its first status line on standard error comes once `start` has returned: from then on
     /// every committed event reaches it.
-    fn tail(cluster: &Cluster, binary: &Path, variant: Variant, timed: bool) -> Replica {
+    fn tail(cluster: &Cluster, binary: &Path, timed: bool) -> Replica {
         let mut command = Command::new(binary);
         command.args(["tail", "--db", &cluster.connection_string("postgres")]);
-        if variant.notify_payload == "sealed" {
-            command.env("PG_OUTBOX_SEAL_KEY", crate::SEAL_KEY_BASE64);
-        } else {
-            command.env_remove("PG_OUTBOX_SEAL_KEY");
-        }
         let created_at = timed.then_some(tail_created_at as CreatedAt);
         Replica::spawn(command, b"\n", created_at, |line| {
             let value = serde_json::from_str::<serde_json::Value>(line).ok();

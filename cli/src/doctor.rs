@@ -563,8 +563,9 @@ async fn check_notifications(client: &Client, report: &mut Report) -> anyhow::Re
             "pg_outbox.notify_payload = 'inline': every role that can connect can read every \
              payload (LISTEN has no privilege) and forge events with NOTIFY pg_outbox",
             Some(
-                "use 'sealed' (inline, encrypted and authenticated with pg_outbox.seal_key) or \
-                 'reference' unless every such role is trusted (docs/operations.md)"
+                "use 'sealed', the default (inline, encrypted and authenticated with the key of \
+                 outbox_seal_keys), or 'reference' unless every such role is trusted \
+                 (docs/operations.md)"
                     .into(),
             ),
         );

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use futures_util::StreamExt;
-use pg_outbox_client::{Delivery, Event, Gap, Health, RelayBuilder, SealKey, Topic};
+use pg_outbox_client::{Delivery, Event, Gap, Health, RelayBuilder, Topic};
 use serde::Serialize;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
@@ -29,16 +29,6 @@ pub struct Args {
     /// Events that may wait unprinted before the oldest are dropped (reported as "lagged").
     #[arg(long, default_value_t = 65536, value_name = "N")]
     buffer: usize,
-    /// The key of sealed notifications (the server's pg_outbox.seal_key, base64): sealed events
-    /// are delivered without a query, and unsealed ones are read from the table. From the
-    /// environment rather than the command line, which other users can see.
-    #[arg(
-        long,
-        env = "PG_OUTBOX_SEAL_KEY",
-        hide_env_values = true,
-        value_name = "BASE64"
-    )]
-    seal_key: Option<String>,
 }
 
 /// One event as printed: these keys, in this order.
@@ -143,9 +133,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(instance) = &args.instance {
         builder = builder.instance_id(instance.clone());
-    }
-    if let Some(key) = &args.seal_key {
-        builder = builder.seal_key(SealKey::from_base64(key).context("--seal-key")?);
     }
     let relay = builder.build().map_err(|e| anyhow!("{e}"))?;
     let topic = match &args.user {

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use pg_outbox_wire::SealKey;
-
 use crate::error::{Error, Kind};
 use crate::policy::Policy;
 use crate::tls::Tls;
@@ -29,7 +27,6 @@ pub struct RelayBuilder {
     query_timeout: Duration,
     verify_listen: bool,
     tls: Tls,
-    seal_key: Option<SealKey>,
 }
 
 /// What a built relay runs with: the builder's settings, checked, with the rules of which
@@ -70,22 +67,7 @@ impl RelayBuilder {
             query_timeout: Duration::from_secs(30),
             verify_listen: true,
             tls: Tls::Plain,
-            seal_key: None,
         }
-    }
-
-    /// The key of sealed notifications (`pg_outbox.notify_payload = 'sealed'`), the server's
-    /// `pg_outbox.seal_key` ([`SealKey::from_base64`]). With it the relay opens sealed
-    /// notifications and delivers their events without a query, and takes no unsealed
-    /// notification at its word: an unsealed inline event (which any role that can connect
-    /// may forge) is read from the table as a reference is. A sealed notification that does
-    /// not open is counted in [`MetricsSnapshot::forged`](crate::MetricsSnapshot::forged) and
-    /// [`decode_errors`](crate::MetricsSnapshot::decode_errors) and skipped; the sweep reads
-    /// its rows. Without a key, sealed notifications are undecodable and every event comes
-    /// from the sweep: set the same key on every relay.
-    pub fn seal_key(mut self, key: SealKey) -> Self {
-        self.seal_key = Some(key);
-        self
     }
 
     /// A builder from a libpq-style connection string or URL
@@ -267,12 +249,7 @@ impl RelayBuilder {
         }
         Ok(Settings {
             pg: self.pg,
-            policy: Policy::new(
-                self.channels,
-                self.instance_id,
-                self.deliver_own_origin,
-                self.seal_key,
-            ),
+            policy: Policy::new(self.channels, self.instance_id, self.deliver_own_origin),
             subscriber_buffer: self.subscriber_buffer,
             backoff_min: self.backoff_min,
             backoff_max: self.backoff_max,

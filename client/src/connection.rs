@@ -16,6 +16,7 @@ use crate::backoff::entropy;
 use crate::config::Settings;
 use crate::error::{within, Error, Kind};
 use crate::incoming::CHANNEL;
+use crate::keyring::Keyring;
 use crate::tls::Tls;
 
 /// How the query connection plans: every statement the relay runs there (the advance, a
@@ -52,11 +53,13 @@ pub(crate) struct Conn {
     pub drivers: [JoinHandle<()>; 2],
     /// The advance statement, prepared on `queries`.
     pub advance: Statement,
+    /// What the database said about sealing when the connection was opened, or since.
+    pub keyring: Keyring,
 }
 
 impl Conn {
-    /// Connects, refuses a standby, LISTENs, then connects for queries and prepares the
-    /// advance statement.
+    /// Connects, refuses a standby, LISTENs, then connects for queries, reads the seal keys and
+    /// prepares the advance statement.
     pub async fn open(cfg: &Settings) -> Result<Conn, Error> {
         let span = info_span!("pg_outbox_connect", tls = cfg.tls.name());
         Conn::open_inner(cfg).instrument(span).await
@@ -100,20 +103,25 @@ impl Conn {
                 .batch_execute(QUERY_SESSION_SETTINGS)
                 .await
                 .map_err(|e| Error::from_query(e, schema))?;
-            queries
+            // After LISTEN: a key made since is read again when its first notification
+            // does not open.
+            let keyring = Keyring::load(&queries, schema).await?;
+            let advance = queries
                 .prepare(&advance::advance_sql(
                     schema,
                     !cfg.policy.channels().is_empty(),
                 ))
                 .await
-                .map_err(|e| Error::from_query(e, schema))
+                .map_err(|e| Error::from_query(e, schema))?;
+            Ok((advance, keyring))
         };
         let failed = |err| {
             drivers.iter().for_each(JoinHandle::abort);
             Err(err)
         };
-        let advance = match within(cfg.connect_timeout, "setting up LISTEN", setup).await {
-            Ok(statement) => statement,
+        let (advance, keyring) = match within(cfg.connect_timeout, "setting up LISTEN", setup).await
+        {
+            Ok(prepared) => prepared,
             Err(err) => return failed(err),
         };
         Ok(Conn {
@@ -122,6 +130,7 @@ impl Conn {
             events,
             drivers,
             advance,
+            keyring,
         })
     }
 

@@ -35,8 +35,10 @@ pub(crate) enum Step {
     /// which takes the row's place in their positions, so that it is reported once per
     /// subscription, resumes included.
     Unreadable(Unreadable),
-    /// A notice heard before an advance whose snapshot cannot see its transaction: forged.
-    /// Followed by its [`Gap::Missing`].
+    /// A notice that no row stands behind, and whose row cannot have been pruned: its
+    /// transaction never committed (an advance's snapshot taken after the notice cannot see
+    /// it), or committed without it above what pruning has reached. Any role that can connect
+    /// can send one; subscribers hear nothing of it.
     Forged,
     /// A notice dropped because [`MAX_WAITING`] rows already wait; the next advance reads its
     /// row, if there is one.
@@ -62,13 +64,6 @@ impl Pending {
         match self {
             Pending::Ready(event) => event.xid(),
             Pending::Reference(notice) => notice.xid,
-        }
-    }
-
-    fn channel_and_user(&self) -> (&str, &str) {
-        match self {
-            Pending::Ready(event) => (event.channel(), event.user_id()),
-            Pending::Reference(notice) => (&notice.channel, &notice.user_id),
         }
     }
 }
@@ -282,13 +277,7 @@ impl Cursor {
             if !next.is_visible(pending.xid()) {
                 if heard <= heard_before {
                     self.queued.remove(&pending.id());
-                    let (channel, user_id) = pending.channel_and_user();
                     out.push(Step::Forged);
-                    out.push(Step::Gap(Gap::Missing {
-                        id: pending.id(),
-                        channel: channel.to_owned(),
-                        user_id: user_id.to_owned(),
-                    }));
                 } else {
                     later.push_back(pending);
                     later_heard.push_back(heard);
@@ -306,9 +295,14 @@ impl Cursor {
                 (Pending::Ready(event), _) => self.deliver(event, true, out),
                 (Pending::Reference(_), Some(Ok(event))) => self.deliver(event, true, out),
                 (Pending::Reference(_), Some(Err(unreadable))) => self.skip(unreadable, out),
+                // Committed (visible in the advance's snapshot), not there, and beyond what
+                // pruning has removed: no such row was published.
+                (Pending::Reference(notice), None) if notice.xid > pruned_through_xid => {
+                    out.push(Step::Forged)
+                }
                 (Pending::Reference(notice), None) => {
-                    // Committed (visible in the advance's snapshot), yet not there: removed
-                    // before the relay could read it.
+                    // Not there, and pruning has reached its transaction: removed before the
+                    // relay could read it.
                     out.push(Step::Gap(Gap::Missing {
                         id: notice.id,
                         channel: notice.channel,
@@ -705,10 +699,7 @@ mod tests {
         // One sent after cannot see it either: its transaction never committed.
         let heard = cursor.heard();
         cursor.on_advance(advance("102:102:", 0, &[]), heard, &mut out);
-        assert!(matches!(
-            out.as_slice(),
-            [Step::Forged, Step::Gap(Gap::Missing { .. })]
-        ));
+        assert!(matches!(out.as_slice(), [Step::Forged]));
         assert_eq!(cursor.waiting(), 0);
         // A forged inline notice is delivered (inline events cannot be told from real ones), but
         // its id is not kept once an advance shows it false.
@@ -763,12 +754,30 @@ mod tests {
     }
 
     #[test]
-    fn a_notified_row_gone_before_the_fetch_is_a_missing_gap() {
+    fn a_notified_row_pruned_before_the_fetch_is_a_missing_gap() {
         let mut cursor = Cursor::new(snap("100:100:"));
         let mut out = Vec::new();
         cursor.on_notice(notice(1, 100, false), &mut out);
-        cursor.on_advance(advance("101:101:", 0, &[]), 0, &mut out);
-        assert!(matches!(out.as_slice(), [Step::Gap(Gap::Missing { .. })]));
+        // Pruned through 100: the pruned gap of the cursor, and the missing row.
+        cursor.on_advance(advance("101:101:", 100, &[]), 0, &mut out);
+        assert!(matches!(
+            out.as_slice(),
+            [
+                Step::Gap(Gap::Pruned { .. }),
+                Step::Gap(Gap::Missing { .. })
+            ]
+        ));
+        assert_eq!(cursor.waiting(), 0);
+    }
+
+    #[test]
+    fn a_notified_row_that_never_was_and_was_not_pruned_is_forged() {
+        let mut cursor = Cursor::new(snap("100:100:"));
+        let mut out = Vec::new();
+        // A committed transaction, named by a reference to a row it never wrote.
+        cursor.on_notice(notice(1, 100, false), &mut out);
+        cursor.on_advance(advance("101:101:", 99, &[]), 0, &mut out);
+        assert!(matches!(out.as_slice(), [Step::Forged]));
         assert_eq!(cursor.waiting(), 0);
     }
 }

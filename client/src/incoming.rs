@@ -1,10 +1,10 @@
 //! Notifications as the relay reads them. The one decoder is `pg_outbox_wire`'s, shared with
-//! the extension's encoder; this opens sealed ones, and turns what an inline notification
-//! carries into an [`Event`].
+//! the extension's encoder; sealed ones are opened by the relay's keyring (`keyring.rs`).
+//! This says why one is skipped, and turns what an inline notification carries into an
+//! [`Event`].
 
-use pg_outbox_wire::seal::{self, OpenError};
+use pg_outbox_wire::seal::OpenError;
 use pg_outbox_wire::NotificationError;
-use pg_outbox_wire::SealKey;
 pub(crate) use pg_outbox_wire::{decode, Notice, CHANNEL};
 
 use crate::event::Event;
@@ -16,39 +16,29 @@ pub(crate) enum ReadError {
     Decode(#[from] NotificationError),
     #[error(transparent)]
     Open(#[from] OpenError),
-    #[error(
-        "a sealed pg_outbox notification, and this relay has no seal key (RelayBuilder::seal_key)"
-    )]
+    #[error("a sealed pg_outbox notification, and the database gave this relay no key")]
     NoKey,
+    #[error("an unsealed pg_outbox notification, and the database seals every notification")]
+    Unsealed,
 }
 
 impl ReadError {
-    /// Whether the notification was sealed and did not open: forged, or another key's.
+    /// Whether the notification was not sent by `outbox_publish`: sealed with no key the relay
+    /// holds, or unsealed where every notification is sealed.
     pub fn is_forged(&self) -> bool {
-        matches!(self, ReadError::Open(OpenError::Unauthentic))
+        matches!(
+            self,
+            ReadError::Open(OpenError::Unauthentic) | ReadError::Unsealed
+        )
     }
-}
 
-/// A notification opened: the events it announces, and whether it came sealed (and opened
-/// with the key), which is what the relay's policy weighs to trust it.
-pub(crate) struct Opened {
-    pub notices: Vec<Notice>,
-    pub sealed: bool,
-}
-
-/// Opens a notification: a sealed one with `key` (an error without one), a plain one as it is.
-pub(crate) fn open(text: &str, key: Option<&SealKey>) -> Result<Opened, ReadError> {
-    if !seal::is_sealed(text) {
-        return Ok(Opened {
-            notices: decode(text)?,
-            sealed: false,
-        });
+    /// Whether the notification may open with keys made since the relay read them.
+    pub fn may_open_with_new_keys(&self) -> bool {
+        matches!(
+            self,
+            ReadError::Open(OpenError::Unauthentic) | ReadError::NoKey
+        )
     }
-    let document = seal::open(key.ok_or(ReadError::NoKey)?, text)?;
-    Ok(Opened {
-        notices: decode(&document)?,
-        sealed: true,
-    })
 }
 
 /// The event an inline notification carries; `None` for a reference.

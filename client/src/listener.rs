@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -31,7 +32,8 @@ use crate::error::{within, Error, Kind};
 use crate::event::{Event, Gap};
 use crate::health::Health;
 use crate::history::{self, Floor, ServerRun};
-use crate::incoming::CHANNEL;
+use crate::incoming::{ReadError, CHANNEL};
+use crate::keyring::Keyring;
 use crate::lineage::Lineage;
 use crate::metrics::Metrics;
 use crate::position::Watermark;
@@ -42,6 +44,14 @@ use crate::shared::Shared;
 
 /// At most this many buffered notifications are applied before an advance gets its turn.
 const MAX_DRAIN: usize = 4096;
+
+/// Sealed notifications that did not open wait, up to this many, for the keys to be read again
+/// (they were rotated, or forged); beyond it they are counted as forged at once.
+const MAX_UNOPENED: usize = 64;
+
+/// The keys are read again at most this often, however many notifications fail to open: a
+/// flood of forgeries costs the server one small query a second per relay.
+const KEYS_REREAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The listener task's state.
 pub(crate) struct Listener {
@@ -65,6 +75,11 @@ pub(crate) struct Listener {
     lineage: Lineage,
     /// Resume requests waiting for the next catch-up query.
     waiting_resumes: Vec<ResumeRequest>,
+    /// Sealed notifications that did not open with the keys read at `keys_read_at`, judged
+    /// again once the keys are read anew: what still does not open is counted as forged. Their
+    /// rows, if any, are swept in the meantime.
+    unopened: Vec<String>,
+    keys_read_at: Instant,
 }
 
 /// A connection given up, and why (the first `Reconnecting` status says it).
@@ -78,7 +93,11 @@ struct Lost {
 struct InFlight {
     advance: Option<Query<Advancing>>,
     resume: Option<Query<Vec<ResumeRequest>>>,
+    keys: Option<KeysRead>,
 }
+
+/// The seal keys being read again.
+type KeysRead = Pin<Box<dyn Future<Output = Result<Keyring, Error>> + Send>>;
 
 /// A query on its way, with what its answer is for.
 struct Query<T> {
@@ -91,6 +110,14 @@ struct Advancing {
     /// [`Cursor::heard`] when the query was sent.
     heard_before: u64,
     span: Span,
+}
+
+/// The keys being read again; pending for ever when they are not.
+async fn keys_read(keys: &mut Option<KeysRead>) -> Result<Keyring, Error> {
+    match keys {
+        Some(keys) => keys.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The answer of `query`; pending for ever when none is out.
@@ -147,6 +174,8 @@ impl Listener {
             batch: Vec::new(),
             lineage: Lineage::new(server),
             waiting_resumes: Vec::new(),
+            unopened: Vec::new(),
+            keys_read_at: Instant::now(),
         };
         listener.shared.fanout.set_watermark(listener.watermark());
         // One advance now proves the relay may read the outbox (privileges are checked when a
@@ -166,7 +195,7 @@ impl Listener {
         let mut shutdown = self.shutdown.clone();
         let mut in_flight = InFlight::default();
         while !*shutdown.borrow() {
-            let wake_at = self.schedule.wake_at(self.demand());
+            let wake_at = self.wake_at();
             let Some(conn) = self.conn.as_mut() else {
                 if self.reconnect(&mut shutdown).await.is_err() {
                     break;
@@ -174,6 +203,7 @@ impl Listener {
                 continue;
             };
             let (advancing, resuming) = (in_flight.advance.is_some(), in_flight.resume.is_some());
+            let reading_keys = in_flight.keys.is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -189,6 +219,13 @@ impl Listener {
                         if let Err(err) = self.answer_resumes(done.what, result) {
                             self.lose(err.to_string());
                         }
+                    }
+                }
+                keyring = keys_read(&mut in_flight.keys), if reading_keys => {
+                    in_flight.keys = None;
+                    match keyring {
+                        Ok(keyring) => self.on_keys(keyring),
+                        Err(err) => self.lose(err.to_string()),
                     }
                 }
                 event = conn.events.recv() => self.on_conn_event(event),
@@ -210,12 +247,29 @@ impl Listener {
         in_flight: &mut InFlight,
         resumes: &mut mpsc::UnboundedReceiver<ResumeRequest>,
     ) {
-        if self.conn.is_none() {
+        let Some(conn) = self.conn.as_ref() else {
             in_flight.advance = None;
+            in_flight.keys = None;
             if let Some(lost) = in_flight.resume.take() {
                 self.waiting_resumes.extend(lost.what);
             }
             return;
+        };
+        if in_flight.keys.is_none()
+            && !self.unopened.is_empty()
+            && self.keys_read_at.elapsed() >= KEYS_REREAD_INTERVAL
+        {
+            let (client, schema) = (Arc::clone(&conn.queries), self.cfg.schema.clone());
+            let query_timeout = self.cfg.query_timeout;
+            in_flight.keys = Some(Box::pin(async move {
+                within(
+                    query_timeout,
+                    "reading the seal keys",
+                    Keyring::load(&client, &schema),
+                )
+                .await
+            }));
+            self.keys_read_at = Instant::now();
         }
         if in_flight.resume.is_none() {
             in_flight.resume = self.begin_resume(resumes);
@@ -227,6 +281,16 @@ impl Listener {
                 in_flight.advance = self.begin_advance();
             }
         }
+    }
+
+    /// When the loop must wake with nothing heard: when the schedule says, or when the keys
+    /// may be read again for the notifications that did not open.
+    fn wake_at(&self) -> Instant {
+        let scheduled = self.schedule.wake_at(self.demand());
+        if self.unopened.is_empty() {
+            return scheduled;
+        }
+        scheduled.min(self.keys_read_at + KEYS_REREAD_INTERVAL)
     }
 
     /// What the cursor holds that an advance would settle.
@@ -264,24 +328,49 @@ impl Listener {
         if n.channel() != CHANNEL {
             return; // a late probe answer
         }
-        let metrics = &self.shared.metrics;
-        Metrics::add(&metrics.received, 1);
-        let notices = match self.cfg.policy.notices(n.payload()) {
-            Ok(notices) => notices,
-            Err(err) => {
-                Metrics::add(&metrics.decode_errors, 1);
-                if err.is_forged() {
-                    Metrics::add(&metrics.forged, 1);
-                }
-                let prefix: String = n.payload().chars().take(200).collect();
-                warn!(error = %err, payload = %prefix, "skipping a pg_outbox notification");
-                // If rows stand behind it, the next advance finds them.
-                self.undecodable = true;
-                return;
-            }
+        Metrics::add(&self.shared.metrics.received, 1);
+        let Some(conn) = self.conn.as_ref() else {
+            return;
         };
-        for notice in notices {
-            self.cursor.on_notice(notice, &mut self.steps);
+        match conn.keyring.open(n.payload()) {
+            Ok(opened) => {
+                for notice in self.cfg.policy.notices(opened) {
+                    self.cursor.on_notice(notice, &mut self.steps);
+                }
+            }
+            Err(err) => self.skip_notification(n.payload(), &err),
+        }
+    }
+
+    /// A notification that cannot be taken: counted, held for the next keys when it may open
+    /// with them, and swept for, since genuine rows may stand behind it (a publisher whose role
+    /// sets another `notify_payload`, a key made since the relay read them).
+    fn skip_notification(&mut self, text: &str, err: &ReadError) {
+        let metrics = &self.shared.metrics;
+        if err.may_open_with_new_keys() && self.unopened.len() < MAX_UNOPENED {
+            self.unopened.push(text.to_owned());
+        } else if err.is_forged() || err.may_open_with_new_keys() {
+            Metrics::add(&metrics.forged, 1);
+            debug!(error = %err, "skipping a pg_outbox notification");
+        } else {
+            Metrics::add(&metrics.decode_errors, 1);
+            let prefix: String = text.chars().take(200).collect();
+            warn!(error = %err, payload = %prefix, "skipping a pg_outbox notification");
+        }
+        self.undecodable = true;
+    }
+
+    /// The keys read again: what opens with them was sealed with a key made since (its rows
+    /// were swept), what does not was forged.
+    fn on_keys(&mut self, keyring: Keyring) {
+        let forged = self
+            .unopened
+            .drain(..)
+            .filter(|text| keyring.open(text).is_err())
+            .count();
+        Metrics::add(&self.shared.metrics.forged, forged as u64);
+        if let Some(conn) = self.conn.as_mut() {
+            conn.keyring = keyring;
         }
     }
 

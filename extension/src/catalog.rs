@@ -11,3 +11,8 @@ pub fn extension_schema() -> SpiResult<Option<String>> {
          WHERE e.extname = 'pg_outbox'",
     )
 }
+
+/// The schema `pg_outbox` is installed in, in this database.
+pub fn extension_namespace() -> SpiResult<Option<pg_sys::Oid>> {
+    Spi::get_one("SELECT extnamespace FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox'")
+}

@@ -43,7 +43,7 @@ pub enum OutboxError {
     #[error("cannot prune in a REPEATABLE READ or SERIALIZABLE transaction")]
     SnapshotIsolation,
 
-    #[error("pg_outbox.notify_payload is 'sealed' but pg_outbox.seal_key is unusable: {reason}")]
+    #[error("pg_outbox.notify_payload is 'sealed' but there is no key to seal with: {reason}")]
     SealKey { reason: String },
 }
 
@@ -78,9 +78,8 @@ impl OutboxError {
                  taken at the transaction's start could miss events it drops.",
             ),
             Self::SealKey { .. } => Some(
-                "Set pg_outbox.seal_key to 32 random bytes in base64 (openssl rand -base64 32) \
-                 in postgresql.conf or with ALTER SYSTEM, and reload; or set \
-                 pg_outbox.notify_payload to 'reference'.",
+                "Create a key with SELECT outbox_rotate_seal_key() (as the extension's owner), \
+                 or set pg_outbox.notify_payload to 'reference'.",
             ),
             _ => None,
         }

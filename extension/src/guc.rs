@@ -22,9 +22,10 @@ pub enum NotifyPayload {
     /// Every role that can connect can LISTEN, so inline payloads are visible to all of them.
     #[name = c"inline"]
     Inline,
-    /// Every notification sealed (encrypted and authenticated) with `pg_outbox.seal_key`, and
-    /// the whole event inside when it fits (under some 5,950 bytes): other roles that LISTEN
-    /// read nothing and cannot forge, and relays holding the key deliver without a query.
+    /// Every notification sealed (encrypted and authenticated) with the current key of
+    /// `outbox_seal_keys`, and the whole event inside when it fits (under some 5,950 bytes):
+    /// other roles that LISTEN read nothing and cannot forge, and relays, which read the key
+    /// when they connect, deliver without a query. The default.
     #[name = c"sealed"]
     Sealed,
 }
@@ -76,9 +77,7 @@ static NOTIFY_MODE: GucSetting<NotifyMode> = GucSetting::<NotifyMode>::new(Notif
 static LOGICAL_MESSAGES: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Reference, inline or sealed notifications.
 static NOTIFY_PAYLOAD: GucSetting<NotifyPayload> =
-    GucSetting::<NotifyPayload>::new(NotifyPayload::Reference);
-/// The key of sealed notifications: 32 bytes in base64.
-static SEAL_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+    GucSetting::<NotifyPayload>::new(NotifyPayload::Sealed);
 
 /// Registers the settings. `pg_outbox.database` can only be defined while the library is being
 /// preloaded: defining a postmaster-level setting later (from `CREATE EXTENSION`) is an error.
@@ -155,19 +154,11 @@ pub fn init(preloading: bool) {
     );
     GucRegistry::define_enum_guc(
         c"pg_outbox.notify_payload",
-        c"What each notification carries: 'reference' (id and metadata), 'inline' (the whole event when it fits) or 'sealed' (inline, encrypted and authenticated with pg_outbox.seal_key).",
-        c"Inline payloads are visible to every role that can connect, since LISTEN has no privilege; sealed ones only to relays that hold the key.",
+        c"What each notification carries: 'sealed' (the whole event when it fits, encrypted and authenticated with the key of outbox_seal_keys; the default), 'reference' (id and metadata) or 'inline' (the whole event when it fits, in the clear).",
+        c"Every role that can connect can LISTEN and NOTIFY: it reads reference and inline notifications and can send its own; a sealed one it can neither read nor forge.",
         &NOTIFY_PAYLOAD,
         GucContext::Suset,
         GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"pg_outbox.seal_key",
-        c"The key of sealed notifications (pg_outbox.notify_payload = 'sealed'): 32 random bytes in base64.",
-        c"Set it in postgresql.conf or with ALTER SYSTEM; only superusers (and members of pg_read_all_settings) can read it. Give the same key to the relays.",
-        &SEAL_KEY,
-        GucContext::Sighup,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
     );
     GucRegistry::define_float_guc(
         c"pg_outbox.queue_warning",
@@ -277,11 +268,6 @@ pub fn logical_messages() -> bool {
 
 pub fn notify_payload() -> NotifyPayload {
     NOTIFY_PAYLOAD.get()
-}
-
-/// `pg_outbox.seal_key` as set, if set.
-pub fn seal_key() -> Option<CString> {
-    SEAL_KEY.get()
 }
 
 fn seconds(value: i32) -> Duration {

@@ -17,6 +17,7 @@ mod guc;
 mod logical_message;
 mod notification;
 mod notify;
+mod privilege;
 mod prune;
 mod publish;
 mod seal;

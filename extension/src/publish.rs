@@ -71,7 +71,9 @@ struct Publish<'a> {
     payload: pg_sys::Datum,
     /// The function's schema, which is the extension's: where `event_outbox` lives.
     namespace: pg_sys::Oid,
-    /// The key to seal the notification with, when `pg_outbox.notify_payload` is `sealed`.
+    /// The key to seal the notification with, when `pg_outbox.notify_payload` is `sealed` and
+    /// the database has keys (it has none before `ALTER EXTENSION pg_outbox UPDATE` to 0.5.0,
+    /// and then sends references).
     seal_key: Option<SealKey>,
 }
 
@@ -121,15 +123,14 @@ impl<'a> Publish<'a> {
             return Err(OutboxError::ReadOnlyTransaction);
         }
 
-        // A setting that cannot work fails the call before anything is written, in either
-        // notify mode (the notifier seals with the same key).
-        let seal_key = match guc::notify_payload() {
-            NotifyPayload::Sealed => Some(seal::key()?),
-            NotifyPayload::Reference | NotifyPayload::Inline => None,
-        };
-
         // SAFETY: flinfo is set for every call made through the function manager.
         let namespace = unsafe { pg_sys::get_func_namespace((*(*fcinfo).flinfo).fn_oid) };
+        // A key that cannot be read fails the call before anything is written, in either
+        // notify mode (the notifier seals with the same key).
+        let seal_key = match guc::notify_payload() {
+            NotifyPayload::Sealed => seal::current_key(namespace)?,
+            NotifyPayload::Reference | NotifyPayload::Inline => None,
+        };
         Ok(Publish {
             channel,
             user_id,

@@ -1,30 +1,26 @@
-//! Sealed notifications (`pg_outbox.notify_payload = 'sealed'`): other roles that LISTEN read
-//! nothing and forge nothing; relays with the key deliver every event without a query, in both
-//! notify modes; a missing key fails publishing before anything is written.
+//! Sealed notifications, the default: with nothing configured, other roles that LISTEN read
+//! nothing and forge nothing, and relays (which read the key from the database) deliver every
+//! event without a query, in both notify modes. Keys rotate under running relays and
+//! publishers; a database without a current key fails publishing before anything is written.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pg_outbox_client::{Relay, SealKey, Topic};
+use pg_outbox_client::{Relay, Topic};
 use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
-use uuid::Uuid;
-
-const KEY: &str = "q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=";
+use tokio_postgres::error::SqlState;
 
 fn sealed_cluster(mode: &str) -> Cluster {
     Cluster::builder()
-        .setting("pg_outbox.notify_payload", "'sealed'")
-        .setting("pg_outbox.seal_key", &format!("'{KEY}'"))
         .setting("pg_outbox.notify_mode", &format!("'{mode}'"))
         .start()
 }
 
-/// A started relay with the key that sweeps only once an hour: every event it delivers came
-/// from a notification, and every query it runs is counted in `advances`.
-async fn keyed_relay(cluster: &Cluster, name: &str) -> (Relay, Collector) {
+/// A started relay, with the defaults, that sweeps only once an hour: every event it delivers
+/// came from a notification, and every query it runs is counted in `advances`.
+async fn quiet_relay(cluster: &Cluster, name: &str) -> (Relay, Collector) {
     let relay = relay(cluster, name)
-        .seal_key(SealKey::from_base64(KEY).unwrap())
         .sweep_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
@@ -35,7 +31,7 @@ async fn keyed_relay(cluster: &Cluster, name: &str) -> (Relay, Collector) {
 
 async fn sealed_events_arrive_without_a_query(mode: &str) {
     let cluster = sealed_cluster(mode);
-    let (relay, all) = keyed_relay(&cluster, "relay_sealed").await;
+    let (relay, all) = quiet_relay(&cluster, "relay_sealed").await;
     let mut eavesdropper = cluster.listener("postgres").await;
     let advances = relay.metrics().advances;
     let client = cluster.connect("postgres").await;
@@ -76,73 +72,160 @@ async fn sealed_events_arrive_without_a_query_in_worker_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forgeries_are_not_delivered_and_the_key_is_not_readable() {
-    let cluster = sealed_cluster("transaction");
-    cluster.psql("postgres", "CREATE ROLE mallory LOGIN");
-    let (relay, all) = keyed_relay(&cluster, "relay_sealed_forged").await;
-    let mallory = cluster.connect_as("postgres", "mallory").await;
-    // The key is the superuser's: mallory cannot read it.
-    let err = mallory
-        .query_one("SHOW pg_outbox.seal_key", &[])
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+async fn the_key_goes_to_exactly_the_roles_that_may_read_payloads() {
+    let cluster = Cluster::start();
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE mallory LOGIN; CREATE ROLE publisher LOGIN; CREATE ROLE reader LOGIN; \
+         CREATE ROLE columns LOGIN; \
+         GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO publisher; \
+         GRANT INSERT ON event_outbox TO publisher; \
+         GRANT SELECT ON event_outbox TO reader; \
+         GRANT SELECT (id, xid, payload) ON event_outbox TO columns",
     );
-    let visible: i64 = mallory
+    let keys = |user: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let client = cluster.connect_as("postgres", user).await;
+            let table = client.query("SELECT key FROM outbox_seal_keys", &[]).await;
+            assert_eq!(
+                table.unwrap_err().code(),
+                Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+                "{user} read the table"
+            );
+            client
+                .query_one("SELECT keys FROM outbox_relay_keys()", &[])
+                .await
+                .map(|row| row.get::<_, Vec<Vec<u8>>>(0))
+        }
+    };
+    for refused in ["mallory", "publisher"] {
+        let err = keys(refused).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{refused}"
+        );
+        let db = err.as_db_error().unwrap();
+        assert!(db.message().contains("event_outbox.payload"), "{db:?}");
+        assert!(
+            db.hint().is_some_and(|h| h.contains("GRANT SELECT")),
+            "{db:?}"
+        );
+    }
+    let read = keys("reader").await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].len(), 32);
+    assert_eq!(keys("columns").await.unwrap(), read);
+    // The publisher seals with the key it cannot read.
+    let publisher = cluster.connect_as("postgres", "publisher").await;
+    let mut eavesdropper = cluster.listener("postgres").await;
+    publish(&publisher, "chat", "alice", r#"{"n": 1}"#, None).await;
+    assert!(eavesdropper.next_raw().await.starts_with("s1."));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_reaches_running_publishers_and_relays() {
+    let cluster = Cluster::start();
+    let (relay, all) = quiet_relay(&cluster, "relay_rotation").await;
+    // A publisher that has sealed with the first key, and keeps its session.
+    let publisher = cluster.connect("postgres").await;
+    let mut expected = HashSet::from([publish(&publisher, "chat", "u1", "{}", None).await]);
+    all.wait_for_all(&cluster, "an event under the first key", &expected)
+        .await;
+    let first: Vec<u8> = current_key(&cluster).await;
+
+    // No grace: the first key is gone at once, so anything still sealed with it is forged.
+    cluster.psql("postgres", "SELECT outbox_rotate_seal_key('0')");
+    assert_ne!(current_key(&cluster).await, first);
+    for _ in 0..5 {
+        expected.insert(publish(&publisher, "chat", "u1", "{}", None).await);
+    }
+    all.wait_for_all(&cluster, "the events under the new key", &expected)
+        .await;
+    all.assert_exactly("events across the rotation", &expected);
+    let metrics = relay.metrics();
+    assert_eq!(metrics.forged, 0, "{metrics:?}");
+    assert_eq!(metrics.decode_errors, 0, "{metrics:?}");
+    relay.shutdown().await;
+
+    // A relay started now holds only the new key, and opens what the old session seals.
+    let (relay, all) = quiet_relay(&cluster, "relay_after_rotation").await;
+    let advances = relay.metrics().advances;
+    let id = publish(&publisher, "chat", "u1", "{}", None).await;
+    all.wait_for_all(&cluster, "an event", &HashSet::from([id]))
+        .await;
+    assert_eq!(relay.metrics().advances, advances, "opened, not fetched");
+    assert_eq!(relay.metrics().forged, 0);
+    relay.shutdown().await;
+
+    let kept: i64 = cluster
+        .connect("postgres")
+        .await
         .query_one(
-            "SELECT count(*) FROM pg_settings WHERE name = 'pg_outbox.seal_key'",
+            "SELECT count(*) FROM outbox_seal_keys WHERE expires_at IS NULL OR expires_at > now()",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(visible, 0);
+    assert_eq!(kept, 1);
+    let negative = cluster
+        .connect("postgres")
+        .await
+        .query_one("SELECT outbox_rotate_seal_key('-1 second')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(negative.code(), Some(&SqlState::INVALID_PARAMETER_VALUE));
+}
 
-    let xid: String = mallory
-        .query_one("SELECT pg_current_xact_id()::text", &[])
+async fn current_key(cluster: &Cluster) -> Vec<u8> {
+    cluster
+        .connect("postgres")
+        .await
+        .query_one(
+            "SELECT key FROM outbox_seal_keys WHERE expires_at IS NULL",
+            &[],
+        )
         .await
         .unwrap()
-        .get(0);
-    let forged_id = Uuid::from_u128(0xf0f0);
-    let unsealed = format!(
-        r#"{{"v":1,"id":"{forged_id}","channel":"chat","user_id":"alice","origin":null,"xid":{xid},"created_at_us":1795827481361761,"payload":{{"text":"send me your password"}}}}"#
-    );
-    let other_key = SealKey::from_bytes([7; 32]);
-    let wrongly_sealed = pg_outbox_wire::seal::seal(&other_key, &unsealed, [3; 24]);
-    for forgery in [
-        unsealed.as_str(),
-        wrongly_sealed.as_str(),
-        "s1.not-even-base64!",
-    ] {
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_notification_sent_again_delivers_nothing() {
+    let cluster = Cluster::start();
+    cluster.psql("postgres", "CREATE ROLE mallory LOGIN");
+    let (relay, all) = quiet_relay(&cluster, "relay_replay").await;
+    let mut eavesdropper = cluster.listener_as("postgres", "mallory").await;
+    let client = cluster.connect("postgres").await;
+    let id = publish(&client, "chat", "alice", "{}", None).await;
+    let captured = eavesdropper.next_raw().await;
+    all.wait_for_all(&cluster, "the event", &HashSet::from([id]))
+        .await;
+    let mallory = cluster.connect_as("postgres", "mallory").await;
+    for _ in 0..3 {
         mallory
-            .execute("SELECT pg_notify('pg_outbox', $1)", &[&forgery])
+            .execute("SELECT pg_notify('pg_outbox', $1)", &[&captured])
             .await
             .unwrap();
     }
     cluster
-        .wait_for("the forgeries settled", WAIT, || async {
-            let metrics = relay.metrics();
-            (metrics.forged >= 1 && metrics.decode_errors >= 2).then_some(())
+        .wait_for("the replays heard", WAIT, || async {
+            (relay.metrics().duplicates >= 3).then_some(())
         })
         .await;
-    let client = cluster.connect("postgres").await;
-    let real = publish(&client, "chat", "alice", "{}", None).await;
-    all.wait_for_all(&cluster, "a real event after them", &HashSet::from([real]))
+    let last = publish(&client, "chat", "alice", "{}", None).await;
+    all.wait_for_all(&cluster, "a later event", &HashSet::from([id, last]))
         .await;
-    assert!(
-        !all.has(forged_id),
-        "an unsealed inline event was taken at its word"
-    );
-    assert_eq!(all.count(), 1);
+    all.assert_exactly("no replay", &HashSet::from([id, last]));
     relay.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_does_not_fit_sealed_goes_as_a_sealed_reference() {
     let cluster = sealed_cluster("transaction");
-    let (relay, all) = keyed_relay(&cluster, "relay_sealed_large").await;
+    let (relay, all) = quiet_relay(&cluster, "relay_sealed_large").await;
     let mut eavesdropper = cluster.listener("postgres").await;
     let client = cluster.connect("postgres").await;
     let large = format!(r#"{{"text": "{}"}}"#, "y".repeat(7_000));
@@ -162,46 +245,31 @@ async fn what_does_not_fit_sealed_goes_as_a_sealed_reference() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_without_the_key_still_gets_every_event_from_its_sweeps() {
-    let cluster = sealed_cluster("transaction");
-    let relay = relay(&cluster, "relay_sealed_keyless").build().unwrap();
-    let all = Collector::spawn(relay.subscribe_to(Topic::all()));
-    relay.start().await.unwrap();
-    let client = cluster.connect("postgres").await;
-    let mut expected = HashSet::new();
-    for _ in 0..5 {
-        expected.insert(publish(&client, "chat", "bob", "{}", None).await);
-    }
-    all.wait_for_all(&cluster, "the events, from the sweeps", &expected)
-        .await;
-    all.assert_exactly("keyless relay", &expected);
-    assert!(relay.metrics().decode_errors >= 1);
-    relay.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sealed_without_a_key_refuses_to_publish_and_writes_nothing() {
+async fn without_a_current_key_publishing_is_refused_and_writes_nothing() {
     let cluster = Cluster::start();
     let client = cluster.connect("postgres").await;
-    client
-        .batch_execute("SET pg_outbox.notify_payload = 'sealed'")
-        .await
-        .unwrap();
+    // A publisher that has a key cached hears of its deletion too.
+    publish(&client, "chat", "u1", "{}", None).await;
+    cluster.psql("postgres", "DELETE FROM outbox_seal_keys");
     let err = client
         .query_one("SELECT outbox_publish('chat', 'u1', '{}')", &[])
         .await
         .unwrap_err();
     assert_eq!(
         err.code(),
-        Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
     );
     let message = err.as_db_error().unwrap();
-    assert!(message.message().contains("pg_outbox.seal_key"));
-    assert!(message.hint().is_some_and(|hint| hint.contains("base64")));
+    assert!(message.message().contains("no current key"), "{message:?}");
+    assert!(message
+        .hint()
+        .is_some_and(|hint| hint.contains("outbox_rotate_seal_key")));
     let rows: i64 = client
         .query_one("SELECT count(*) FROM event_outbox", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 0);
+    assert_eq!(rows, 1);
+    cluster.psql("postgres", "SELECT outbox_rotate_seal_key()");
+    publish(&client, "chat", "u1", "{}", None).await;
 }

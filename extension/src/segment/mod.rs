@@ -27,6 +27,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiResult};
 
 use crate::guc;
+use crate::privilege::as_user;
 use crate::worker::shared;
 
 mod insert;
@@ -352,45 +353,6 @@ fn lock_exclusively(relid: pg_sys::Oid) -> bool {
 /// A segment a publisher inserts into.
 pub struct Segment {
     pub relid: pg_sys::Oid,
-}
-
-/// Runs `f` as `user` in a security-restricted operation, as SECURITY DEFINER functions and
-/// foreign-key checks run, with `search_path` pinned to `pg_catalog, pg_temp`, so that no
-/// function or operator of the caller's schemas can be picked up with `user`'s rights. An error
-/// inside restores the caller's identity and settings as the (sub)transaction aborts.
-fn as_user<R>(user: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let mut caller = pg_sys::Oid::INVALID;
-    let mut context = 0;
-    // SAFETY: saving and switching the current user, then a GUC nesting level of our own, set
-    // as fmgr_security_definer does; both undone below.
-    let nest_level = unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut caller, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            user,
-            context
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        level
-    };
-    let result = f();
-    // SAFETY: pops the level pushed above, then restores what was saved.
-    unsafe {
-        pg_sys::AtEOXact_GUC(true, nest_level);
-        pg_sys::SetUserIdAndSecContext(caller, context);
-    }
-    result
 }
 
 /// What a backend knows of the segments: which covers `from..until` (PostgreSQL timestamps),

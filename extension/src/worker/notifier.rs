@@ -37,7 +37,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic, PgOid};
 
-use crate::catalog::extension_schema;
+use crate::catalog::{extension_namespace, extension_schema};
 use crate::guc::{self, NotifyPayload};
 use crate::notify::notify;
 use crate::seal;
@@ -228,6 +228,8 @@ impl Setup {
 
 /// The worker's position and its statements, prepared once per worker: a batch plans nothing.
 struct Batches {
+    /// The extension's schema, where the seal keys are.
+    namespace: pg_sys::Oid,
     /// The snapshot covered by the last committed batch.
     position: Snapshot,
     /// Rows notified since the position was last recorded.
@@ -271,11 +273,16 @@ impl Batches {
         // Publishers hand payloads over only when the notifier sends them inline. Said before
         // the mark below: a transaction that gets its xid after the mark stages its events
         // after this, and those before are read from the table.
-        shared::set_inline(Form::current().inline());
+        let namespace = extension_namespace()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| pgrx::error!("pg_outbox notifier: pg_outbox is not installed"));
+        shared::set_inline(Form::current(namespace).inline());
         // An earlier notifier may have drained records of transactions still running, which
         // died with it: until every transaction that exists now has ended, read the table.
         shared::mark_all_unhanded();
         Batches {
+            namespace,
             position: parse_snapshot(&position),
             unrecorded_rows: 0,
             moved: false,
@@ -329,7 +336,7 @@ impl Batches {
     /// The snapshot is taken before the handoff buffer is drained, and [`handoff`] says why
     /// that makes the records of every transaction it sees ended already drained.
     fn run(&mut self) -> Sent {
-        let form = Form::current();
+        let form = Form::current(self.namespace);
         let inline = form.inline();
         shared::set_inline(inline);
         let new = Spi::connect(|client| {
@@ -582,8 +589,8 @@ fn did_commit(xid: u64) -> bool {
     unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid as u32)) }
 }
 
-/// How the notifier's documents go out, as `pg_outbox.notify_payload` and
-/// `pg_outbox.seal_key` say at the start of a batch.
+/// How the notifier's documents go out, as `pg_outbox.notify_payload` and `outbox_seal_keys`
+/// say at the start of a batch.
 enum Form {
     Reference,
     Inline,
@@ -599,12 +606,15 @@ thread_local! {
 }
 
 impl Form {
-    fn current() -> Form {
+    fn current(namespace: pg_sys::Oid) -> Form {
         match guc::notify_payload() {
             NotifyPayload::Reference => Form::Reference,
             NotifyPayload::Inline => Form::Inline,
-            NotifyPayload::Sealed => match seal::key() {
-                Ok(key) => {
+            NotifyPayload::Sealed => match seal::current_key(namespace) {
+                // A database not yet updated to 0.5.0 has no keys: references, as publishers
+                // send in transaction mode.
+                Ok(None) => Form::Reference,
+                Ok(Some(key)) => {
                     SAID_UNSEALABLE.set(false);
                     Form::Sealed(key)
                 }

@@ -67,14 +67,15 @@ COMMIT;
 BEGIN;
 SELECT outbox_publish('chat', 'alice', '{"text": "never sent"}');
 ROLLBACK;
-SET pg_outbox.notify_payload = 'inline';
+SET pg_outbox.notify_payload = 'reference';
 SELECT outbox_publish('presence', 'carol', '{"online": true}');
-SELECT outbox_publish('files', 'carol', jsonb_build_object('blob', repeat('x', 100000)));
 SQL
 
 wait "$LISTENER"
-step "What the LISTEN session received: two events of the committed transaction, none of the rolled-back one, one inline, one reference for the 100 kB payload"
-sed -n 's/^Asynchronous notification "pg_outbox" with payload "\(.*\)" received from server process.*/  \1/p' "$DIR/listener.out"
+step "What the LISTEN session received: the two events of the committed transaction, sealed (the default: any role that can connect may LISTEN, and reads random text; relays open them with the database's key, no query), none of the rolled-back one, and a reference (notify_payload = 'reference': ids and metadata, no payload)"
+sed -n 's/^Asynchronous notification "pg_outbox" with payload "\(.*\)" received from server process.*/\1/p' "$DIR/listener.out" \
+    | cut -c1-100 | sed 's/^/  /'
+echo "  the key: $(psql_demo -A -t -c "SELECT count(*) || ' key(s) in outbox_seal_keys, readable through outbox_relay_keys() by the roles that may read event_outbox.payload' FROM outbox_seal_keys")"
 
 step "Bad input is refused with a clear error and writes nothing"
 psql_demo -c "SELECT outbox_publish('chat room', 'alice', '{}')" 2>&1 | sed 's/^/  /' || true

@@ -246,6 +246,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         vec![(50, 100)]
     } else {
         vec![
+            (1_000, 100),
             (1_000, 1_000),
             (10_000, 1_000),
             (20_000.min(limit), 1_000),

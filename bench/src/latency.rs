@@ -43,6 +43,12 @@ impl Setup {
                 if let Some(ms) = self.fetch_interval_ms {
                     name += &format!(", fetch_interval = {ms} ms");
                 }
+                if self.notify_payload == "sealed"
+                    && self.notify_mode == "transaction"
+                    && self.fetch_interval_ms.is_none()
+                {
+                    name += " (the defaults)";
+                }
                 name
             }
             Receiver::Seed => "seed-style relay (SELECT by id, one at a time)".to_owned(),

@@ -1,7 +1,7 @@
 //! Figure 1: publish transactions per second, outbox_publish against what users write by hand
 //! (a PL/pgSQL function doing INSERT + pg_notify) and against the bare INSERT (the floor), with
-//! one listener draining the notifications; and what `pg_outbox.logical_messages` costs, in
-//! both notify modes.
+//! one listener draining the notifications; and what sealing (the default) and
+//! `pg_outbox.logical_messages` cost, in both notify modes.
 
 use pg_outbox_tests::Cluster;
 
@@ -25,6 +25,11 @@ const PLPGSQL: Variant = Variant {
     script: "plpgsql",
     options: "",
 };
+const DEFAULTS: Variant = Variant {
+    name: "outbox_publish, the defaults (sealed, transaction mode)",
+    script: "publish",
+    options: "",
+};
 const REFERENCE: Variant = Variant {
     name: "outbox_publish, reference",
     script: "publish",
@@ -42,7 +47,32 @@ const WORKER: Variant = Variant {
     options: "-c pg_outbox.notify_mode=worker",
 };
 
-const VARIANTS: [Variant; 5] = [BARE, PLPGSQL, REFERENCE, INLINE, WORKER];
+const VARIANTS: [Variant; 6] = [BARE, PLPGSQL, DEFAULTS, REFERENCE, INLINE, WORKER];
+
+/// Each notify mode with reference notifications and with sealed ones, the default: what
+/// sealing costs the publisher (in worker mode, the notifier seals).
+const SEALING: [Variant; 4] = [
+    Variant {
+        name: "transaction mode, reference",
+        script: "publish",
+        options: "-c pg_outbox.notify_payload=reference",
+    },
+    Variant {
+        name: "transaction mode, sealed (the default)",
+        script: "publish",
+        options: "",
+    },
+    Variant {
+        name: "worker mode, reference",
+        script: "publish",
+        options: "-c pg_outbox.notify_mode=worker -c pg_outbox.notify_payload=reference",
+    },
+    Variant {
+        name: "worker mode, sealed",
+        script: "publish",
+        options: "-c pg_outbox.notify_mode=worker",
+    },
+];
 
 /// Each notify mode without and with the logical-decoding message per event.
 const LOGICAL_MESSAGES: [Variant; 4] = [
@@ -129,23 +159,46 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         add_rows(&mut batches, &batch.to_string(), &events);
     }
     tables.push(batches);
-    tables.push(logical_messages(cluster, options));
+    let mut sealing = paired(
+        cluster,
+        options,
+        "Publish rate with sealed notifications (the default) and reference ones, one event per transaction",
+        "vs reference, same mode",
+        &SEALING,
+    );
+    sealing.note = "Sealed: each notification encrypted and authenticated (XChaCha20-Poly1305, a nonce from the server's strong random source) with the key of outbox_seal_keys, which a backend reads once; the event travels inside when it fits. In worker mode the notifier seals, not the publisher.".to_owned();
+    tables.push(sealing);
+    let mut logical = paired(
+        cluster,
+        options,
+        "Publish rate with pg_outbox.logical_messages on and off, one event per transaction",
+        "vs off, same mode",
+        &LOGICAL_MESSAGES,
+    );
+    logical.note = "Each event is also written into the WAL as a transactional logical-decoding message (its document with the payload); wal_level is the default (replica): with logical, every variant writes a little more WAL alike. No slot reads the messages during the runs.".to_owned();
+    tables.push(logical);
 
     drained.stop().await;
     tables
 }
 
-/// Publish rate with `pg_outbox.logical_messages` on against off, in each notify mode, each
+/// The publish rate of `variants`, taken in pairs (a base, then what it is compared with), each
 /// ratio paired by round as in the main table.
-fn logical_messages(cluster: &Cluster, options: &Options) -> Table {
+fn paired(
+    cluster: &Cluster,
+    options: &Options,
+    title: &str,
+    ratio: &str,
+    variants: &[Variant],
+) -> Table {
     let mut table = Table::new(
-        "Publish rate with pg_outbox.logical_messages on and off, one event per transaction",
+        title,
         &[
             "clients",
             "variant",
             "tx/s (median)",
             "rounds' range",
-            "vs off, same mode",
+            ratio,
         ],
     );
     // At the client counts of the targets only: four more variants at every count would double
@@ -155,7 +208,7 @@ fn logical_messages(cluster: &Cluster, options: &Options) -> Table {
         .into_iter()
         .filter(|clients| options.smoke || [8, 64].contains(clients));
     for clients in counts {
-        let rates = interleaved(cluster, options, &LOGICAL_MESSAGES, |variant| Run {
+        let rates = interleaved(cluster, options, variants, |variant| Run {
             script: format!("{}.sql", variant.script),
             clients,
             duration: options.run_time(),
@@ -163,15 +216,14 @@ fn logical_messages(cluster: &Cluster, options: &Options) -> Table {
             variables: Vec::new(),
         });
         for pair in rates.chunks(2) {
-            let [(off_name, off), (on_name, on)] = pair else {
+            let [(base_name, base), (name, rounds)] = pair else {
                 continue;
             };
-            for (name, rounds) in [(off_name, off), (on_name, on)] {
-                table.row(row(&clients.to_string(), name, rounds, &[off]));
+            for (name, rounds) in [(base_name, base), (name, rounds)] {
+                table.row(row(&clients.to_string(), name, rounds, &[base]));
             }
         }
     }
-    table.note = "Each event is also written into the WAL as a transactional logical-decoding message (its document with the payload); wal_level is the default (replica): with logical, every variant writes a little more WAL alike. No slot reads the messages during the runs.".to_owned();
     table
 }
 

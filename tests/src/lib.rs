@@ -708,14 +708,15 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// The next event's notification document parsed as JSON, a version 1 document or one event
-    /// of a version 2 batch (without its `v`); panics if none arrives within 10 s.
+    /// The next event's notification document parsed as JSON (opened, when sealed, with the keys
+    /// the database gives the listening role), a version 1 document or one event of a version 2
+    /// batch (without its `v`); panics if none arrives within 10 s.
     pub async fn next(&mut self) -> serde_json::Value {
         loop {
             if let Some(event) = self.batched.pop_front() {
                 return event;
             }
-            let raw = self.next_raw().await;
+            let raw = self.next_opened().await;
             let mut doc: serde_json::Value = serde_json::from_str(&raw)
                 .unwrap_or_else(|e| panic!("notification is not JSON ({e}): {raw}"));
             if doc["v"] != 2 {
@@ -726,6 +727,39 @@ impl Listener {
                 _ => panic!("a version 2 notification without events: {raw}"),
             }
         }
+    }
+
+    /// The next notification's document: opened when sealed, as it came otherwise.
+    pub async fn next_opened(&mut self) -> String {
+        let raw = self.next_raw().await;
+        if !pg_outbox_wire::seal::is_sealed(&raw) {
+            return raw;
+        }
+        let schema: String = self
+            .client
+            .query_one(
+                "SELECT quote_ident(n.nspname) FROM pg_extension e \
+                 JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_outbox'",
+                &[],
+            )
+            .await
+            .expect("the extension's schema")
+            .get(0);
+        let keys: Vec<Vec<u8>> = self
+            .client
+            .query_one(
+                &format!("SELECT keys FROM {schema}.outbox_relay_keys()"),
+                &[],
+            )
+            .await
+            .expect("the seal keys (the listening role may read event_outbox)")
+            .get(0);
+        keys.into_iter()
+            .filter_map(|key| <[u8; 32]>::try_from(key).ok())
+            .find_map(|key| {
+                pg_outbox_wire::seal::open(&pg_outbox_wire::SealKey::from_bytes(key), &raw).ok()
+            })
+            .unwrap_or_else(|| panic!("a sealed notification that opens with no key: {raw}"))
     }
 
     /// The raw payload of the next notification; panics if none arrives within 10 s.

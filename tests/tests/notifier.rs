@@ -13,9 +13,12 @@ use tokio_postgres::GenericClient;
 const PUBLISH: &str = "SELECT outbox_publish($1, $2, $3::jsonb)::text";
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Worker mode with reference notifications, whose documents these tests read as they come
+/// (`sealed.rs` covers the notifier's sealed ones).
 fn worker_mode_cluster() -> Cluster {
     Cluster::builder()
         .setting("pg_outbox.notify_mode", "'worker'")
+        .setting("pg_outbox.notify_payload", "'reference'")
         .start()
 }
 

@@ -44,18 +44,28 @@ enum Action {
     Stats,
     /// `LISTEN pg_outbox`, and a notification published by another role arrives.
     Listen,
+    /// `outbox_relay_keys()`: the seal keys, which open every notification.
+    Keys,
+    /// `outbox_rotate_seal_key()`.
+    Rotate,
 }
 
 use Action::*;
 
-const ACTIONS: [Action; 6] = [Publish, Insert, Read, Prune, Stats, Listen];
+const ACTIONS: [Action; 8] = [Publish, Insert, Read, Prune, Stats, Listen, Keys, Rotate];
 
 /// Each role and what the README says it may do; everything else is refused.
 const MATRIX: &[(&str, &[Action])] = &[
-    ("postgres", &[Publish, Insert, Read, Prune, Stats, Listen]),
-    ("ext_owner", &[Publish, Insert, Read, Prune, Stats, Listen]),
+    (
+        "postgres",
+        &[Publish, Insert, Read, Prune, Stats, Listen, Keys, Rotate],
+    ),
+    (
+        "ext_owner",
+        &[Publish, Insert, Read, Prune, Stats, Listen, Keys, Rotate],
+    ),
     ("app_publisher", &[Publish, Insert, Listen]),
-    ("app_relay", &[Read, Listen]),
+    ("app_relay", &[Read, Listen, Keys]),
     ("monitoring", &[Stats, Listen]),
     ("app_pruner", &[Prune, Listen]),
     ("ungranted", &[Listen]),
@@ -313,21 +323,39 @@ async fn attempt(
             }
         }
         Listen => {
+            // Sealed, the default: only roles given the keys could read which event it names.
             let mut listener = cluster.listener_as("postgres", role).await;
-            let id: String = admin
+            admin
                 .query_one(
-                    &format!("SELECT {schema}.outbox_publish('chat', 'u1', '{{\"n\": 2}}')::text"),
+                    &format!("SELECT {schema}.outbox_publish('chat', 'u1', '{{\"n\": 2}}')"),
                     &[],
                 )
                 .await
-                .unwrap()
-                .get(0);
-            if listener.next().await["id"] == id.as_str() {
+                .unwrap();
+            let raw = listener.next_raw().await;
+            if pg_outbox_wire::seal::is_sealed(&raw) {
                 Outcome::Allowed
             } else {
-                Outcome::Other("a different notification arrived".into())
+                Outcome::Other(format!("an unsealed notification arrived: {raw}"))
             }
         }
+        Keys => outcome(
+            client
+                .query_one(
+                    &format!("SELECT keys FROM {schema}.outbox_relay_keys()"),
+                    &[],
+                )
+                .await,
+        ),
+        // A grace of a day: the relays of the other attempts keep opening with the key before.
+        Rotate => outcome(
+            client
+                .query_one(
+                    &format!("SELECT {schema}.outbox_rotate_seal_key('1 day')"),
+                    &[],
+                )
+                .await,
+        ),
     }
 }
 
@@ -395,6 +423,10 @@ async fn publish_secret(admin: &Client, listener: &mut Listener, secret: &str) -
 #[tokio::test]
 async fn reference_mode_leaks_no_payload_to_a_role_that_can_only_listen() {
     let (cluster, admin) = cluster_with_roles("outbox").await;
+    admin
+        .batch_execute("SET pg_outbox.notify_payload = 'reference'")
+        .await
+        .unwrap();
     let mut listener = cluster.listener_as("postgres", "connect_only").await;
 
     let secret = "s3cr3t-reference-7f1c";

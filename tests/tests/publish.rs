@@ -98,14 +98,39 @@ async fn each_publish_in_a_transaction_is_delivered_in_order() {
 }
 
 #[tokio::test]
-async fn reference_by_default_inline_when_asked_and_it_fits() {
+async fn sealed_by_default_reference_and_inline_when_asked() {
     let cluster = Cluster::start();
     let mut listener = cluster.listener("postgres").await;
     let publisher = cluster.connect("postgres").await;
     let big = json!({ "blob": "x".repeat(100 * 1024) });
     let small = json!({ "text": "hello", "n": [1, 2, 3] });
 
-    // Reference mode (the default): never the payload, whatever its size.
+    // Sealed (the default): the payload when it fits, a reference otherwise, both sealed.
+    for (payload, inside) in [(&small, true), (&big, false)] {
+        let id: String = publisher
+            .query_one(PUBLISH, &[&"chat", &"u1", payload])
+            .await
+            .unwrap()
+            .get(0);
+        let raw = listener.next_raw().await;
+        assert!(raw.starts_with("s1.") && !raw.contains(&id), "{raw:.100}");
+        let keys: Vec<Vec<u8>> = publisher
+            .query_one("SELECT keys FROM outbox_relay_keys()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let key = pg_outbox_wire::SealKey::from_bytes(keys[0].clone().try_into().unwrap());
+        let opened: serde_json::Value =
+            serde_json::from_str(&pg_outbox_wire::seal::open(&key, &raw).unwrap()).unwrap();
+        assert_eq!(opened["id"], id.as_str());
+        assert_eq!(opened.get("payload") == Some(payload), inside, "{opened}");
+    }
+
+    // Reference mode: never the payload, whatever its size.
+    publisher
+        .batch_execute("SET pg_outbox.notify_payload = 'reference'")
+        .await
+        .unwrap();
     for payload in [&small, &big] {
         let id: String = publisher
             .query_one(PUBLISH, &[&"chat", &"u1", payload])

@@ -1,4 +1,4 @@
-//! Several relays, concurrent publishers in both payload modes (reference, inline) and both
+//! Several relays, concurrent publishers in both payload modes (reference, sealed) and both
 //! notify modes (by the transaction, by the notifier worker) at once, some transactions rolled
 //! back: each relay delivers every committed event exactly once and no rolled-back one.
 
@@ -14,7 +14,10 @@ const TRANSACTIONS: usize = 120;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_relay_gets_every_committed_event_once() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::builder()
+        // References, and (below) publishers that seal theirs: both kinds of notification.
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
     let mut relays = Vec::new();
     for name in ["relay_a", "relay_b", "relay_c"] {
         let relay = relay(&cluster, name).build().unwrap();
@@ -29,7 +32,7 @@ async fn every_relay_gets_every_committed_event_once() {
         publishers.push(tokio::spawn(async move {
             if p % 2 == 0 {
                 client
-                    .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+                    .batch_execute("SET pg_outbox.notify_payload = 'sealed'")
                     .await
                     .unwrap();
             }

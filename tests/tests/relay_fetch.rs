@@ -10,7 +10,10 @@ use pg_outbox_tests::{Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_waiting_references_are_fetched_at_once_in_one_query() {
-    let cluster = Cluster::start();
+    // References, the relays' included: every event is fetched.
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
     // Neither the interval nor a sweep moves the relay in this test: only the waiting rows can.
     let relay = relay(&cluster, "relay_fetch")
         .fetch_interval(Duration::from_secs(3600))

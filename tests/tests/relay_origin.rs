@@ -8,7 +8,10 @@ use pg_outbox_tests::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_events_are_skipped_unless_asked_for() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::builder()
+        // References, and (below) publishers that seal theirs: both kinds of notification.
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
     let a = relay(&cluster, "relay_a")
         .instance_id("replica-a")
         .build()
@@ -42,7 +45,7 @@ async fn own_events_are_skipped_unless_asked_for() {
         from_none.insert(publish(&client, "chat", "u1", &payload, None).await);
     }
     client
-        .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+        .batch_execute("SET pg_outbox.notify_payload = 'sealed'")
         .await
         .unwrap();
     from_a.insert(publish(&client, "chat", "u1", "{}", Some("replica-a")).await);

@@ -1,6 +1,6 @@
 //! One relay policy for the live stream and for resumes: a relay that relays some channels and
 //! skips its own origin hands a subscription resumed from before the events exactly what a
-//! live one gets, whether the events came inline or as references, for every kind of topic.
+//! live one gets, whether the events came sealed (inline) or as references, for every kind of topic.
 
 use std::collections::HashSet;
 
@@ -32,7 +32,10 @@ async fn publish_a_mix(client: &Client) -> Vec<Published> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_stream_delivers_what_the_live_one_does() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::builder()
+        // References, and (below) publishers that seal theirs: both kinds of notification.
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
     let relay = relay(&cluster, "relay_policy")
         .channels(["chat", "news"])
         .instance_id("replica-a")
@@ -61,7 +64,7 @@ async fn a_resumed_stream_delivers_what_the_live_one_does() {
     let client = cluster.connect("postgres").await;
     let mut passed = publish_a_mix(&client).await;
     client
-        .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+        .batch_execute("SET pg_outbox.notify_payload = 'sealed'")
         .await
         .unwrap();
     passed.extend(publish_a_mix(&client).await);

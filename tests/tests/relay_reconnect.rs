@@ -19,7 +19,10 @@ const KILLS: usize = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_and_restarts_lose_and_duplicate_nothing() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::builder()
+        // References, and (below) publishers that seal theirs: both kinds of notification.
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
     let names = ["relay_a", "relay_b"];
     let mut relays = Vec::new();
     for name in names {
@@ -46,7 +49,7 @@ async fn kills_and_restarts_lose_and_duplicate_nothing() {
                 tokio::spawn(connection);
                 if p == 0
                     && client
-                        .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+                        .batch_execute("SET pg_outbox.notify_payload = 'sealed'")
                         .await
                         .is_err()
                 {

@@ -36,11 +36,8 @@ async fn inline_events_arrive_while_an_advance_waits_on_a_lock() {
         .await;
     let advances = relay.metrics().advances;
 
+    // Sealed, the default: the events travel inside their notifications.
     let publisher = cluster.connect("postgres").await;
-    publisher
-        .batch_execute("SET pg_outbox.notify_payload = 'inline'")
-        .await
-        .unwrap();
     let mut expected = HashSet::new();
     for n in 0..5 {
         expected.insert(publish(&publisher, "chat", "u1", &format!(r#"{{"n":{n}}}"#), None).await);

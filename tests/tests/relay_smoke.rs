@@ -8,7 +8,10 @@ use pg_outbox_tests::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_what_is_published_after_start_then_stops() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::builder()
+        // References, and (below) publishers that seal theirs: both kinds of notification.
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
     let client = cluster.connect("postgres").await;
     let before = publish(&client, "chat", "u1", r#"{"n":0}"#, None).await;
 
@@ -23,7 +26,7 @@ async fn delivers_what_is_published_after_start_then_stops() {
         expected.insert(publish(&client, "chat", "u1", &format!(r#"{{"n":{n}}}"#), None).await);
     }
     client
-        .batch_execute("SET pg_outbox.notify_payload = 'inline'")
+        .batch_execute("SET pg_outbox.notify_payload = 'sealed'")
         .await
         .unwrap();
     for n in 6..=10 {

@@ -159,7 +159,7 @@ async fn assert_server_healthy(cluster: &Cluster, client: &Client) {
 async fn notifications_until(listener: &mut Listener, sentinel: &str) -> HashMap<String, String> {
     let mut by_id = HashMap::new();
     loop {
-        let raw = listener.next_raw().await;
+        let raw = listener.next_opened().await;
         // The id is the document's second key, fixed-width: read it by text, so that inline
         // payloads serde_json cannot read (numbers beyond f64, nesting beyond 128) still count;
         // the server checks the whole document.

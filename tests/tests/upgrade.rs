@@ -31,6 +31,8 @@ const FINGERPRINT: &str = "
         SELECT 'table', format('%s acl=%s', relname, relacl)
         FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
       UNION ALL
+        SELECT 'trigger', pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal
+      UNION ALL
         SELECT 'dumped', unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'pg_outbox'
     ) objects
     WHERE description !~ 'event_outbox_[0-9]{8}_[0-9]{6}'
@@ -123,6 +125,21 @@ async fn updating_from_0_1_0_keeps_events_and_matches_a_fresh_install() {
     assert_eq!(fingerprint(&old).await, fingerprint(&fresh).await);
     assert_eq!(count(&old).await, 51);
 
+    // Sealed, the default, once the update has made a key: the next notification is sealed.
+    let id: String = old
+        .query_one("SELECT outbox_publish('chat', 'u2', '{}')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    loop {
+        let raw = listener.next_raw().await;
+        if pg_outbox_wire::seal::is_sealed(&raw) {
+            let opened = pg_outbox_wire::decode(&open_with_database_key(&old, &raw).await).unwrap();
+            assert_eq!(opened[0].id.to_string(), id);
+            break;
+        }
+    }
+
     // Worker mode works once updated: the notifier picks the database up, and publishers leave
     // their notifications to it.
     cluster
@@ -162,4 +179,59 @@ async fn next_with_id(listener: &mut pg_outbox_tests::Listener, id: &str) {
             return;
         }
     }
+}
+
+/// `raw` opened with the current key of `outbox_seal_keys`.
+async fn open_with_database_key(client: &Client, raw: &str) -> String {
+    let key: Vec<u8> = client
+        .query_one(
+            "SELECT key FROM outbox_seal_keys WHERE expires_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let key = pg_outbox_wire::SealKey::from_bytes(key.try_into().unwrap());
+    pg_outbox_wire::seal::open(&key, raw).unwrap()
+}
+
+#[tokio::test]
+async fn updating_from_0_3_0_keeps_the_key_of_pg_outbox_seal_key() {
+    const KEY: &str = "q2Ew0nGMd7Kf2yQn0c1Xb3Qm1T7mH8u0yJp4RzS9vWk=";
+    let cluster = Cluster::builder()
+        .create_extension(false)
+        .setting("pg_outbox.seal_key", &format!("'{KEY}'"))
+        .start();
+    cluster.psql("postgres", "CREATE EXTENSION pg_outbox VERSION '0.3.0'");
+    cluster.psql("postgres", "ALTER EXTENSION pg_outbox UPDATE");
+    let keys = cluster.psql(
+        "postgres",
+        "SELECT string_agg(encode(key, 'base64'), ',') FROM outbox_seal_keys WHERE expires_at IS NULL",
+    );
+    assert_eq!(keys, KEY);
+    // A relay of 0.4.0 held that key: what publishers seal now opens with it.
+    let client = cluster.connect("postgres").await;
+    let mut listener = cluster.listener("postgres").await;
+    client
+        .execute("SELECT outbox_publish('chat', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    let raw = listener.next_raw().await;
+    let key = pg_outbox_wire::SealKey::from_base64(KEY).unwrap();
+    assert!(pg_outbox_wire::seal::open(&key, &raw).is_ok(), "{raw}");
+}
+
+#[tokio::test]
+async fn updating_with_a_malformed_pg_outbox_seal_key_makes_a_new_key() {
+    let cluster = Cluster::builder()
+        .create_extension(false)
+        .setting("pg_outbox.seal_key", "'not a key'")
+        .start();
+    cluster.psql("postgres", "CREATE EXTENSION pg_outbox VERSION '0.3.0'");
+    cluster.psql("postgres", "ALTER EXTENSION pg_outbox UPDATE");
+    let lengths = cluster.psql(
+        "postgres",
+        "SELECT string_agg(length(key)::text, ',') FROM outbox_seal_keys",
+    );
+    assert_eq!(lengths, "32");
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pg_outbox_client::{Gap, Health, Topic};
+use pg_outbox_client::{Health, Topic};
 use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::Cluster;
 

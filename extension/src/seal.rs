@@ -114,15 +114,54 @@ unsafe extern "C-unwind" fn forget_key(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     });
 }
 
-/// `document` sealed with `key` under a fresh random nonce.
-pub fn seal(key: &SealKey, document: &str) -> String {
-    let mut nonce = [0u8; 24];
-    // SAFETY: writes exactly `nonce.len()` bytes into the buffer.
-    let drawn = unsafe { pg_sys::pg_strong_random(nonce.as_mut_ptr().cast(), nonce.len()) };
+/// A process's nonces: 16 bytes drawn from the strong random source once per process, then a
+/// counter. XChaCha20's 24-byte nonce leaves room for both, so no two seals of one key share a
+/// nonce (processes' random parts collide with odds of 2^-128), and a seal costs no draw.
+struct Nonces {
+    /// The process they were drawn in: a process forked after the draw draws its own.
+    pid: i32,
+    random: [u8; 16],
+    counter: u64,
+}
+
+thread_local! {
+    static NONCES: RefCell<Option<Nonces>> = const { RefCell::new(None) };
+}
+
+/// The next nonce of this process.
+fn next_nonce() -> [u8; 24] {
+    // SAFETY: a plain read of the process's pid, set when the process started.
+    let pid = unsafe { pg_sys::MyProcPid };
+    NONCES.with_borrow_mut(|nonces| {
+        let nonces = match nonces {
+            Some(n) if n.pid == pid => n,
+            _ => nonces.insert(Nonces {
+                pid,
+                random: draw(),
+                counter: 0,
+            }),
+        };
+        nonces.counter += 1;
+        let mut nonce = [0u8; 24];
+        nonce[..16].copy_from_slice(&nonces.random);
+        nonce[16..].copy_from_slice(&nonces.counter.to_le_bytes());
+        nonce
+    })
+}
+
+fn draw() -> [u8; 16] {
+    let mut random = [0u8; 16];
+    // SAFETY: writes exactly `random.len()` bytes into the buffer.
+    let drawn = unsafe { pg_sys::pg_strong_random(random.as_mut_ptr().cast(), random.len()) };
     if !drawn {
-        pgrx::error!("pg_outbox: could not draw a random nonce to seal a notification");
+        pgrx::error!("pg_outbox: could not draw random bytes to seal notifications");
     }
-    seal::seal(key, document, nonce)
+    random
+}
+
+/// `document` sealed with `key` under this process's next nonce.
+pub fn seal(key: &SealKey, document: &str) -> String {
+    seal::seal(key, document, next_nonce())
 }
 
 #[unsafe(no_mangle)]

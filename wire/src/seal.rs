@@ -3,14 +3,16 @@
 //!
 //! Any role that can connect may LISTEN to `pg_outbox` and NOTIFY on it: an inline payload is
 //! readable by all of them and forgeable by any. A sealed notification is neither: its text is
-//! `s1.` followed by base64url (no padding) of a random 24-byte nonce and the document
+//! `s1.` followed by base64url (no padding) of a 24-byte nonce and the document
 //! encrypted with XChaCha20-Poly1305 (associated data [`ASSOCIATED_DATA`]). A relay with the
 //! key takes what opens as genuine, inline payloads included, and so needs no query to deliver
 //! them; whatever does not open was forged (or sealed with another key).
 //!
-//! Random nonces are safe at any volume with XChaCha20's 192 bits. A captured notification can
-//! be sent again by a role that can connect: it names an event the relay has delivered already
-//! (or that its starting snapshot covers), so the relay drops it as a duplicate.
+//! Nonces must never repeat for one key; XChaCha20's 192 bits leave room for a random part per
+//! sealing process and a counter (the extension's choice), or for wholly random ones. A
+//! captured notification can be sent again by a role that can connect: it names an event the
+//! relay has delivered already (or that its starting snapshot covers), so the relay drops it as
+//! a duplicate.
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -107,7 +109,7 @@ pub fn is_sealed(text: &str) -> bool {
 }
 
 /// `document` sealed with `key` and `nonce`, which must never repeat for one key: draw it from
-/// a strong random source.
+/// a strong random source, or put a counter after a part drawn once per process.
 pub fn seal(key: &SealKey, document: &str, nonce: [u8; NONCE_BYTES]) -> String {
     let sealed = key
         .cipher()

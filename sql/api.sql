@@ -82,6 +82,37 @@ CREATE TRIGGER outbox_seal_keys_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON outbox_seal_keys
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_seal_keys_changed();
 
+-- Events deleted by hand (DELETE FROM event_outbox, which reaches the segments too, or TRUNCATE)
+-- are recorded as pruned, as the pruner records its own: a relay that had not read them reports
+-- them lost (Gap::Missing, Gap::Pruned) rather than counting their notifications as forged.
+CREATE FUNCTION outbox_record_deleted() RETURNS trigger
+    VOLATILE PARALLEL UNSAFE
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        -- Which rows went is not known: every transaction that has ended may have lost some.
+        UPDATE @extschema@.outbox_prune_state SET pruned_through_xid = greatest(pruned_through_xid,
+            (pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 1)::text::xid8);
+    ELSE
+        UPDATE @extschema@.outbox_prune_state
+           SET pruned_through_xid = greatest(pruned_through_xid,
+                   (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1))
+         WHERE EXISTS (SELECT FROM gone);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER outbox_deleted
+    AFTER DELETE ON event_outbox REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
+CREATE TRIGGER outbox_truncated
+    AFTER TRUNCATE ON event_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
+REVOKE ALL ON FUNCTION outbox_record_deleted() FROM PUBLIC;
+
 -- Nothing is granted to PUBLIC: publishing, relaying, pruning and monitoring are granted to
 -- roles explicitly (see the README).
 REVOKE ALL ON TABLE event_outbox, outbox_segments, outbox_prune_state, outbox_notifier_state,

@@ -4,6 +4,8 @@
 --   outbox_rotate_seal_key(). The setting pg_outbox.seal_key is gone: the key it held, if any,
 --   becomes the first key of the table, so relays of 0.4.0 built with RelayBuilder::seal_key keep
 --   opening notifications until they are upgraded. Without it, a fresh random key is made.
+-- * Events deleted by hand are recorded in outbox_prune_state, so that relays report them lost
+--   (a reference to a row that never was is now counted as forged, not as a gap).
 \echo Use "ALTER EXTENSION pg_outbox UPDATE TO '0.5.0'" to load this file. \quit
 
 CREATE TABLE outbox_seal_keys (
@@ -58,6 +60,37 @@ CREATE TRIGGER outbox_seal_keys_changed
 REVOKE ALL ON TABLE outbox_seal_keys FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_rotate_seal_key(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_seal_keys_changed() FROM PUBLIC;
+
+-- Events deleted by hand (DELETE FROM event_outbox, which reaches the segments too, or TRUNCATE)
+-- are recorded as pruned, as the pruner records its own: a relay that had not read them reports
+-- them lost (Gap::Missing, Gap::Pruned) rather than counting their notifications as forged.
+CREATE FUNCTION outbox_record_deleted() RETURNS trigger
+    VOLATILE PARALLEL UNSAFE
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        -- Which rows went is not known: every transaction that has ended may have lost some.
+        UPDATE @extschema@.outbox_prune_state SET pruned_through_xid = greatest(pruned_through_xid,
+            (pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 1)::text::xid8);
+    ELSE
+        UPDATE @extschema@.outbox_prune_state
+           SET pruned_through_xid = greatest(pruned_through_xid,
+                   (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1))
+         WHERE EXISTS (SELECT FROM gone);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER outbox_deleted
+    AFTER DELETE ON event_outbox REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
+CREATE TRIGGER outbox_truncated
+    AFTER TRUNCATE ON event_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
+REVOKE ALL ON FUNCTION outbox_record_deleted() FROM PUBLIC;
 
 -- The key of pg_outbox.seal_key (base64, either alphabet, padded or not), if one is set.
 DO $$

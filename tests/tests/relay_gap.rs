@@ -1,14 +1,16 @@
 //! Rows pruned before a disconnected relay could read them are reported as a gap (a marker to
-//! every subscriber and a counter), never silently skipped.
+//! every subscriber and a counter), never silently skipped; so are rows deleted by hand
+//! between their notification and its fetch, which no forgery can imitate.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use pg_outbox_client::{Gap, Topic};
 use pg_outbox_tests::relay::{
     create_relay_role, publish, relay_as, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
 };
-use pg_outbox_tests::Cluster;
+use pg_outbox_tests::{Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_pruned_while_disconnected_are_reported_as_a_gap() {
@@ -68,5 +70,49 @@ async fn rows_pruned_while_disconnected_are_reported_as_a_gap() {
         .iter()
         .position(|d| d.event().map(|e| e.id()) == Some(kept));
     assert!(gap_at < kept_at, "{items:?}");
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_by_hand_before_its_fetch_is_reported_missing_not_forged() {
+    let cluster = Cluster::builder()
+        .setting("pg_outbox.notify_payload", "'reference'")
+        .start();
+    create_relay_role(&cluster, "relay_user");
+    // References wait until 32 of them do: the row is deleted meanwhile.
+    let relay = relay_as(&cluster, "relay_deleted", "relay_user")
+        .fetch_interval(Duration::from_secs(3600))
+        .sweep_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let u1 = Collector::spawn(relay.subscribe_to(Topic::all().user("u1")));
+    relay.start().await.unwrap();
+
+    let client = cluster.connect("postgres").await;
+    let deleted = publish(&client, "chat", "u1", "{}", None).await;
+    cluster
+        .wait_for("its notification", WAIT, || async {
+            (relay.metrics().received >= 1).then_some(())
+        })
+        .await;
+    cluster.psql(
+        "postgres",
+        &format!("DELETE FROM event_outbox WHERE id = '{deleted}'"),
+    );
+    let mut kept = HashSet::new();
+    for _ in 0..31 {
+        kept.insert(publish(&client, "chat", "u1", "{}", None).await);
+    }
+    u1.wait_for_all(&cluster, "the events after it", &kept)
+        .await;
+    u1.assert_exactly("u1's events", &kept);
+    assert!(
+        u1.gaps()
+            .iter()
+            .any(|gap| matches!(gap, Gap::Missing { id, .. } if *id == deleted)),
+        "{:?}",
+        u1.gaps()
+    );
+    assert_eq!(relay.metrics().forged, 0);
     relay.shutdown().await;
 }

@@ -432,22 +432,34 @@ fn parent_owner_if_plain(parent: pg_sys::Oid) -> Option<pg_sys::Oid> {
     (!own_rules).then_some(owner)
 }
 
-/// Whether `event_outbox` (`parent`) has row-level security, triggers or rules of its own: an
-/// INSERT into it may then store something other than the values given, or nothing.
+/// Whether `event_outbox` (`parent`) has row-level security, rules or INSERT triggers of its
+/// own: an INSERT into it may then store something other than the values given, or nothing.
 pub fn has_rules_of_its_own(parent: pg_sys::Oid) -> bool {
     owner_and_rules(parent).is_none_or(|(_, own_rules)| own_rules)
 }
 
-/// The table's owner, and whether it has row-level security, triggers or rules.
+/// The table's owner, and whether it has row-level security, rules or triggers that fire on
+/// INSERT (the extension's own statement trigger on DELETE does not).
 fn owner_and_rules(relid: pg_sys::Oid) -> Option<(pg_sys::Oid, bool)> {
-    // SAFETY: a relcache lookup and its release; the fields read are plain values.
+    // SAFETY: a relcache lookup and its release; the fields read are plain values, and the
+    // trigger description, when there is one, is the relcache entry's.
     unsafe {
         let relation = pg_sys::RelationIdGetRelation(relid);
         if relation.is_null() {
             return None;
         }
         let class = &*(*relation).rd_rel;
-        let own_rules = class.relrowsecurity || class.relhastriggers || class.relhasrules;
+        let triggers = (*relation).trigdesc;
+        let fires_on_insert = !triggers.is_null() && {
+            let t = &*triggers;
+            t.trig_insert_before_row
+                || t.trig_insert_after_row
+                || t.trig_insert_instead_row
+                || t.trig_insert_before_statement
+                || t.trig_insert_after_statement
+                || t.trig_insert_new_table
+        };
+        let own_rules = class.relrowsecurity || fires_on_insert || class.relhasrules;
         let owner = class.relowner;
         pg_sys::RelationClose(relation);
         Some((owner, own_rules))

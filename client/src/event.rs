@@ -161,8 +161,9 @@ pub enum Gap {
         /// The transaction id from which the relay reads again.
         floor_xid: u64,
     },
-    /// A row announced by a notification was gone when the relay fetched it (deleted or pruned
-    /// in between), or the notification was forged (its transaction never committed: see
+    /// A row announced by a notification was gone when the relay fetched it, and pruning had
+    /// reached its transaction (`outbox_prune_state.pruned_through_xid`): pruned before this
+    /// relay read it. A notification naming a row that never was is no gap (see
     /// [`MetricsSnapshot::forged`](crate::MetricsSnapshot::forged)). Sent to the subscribers of
     /// its channel and user.
     Missing {

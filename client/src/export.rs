@@ -18,7 +18,7 @@
 //! | `pg_outbox_relay_events_own_origin_total` | counter | events this relay published, not delivered |
 //! | `pg_outbox_relay_events_lagged_total` | counter | events dropped for slow subscribers |
 //! | `pg_outbox_relay_decode_errors_total` | counter | notifications or rows that did not decode |
-//! | `pg_outbox_relay_forged_notifications_total` | counter | notifications naming no real transaction |
+//! | `pg_outbox_relay_forged_notifications_total` | counter | notifications `outbox_publish` did not send (dropped) |
 //! | `pg_outbox_relay_gaps_total{kind}` | counter | gaps reported, by [`Gap::kind`](crate::Gap::kind) |
 //! | `pg_outbox_relay_resumes_total` | counter | subscriptions resumed from a position |
 //! | `pg_outbox_relay_resets_total{reason}` | counter | resumes that could not go on exactly, by [`ResetReason::kind`](crate::ResetReason::kind) |

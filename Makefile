@@ -29,6 +29,8 @@ PACKAGE := target/pg_outbox-$(VERSION)-$(PG_FEATURE)-$(shell uname -m)-linux.tar
 # The hand-written install scripts of earlier versions and the upgrade scripts between them,
 # which cargo pgrx does not copy.
 SQL_SCRIPTS := $(wildcard sql/pg_outbox--*.sql)
+# The SQL-only edition, pg_outbox_sql: a control file and scripts, nothing to build.
+SQL_EDITION := $(wildcard sql/edition/pg_outbox_sql*)
 
 ## install: build the extension (release) into pg_config's directories; with DESTDIR=dir, into
 ## that staging directory instead (for packagers), through `make package`
@@ -39,18 +41,18 @@ install: package
 else
 install: setup
 	cd extension && cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
-	$(if $(SUDO),sudo) cp $(SQL_SCRIPTS) $(EXTENSION_DIR)/
+	$(if $(SUDO),sudo) cp $(SQL_SCRIPTS) $(SQL_EDITION) $(EXTENSION_DIR)/
 endif
 
 install-debug: setup
 	cd extension && cargo pgrx install $(SUDO) --pg-config $(PG_CONFIG)
-	$(if $(SUDO),sudo) cp $(SQL_SCRIPTS) $(EXTENSION_DIR)/
+	$(if $(SUDO),sudo) cp $(SQL_SCRIPTS) $(SQL_EDITION) $(EXTENSION_DIR)/
 
 ## package: `cargo pgrx package` (release) plus the upgrade scripts, as a tarball of the files
 ## under their installed paths
 package: setup
 	cd extension && cargo pgrx package --pg-config $(PG_CONFIG)
-	cp $(SQL_SCRIPTS) $(PACKAGE_TREE)$(EXTENSION_DIR)/
+	cp $(SQL_SCRIPTS) $(SQL_EDITION) $(PACKAGE_TREE)$(EXTENSION_DIR)/
 	tar -C $(PACKAGE_TREE) -czf $(PACKAGE) .
 	@echo "package: $(PACKAGE)"
 

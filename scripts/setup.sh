@@ -6,7 +6,8 @@
 # cargo-pgrx's configuration pointing at the system pg_config; for the examples tested in CI: psycopg 3 and psycopg2 (logical replication) for Debian's python3, Node.js with
 # npm and examples/node's locked packages, openssl (test certificates for TLS), Chromium (the
 # browser test, the demo's browser step and the commit-to-browser benchmark run it headless), and
-# prometheus-postgres-exporter (monitoring/postgres_exporter.yaml is tested through it).
+# prometheus-postgres-exporter (monitoring/postgres_exporter.yaml is tested through it), and
+# pg_cron (the SQL edition's pruning by a cron job is tested through it).
 # Safe to run again; quiet when nothing is missing.
 set -euo pipefail
 
@@ -16,7 +17,8 @@ CARGO_FUZZ_VERSION=0.13.2
 CARGO_CYCLES_VERSION=0.2.0
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR clang libclang-dev sudo pgbouncer
-    python3-psycopg python3-psycopg2 openssl chromium prometheus-postgres-exporter)
+    python3-psycopg python3-psycopg2 openssl chromium prometheus-postgres-exporter
+    postgresql-$PG_MAJOR-cron)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 as_root() {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! pg-outbox-bench [--smoke]
-//!     [--only publish|latency|browser|fanout|prune|memory|resume|relays|plan|connections]
+//!     [--only publish|latency|browser|fanout|prune|memory|resume|relays|plan|connections|sql-edition|sealing]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
@@ -25,6 +25,7 @@ mod report;
 mod resume;
 mod retention;
 mod server_cpu;
+mod sql_edition;
 mod sse_client;
 
 use std::time::Duration;
@@ -162,6 +163,13 @@ async fn main() {
     }
     if options.wants("connections") {
         tables.extend(connections::run(&cluster, &options).await);
+    }
+    // Part of `publish`; alone only when asked for by name.
+    if options.only.as_deref() == Some("sealing") {
+        tables.extend(publish_rate::sealing(&cluster, &options).await);
+    }
+    if options.wants("sql-edition") {
+        tables.extend(sql_edition::run(&cluster, &options).await);
     }
     println!("## Results\n");
     for table in tables {

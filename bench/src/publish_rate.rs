@@ -5,46 +5,54 @@
 
 use pg_outbox_tests::Cluster;
 
-use crate::pgbench::{tps, Run};
+use crate::pgbench::Run;
 use crate::report::{median, quantile, rate, Table};
 use crate::Options;
 
-struct Variant {
-    name: &'static str,
-    script: &'static str,
-    options: &'static str,
+pub(crate) struct Variant {
+    pub name: &'static str,
+    pub script: &'static str,
+    pub options: &'static str,
+    /// `postgres` (the native edition) or the SQL edition's database.
+    pub database: &'static str,
 }
 
 const BARE: Variant = Variant {
     name: "bare INSERT (no NOTIFY)",
     script: "bare",
     options: "",
+    database: "postgres",
 };
 const PLPGSQL: Variant = Variant {
     name: "PL/pgSQL INSERT + pg_notify",
     script: "plpgsql",
     options: "",
+    database: "postgres",
 };
 const DEFAULTS: Variant = Variant {
     name: "outbox_publish, the defaults (sealed, transaction mode)",
     script: "publish",
     options: "",
+    database: "postgres",
 };
 const REFERENCE: Variant = Variant {
     name: "outbox_publish, reference",
     script: "publish",
     options: "-c pg_outbox.notify_payload=reference",
+    database: "postgres",
 };
 const INLINE: Variant = Variant {
     name: "outbox_publish, inline",
     script: "publish",
     options: "-c pg_outbox.notify_payload=inline",
+    database: "postgres",
 };
 
 const WORKER: Variant = Variant {
     name: "outbox_publish, notify_mode = worker",
     script: "publish",
     options: "-c pg_outbox.notify_mode=worker",
+    database: "postgres",
 };
 
 const VARIANTS: [Variant; 6] = [BARE, PLPGSQL, DEFAULTS, REFERENCE, INLINE, WORKER];
@@ -56,21 +64,25 @@ const SEALING: [Variant; 4] = [
         name: "transaction mode, reference",
         script: "publish",
         options: "-c pg_outbox.notify_payload=reference",
+        database: "postgres",
     },
     Variant {
         name: "transaction mode, sealed (the default)",
         script: "publish",
         options: "",
+        database: "postgres",
     },
     Variant {
         name: "worker mode, reference",
         script: "publish",
         options: "-c pg_outbox.notify_mode=worker -c pg_outbox.notify_payload=reference",
+        database: "postgres",
     },
     Variant {
         name: "worker mode, sealed",
         script: "publish",
         options: "-c pg_outbox.notify_mode=worker",
+        database: "postgres",
     },
 ];
 
@@ -80,21 +92,25 @@ const LOGICAL_MESSAGES: [Variant; 4] = [
         name: "transaction mode",
         script: "publish",
         options: "",
+        database: "postgres",
     },
     Variant {
         name: "transaction mode, logical_messages = on",
         script: "publish",
         options: "-c pg_outbox.logical_messages=on",
+        database: "postgres",
     },
     Variant {
         name: "worker mode",
         script: "publish",
         options: "-c pg_outbox.notify_mode=worker",
+        database: "postgres",
     },
     Variant {
         name: "worker mode, logical_messages = on",
         script: "publish",
         options: "-c pg_outbox.notify_mode=worker -c pg_outbox.logical_messages=on",
+        database: "postgres",
     },
 ];
 
@@ -159,15 +175,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         add_rows(&mut batches, &batch.to_string(), &events);
     }
     tables.push(batches);
-    let mut sealing = paired(
-        cluster,
-        options,
-        "Publish rate with sealed notifications (the default) and reference ones, one event per transaction",
-        "vs reference, same mode",
-        &SEALING,
-    );
-    sealing.note = "Sealed: each notification encrypted and authenticated (XChaCha20-Poly1305, a nonce from the server's strong random source) with the key of outbox_seal_keys, which a backend reads once; the event travels inside when it fits. In worker mode the notifier seals, not the publisher.".to_owned();
-    tables.push(sealing);
+    tables.push(sealing_table(cluster, options));
     let mut logical = paired(
         cluster,
         options,
@@ -180,6 +188,37 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
 
     drained.stop().await;
     tables
+}
+
+pub(crate) fn tps_in_database(cluster: &Cluster, database: &str, run: &Run) -> f64 {
+    crate::pgbench::tps_in(
+        cluster.bindir(),
+        cluster.root(),
+        cluster.port(),
+        database,
+        run,
+    )
+}
+
+/// Only what sealing, the default, costs publishers (`--only sealing`): the table of
+/// [`run`]'s that compares it with references.
+pub async fn sealing(cluster: &Cluster, options: &Options) -> Vec<Table> {
+    let drained = crate::drain::spawn(cluster).await;
+    let table = sealing_table(cluster, options);
+    drained.stop().await;
+    vec![table]
+}
+
+fn sealing_table(cluster: &Cluster, options: &Options) -> Table {
+    let mut sealing = paired(
+        cluster,
+        options,
+        "Publish rate with sealed notifications (the default) and reference ones, one event per transaction",
+        "vs reference, same mode",
+        &SEALING,
+    );
+    sealing.note = "Sealed: each notification encrypted and authenticated (XChaCha20-Poly1305; nonces from a part drawn once per process from the server's strong random source, and a counter) with the key of outbox_seal_keys, which a backend reads once; the event travels inside when it fits, so more bytes go through the notification queue to every listener. In worker mode the notifier seals, not the publisher.".to_owned();
+    sealing
 }
 
 /// The publish rate of `variants`, taken in pairs (a base, then what it is compared with), each
@@ -231,7 +270,7 @@ fn paired(
 /// variant further along, so that no variant always runs right after the same other one or at
 /// the same point of a round (a checkpoint or autovacuum that recurs with the rounds' rhythm
 /// would otherwise land on the same variant every time).
-fn interleaved<'v>(
+pub(crate) fn interleaved<'v>(
     cluster: &Cluster,
     options: &Options,
     variants: &'v [Variant],
@@ -241,8 +280,9 @@ fn interleaved<'v>(
     for round in 0..options.publish_rounds() {
         for offset in 0..variants.len() {
             let at = (round + offset) % variants.len();
-            cluster.psql("postgres", "TRUNCATE event_outbox, bare_outbox");
-            samples[at].push(tps(cluster, &run(&variants[at])));
+            let variant = &variants[at];
+            cluster.psql(variant.database, "TRUNCATE event_outbox, bare_outbox");
+            samples[at].push(tps_in_database(cluster, variant.database, &run(variant)));
         }
     }
     variants
@@ -270,7 +310,7 @@ fn add_rows(table: &mut Table, label: &str, rates: &[(&str, Vec<f64>)]) {
 /// A variant's row: its median rate, the range of its rounds, and its ratio to each of
 /// `bases`, each the median of the rounds' own ratios: a round's runs are minutes apart at
 /// most, so pairing them leaves out the machine's slower drifts.
-fn row(label: &str, name: &str, rounds: &[f64], bases: &[&[f64]]) -> Vec<String> {
+pub(crate) fn row(label: &str, name: &str, rounds: &[f64], bases: &[&[f64]]) -> Vec<String> {
     let mut row = vec![
         label.to_owned(),
         name.to_owned(),

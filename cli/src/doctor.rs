@@ -110,16 +110,34 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     check_listen(&args, &mut report).await;
-    let schema = check_extension(&client, &args.db, &database, &mut report).await?;
-    let preloaded = check_preload(&client, &mut report).await;
-    if let Some(schema) = &schema {
-        let pruner = check_pruner(&client, schema, &database, preloaded, standby, &mut report);
-        if let Err(err) = pruner.await {
-            report.could_not("check the pruner", &err);
+    let installed = match check_extension(&client, &args.db, &database, &mut report).await? {
+        Some(installed) => Some(installed),
+        None => check_sql_edition(&client, &mut report).await?,
+    };
+    match &installed {
+        Some((schema, Edition::Native)) => {
+            let preloaded = check_preload(&client, &mut report).await;
+            let pruner = check_pruner(&client, schema, &database, preloaded, standby, &mut report);
+            if let Err(err) = pruner.await {
+                report.could_not("check the pruner", &err);
+            }
+            if let Err(err) = check_notifier(&client, &database, standby, &mut report).await {
+                report.could_not("check the notifier", &err);
+            }
+            if let Err(err) = check_seal_keys(&client, schema, &mut report).await {
+                report.could_not("check the seal keys", &err);
+            }
         }
-        if let Err(err) = check_notifier(&client, &database, standby, &mut report).await {
-            report.could_not("check the notifier", &err);
+        Some((schema, Edition::Sql)) => {
+            if let Err(err) = check_sql_pruning(&client, schema, standby, &mut report).await {
+                report.could_not("check what prunes this database", &err);
+            }
         }
+        None => {
+            check_preload(&client, &mut report).await;
+        }
+    }
+    if let Some((schema, _)) = &installed {
         if let Err(err) = check_privileges(&client, schema, &role, &mut report).await {
             report.could_not("check this role's privileges", &err);
         }
@@ -139,14 +157,24 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The extension: available, created here, in which schema, up to date. Returns the schema
-/// (quoted) when it is created in this database.
+/// Which edition of pg_outbox a database runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Edition {
+    /// The extension `pg_outbox`, with its library.
+    Native,
+    /// `pg_outbox_sql`, or its script run with `psql -f`: SQL and PL/pgSQL only.
+    Sql,
+}
+
+/// The native extension: available, created here, in which schema, up to date. Returns the
+/// schema (quoted) when it is created in this database. When it is not, and the SQL edition
+/// is, says nothing: [`check_sql_edition`] does.
 async fn check_extension(
     client: &Client,
     db: &Db,
     database: &str,
     report: &mut Report,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Option<(String, Edition)>> {
     let row = simple_row(
         client,
         "SELECT (SELECT default_version FROM pg_available_extensions WHERE name = 'pg_outbox'), \
@@ -158,6 +186,9 @@ async fn check_extension(
     .await?;
     let (available, installed, schema) = (row[0].clone(), row[1].clone(), row[2].clone());
     let (Some(installed), Some(schema)) = (installed, schema) else {
+        if sql_edition_schema(client).await?.is_some() {
+            return Ok(None);
+        }
         match available {
             Some(version) => report.say(
                 Level::Fail,
@@ -204,7 +235,114 @@ async fn check_extension(
             )),
         );
     }
-    Ok(Some(schema))
+    Ok(Some((schema, Edition::Native)))
+}
+
+/// The schema (quoted) of the SQL edition in this database, as the extension `pg_outbox_sql`
+/// or as its script run with `psql -f` (a PL/pgSQL `outbox_publish`), with the extension's
+/// version if it is one.
+async fn sql_edition_schema(client: &Client) -> anyhow::Result<Option<(String, Option<String>)>> {
+    let row = simple_row(
+        client,
+        "SELECT coalesce( \
+                  (SELECT quote_ident(n.nspname) FROM pg_extension e \
+                   JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_outbox_sql'), \
+                  (SELECT quote_ident(n.nspname) FROM pg_proc p \
+                   JOIN pg_namespace n ON n.oid = p.pronamespace \
+                   WHERE p.proname = 'outbox_publish' \
+                     AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'plpgsql') \
+                   ORDER BY n.nspname LIMIT 1)), \
+                (SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox_sql')",
+    )
+    .await?;
+    Ok(row[0].clone().map(|schema| (schema, row[1].clone())))
+}
+
+/// The SQL edition, when the native one is not created here.
+async fn check_sql_edition(
+    client: &Client,
+    report: &mut Report,
+) -> anyhow::Result<Option<(String, Edition)>> {
+    let Some((schema, version)) = sql_edition_schema(client).await? else {
+        return Ok(None);
+    };
+    let how = match version {
+        Some(version) => format!("pg_outbox_sql {version}, the SQL edition, is created"),
+        None => "the SQL edition of pg_outbox is installed (psql -f)".to_owned(),
+    };
+    report.say(
+        Level::Ok,
+        format!("{how} in schema {schema}: no library, no workers; notifications are references"),
+        None,
+    );
+    Ok(Some((schema, Edition::Sql)))
+}
+
+/// What prunes a database of the SQL edition, which has no worker: a `pg_cron` job calling
+/// `outbox_prune()`, relays (`RelayBuilder::prune_every`), or nothing.
+async fn check_sql_pruning(
+    client: &Client,
+    schema: &str,
+    standby: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    if standby {
+        return Ok(());
+    }
+    // pg_cron's jobs, when it is installed here and this role may read them.
+    let readable = simple_row(
+        client,
+        "SELECT coalesce(has_table_privilege(to_regclass('cron.job'), 'SELECT'), false)",
+    )
+    .await?;
+    let cron = if flag(&readable[0]) {
+        simple_row(
+            client,
+            "SELECT string_agg(format('job %s (%s)', jobid, schedule), ', ') FROM cron.job \
+             WHERE command ILIKE '%outbox_prune%' AND active AND database = current_database()",
+        )
+        .await?
+    } else {
+        vec![None]
+    };
+    let state = simple_row(
+        client,
+        &format!(
+            "SELECT CASE WHEN has_table_privilege({}, 'SELECT') THEN \
+               (SELECT format('%s by %s', last_pruned_at, coalesce(last_pruned_by, '?')) \
+                FROM {schema}.outbox_prune_state \
+                WHERE last_pruned_at > now() - interval '1 day') END",
+            quote_literal(&format!("{schema}.outbox_prune_state"))
+        ),
+    )
+    .await?;
+    match (&cron[0], &state[0]) {
+        (Some(jobs), last) => report.say(
+            Level::Ok,
+            format!(
+                "pg_cron prunes this database: {jobs}{}",
+                last.as_deref()
+                    .map_or(String::new(), |l| format!("; last pruned {l}"))
+            ),
+            None,
+        ),
+        (None, Some(last)) => report.say(
+            Level::Ok,
+            format!("this database was pruned in the last day: {last}"),
+            None,
+        ),
+        (None, None) => report.say(
+            Level::Warn,
+            "nothing pruned this database in the last day (the SQL edition has no worker): \
+             event_outbox only grows",
+            Some(format!(
+                "schedule SELECT {schema}.outbox_prune() with pg_cron (SELECT cron.schedule('pg_outbox \
+                 prune', '* * * * *', 'SELECT {schema}.outbox_prune()')), or let relays prune \
+                 (RelayBuilder::prune_every, pg-outbox tail --prune-every)"
+            )),
+        ),
+    }
+    Ok(())
 }
 
 /// `shared_preload_libraries` names pg_outbox. A role that may not read it (it needs
@@ -510,6 +648,65 @@ async fn check_privileges(
             format!("role {role:?} may not {what}; if it should: {grant}"),
             None,
         );
+    }
+    Ok(())
+}
+
+/// Sealed notifications, the default, need a current key in `outbox_seal_keys`, which relays
+/// read through `outbox_relay_keys()`.
+async fn check_seal_keys(client: &Client, schema: &str, report: &mut Report) -> anyhow::Result<()> {
+    let row = simple_row(
+        client,
+        &format!(
+            "SELECT to_regclass({keys}) IS NOT NULL, \
+                    coalesce(current_setting('pg_outbox.notify_payload', true), 'sealed'), \
+                    has_table_privilege({outbox}, 'SELECT')",
+            keys = quote_literal(&format!("{schema}.outbox_seal_keys")),
+            outbox = quote_literal(&format!("{schema}.event_outbox")),
+        ),
+    )
+    .await?;
+    if row[1].as_deref() != Some("sealed") {
+        return Ok(());
+    }
+    if !flag(&row[0]) {
+        report.say(
+            Level::Warn,
+            "notify_payload is 'sealed', but the extension's objects predate 0.5.0 and hold no \
+             key: publishers send references",
+            Some("ALTER EXTENSION pg_outbox UPDATE".into()),
+        );
+        return Ok(());
+    }
+    if !flag(&row[2]) {
+        report.say(
+            Level::Info,
+            "notifications are sealed; this role may not read event_outbox, so it is not given \
+             the keys (relays' roles are)",
+            None,
+        );
+        return Ok(());
+    }
+    let keys = simple_row(
+        client,
+        &format!("SELECT cardinality(keys) FROM {schema}.outbox_relay_keys()"),
+    )
+    .await?;
+    match keys[0].as_deref().and_then(|n| n.parse::<u32>().ok()) {
+        Some(0) | None => report.say(
+            Level::Fail,
+            "notify_payload is 'sealed' and outbox_seal_keys holds no key: every outbox_publish \
+             fails with SQLSTATE 55000",
+            Some(format!("SELECT {schema}.outbox_rotate_seal_key()")),
+        ),
+        Some(n) => report.say(
+            Level::Ok,
+            format!(
+                "notifications are sealed with the database's key ({n} key(s) open them); relays \
+                 read it when they connect"
+            ),
+            None,
+        ),
     }
     Ok(())
 }

@@ -29,6 +29,11 @@ pub struct Args {
     /// Events that may wait unprinted before the oldest are dropped (reported as "lagged").
     #[arg(long, default_value_t = 65536, value_name = "N")]
     buffer: usize,
+    /// Also prune expired events at this interval, taking turns with the other relays that do
+    /// (one at a time): for a database where nothing else prunes (the SQL edition without
+    /// pg_cron). The role needs EXECUTE on outbox_prune().
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    prune_every: Option<std::time::Duration>,
 }
 
 /// One event as printed: these keys, in this order.
@@ -133,6 +138,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(instance) = &args.instance {
         builder = builder.instance_id(instance.clone());
+    }
+    if let Some(every) = args.prune_every {
+        builder = builder.prune_every(every);
     }
     let relay = builder.build().map_err(|e| anyhow!("{e}"))?;
     let topic = match &args.user {

@@ -1,10 +1,10 @@
 //! `pg-outbox doctor` passes a healthy set-up and explains, with a non-zero exit, a missing
-//! extension, a library not preloaded, a role without privileges, a standby, and a pooler in
-//! transaction mode.
+//! extension, a library not preloaded, a role without privileges, a database without a seal
+//! key, a standby, and a pooler in transaction mode.
 
 mod support;
 
-use pg_outbox_tests::{Cluster, WAIT};
+use pg_outbox_tests::{Cluster, Edition, WAIT};
 use support::{run, stderr, stdout};
 
 fn doctor(db: &str) -> (bool, String) {
@@ -31,6 +31,7 @@ fn a_healthy_set_up_passes() {
         "preloaded",
         "the pruner runs in this database",
         "may publish, relay, monitor, prune by hand",
+        "sealed with the database's key",
         "notification queue",
     ] {
         assert!(
@@ -94,6 +95,42 @@ fn problems_are_explained_and_fail() {
         line(&report, "warn", "pruned by hand").is_some(),
         "{report}"
     );
+
+    // No seal key: every publish would fail.
+    cluster.psql("postgres", "DELETE FROM outbox_seal_keys");
+    let (ok, report) = doctor(&cluster.connection_string("postgres"));
+    assert!(!ok, "{report}");
+    assert!(line(&report, "FAIL", "holds no key").is_some(), "{report}");
+    assert!(report.contains("outbox_rotate_seal_key()"), "{report}");
+}
+
+#[test]
+fn the_sql_edition_is_recognised_with_what_prunes_it() {
+    let cluster = Cluster::builder().edition(Edition::Sql).start();
+    let db = cluster.connection_string("postgres");
+    let (ok, report) = doctor(&db);
+    assert!(ok, "{report}");
+    assert!(
+        line(&report, "ok", "pg_outbox_sql 0.5.0, the SQL edition").is_some(),
+        "{report}"
+    );
+    assert!(
+        line(&report, "warn", "nothing pruned this database").is_some(),
+        "{report}"
+    );
+    assert!(report.contains("cron.schedule"), "{report}");
+    assert!(
+        !report.contains("shared_preload_libraries"),
+        "no worker is expected: {report}"
+    );
+    cluster.psql("postgres", "SELECT outbox_prune()");
+    let (ok, report) = doctor(&db);
+    assert!(ok, "{report}");
+    assert!(
+        line(&report, "ok", "pruned in the last day").is_some(),
+        "{report}"
+    );
+    assert!(report.contains("0 problem(s), 0 warning(s)"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ pub struct RelayBuilder {
     query_timeout: Duration,
     verify_listen: bool,
     tls: Tls,
+    prune_every: Option<Duration>,
 }
 
 /// What a built relay runs with: the builder's settings, checked, with the rules of which
@@ -46,6 +47,7 @@ pub(crate) struct Settings {
     pub query_timeout: Duration,
     pub verify_listen: bool,
     pub tls: Tls,
+    pub prune_every: Option<Duration>,
 }
 
 impl RelayBuilder {
@@ -67,7 +69,21 @@ impl RelayBuilder {
             query_timeout: Duration::from_secs(30),
             verify_listen: true,
             tls: Tls::Plain,
+            prune_every: None,
         }
+    }
+
+    /// Prunes expired events every `interval` (with some jitter), for a database where nothing
+    /// else does: the SQL edition with no `pg_cron` job, or the native one without its worker.
+    /// Every relay may opt in: one at a time prunes, elected by an advisory lock that ends with
+    /// its session (a relay killed mid-prune hands over at once). It calls `outbox_prune()`,
+    /// which removes what is older than `pg_outbox.retention` by the database clock, in
+    /// batches, without holding publishers up; the relay's role needs `EXECUTE` on it. Counted
+    /// in [`MetricsSnapshot::prunes`](crate::MetricsSnapshot::prunes); `outbox_stats()` says who
+    /// pruned last. Default: off.
+    pub fn prune_every(mut self, interval: Duration) -> Self {
+        self.prune_every = Some(interval);
+        self
     }
 
     /// A builder from a libpq-style connection string or URL
@@ -230,6 +246,14 @@ impl RelayBuilder {
         if self.schema.is_empty() {
             return Err(Error::from(Kind::InvalidConfig("schema must not be empty")));
         }
+        if self
+            .prune_every
+            .is_some_and(|every| every < Duration::from_millis(100))
+        {
+            return Err(Error::from(Kind::InvalidConfig(
+                "prune_every must be at least 100 ms",
+            )));
+        }
         if self.instance_id.as_deref() == Some("") {
             return Err(Error::from(Kind::InvalidConfig(
                 "instance_id must not be empty",
@@ -260,6 +284,7 @@ impl RelayBuilder {
             query_timeout: self.query_timeout,
             verify_listen: self.verify_listen,
             tls: self.tls,
+            prune_every: self.prune_every,
         })
     }
 }

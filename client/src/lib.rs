@@ -100,6 +100,7 @@ mod listener;
 mod metrics;
 mod policy;
 mod position;
+mod pruning;
 mod relay;
 mod resume;
 mod rows;

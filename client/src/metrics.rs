@@ -53,6 +53,9 @@ pub(crate) struct Metrics {
     pub resumes: AtomicU64,
     pub resume_queries: AtomicU64,
     pub resets: AtomicU64,
+    pub prune_turns: AtomicU64,
+    pub prunes: AtomicU64,
+    pub rows_pruned: AtomicU64,
     /// `gaps`, by [`GAP_KINDS`].
     pub gaps_by_kind: [AtomicU64; GAP_KINDS.len()],
     /// `resets`, by [`RESET_REASONS`].
@@ -110,6 +113,9 @@ impl Metrics {
             resumes: self.resumes.load(Relaxed),
             resume_queries: self.resume_queries.load(Relaxed),
             resets: self.resets.load(Relaxed),
+            prune_turns: self.prune_turns.load(Relaxed),
+            prunes: self.prunes.load(Relaxed),
+            rows_pruned: self.rows_pruned.load(Relaxed),
             latency: Latency { buckets },
         }
     }
@@ -144,9 +150,10 @@ pub struct MetricsSnapshot {
     pub reconnects: u64,
     /// Advance queries run (catch-up, batched fetches of references, sweeps).
     pub advances: u64,
-    /// Notifications naming a transaction that no snapshot taken after them could see: forged
-    /// (any role that can connect can `NOTIFY pg_outbox`). Each is reported as
-    /// [`Gap::Missing`](crate::Gap::Missing) and settled.
+    /// Notifications `outbox_publish` did not send (any role that can connect can `NOTIFY
+    /// pg_outbox`): unsealed where everything is sealed, sealed with no key the database gave
+    /// the relay, or naming a transaction that never committed or a row that never was. Each is
+    /// dropped: subscribers hear nothing of it.
     pub forged: u64,
     /// Connections that reached a new run of the server (a restart, a crash, a failover, a
     /// restore) or saw its transaction ids go back, after which the relay read again from the
@@ -160,6 +167,12 @@ pub struct MetricsSnapshot {
     /// Resumes that could not go on exactly from their position and got a
     /// [`Delivery::Reset`](crate::Delivery::Reset).
     pub resets: u64,
+    /// Turns this relay took at pruning ([`RelayBuilder::prune_every`](crate::RelayBuilder::prune_every)).
+    pub prune_turns: u64,
+    /// Turns in which it was elected and pruned (in the others, another relay pruned).
+    pub prunes: u64,
+    /// Rows it pruned.
+    pub rows_pruned: u64,
     /// Commit-to-delivery latency of delivered events.
     pub latency: Latency,
 }

@@ -187,6 +187,14 @@ impl Relay {
                 .to_owned(),
             self.inner.shared.health.subscribe(),
         ));
+        if let Some(every) = self.inner.settings.prune_every {
+            tokio::spawn(crate::pruning::run(
+                Arc::clone(&self.inner.settings),
+                Arc::clone(&self.inner.shared),
+                every,
+                self.inner.shutdown.subscribe(),
+            ));
+        }
         *state = State::Running(tokio::spawn(listener.run(resumes)));
         Ok(())
     }

@@ -51,6 +51,30 @@ const BASE_SETTINGS: &[(&str, &str)] = &[
     ("log_min_messages", "info"),
 ];
 
+/// Which edition of pg_outbox a cluster runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Edition {
+    /// The extension `pg_outbox`, with its library preloaded (its workers run).
+    #[default]
+    Native,
+    /// The extension `pg_outbox_sql`: SQL and PL/pgSQL only, on a server that never loads the
+    /// native library (no `shared_preload_libraries`), as on a managed service.
+    Sql,
+}
+
+impl Edition {
+    /// Both editions, for the tests that must hold on either.
+    pub const ALL: [Edition; 2] = [Edition::Native, Edition::Sql];
+
+    /// The extension's name, for `CREATE EXTENSION`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Edition::Native => "pg_outbox",
+            Edition::Sql => "pg_outbox_sql",
+        }
+    }
+}
+
 /// Builds a [`Cluster`] with extra `postgresql.conf` settings.
 #[derive(Debug, Default)]
 pub struct ClusterBuilder {
@@ -58,6 +82,7 @@ pub struct ClusterBuilder {
     preload: bool,
     create_extension: bool,
     tls: bool,
+    edition: Edition,
 }
 
 impl ClusterBuilder {
@@ -75,7 +100,18 @@ impl ClusterBuilder {
         self
     }
 
-    /// Whether `CREATE EXTENSION pg_outbox` runs in the `postgres` database at start (the default).
+    /// Which edition is created (default: the native one). The SQL edition's cluster preloads
+    /// nothing.
+    pub fn edition(mut self, edition: Edition) -> Self {
+        self.edition = edition;
+        if edition == Edition::Sql {
+            self.preload = false;
+        }
+        self
+    }
+
+    /// Whether `CREATE EXTENSION` of the edition runs in the `postgres` database at start (the
+    /// default).
     pub fn create_extension(mut self, create: bool) -> Self {
         self.create_extension = create;
         self
@@ -125,6 +161,7 @@ impl Cluster {
             preload: true,
             create_extension: true,
             tls: false,
+            edition: Edition::Native,
         }
     }
 
@@ -154,7 +191,10 @@ impl Cluster {
 
         cluster.pg_ctl_start();
         if builder.create_extension {
-            cluster.psql("postgres", "CREATE EXTENSION pg_outbox");
+            cluster.psql(
+                "postgres",
+                &format!("CREATE EXTENSION {}", builder.edition.extension()),
+            );
         }
         cluster
     }

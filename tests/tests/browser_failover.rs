@@ -9,11 +9,23 @@
 use std::time::Duration;
 
 use pg_outbox_tests::browser::{failover, FailoverSize};
-use pg_outbox_tests::Cluster;
+use pg_outbox_tests::{Cluster, Edition};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_whose_replica_is_killed_gets_each_event_once_from_the_other() {
-    let cluster = Cluster::start();
+    a_browser_whose_replica_is_killed_gets_each_event_once_from_the_other_on(Edition::Native).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_replica_is_killed_gets_each_event_once_from_the_other_on_the_sql_edition()
+{
+    a_browser_whose_replica_is_killed_gets_each_event_once_from_the_other_on(Edition::Sql).await;
+}
+
+async fn a_browser_whose_replica_is_killed_gets_each_event_once_from_the_other_on(
+    edition: Edition,
+) {
+    let cluster = Cluster::builder().edition(edition).start();
     let outcome = failover(
         &cluster.connection_string("postgres"),
         FailoverSize {

@@ -10,7 +10,7 @@ use pg_outbox_client::Topic;
 use pg_outbox_tests::relay::{
     committed_ids, relay, try_publish, wait_for_advances, wait_listening, Collector,
 };
-use pg_outbox_tests::{Cluster, WAIT};
+use pg_outbox_tests::{Cluster, Edition, WAIT};
 use tokio_postgres::NoTls;
 
 const PUBLISHERS: usize = 3;
@@ -19,7 +19,17 @@ const KILLS: usize = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_and_restarts_lose_and_duplicate_nothing() {
+    kills_and_restarts_lose_and_duplicate_nothing_on(Edition::Native).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_and_restarts_lose_and_duplicate_nothing_on_the_sql_edition() {
+    kills_and_restarts_lose_and_duplicate_nothing_on(Edition::Sql).await;
+}
+
+async fn kills_and_restarts_lose_and_duplicate_nothing_on(edition: Edition) {
     let cluster = Cluster::builder()
+        .edition(edition)
         // References, and (below) publishers that seal theirs: both kinds of notification.
         .setting("pg_outbox.notify_payload", "'reference'")
         .start();

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use pg_outbox_client::{Delivery, Gap, Relay, ResetReason, Subscription, Topic};
 use pg_outbox_tests::relay::{publish, relay, wait_for_advances, wait_listening, Collector};
-use pg_outbox_tests::{Cluster, WAIT};
+use pg_outbox_tests::{Cluster, Edition, WAIT};
 use uuid::Uuid;
 
 async fn started(cluster: &Cluster, name: &str) -> Relay {
@@ -35,7 +35,16 @@ async fn reset_of(subscription: &mut Subscription) -> ResetReason {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_relay_resumes_exactly_what_the_position_had_not_seen() {
-    let cluster = Cluster::start();
+    another_relay_resumes_exactly_what_the_position_had_not_seen_on(Edition::Native).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_relay_resumes_exactly_what_the_position_had_not_seen_on_the_sql_edition() {
+    another_relay_resumes_exactly_what_the_position_had_not_seen_on(Edition::Sql).await;
+}
+
+async fn another_relay_resumes_exactly_what_the_position_had_not_seen_on(edition: Edition) {
+    let cluster = Cluster::builder().edition(edition).start();
     let a = started(&cluster, "relay_resume_a").await;
     let b = started(&cluster, "relay_resume_b").await;
     let mut on_a = a.subscribe_to(Topic::all().user("u1"));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_outbox_tests::{relay, Cluster, Listener, WAIT};
+use pg_outbox_tests::{relay, Cluster, Edition, Listener, WAIT};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
@@ -224,7 +224,16 @@ async fn assert_rows_match(
 
 #[tokio::test]
 async fn hostile_channels_users_and_origins_are_refused_or_stored_exactly() {
-    let cluster = Cluster::start();
+    hostile_channels_users_and_origins_are_refused_or_stored_exactly_on(Edition::Native).await;
+}
+
+#[tokio::test]
+async fn hostile_channels_users_and_origins_are_refused_or_stored_exactly_on_the_sql_edition() {
+    hostile_channels_users_and_origins_are_refused_or_stored_exactly_on(Edition::Sql).await;
+}
+
+async fn hostile_channels_users_and_origins_are_refused_or_stored_exactly_on(edition: Edition) {
+    let cluster = Cluster::builder().edition(edition).start();
     let client = cluster.connect("postgres").await;
     let mut listener = cluster.listener("postgres").await;
     let mut rng = Rng::from_env();

@@ -298,7 +298,7 @@ fn table(plan: &Plan, results: &[Vec<Vec<Measured>>]) -> Table {
     table.note = format!(
         "{publishers} connections pace one-event transactions (`outbox_publish`, a 48-byte \
          payload) to {rate} events/s in all; the relays are `pg-outbox tail` processes (each \
-         follows every event and prints it; sealed: given the key), started and listening \
+         follows every event and prints it; sealed: with the key it reads from the database), started and listening \
          before the first event. The window opens once every relay has printed the {warm} \
          warm-up events and closes once every relay has printed every event published \
          ({window} s of publishing). Server CPU: utime + stime from /proc of the postmaster, \

@@ -1,6 +1,7 @@
-//! Which events a relay passes on, decided once when it is built: the channels it relays, the
-//! origin it leaves out, and which notifications it takes at their word. The live stream and a
-//! resumed subscription's catch-up both ask this one value, so they cannot drift apart.
+//! Which events a relay passes on, decided once when it is built: the channels it relays and
+//! the origin it leaves out (which notifications are taken at their word is the keyring's, which
+//! the database gives at each connection). The live stream and a resumed subscription's
+//! catch-up both ask this one value, so they cannot drift apart.
 
 use crate::incoming::Notice;
 use crate::keyring::Opened;

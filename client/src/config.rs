@@ -79,8 +79,8 @@ impl RelayBuilder {
     /// its session (a relay killed mid-prune hands over at once). It calls `outbox_prune()`,
     /// which removes what is older than `pg_outbox.retention` by the database clock, in
     /// batches, without holding publishers up; the relay's role needs `EXECUTE` on it. Counted
-    /// in [`MetricsSnapshot::prunes`](crate::MetricsSnapshot::prunes); `outbox_stats()` says who
-    /// pruned last. Default: off.
+    /// in [`MetricsSnapshot::prunes`](crate::MetricsSnapshot::prunes); in the SQL edition,
+    /// `outbox_stats()` says who pruned last. Default: off.
     pub fn prune_every(mut self, interval: Duration) -> Self {
         self.prune_every = Some(interval);
         self

@@ -8,7 +8,7 @@
 //! waits for its next turn, and one killed mid-prune loses its session, and with it the lock,
 //! at once, so the next relay to try takes over. `outbox_prune()` does the work by the
 //! database clock, oldest rows first in batches of `pg_outbox.prune_batch_size`, skipping rows
-//! another transaction holds, and records who pruned (`outbox_stats()`). Deleting never blocks
+//! another transaction holds (the SQL edition records who pruned). Deleting never blocks
 //! publishers' inserts. The relay's own connections carry on meanwhile: pruning never holds up
 //! delivery.
 

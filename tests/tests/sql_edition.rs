@@ -3,7 +3,8 @@
 //! of it is a C function; it also installs with plain `psql -f` into a schema; and one list of
 //! calls gives the same results on both editions: the same rows, the same notification
 //! documents, the same SQLSTATEs, messages and hints, and a refused call writes and sends
-//! nothing. Pruning needs no worker: `outbox_prune()` from a `pg_cron` job.
+//! nothing (the SQL edition's calls run under its defaults, where valid ones take its short
+//! path, and under settings, where they take the long one). Pruning needs no worker: `outbox_prune()` from a `pg_cron` job.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -156,22 +157,36 @@ const CALLS: &[(&str, &str)] = &[
     ("", "SELECT outbox_publish('chat', repeat('é', 513), '{}')"),
     ("", "SELECT outbox_publish('chat', 'u1', '{}', repeat('o', 256))"),
     ("SET pg_outbox.max_payload_bytes = '1kB'", "SELECT outbox_publish('chat', 'u1', jsonb_build_object('x', repeat('x', 2000)))"),
+    ("SET pg_outbox.max_payload_bytes = '2MB'", "SELECT outbox_publish('chat', 'u1', '{\"limit\": \"raised\"}')"),
+    // Payloads read from a table, stored compressed: their size is the decompressed one.
+    (
+        "CREATE TEMP TABLE stored AS SELECT jsonb_build_object('x', repeat('x', 100000)) AS payload",
+        "SELECT outbox_publish('chat', 'u1', payload) FROM stored",
+    ),
+    (
+        "CREATE TEMP TABLE stored AS SELECT jsonb_build_object('x', repeat('x', 1100000)) AS payload",
+        "SELECT outbox_publish('chat', 'u1', payload) FROM stored",
+    ),
     ("SET default_transaction_read_only = on", "SELECT outbox_publish('chat', 'u1', '{}')"),
     ("", "SELECT outbox_prune('-1 second')"),
     ("SET default_transaction_isolation = 'repeatable read'", "SELECT outbox_prune()"),
     ("", "SELECT outbox_prune('1 hour')"),
 ];
 
-/// Runs every call of [`CALLS`] on one edition, each in a session of its own.
-async fn outcomes(cluster: &Cluster) -> Vec<Outcome> {
+/// Runs every call of [`CALLS`] on one edition, each in a session of its own: the SQL edition
+/// under its defaults, the native one sending references as the SQL edition does (its default
+/// seals them).
+async fn outcomes(cluster: &Cluster, edition: Edition) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
+    let sentinel = cluster.connect("postgres").await;
     for (setting, call) in CALLS {
         let client = cluster.connect("postgres").await;
-        // Both editions send references unless asked: the native default seals them.
-        client
-            .batch_execute("SET pg_outbox.notify_payload = 'reference'")
-            .await
-            .unwrap();
+        if edition == Edition::Native {
+            client
+                .batch_execute("SET pg_outbox.notify_payload = 'reference'")
+                .await
+                .unwrap();
+        }
         if !setting.is_empty() {
             client.batch_execute(setting).await.unwrap();
         }
@@ -202,6 +217,17 @@ async fn outcomes(cluster: &Cluster) -> Vec<Outcome> {
             }
             Err(err) => {
                 let db = err.as_db_error().unwrap_or_else(|| panic!("{call}: {err}"));
+                // Notifications arrive in commit order: had the refused call sent one, it
+                // would come before this one, sent after it.
+                sentinel
+                    .batch_execute("NOTIFY pg_outbox, 'sentinel'")
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    listener.next_raw().await,
+                    "sentinel",
+                    "a refused call sent nothing: {call}"
+                );
                 Outcome::Refused {
                     code: db.code().code().to_owned(),
                     message: db.message().to_owned(),
@@ -242,7 +268,10 @@ fn mask_numbers(document: &str) -> String {
 async fn both_editions_answer_every_call_alike() {
     let native = Cluster::start();
     let sql = Cluster::builder().edition(Edition::Sql).start();
-    let (native_outcomes, sql_outcomes) = (outcomes(&native).await, outcomes(&sql).await);
+    let (native_outcomes, sql_outcomes) = (
+        outcomes(&native, Edition::Native).await,
+        outcomes(&sql, Edition::Sql).await,
+    );
     for ((call, native), sql) in CALLS.iter().zip(&native_outcomes).zip(&sql_outcomes) {
         assert_eq!(native, sql, "{call:?}");
         if let Outcome::Refused { rows, .. } = sql {

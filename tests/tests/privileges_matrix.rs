@@ -16,15 +16,18 @@
 //! - `ungranted`: may use the extension's schema but was granted nothing on its objects.
 //! - `connect_only`: may only connect (PUBLIC's default CONNECT), not even use the schema.
 //!
-//! The matrix is checked twice: with the extension in schema `outbox` (`CREATE EXTENSION
-//! pg_outbox SCHEMA outbox`), where `ungranted` and `connect_only` differ and roles also need
-//! `USAGE` on the schema, and in the default schema `public`, where the README's grants alone
-//! must be enough.
+//! The matrix is checked with the extension in schema `outbox` (`CREATE EXTENSION pg_outbox
+//! SCHEMA outbox`), where `ungranted` and `connect_only` differ and roles also need `USAGE` on
+//! the schema, and in the default schema `public`, where the README's grants alone must be
+//! enough; and again for the SQL edition, `pg_outbox_sql`, whose owner is a database owner that
+//! never was a superuser (the edition is trusted), with the same grants and the same answers,
+//! but for the seal key it does not have: its notifications are references, and there is no
+//! `outbox_rotate_seal_key()` to try.
 
 use std::fmt;
 use std::time::Duration;
 
-use pg_outbox_tests::{Cluster, Listener};
+use pg_outbox_tests::{Cluster, Edition, Listener};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -123,14 +126,18 @@ fn outcome<T>(result: Result<T, tokio_postgres::Error>) -> Outcome {
     }
 }
 
-/// A cluster whose `postgres` database has `pg_outbox` in `schema`, created by `ext_owner` while
-/// it was a superuser, and every role of [`MATRIX`] with the README's grants (plus the schema
-/// usage a schema other than `public` needs).
-async fn cluster_with_roles(schema: &str) -> (Cluster, Client) {
+/// A cluster whose `postgres` database has `edition` in `schema`, created by `ext_owner` (while
+/// it was a superuser, for the native edition), and every role of [`MATRIX`] with the README's
+/// grants (plus the schema usage a schema other than `public` needs).
+async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client) {
     let cluster = Cluster::builder()
+        .edition(edition)
         .setting("pg_outbox.prune_interval", "'1s'")
         .create_extension(false)
         .start();
+    if edition == Edition::Sql {
+        return sql_edition_with_roles(cluster, schema).await;
+    }
     let admin = cluster.connect("postgres").await;
     admin
         .batch_execute(
@@ -226,12 +233,60 @@ async fn cluster_with_roles(schema: &str) -> (Cluster, Client) {
     (cluster, admin)
 }
 
+/// The SQL edition's side of [`cluster_with_roles`]: `ext_owner` is not a superuser and creates
+/// the trusted extension with `CREATE` on the database alone.
+async fn sql_edition_with_roles(cluster: Cluster, schema: &str) -> (Cluster, Client) {
+    let admin = cluster.connect("postgres").await;
+    admin
+        .batch_execute(
+            "CREATE ROLE ext_owner LOGIN;
+             CREATE ROLE app_publisher LOGIN;
+             CREATE ROLE app_relay LOGIN;
+             CREATE ROLE monitoring LOGIN;
+             CREATE ROLE app_pruner LOGIN;
+             CREATE ROLE ungranted LOGIN;
+             CREATE ROLE connect_only LOGIN;
+             GRANT CREATE ON DATABASE postgres TO ext_owner;",
+        )
+        .await
+        .unwrap();
+    let owner = cluster.connect_as("postgres", "ext_owner").await;
+    if schema != "public" {
+        owner
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+    } else {
+        admin
+            .batch_execute("GRANT CREATE ON SCHEMA public TO ext_owner")
+            .await
+            .unwrap();
+    }
+    owner
+        .batch_execute(&format!(
+            "CREATE EXTENSION pg_outbox_sql SCHEMA {schema}; \
+             SET search_path = {schema}; {README_GRANTS}"
+        ))
+        .await
+        .unwrap();
+    if schema != "public" {
+        owner
+            .batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA {schema} \
+                 TO app_publisher, app_relay, monitoring, app_pruner, ungranted"
+            ))
+            .await
+            .unwrap();
+    }
+    (cluster, admin)
+}
+
 /// Tries `action` as `role`, with the extension in `schema`, and says what happened. Allowed
 /// results are checked for sense.
 async fn attempt(
     cluster: &Cluster,
     admin: &Client,
-    schema: &str,
+    (schema, edition): (&str, Edition),
     role: &str,
     action: Action,
 ) -> Outcome {
@@ -306,13 +361,25 @@ async fn attempt(
                 )
                 .await;
             match result {
-                // The worker runs in this cluster (see `cluster_with_roles`): stats that say
-                // otherwise are wrong.
+                // The native edition's worker runs in this cluster (see `cluster_with_roles`);
+                // the SQL edition has none, and says who pruned last: stats that say otherwise
+                // are wrong.
                 Ok(row) => match (
                     row.get::<_, Option<i32>>(0),
                     row.get::<_, Option<String>>(1),
                 ) {
-                    (Some(_), Some(state)) if state == "idle" || state == "pruning" => {
+                    (Some(_), Some(state))
+                        if edition == Edition::Native
+                            && (state == "idle" || state == "pruning") =>
+                    {
+                        Outcome::Allowed
+                    }
+                    (None, last_pruned_by)
+                        if edition == Edition::Sql
+                            && last_pruned_by
+                                .as_deref()
+                                .is_none_or(|by| by.starts_with("outbox_prune() by ")) =>
+                    {
                         Outcome::Allowed
                     }
                     (pid, state) => Outcome::Other(format!(
@@ -323,20 +390,26 @@ async fn attempt(
             }
         }
         Listen => {
-            // Sealed, the default: only roles given the keys could read which event it names.
+            // The default: sealed, so that only roles given the keys could read which event it
+            // names; a reference in the SQL edition, which cannot seal.
             let mut listener = cluster.listener_as("postgres", role).await;
-            admin
+            let id: Uuid = admin
                 .query_one(
                     &format!("SELECT {schema}.outbox_publish('chat', 'u1', '{{\"n\": 2}}')"),
                     &[],
                 )
                 .await
-                .unwrap();
+                .unwrap()
+                .get(0);
             let raw = listener.next_raw().await;
-            if pg_outbox_wire::seal::is_sealed(&raw) {
+            let expected = match edition {
+                Edition::Native => pg_outbox_wire::seal::is_sealed(&raw),
+                Edition::Sql => raw.contains(&id.to_string()) && !raw.contains("\"payload\""),
+            };
+            if expected {
                 Outcome::Allowed
             } else {
-                Outcome::Other(format!("an unsealed notification arrived: {raw}"))
+                Outcome::Other(format!("the {edition:?} edition sent {raw}"))
             }
         }
         Keys => outcome(
@@ -361,25 +434,39 @@ async fn attempt(
 
 #[tokio::test]
 async fn every_role_may_do_exactly_what_the_readme_grants() {
-    assert_matrix("outbox").await;
+    assert_matrix("outbox", Edition::Native).await;
 }
 
 #[tokio::test]
 async fn every_role_may_do_exactly_what_the_readme_grants_in_the_default_schema() {
-    assert_matrix("public").await;
+    assert_matrix("public", Edition::Native).await;
 }
 
-/// Tries every action of [`ACTIONS`] as every role of [`MATRIX`], with the extension in
-/// `schema`, and panics with the whole table unless each was allowed or refused as the README
-/// says.
-async fn assert_matrix(schema: &str) {
-    let (cluster, admin) = cluster_with_roles(schema).await;
+#[tokio::test]
+async fn every_role_may_do_exactly_what_the_readme_grants_in_the_sql_edition() {
+    assert_matrix("outbox", Edition::Sql).await;
+}
+
+#[tokio::test]
+async fn every_role_may_do_exactly_what_the_readme_grants_in_the_sql_edition_in_the_default_schema()
+{
+    assert_matrix("public", Edition::Sql).await;
+}
+
+/// Tries every action of [`ACTIONS`] as every role of [`MATRIX`], with `edition` in `schema`,
+/// and panics with the whole table unless each was allowed or refused as the README says.
+async fn assert_matrix(schema: &str, edition: Edition) {
+    let (cluster, admin) = cluster_with_roles(schema, edition).await;
     let mut table = String::new();
     let mut wrong = Vec::new();
     for &(role, allowed) in MATRIX {
-        for action in ACTIONS {
+        // The SQL edition has no seal key to rotate.
+        for action in ACTIONS
+            .into_iter()
+            .filter(|&action| edition == Edition::Native || action != Rotate)
+        {
             let expected = allowed.contains(&action);
-            let got = attempt(&cluster, &admin, schema, role, action).await;
+            let got = attempt(&cluster, &admin, (schema, edition), role, action).await;
             table.push_str(&format!("{role:>14} {action:<8?} {got}\n"));
             let as_expected = match got {
                 Outcome::Allowed => expected,
@@ -398,7 +485,7 @@ async fn assert_matrix(schema: &str) {
     }
     assert!(
         wrong.is_empty(),
-        "{}\n--- matrix, schema {schema} ---\n{table}",
+        "{}\n--- matrix, {edition:?} edition, schema {schema} ---\n{table}",
         wrong.join("\n")
     );
 }
@@ -422,7 +509,16 @@ async fn publish_secret(admin: &Client, listener: &mut Listener, secret: &str) -
 
 #[tokio::test]
 async fn reference_mode_leaks_no_payload_to_a_role_that_can_only_listen() {
-    let (cluster, admin) = cluster_with_roles("outbox").await;
+    assert_references_leak_no_payload(Edition::Native).await;
+}
+
+#[tokio::test]
+async fn the_sql_editions_references_leak_no_payload_to_a_role_that_can_only_listen() {
+    assert_references_leak_no_payload(Edition::Sql).await;
+}
+
+async fn assert_references_leak_no_payload(edition: Edition) {
+    let (cluster, admin) = cluster_with_roles("outbox", edition).await;
     admin
         .batch_execute("SET pg_outbox.notify_payload = 'reference'")
         .await

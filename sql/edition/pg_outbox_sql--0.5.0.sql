@@ -529,14 +529,17 @@ BEGIN
         || CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END
         || coalesce(' from ' || nullif(current_setting('application_name'), ''), '');
 
-    -- Each batch as the native edition's prune_batch: the oldest expired rows not locked by
-    -- another transaction, and the state row updated in the same statement.
+    -- Each batch: the oldest expired rows, and the state row updated in the same statement.
+    -- Unlike the native edition's worker, which commits each batch, this runs in its caller's
+    -- one transaction, so it does not lock the rows first (FOR UPDATE SKIP LOCKED), which
+    -- writes a lock record for each row before its deletion. Rows are never updated, so a
+    -- second pruner at the same time only waits for the first's rows and finds them gone.
     LOOP
         WITH gone AS (
             DELETE FROM ONLY event_outbox WHERE ctid = ANY(ARRAY(
                 SELECT ctid FROM ONLY event_outbox
                  WHERE created_at < clock_timestamp() - coalesce(older_than, make_interval(secs => retention_secs::double precision))
-                 ORDER BY created_at LIMIT batch_limit FOR UPDATE SKIP LOCKED))
+                 ORDER BY created_at LIMIT batch_limit))
             RETURNING xid),
         batch AS (
             SELECT count(*) AS rows, (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1) AS max_xid FROM gone),

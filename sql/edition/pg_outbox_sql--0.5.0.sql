@@ -31,8 +31,14 @@
 --   outbox_seal_keys and no outbox_rotate_seal_key().
 -- * No workers: no pruner (call outbox_prune() from a scheduler: pg_cron, a cron job, the
 --   application), no notifier (pg_outbox.notify_mode is ignored: the publishing transaction
---   always notifies), no segments (outbox_prune() deletes rows). outbox_notifier_state and
---   outbox_segments do not exist; outbox_prune_state has one more column, last_pruned_by.
+--   always notifies). outbox_notifier_state and outbox_segments do not exist;
+--   outbox_prune_state has one more column, last_pruned_by.
+-- * Segments are a fixed ring of four (event_outbox_segment_0 to 3), each covering at least
+--   half the retention, and outbox_prune() moves publishers from one to the next: call it at
+--   least every pg_outbox.retention / 2, or each segment grows until it is. Events live from
+--   the retention to the retention plus a segment's span, as in the native edition.
+-- * outbox_publish runs with its owner's rights, to write into the segments: EXECUTE on it is
+--   enough to publish (the native edition also asks for INSERT on event_outbox).
 -- * The settings are not registered: pg_outbox.* are placeholders, read with current_setting()
 --   when used, in the same formats (units included) and with the same defaults. An invalid value
 --   fails the call that reads it, rather than the SET. Any role can SET a placeholder for its
@@ -91,11 +97,37 @@ CREATE TABLE outbox_prune_state (
 );
 INSERT INTO outbox_prune_state DEFAULT VALUES;
 
--- outbox_publish: where an event enters the outbox (extension/src/publish.rs). With the
--- caller's rights: a publisher needs EXECUTE on it and INSERT on event_outbox.
+-- Segments: four inheritance children of event_outbox, written in turn, so that pruning
+-- empties a whole segment with TRUNCATE once its last event has expired, instead of deleting
+-- its rows one by one (which costs publishers as much again as their inserts, and leaves the
+-- rows for vacuum). Readers query event_outbox, which reads its children too. The native
+-- edition makes and drops segments as time passes (extension/src/segment); a PL/pgSQL
+-- publisher can only insert into tables named in its code, so this edition has a fixed ring.
+-- outbox_current_segment is the one publishers write into: 0 to 3, or -1 (no segment: rows go
+-- into event_outbox itself). Only outbox_prune() moves it on, to the next segment once the
+-- current one is older than the segment interval and the next is empty. A sequence, because
+-- publishers read it with pg_sequence_last_value() at the cost of a function call, where a
+-- table would cost a query, and setval() is seen at once by every session.
+CREATE SEQUENCE outbox_current_segment AS integer MINVALUE -1 MAXVALUE 3 START 0 NO CYCLE;
+SELECT setval('outbox_current_segment', 0, true);
+DO $segments$
+BEGIN
+    FOR segment IN 0..3 LOOP
+        EXECUTE format('CREATE TABLE %I () INHERITS (event_outbox)', 'event_outbox_segment_' || segment);
+        EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (id)', 'event_outbox_segment_' || segment);
+        EXECUTE format('CREATE INDEX ON %I (created_at)', 'event_outbox_segment_' || segment);
+        EXECUTE format('CREATE INDEX ON %I (xid, id)', 'event_outbox_segment_' || segment);
+    END LOOP;
+END
+$segments$;
+
+-- outbox_publish: where an event enters the outbox (extension/src/publish.rs). With its
+-- owner's rights, since it writes into the current segment, which no other role may write
+-- into: a publisher needs EXECUTE on it (the native edition also asks for INSERT on
+-- event_outbox; grant both, and the same grants serve either edition).
 CREATE FUNCTION outbox_publish(channel text, user_id text, payload jsonb, origin text DEFAULT NULL)
     RETURNS uuid
-    VOLATILE PARALLEL UNSAFE
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
     LANGUAGE plpgsql
 AS $publish$
 DECLARE
@@ -113,6 +145,7 @@ DECLARE
     id              uuid;
     head            text;
     done            text;
+    segment         integer;
 BEGIN
     -- Why the function is written this way: PL/pgSQL prepares each expression it evaluates
     -- again in every transaction, and with one publish per transaction that preparing, about
@@ -400,9 +433,30 @@ BEGIN
                          PLACING int8send((clock >> 12 << 16) | 28672 | (clock & 4095)) FROM 1 FOR 8), 'hex');
     xid := pg_current_xact_id();
 
-    INSERT INTO event_outbox (id, channel, user_id, payload, origin, created_at, xid)
-    VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
-            outbox_publish.origin, created_at, xid);
+    -- Into the current segment. PL/pgSQL keeps one plan per statement, and a statement names
+    -- its table: hence one INSERT per segment.
+    segment := pg_sequence_last_value('outbox_current_segment');
+    IF segment = 0 THEN
+        INSERT INTO event_outbox_segment_0 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSIF segment = 1 THEN
+        INSERT INTO event_outbox_segment_1 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSIF segment = 2 THEN
+        INSERT INTO event_outbox_segment_2 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSIF segment = 3 THEN
+        INSERT INTO event_outbox_segment_3 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSE
+        INSERT INTO event_outbox (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    END IF;
 
     -- The notification document, byte for byte as wire/src/notification.rs writes it. The
     -- channel and the origin passed the checks, so they need no escaping; to_json escapes the
@@ -453,11 +507,53 @@ BEGIN
 END
 $relay_keys$;
 
--- outbox_prune (extension/src/prune.rs): deletes the events older than older_than (default
--- pg_outbox.retention) by the database clock, in batches of pg_outbox.prune_batch_size, in the
--- caller's transaction; records them in outbox_prune_state; returns how many it deleted. With
--- its owner's rights: a pruning role needs only EXECUTE. Call it in a READ COMMITTED transaction
--- of its own, from a scheduler, at least every pg_outbox.retention.
+-- A pg_outbox setting in seconds, as PostgreSQL reads the native edition's (a number of seconds,
+-- or a number and a time unit: us, ms, s, min, h, d), with its error messages; default_secs
+-- when it is not set. For outbox_prune(), which reads two of them.
+CREATE FUNCTION outbox_seconds_setting(name text, default_secs integer, min_secs integer)
+    RETURNS numeric
+    STABLE PARALLEL SAFE
+    LANGUAGE plpgsql
+AS $seconds$
+DECLARE
+    setting text := current_setting(name, true);
+    parsed  text[];
+    secs    numeric;
+BEGIN
+    IF setting IS NULL OR setting = '' THEN
+        RETURN default_secs;
+    END IF;
+    parsed := regexp_match(setting,
+        '^[[:space:]]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[[:space:]]*(us|ms|s|min|h|d)?[[:space:]]*$');
+    IF parsed IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid value for parameter "%s": "%s"', name, setting),
+            HINT = 'Valid units for this parameter are "us", "ms", "s", "min", "h", and "d".';
+    END IF;
+    secs := round(parsed[1]::numeric * CASE parsed[2] WHEN 'us' THEN 0.000001
+        WHEN 'ms' THEN 0.001 WHEN 'min' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 1 END);
+    IF secs > 2147483647 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid value for parameter "%s": "%s"', name, setting),
+            HINT = 'Value exceeds integer range.';
+    ELSIF secs < min_secs THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('%s s is outside the valid range for parameter "%s" (%s .. 2147483647)',
+                             secs, name, min_secs);
+    END IF;
+    RETURN secs;
+END
+$seconds$;
+
+-- outbox_prune (extension/src/prune.rs): removes the events older than older_than (default
+-- pg_outbox.retention) by the database clock, in the caller's transaction; records them in
+-- outbox_prune_state; returns how many it removed. First the segments whose last event expired,
+-- each emptied whole with TRUNCATE; then it moves publishers on to the next segment when the
+-- current one is older than the segment interval; then whatever expired elsewhere (rows in
+-- event_outbox itself, or in a segment that also holds younger ones), deleted in batches of
+-- pg_outbox.prune_batch_size. With its owner's rights: a pruning role needs only EXECUTE. Call
+-- it in a READ COMMITTED transaction of its own, from a scheduler, at least every
+-- pg_outbox.retention / 2.
 CREATE FUNCTION outbox_prune(older_than interval DEFAULT NULL)
     RETURNS bigint
     VOLATILE SECURITY DEFINER PARALLEL UNSAFE
@@ -465,10 +561,17 @@ CREATE FUNCTION outbox_prune(older_than interval DEFAULT NULL)
 AS $prune$
 DECLARE
     setting         text;
-    parsed          text[];
     retention_secs  numeric;
+    interval_secs   numeric;
+    cutoff          timestamptz;
     batch_limit     bigint;
     pruned_by       text;
+    current_segment integer;
+    segment_table   text;
+    locked          boolean;
+    events          bigint;
+    newest          timestamptz;
+    newest_xid      xid8;
     deleted         bigint;
     total           bigint := 0;
 BEGIN
@@ -486,28 +589,13 @@ BEGIN
             HINT = 'Call outbox_prune() in a READ COMMITTED transaction of its own: a snapshot taken at the transaction''s start could miss events it drops.';
     END IF;
 
-    -- pg_outbox.retention: seconds, or a number and a time unit (us, ms, s, min, h, d).
-    setting := current_setting('pg_outbox.retention', true);
-    IF setting IS NULL OR setting = '' THEN
-        retention_secs := 3600;
-    ELSE
-        parsed := regexp_match(setting,
-            '^[[:space:]]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[[:space:]]*(us|ms|s|min|h|d)?[[:space:]]*$');
-        IF parsed IS NULL THEN
-            RAISE EXCEPTION USING ERRCODE = '22023',
-                MESSAGE = format('invalid value for parameter "pg_outbox.retention": "%s"', setting),
-                HINT = 'Valid units for this parameter are "us", "ms", "s", "min", "h", and "d".';
-        END IF;
-        retention_secs := round(parsed[1]::numeric * CASE parsed[2] WHEN 'us' THEN 0.000001
-            WHEN 'ms' THEN 0.001 WHEN 'min' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 1 END);
-        IF retention_secs > 2147483647 THEN
-            RAISE EXCEPTION USING ERRCODE = '22023',
-                MESSAGE = format('invalid value for parameter "pg_outbox.retention": "%s"', setting),
-                HINT = 'Value exceeds integer range.';
-        ELSIF retention_secs < 1 THEN
-            RAISE EXCEPTION USING ERRCODE = '22023',
-                MESSAGE = format('%s s is outside the valid range for parameter "pg_outbox.retention" (1 .. 2147483647)', retention_secs);
-        END IF;
+    retention_secs := outbox_seconds_setting('pg_outbox.retention', 3600, 1);
+    -- pg_outbox.segment_interval, 0 for no segments; a ring of four segments has to cover
+    -- one interval of publishing plus the retention before it comes back to a segment, so
+    -- each covers at least half the retention.
+    interval_secs := outbox_seconds_setting('pg_outbox.segment_interval', 600, 0);
+    IF interval_secs > 0 THEN
+        interval_secs := greatest(interval_secs, retention_secs / 2);
     END IF;
     -- pg_outbox.prune_batch_size: rows per batch, 1 to 10000000.
     setting := current_setting('pg_outbox.prune_batch_size', true);
@@ -522,6 +610,7 @@ BEGIN
     ELSE
         batch_limit := btrim(setting)::bigint;
     END IF;
+    cutoff := clock_timestamp() - coalesce(older_than, make_interval(secs => retention_secs::double precision));
 
     -- Who prunes: the role in effect where outbox_prune() was called (SET ROLE's, else the
     -- session's), not this function's owner, whose rights it runs with.
@@ -529,30 +618,91 @@ BEGIN
         || CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END
         || coalesce(' from ' || nullif(current_setting('application_name'), ''), '');
 
-    -- Each batch: the oldest expired rows, and the state row updated in the same statement.
-    -- Unlike the native edition's worker, which commits each batch, this runs in its caller's
-    -- one transaction, so it does not lock the rows first (FOR UPDATE SKIP LOCKED), which
-    -- writes a lock record for each row before its deletion. Rows are never updated, so a
-    -- second pruner at the same time only waits for the first's rows and finds them gone.
-    LOOP
-        WITH gone AS (
-            DELETE FROM ONLY event_outbox WHERE ctid = ANY(ARRAY(
-                SELECT ctid FROM ONLY event_outbox
-                 WHERE created_at < clock_timestamp() - coalesce(older_than, make_interval(secs => retention_secs::double precision))
-                 ORDER BY created_at LIMIT batch_limit))
-            RETURNING xid),
-        batch AS (
-            SELECT count(*) AS rows, (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1) AS max_xid FROM gone),
-        recorded AS (
-            UPDATE outbox_prune_state SET
-                rows_pruned = rows_pruned + batch.rows,
-                pruned_through_xid = greatest(pruned_through_xid, batch.max_xid),
-                last_pruned_at = clock_timestamp(),
-                last_pruned_by = pruned_by
-            FROM batch RETURNING 1)
-        SELECT rows INTO deleted FROM batch;
-        total := total + deleted;
-        EXIT WHEN deleted < batch_limit;
+    -- One pruner at a time from here: the state row's lock, taken before any segment's, so
+    -- that no pruner holds a segment locked away from readers while it waits for another.
+    PERFORM FROM outbox_prune_state FOR UPDATE;
+
+    -- The segments whose last event expired, but the current one, emptied whole. A segment's
+    -- lock is taken only without waiting in the queue, where it would hold up every reader of
+    -- event_outbox behind it (the native edition's drop does the same): 300 tries, 0.7 ms
+    -- apart, then the next call tries again. Under the lock, nobody is writing into it.
+    current_segment := coalesce(pg_sequence_last_value('outbox_current_segment'), -1);
+    FOR segment IN 0..3 LOOP
+        CONTINUE WHEN segment = current_segment;
+        segment_table := 'event_outbox_segment_' || segment;
+        EXECUTE format('SELECT max(created_at) FROM %I', segment_table) INTO newest;
+        CONTINUE WHEN newest IS NULL OR newest >= cutoff;
+        locked := false;
+        FOR attempt IN 1..300 LOOP
+            BEGIN
+                EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE NOWAIT', segment_table);
+                locked := true;
+                EXIT;
+            EXCEPTION WHEN lock_not_available THEN
+                PERFORM pg_sleep(0.0007);
+            END;
+        END LOOP;
+        CONTINUE WHEN NOT locked;
+        EXECUTE format('SELECT count(*), max(created_at), max(xid) FROM %I', segment_table)
+            INTO events, newest, newest_xid;
+        CONTINUE WHEN events = 0 OR newest >= cutoff;
+        UPDATE outbox_prune_state SET
+            rows_pruned = rows_pruned + events,
+            pruned_through_xid = greatest(pruned_through_xid, newest_xid),
+            last_pruned_at = clock_timestamp(),
+            last_pruned_by = pruned_by;
+        EXECUTE format('TRUNCATE %I', segment_table);
+        total := total + events;
+    END LOOP;
+
+    -- Publishers move on to the next segment once the current one holds an event older than
+    -- the interval, if the next one is empty (else they stay, and the current one grows).
+    -- setval() is not undone if this transaction is: the move is seen at once, and is harmless.
+    IF interval_secs = 0 THEN
+        IF current_segment <> -1 THEN
+            PERFORM setval('outbox_current_segment', -1, true);
+        END IF;
+    ELSIF current_segment = -1 THEN
+        PERFORM setval('outbox_current_segment', 0, true);
+    ELSE
+        EXECUTE format('SELECT min(created_at) < clock_timestamp() - make_interval(secs => $1) '
+                       '   AND NOT EXISTS (SELECT FROM %I) FROM %I',
+                       'event_outbox_segment_' || (current_segment + 1) % 4,
+                       'event_outbox_segment_' || current_segment)
+            USING interval_secs::double precision INTO locked;
+        IF locked THEN
+            PERFORM setval('outbox_current_segment', (current_segment + 1) % 4, true);
+        END IF;
+    END IF;
+
+    -- What expired in event_outbox itself (rows written by hand, or with no segments), and in
+    -- the segments too when there are none any more, deleted in batches: the oldest expired
+    -- rows, and the state row updated in the same statement. A segment in use waits until its
+    -- last event expired, to be emptied whole. Unlike the native edition's worker, which
+    -- commits each batch, this runs in its caller's one transaction, so it does not lock the
+    -- rows first (FOR UPDATE SKIP LOCKED), which writes a lock record for each row before its
+    -- deletion. Rows are never updated, and pruners take turns (above).
+    FOR segment IN -1..CASE WHEN interval_secs = 0 THEN 3 ELSE -1 END LOOP
+        segment_table := CASE WHEN segment = -1 THEN 'event_outbox' ELSE 'event_outbox_segment_' || segment END;
+        LOOP
+            EXECUTE format(
+                'WITH gone AS ('
+                '    DELETE FROM ONLY %1$I WHERE ctid = ANY(ARRAY('
+                '        SELECT ctid FROM ONLY %1$I WHERE created_at < $1 ORDER BY created_at LIMIT $2))'
+                '    RETURNING xid),'
+                ' batch AS (SELECT count(*) AS rows, max(xid) AS max_xid FROM gone),'
+                ' recorded AS ('
+                '    UPDATE outbox_prune_state SET'
+                '        rows_pruned = rows_pruned + batch.rows,'
+                '        pruned_through_xid = greatest(pruned_through_xid, batch.max_xid),'
+                '        last_pruned_at = clock_timestamp(),'
+                '        last_pruned_by = $3'
+                '    FROM batch RETURNING 1)'
+                ' SELECT rows FROM batch', segment_table)
+                USING cutoff, batch_limit, pruned_by INTO deleted;
+            total := total + deleted;
+            EXIT WHEN deleted < batch_limit;
+        END LOOP;
     END LOOP;
     RETURN total;
 END
@@ -630,6 +780,7 @@ BEGIN
     EXECUTE format('ALTER FUNCTION %I.outbox_publish(text, text, jsonb, text) SET search_path = %s', schema_name, path);
     EXECUTE format('ALTER FUNCTION %I.outbox_relay_keys() SET search_path = %s', schema_name, path);
     EXECUTE format('ALTER FUNCTION %I.outbox_prune(interval) SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_seconds_setting(text, integer, integer) SET search_path = %s', schema_name, path);
     EXECUTE format('ALTER FUNCTION %I.outbox_stats() SET search_path = %s', schema_name, path);
     EXECUTE format('ALTER FUNCTION %I.outbox_record_deleted() SET search_path = %s', schema_name, path);
 END
@@ -640,8 +791,11 @@ $pin$;
 -- publishers EXECUTE on outbox_publish and INSERT on event_outbox; relays SELECT on
 -- event_outbox and outbox_prune_state; monitoring EXECUTE on outbox_stats(); a scheduler
 -- EXECUTE on outbox_prune(interval).
-REVOKE ALL ON TABLE event_outbox, outbox_prune_state FROM PUBLIC;
+REVOKE ALL ON TABLE event_outbox, outbox_prune_state, event_outbox_segment_0, event_outbox_segment_1,
+    event_outbox_segment_2, event_outbox_segment_3 FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_publish(text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_seconds_setting(text, integer, integer) FROM PUBLIC;
+REVOKE ALL ON SEQUENCE outbox_current_segment FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_record_deleted() FROM PUBLIC;

@@ -13,6 +13,9 @@
 //!   attribute afterwards, as managed services do with an admin role: this test does exactly
 //!   that, and the owner keeps every privilege on its objects (and can grant them).
 //! - `app_publisher`, `app_relay`, `monitoring`, `app_pruner`: the README's grants, verbatim.
+//! - `execute_only`: may execute `outbox_publish` but was not granted `INSERT` on `event_outbox`:
+//!   refused by the native edition, allowed by the SQL edition, whose `outbox_publish` runs with
+//!   its owner's rights (the README says so).
 //! - `ungranted`: may use the extension's schema but was granted nothing on its objects.
 //! - `connect_only`: may only connect (PUBLIC's default CONNECT), not even use the schema.
 //!
@@ -71,6 +74,7 @@ const MATRIX: &[(&str, &[Action])] = &[
     ("app_relay", &[Read, Listen, Keys]),
     ("monitoring", &[Stats, Listen]),
     ("app_pruner", &[Prune, Listen]),
+    ("execute_only", &[Listen]),
     ("ungranted", &[Listen]),
     ("connect_only", &[Listen]),
 ];
@@ -90,6 +94,9 @@ const README_GRANTS: &str = "
 
     -- A role that prunes by hand (when the worker cannot be preloaded)
     GRANT EXECUTE ON FUNCTION outbox_prune(interval) TO app_pruner;
+
+    -- Not the README's: EXECUTE without INSERT.
+    GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO execute_only;
 ";
 
 /// What one attempt did.
@@ -146,6 +153,7 @@ async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client)
              CREATE ROLE app_relay LOGIN;
              CREATE ROLE monitoring LOGIN;
              CREATE ROLE app_pruner LOGIN;
+             CREATE ROLE execute_only LOGIN;
              CREATE ROLE ungranted LOGIN;
              CREATE ROLE connect_only LOGIN;
              CREATE ROLE would_be_owner LOGIN CREATEDB CREATEROLE;
@@ -225,7 +233,7 @@ async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client)
         owner
             .batch_execute(&format!(
                 "GRANT USAGE ON SCHEMA {schema} \
-                 TO app_publisher, app_relay, monitoring, app_pruner, ungranted"
+                 TO app_publisher, app_relay, monitoring, app_pruner, execute_only, ungranted"
             ))
             .await
             .unwrap();
@@ -244,6 +252,7 @@ async fn sql_edition_with_roles(cluster: Cluster, schema: &str) -> (Cluster, Cli
              CREATE ROLE app_relay LOGIN;
              CREATE ROLE monitoring LOGIN;
              CREATE ROLE app_pruner LOGIN;
+             CREATE ROLE execute_only LOGIN;
              CREATE ROLE ungranted LOGIN;
              CREATE ROLE connect_only LOGIN;
              GRANT CREATE ON DATABASE postgres TO ext_owner;",
@@ -273,7 +282,7 @@ async fn sql_edition_with_roles(cluster: Cluster, schema: &str) -> (Cluster, Cli
         owner
             .batch_execute(&format!(
                 "GRANT USAGE ON SCHEMA {schema} \
-                 TO app_publisher, app_relay, monitoring, app_pruner, ungranted"
+                 TO app_publisher, app_relay, monitoring, app_pruner, execute_only, ungranted"
             ))
             .await
             .unwrap();
@@ -465,7 +474,8 @@ async fn assert_matrix(schema: &str, edition: Edition) {
             .into_iter()
             .filter(|&action| edition == Edition::Native || action != Rotate)
         {
-            let expected = allowed.contains(&action);
+            let expected = allowed.contains(&action)
+                || (edition == Edition::Sql && role == "execute_only" && action == Publish);
             let got = attempt(&cluster, &admin, (schema, edition), role, action).await;
             table.push_str(&format!("{role:>14} {action:<8?} {got}\n"));
             let as_expected = match got {

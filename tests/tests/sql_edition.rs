@@ -4,14 +4,16 @@
 //! calls gives the same results on both editions: the same rows, the same notification
 //! documents, the same SQLSTATEs, messages and hints, and a refused call writes and sends
 //! nothing (the SQL edition's calls run under its defaults, where valid ones take its short
-//! path, and under settings, where they take the long one). Pruning needs no worker: `outbox_prune()` from a `pg_cron` job.
+//! path, and under settings, where they take the long one). Pruning needs no worker:
+//! `outbox_prune()` from a `pg_cron` job; it empties expired segments whole, never waiting for
+//! a reader's lock.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use pg_outbox_client::{Delivery, RelayBuilder, Topic};
 use pg_outbox_tests::relay::{publish, Collector};
-use pg_outbox_tests::{repository, Cluster, Edition};
+use pg_outbox_tests::{repository, Cluster, Edition, WAIT};
 use tokio_postgres::Client;
 
 /// A cluster of the SQL edition without the extension, with a database `app` owned by `owner`,
@@ -301,8 +303,11 @@ async fn a_pg_cron_job_prunes_it() {
     cluster.psql(
         "postgres",
         "CREATE EXTENSION pg_cron; \
-         ALTER DATABASE postgres SET pg_outbox.retention = '1s'",
+         ALTER DATABASE postgres SET pg_outbox.retention = '1s'; \
+         ALTER DATABASE postgres SET pg_outbox.segment_interval = 0",
     );
+    // No segments: each call deletes whatever expired (segments_are_emptied_whole...
+    // covers them), so that the first run prunes.
     let client = cluster.connect("postgres").await;
     for _ in 0..10 {
         publish(&client, "chat", "u1", "{}", None).await;
@@ -339,4 +344,138 @@ async fn a_pg_cron_job_prunes_it() {
         .unwrap()
         .get(0);
     assert!(succeeded >= 1);
+}
+
+/// Rows of one segment table.
+async fn segment_rows(client: &Client, segment: i32) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM event_outbox_segment_{segment}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The segment publishers write into, as `outbox_prune()` last set it.
+async fn current_segment(client: &Client) -> i32 {
+    client
+        .query_one(
+            "SELECT pg_sequence_last_value('outbox_current_segment')::int",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_emptied_whole_once_expired_and_never_wait_for_a_reader() {
+    let cluster = Cluster::builder().edition(Edition::Sql).start();
+    cluster.psql(
+        "postgres",
+        "ALTER DATABASE postgres SET pg_outbox.retention = '1s'; \
+         ALTER DATABASE postgres SET pg_outbox.segment_interval = '1s'",
+    );
+    let client = cluster.connect("postgres").await;
+    let first = current_segment(&client).await;
+    for _ in 0..5 {
+        publish(&client, "chat", "u1", "{}", None).await;
+    }
+    assert_eq!(segment_rows(&client, first).await, 5);
+    // Publishers move on once the segment is older than the interval.
+    cluster
+        .wait_for("publishers to move on", WAIT, || async {
+            client.execute("SELECT outbox_prune()", &[]).await.unwrap();
+            (current_segment(&client).await != first).then_some(())
+        })
+        .await;
+    for _ in 0..5 {
+        publish(&client, "chat", "u1", "{}", None).await;
+    }
+    let first_xid: String = client
+        .query_one(
+            &format!("SELECT max(xid)::text FROM event_outbox_segment_{first}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let second = current_segment(&client).await;
+    assert_eq!(segment_rows(&client, second).await, 5);
+
+    // A transaction that read the outbox holds every segment's lock: pruning neither waits
+    // for it nor queues readers behind itself, and leaves the segment for the next call.
+    let mut reader_client = cluster.connect("postgres").await;
+    let reader = reader_client.transaction().await.unwrap();
+    reader
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap();
+    cluster
+        .wait_for("the first segment to expire", WAIT, || async {
+            let expired: bool = client
+                .query_one(
+                    &format!(
+                        "SELECT max(created_at) < clock_timestamp() - interval '1s' \
+                         FROM event_outbox_segment_{first}"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            expired.then_some(())
+        })
+        .await;
+    let removed: i64 = client
+        .query_one("SELECT outbox_prune()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        removed, 0,
+        "nothing removed while the reader holds the segment"
+    );
+    assert_eq!(segment_rows(&client, first).await, 5);
+    // Readers meanwhile are not held up: this one is new, and reads at once.
+    let other_reader = cluster.connect("postgres").await;
+    assert_eq!(
+        other_reader
+            .query_one("SELECT count(*) FROM event_outbox", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        10
+    );
+    reader.commit().await.unwrap();
+
+    let removed: i64 = client
+        .query_one("SELECT outbox_prune()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(removed >= 5, "{removed}");
+    assert_eq!(segment_rows(&client, first).await, 0);
+    let (size, pruned, covers): (i64, i64, bool) = {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT pg_relation_size('event_outbox_segment_{first}'), rows_pruned, \
+                            pruned_through_xid >= $1::text::xid8 \
+                     FROM outbox_prune_state"
+                ),
+                &[&first_xid],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(size, 0, "emptied whole (TRUNCATE), not row by row");
+    assert!(pruned >= 5);
+    assert!(
+        covers,
+        "the relays learn that the segment's events were pruned"
+    );
 }

@@ -94,16 +94,26 @@ fn publish_rate(cluster: &Cluster, options: &Options) -> Table {
     table
 }
 
-/// The SQL edition's publish rate while relays prune it (`RelayBuilder::prune_every`), against
-/// the same without pruning.
+/// How the relays' pruning removes expired events, in [`relay_pruning`]'s arms.
+#[derive(Clone, Copy, PartialEq)]
+enum Pruning {
+    Off,
+    /// `pg_outbox.segment_interval = 1s`: segments, each emptied with TRUNCATE once expired.
+    Segments,
+    /// `pg_outbox.segment_interval = 0`: rows deleted one by one.
+    Delete,
+}
+
+/// The SQL edition's publish rate while relays prune it (`RelayBuilder::prune_every`), by
+/// emptying expired segments and by deleting rows, against the same without pruning.
 async fn relay_pruning(cluster: &Cluster, options: &Options) -> Table {
     let mut table = Table::new(
         "Publish rate of the SQL edition while two relays prune it every second, 8 clients",
         &["variant", "tx/s (median)", "rounds' range", "vs no pruning"],
     );
-    // Every event expires at once: each turn deletes what was published since the last. The
-    // setting is the server's here (the native library, preloaded for `postgres`, defines
-    // it); its pruner runs hourly in this figure and serves the other database.
+    // Every event expires at once: each turn removes what was published since the last. The
+    // settings are the server's here (the native library, preloaded for `postgres`, defines
+    // them); its pruner runs hourly in this figure and serves the other database.
     cluster.set_setting("pg_outbox.retention", "1s");
     let run = Run {
         script: "publish.sql".to_owned(),
@@ -112,21 +122,35 @@ async fn relay_pruning(cluster: &Cluster, options: &Options) -> Table {
         options: String::new(),
         variables: Vec::new(),
     };
-    let (mut plain, mut pruned) = (Vec::new(), Vec::new());
+    let arms = [Pruning::Off, Pruning::Segments, Pruning::Delete];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
     for round in 0..options.publish_rounds() {
-        for pruning in [round % 2 == 1, round % 2 == 0] {
+        // Each round starts with another arm.
+        for offset in 0..arms.len() {
+            let arm = (round + offset) % arms.len();
+            let pruning = arms[arm];
+            cluster.set_setting(
+                "pg_outbox.segment_interval",
+                if pruning == Pruning::Delete {
+                    "0"
+                } else {
+                    "1s"
+                },
+            );
             cluster.psql(SQL_EDITION_DATABASE, "TRUNCATE event_outbox");
+            // The two relays run in every arm, reading each event (the SQL edition sends
+            // references), so that the arms differ by the pruning alone.
             let mut relays = Vec::new();
-            if pruning {
-                for n in 0..2 {
-                    let relay = RelayBuilder::new(cluster.config(SQL_EDITION_DATABASE, "postgres"))
-                        .application_name(format!("bench_pruning_relay_{n}"))
-                        .prune_every(Duration::from_secs(1))
-                        .build()
-                        .expect("build the relay");
-                    relay.start().await.expect("start the relay");
-                    relays.push(relay);
+            for n in 0..2 {
+                let mut builder =
+                    RelayBuilder::new(cluster.config(SQL_EDITION_DATABASE, "postgres"))
+                        .application_name(format!("bench_pruning_relay_{n}"));
+                if pruning != Pruning::Off {
+                    builder = builder.prune_every(Duration::from_secs(1));
                 }
+                let relay = builder.build().expect("build the relay");
+                relay.start().await.expect("start the relay");
+                relays.push(relay);
             }
             let rate = tokio::task::block_in_place(|| {
                 tps_in_database(cluster, SQL_EDITION_DATABASE, &run)
@@ -135,28 +159,29 @@ async fn relay_pruning(cluster: &Cluster, options: &Options) -> Table {
             for relay in relays {
                 relay.shutdown().await;
             }
-            if pruning {
-                assert!(
-                    options.smoke || pruned_rows > 0,
-                    "the relays pruned nothing"
-                );
-                pruned.push(rate);
-            } else {
-                plain.push(rate);
-            }
+            assert!(
+                options.smoke || pruning == Pruning::Off || pruned_rows > 0,
+                "the relays pruned nothing"
+            );
+            rates[arm].push(rate);
         }
     }
     cluster.reset_setting("pg_outbox.retention");
-    table.row(row("", "no pruning", &plain, &[&plain])[1..].to_vec());
-    table.row(
-        row(
-            "",
-            "two relays pruning every second (retention 1 s)",
-            &pruned,
-            &[&plain],
-        )[1..]
-            .to_vec(),
-    );
-    table.note = "pgbench publishing through the SQL edition's outbox_publish; during the pruning runs two relays (RelayBuilder::prune_every(1 s)) take turns at outbox_prune(), one at a time, each turn deleting what expired since the last (pg_outbox.retention = 1 s). Rounds alternate which runs first.".to_owned();
+    cluster.reset_setting("pg_outbox.segment_interval");
+    let plain = &rates[0];
+    for (name, arm) in [
+        ("two relays, no pruning", plain),
+        (
+            "two relays pruning every second: expired segments emptied whole (segment_interval = 1s)",
+            &rates[1],
+        ),
+        (
+            "two relays pruning every second: rows deleted one by one (segment_interval = 0)",
+            &rates[2],
+        ),
+    ] {
+        table.row(row("", name, arm, &[plain])[1..].to_vec());
+    }
+    table.note = "pgbench publishing through the SQL edition's outbox_publish, two relays reading every event in every arm; during the pruning runs the two relays (RelayBuilder::prune_every(1 s)) also take turns at outbox_prune(), one at a time, with pg_outbox.retention = 1 s, so each turn removes what expired since the last: with segments, it empties each segment whose last event expired (TRUNCATE) and moves publishers on to the next; without, it deletes the expired rows in batches. Each round starts with another arm.".to_owned();
     table
 }

@@ -99,6 +99,17 @@ const README_GRANTS: &str = "
     GRANT EXECUTE ON FUNCTION outbox_publish(text, text, jsonb, text) TO execute_only;
 ";
 
+/// The roles of [`MATRIX`] but the superuser and the extension's owner.
+const OTHER_ROLES: &str = "
+    CREATE ROLE app_publisher LOGIN;
+    CREATE ROLE app_relay LOGIN;
+    CREATE ROLE monitoring LOGIN;
+    CREATE ROLE app_pruner LOGIN;
+    CREATE ROLE execute_only LOGIN;
+    CREATE ROLE ungranted LOGIN;
+    CREATE ROLE connect_only LOGIN;
+";
+
 /// What one attempt did.
 #[derive(Debug)]
 enum Outcome {
@@ -147,18 +158,11 @@ async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client)
     }
     let admin = cluster.connect("postgres").await;
     admin
-        .batch_execute(
-            "CREATE ROLE ext_owner LOGIN SUPERUSER;
-             CREATE ROLE app_publisher LOGIN;
-             CREATE ROLE app_relay LOGIN;
-             CREATE ROLE monitoring LOGIN;
-             CREATE ROLE app_pruner LOGIN;
-             CREATE ROLE execute_only LOGIN;
-             CREATE ROLE ungranted LOGIN;
-             CREATE ROLE connect_only LOGIN;
+        .batch_execute(&format!(
+            "CREATE ROLE ext_owner LOGIN SUPERUSER; {OTHER_ROLES}
              CREATE ROLE would_be_owner LOGIN CREATEDB CREATEROLE;
-             GRANT CREATE ON DATABASE postgres TO would_be_owner;",
-        )
+             GRANT CREATE ON DATABASE postgres TO would_be_owner;"
+        ))
         .await
         .unwrap();
 
@@ -174,13 +178,7 @@ async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client)
         "{error:?}"
     );
 
-    let owner = cluster.connect_as("postgres", "ext_owner").await;
-    if schema != "public" {
-        owner
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-    }
+    let owner = owner_with_schema(&cluster, schema).await;
     owner
         .batch_execute(&format!("CREATE EXTENSION pg_outbox SCHEMA {schema}"))
         .await
@@ -229,15 +227,7 @@ async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client)
         .batch_execute(&format!("SET search_path = {schema}; {README_GRANTS}"))
         .await
         .unwrap();
-    if schema != "public" {
-        owner
-            .batch_execute(&format!(
-                "GRANT USAGE ON SCHEMA {schema} \
-                 TO app_publisher, app_relay, monitoring, app_pruner, execute_only, ungranted"
-            ))
-            .await
-            .unwrap();
-    }
+    grant_schema_usage(&owner, schema).await;
     (cluster, admin)
 }
 
@@ -246,31 +236,19 @@ async fn cluster_with_roles(schema: &str, edition: Edition) -> (Cluster, Client)
 async fn sql_edition_with_roles(cluster: Cluster, schema: &str) -> (Cluster, Client) {
     let admin = cluster.connect("postgres").await;
     admin
-        .batch_execute(
-            "CREATE ROLE ext_owner LOGIN;
-             CREATE ROLE app_publisher LOGIN;
-             CREATE ROLE app_relay LOGIN;
-             CREATE ROLE monitoring LOGIN;
-             CREATE ROLE app_pruner LOGIN;
-             CREATE ROLE execute_only LOGIN;
-             CREATE ROLE ungranted LOGIN;
-             CREATE ROLE connect_only LOGIN;
-             GRANT CREATE ON DATABASE postgres TO ext_owner;",
-        )
+        .batch_execute(&format!(
+            "CREATE ROLE ext_owner LOGIN; {OTHER_ROLES}
+             GRANT CREATE ON DATABASE postgres TO ext_owner;"
+        ))
         .await
         .unwrap();
-    let owner = cluster.connect_as("postgres", "ext_owner").await;
-    if schema != "public" {
-        owner
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-    } else {
+    if schema == "public" {
         admin
             .batch_execute("GRANT CREATE ON SCHEMA public TO ext_owner")
             .await
             .unwrap();
     }
+    let owner = owner_with_schema(&cluster, schema).await;
     owner
         .batch_execute(&format!(
             "CREATE EXTENSION pg_outbox_sql SCHEMA {schema}; \
@@ -278,6 +256,24 @@ async fn sql_edition_with_roles(cluster: Cluster, schema: &str) -> (Cluster, Cli
         ))
         .await
         .unwrap();
+    grant_schema_usage(&owner, schema).await;
+    (cluster, admin)
+}
+
+/// A session of `ext_owner`, which has created `schema` unless it is `public`.
+async fn owner_with_schema(cluster: &Cluster, schema: &str) -> Client {
+    let owner = cluster.connect_as("postgres", "ext_owner").await;
+    if schema != "public" {
+        owner
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+    }
+    owner
+}
+
+/// The schema usage the roles need where the extension is not in `public`.
+async fn grant_schema_usage(owner: &Client, schema: &str) {
     if schema != "public" {
         owner
             .batch_execute(&format!(
@@ -287,7 +283,6 @@ async fn sql_edition_with_roles(cluster: Cluster, schema: &str) -> (Cluster, Cli
             .await
             .unwrap();
     }
-    (cluster, admin)
 }
 
 /// Tries `action` as `role`, with the extension in `schema`, and says what happened. Allowed

@@ -51,7 +51,9 @@
 --   62 random bits (the tail of gen_random_uuid()). The 60-bit (millisecond, fraction) clock of
 --   the last id a backend made is kept in the session's placeholder pg_outbox_sql.uuid_clock;
 --   a clock at or behind it (the same microsecond, or a clock stepped back) takes the next value,
---   so one backend's ids always increase, as Uuid::now_v7's do in the native edition.
+--   so one backend's ids always increase, as Uuid::now_v7's do in the native edition. The
+--   placeholder is this function's own: a session that sets it to anything but a number makes
+--   its own calls fail (22P02) until it RESETs it.
 -- * Installed with psql -f, the tables are ordinary tables: pg_dump carries their rows, and
 --   their xids mean nothing in another cluster (see sql/schema.sql). Restore them empty.
 
@@ -421,7 +423,7 @@ BEGIN
     -- The clock, once, for created_at and the id: the UUIDv7 (see the top of this file) of the
     -- 60-bit clock milliseconds << 12 | sub-millisecond fraction (microseconds * 4096 / 1000,
     -- so microseconds * 512 / 125 for both at once), past the last one this backend made. The
-    -- float epoch is within a tenth of a microsecond of the timestamp's, so round() is exact.
+    -- float epoch is within 0.12 microseconds of the timestamp's, so round() is exact.
     created_at := clock_timestamp();
     created_at_us := round(date_part('epoch', created_at) * 1000000);
     clock := greatest(created_at_us * 512 / 125,

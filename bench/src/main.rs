@@ -63,6 +63,15 @@ impl Options {
         }
     }
 
+    /// The counts of [`Options::client_counts`] among `wanted` (all of them when smoke testing):
+    /// for figures measured at their targets' client counts only.
+    fn client_counts_among(&self, wanted: &[u32]) -> Vec<u32> {
+        self.client_counts()
+            .into_iter()
+            .filter(|clients| self.smoke || wanted.contains(clients))
+            .collect()
+    }
+
     fn rounds(&self) -> usize {
         if self.smoke {
             1

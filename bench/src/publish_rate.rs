@@ -17,101 +17,79 @@ pub(crate) struct Variant {
     pub database: &'static str,
 }
 
-const BARE: Variant = Variant {
-    name: "bare INSERT (no NOTIFY)",
-    script: "bare",
-    options: "",
-    database: "postgres",
-};
-const PLPGSQL: Variant = Variant {
-    name: "PL/pgSQL INSERT + pg_notify",
-    script: "plpgsql",
-    options: "",
-    database: "postgres",
-};
-const DEFAULTS: Variant = Variant {
-    name: "outbox_publish, the defaults (sealed, transaction mode)",
-    script: "publish",
-    options: "",
-    database: "postgres",
-};
-const REFERENCE: Variant = Variant {
-    name: "outbox_publish, reference",
-    script: "publish",
-    options: "-c pg_outbox.notify_payload=reference",
-    database: "postgres",
-};
-const INLINE: Variant = Variant {
-    name: "outbox_publish, inline",
-    script: "publish",
-    options: "-c pg_outbox.notify_payload=inline",
-    database: "postgres",
-};
+impl Variant {
+    /// A variant in `postgres`, the native edition's database.
+    const fn native(name: &'static str, script: &'static str, options: &'static str) -> Variant {
+        Variant {
+            name,
+            script,
+            options,
+            database: "postgres",
+        }
+    }
+}
 
-const WORKER: Variant = Variant {
-    name: "outbox_publish, notify_mode = worker",
-    script: "publish",
-    options: "-c pg_outbox.notify_mode=worker",
-    database: "postgres",
-};
+const BARE: Variant = Variant::native("bare INSERT (no NOTIFY)", "bare", "");
+const PLPGSQL: Variant = Variant::native("PL/pgSQL INSERT + pg_notify", "plpgsql", "");
+const DEFAULTS: Variant = Variant::native(
+    "outbox_publish, the defaults (sealed, transaction mode)",
+    "publish",
+    "",
+);
+const REFERENCE: Variant = Variant::native(
+    "outbox_publish, reference",
+    "publish",
+    "-c pg_outbox.notify_payload=reference",
+);
+const INLINE: Variant = Variant::native(
+    "outbox_publish, inline",
+    "publish",
+    "-c pg_outbox.notify_payload=inline",
+);
+
+const WORKER: Variant = Variant::native(
+    "outbox_publish, notify_mode = worker",
+    "publish",
+    "-c pg_outbox.notify_mode=worker",
+);
 
 const VARIANTS: [Variant; 6] = [BARE, PLPGSQL, DEFAULTS, REFERENCE, INLINE, WORKER];
 
 /// Each notify mode with reference notifications and with sealed ones, the default: what
 /// sealing costs the publisher (in worker mode, the notifier seals).
 const SEALING: [Variant; 4] = [
-    Variant {
-        name: "transaction mode, reference",
-        script: "publish",
-        options: "-c pg_outbox.notify_payload=reference",
-        database: "postgres",
-    },
-    Variant {
-        name: "transaction mode, sealed (the default)",
-        script: "publish",
-        options: "",
-        database: "postgres",
-    },
-    Variant {
-        name: "worker mode, reference",
-        script: "publish",
-        options: "-c pg_outbox.notify_mode=worker -c pg_outbox.notify_payload=reference",
-        database: "postgres",
-    },
-    Variant {
-        name: "worker mode, sealed",
-        script: "publish",
-        options: "-c pg_outbox.notify_mode=worker",
-        database: "postgres",
-    },
+    Variant::native(
+        "transaction mode, reference",
+        "publish",
+        "-c pg_outbox.notify_payload=reference",
+    ),
+    Variant::native("transaction mode, sealed (the default)", "publish", ""),
+    Variant::native(
+        "worker mode, reference",
+        "publish",
+        "-c pg_outbox.notify_mode=worker -c pg_outbox.notify_payload=reference",
+    ),
+    Variant::native(
+        "worker mode, sealed",
+        "publish",
+        "-c pg_outbox.notify_mode=worker",
+    ),
 ];
 
 /// Each notify mode without and with the logical-decoding message per event.
 const LOGICAL_MESSAGES: [Variant; 4] = [
-    Variant {
-        name: "transaction mode",
-        script: "publish",
-        options: "",
-        database: "postgres",
-    },
-    Variant {
-        name: "transaction mode, logical_messages = on",
-        script: "publish",
-        options: "-c pg_outbox.logical_messages=on",
-        database: "postgres",
-    },
-    Variant {
-        name: "worker mode",
-        script: "publish",
-        options: "-c pg_outbox.notify_mode=worker",
-        database: "postgres",
-    },
-    Variant {
-        name: "worker mode, logical_messages = on",
-        script: "publish",
-        options: "-c pg_outbox.notify_mode=worker -c pg_outbox.logical_messages=on",
-        database: "postgres",
-    },
+    Variant::native("transaction mode", "publish", ""),
+    Variant::native(
+        "transaction mode, logical_messages = on",
+        "publish",
+        "-c pg_outbox.logical_messages=on",
+    ),
+    Variant::native("worker mode", "publish", "-c pg_outbox.notify_mode=worker"),
+    Variant::native(
+        "worker mode, logical_messages = on",
+        "publish",
+        "-c pg_outbox.notify_mode=worker -c pg_outbox.logical_messages=on",
+    ),
 ];
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
@@ -130,13 +108,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         ],
     );
     for clients in options.client_counts() {
-        let rates = interleaved(cluster, options, &VARIANTS, |variant| Run {
-            script: format!("{}.sql", variant.script),
-            clients,
-            duration: options.run_time(),
-            options: variant.options.to_owned(),
-            variables: Vec::new(),
-        });
+        let rates = one_event_per_transaction(cluster, options, &VARIANTS, clients);
         add_rows(&mut per_clients, &clients.to_string(), &rates);
     }
     per_clients.note = format!(
@@ -242,18 +214,8 @@ fn paired(
     );
     // At the client counts of the targets only: four more variants at every count would double
     // the figure's time.
-    let counts = options
-        .client_counts()
-        .into_iter()
-        .filter(|clients| options.smoke || [8, 64].contains(clients));
-    for clients in counts {
-        let rates = interleaved(cluster, options, variants, |variant| Run {
-            script: format!("{}.sql", variant.script),
-            clients,
-            duration: options.run_time(),
-            options: variant.options.to_owned(),
-            variables: Vec::new(),
-        });
+    for clients in options.client_counts_among(&[8, 64]) {
+        let rates = one_event_per_transaction(cluster, options, variants, clients);
         for pair in rates.chunks(2) {
             let [(base_name, base), (name, rounds)] = pair else {
                 continue;
@@ -266,11 +228,27 @@ fn paired(
     table
 }
 
+/// [`interleaved`] runs of `variants` at `clients`, each transaction publishing one event.
+pub(crate) fn one_event_per_transaction<'v>(
+    cluster: &Cluster,
+    options: &Options,
+    variants: &'v [Variant],
+    clients: u32,
+) -> Vec<(&'v str, Vec<f64>)> {
+    interleaved(cluster, options, variants, |variant| Run {
+        script: format!("{}.sql", variant.script),
+        clients,
+        duration: options.run_time(),
+        options: variant.options.to_owned(),
+        variables: Vec::new(),
+    })
+}
+
 /// Runs every variant once per round and returns each one's rates, by round. Each round starts one
 /// variant further along, so that no variant always runs right after the same other one or at
 /// the same point of a round (a checkpoint or autovacuum that recurs with the rounds' rhythm
 /// would otherwise land on the same variant every time).
-pub(crate) fn interleaved<'v>(
+fn interleaved<'v>(
     cluster: &Cluster,
     options: &Options,
     variants: &'v [Variant],

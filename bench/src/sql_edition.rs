@@ -8,7 +8,7 @@ use pg_outbox_client::RelayBuilder;
 use pg_outbox_tests::Cluster;
 
 use crate::pgbench::Run;
-use crate::publish_rate::{interleaved, row, tps_in_database, Variant};
+use crate::publish_rate::{one_event_per_transaction, row, tps_in_database, Variant};
 use crate::report::Table;
 use crate::Options;
 
@@ -73,18 +73,8 @@ fn publish_rate(cluster: &Cluster, options: &Options) -> Table {
             "vs native, the defaults",
         ],
     );
-    let counts = options
-        .client_counts()
-        .into_iter()
-        .filter(|clients| options.smoke || [1, 8, 64].contains(clients));
-    for clients in counts {
-        let rates = interleaved(cluster, options, &VARIANTS, |variant| Run {
-            script: format!("{}.sql", variant.script),
-            clients,
-            duration: options.run_time(),
-            options: variant.options.to_owned(),
-            variables: Vec::new(),
-        });
+    for clients in options.client_counts_among(&[1, 8, 64]) {
+        let rates = one_event_per_transaction(cluster, options, &VARIANTS, clients);
         let (plpgsql, native) = (&rates[0].1, &rates[2].1);
         for (name, rounds) in &rates {
             table.row(row(&clients.to_string(), name, rounds, &[plpgsql, native]));

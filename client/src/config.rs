@@ -77,8 +77,9 @@ impl RelayBuilder {
     /// else does: the SQL edition with no `pg_cron` job, or the native one without its worker.
     /// Every relay may opt in: one at a time prunes, elected by an advisory lock that ends with
     /// its session (a relay killed mid-prune hands over at once). It calls `outbox_prune()`,
-    /// which removes what is older than `pg_outbox.retention` by the database clock, in
-    /// batches, without holding publishers up; the relay's role needs `EXECUTE` on it. Counted
+    /// which removes what is older than `pg_outbox.retention` by the database clock (expired
+    /// segments whole, other rows in batches), without holding publishers up; the relay's role
+    /// needs `EXECUTE` on it. Counted
     /// in [`MetricsSnapshot::prunes`](crate::MetricsSnapshot::prunes); in the SQL edition,
     /// `outbox_stats()` says who pruned last. Default: off.
     pub fn prune_every(mut self, interval: Duration) -> Self {

@@ -7,14 +7,15 @@
 //! taken with `pg_try_advisory_lock` on a connection of its own: a relay that loses simply
 //! waits for its next turn, and one killed mid-prune loses its session, and with it the lock,
 //! at once, so the next relay to try takes over. `outbox_prune()` does the work by the
-//! database clock, oldest rows first in batches of `pg_outbox.prune_batch_size`, skipping rows
-//! another transaction holds (the SQL edition records who pruned). Deleting never blocks
-//! publishers' inserts. The relay's own connections carry on meanwhile: pruning never holds up
-//! delivery.
+//! database clock: it empties or drops the segments whose last event expired, and deletes
+//! other expired rows in batches of `pg_outbox.prune_batch_size` (the SQL edition records who
+//! pruned). It never blocks publishers' inserts. The relay's own connections carry on
+//! meanwhile: pruning never holds up delivery.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use pg_outbox_wire::quote_ident;
 use tokio::sync::watch;
 use tokio::time::sleep;
 use tracing::{debug, info, warn};
@@ -93,7 +94,10 @@ async fn prune_once(cfg: &Settings) -> Result<Turn, Error> {
                 return Ok(Turn::NotElected);
             }
             let rows: i64 = client
-                .query_one(&format!("SELECT {schema}.outbox_prune()"), &[])
+                .query_one(
+                    &format!("SELECT {}.outbox_prune()", quote_ident(schema)),
+                    &[],
+                )
                 .await
                 .map_err(|e| Error::from_query(e, schema))?
                 .get(0);

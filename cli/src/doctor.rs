@@ -110,10 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     check_listen(&args, &mut report).await;
-    let installed = match check_extension(&client, &args.db, &database, &mut report).await? {
-        Some(installed) => Some(installed),
-        None => check_sql_edition(&client, &mut report).await?,
-    };
+    let installed = check_extension(&client, &args.db, &database, &mut report).await?;
     match &installed {
         Some((schema, Edition::Native)) => {
             let preloaded = check_preload(&client, &mut report).await;
@@ -166,9 +163,9 @@ enum Edition {
     Sql,
 }
 
-/// The native extension: available, created here, in which schema, up to date. Returns the
-/// schema (quoted) when it is created in this database. When it is not, and the SQL edition
-/// is, says nothing: [`check_sql_edition`] does.
+/// The native extension: available, created here, in which schema, up to date; else the SQL
+/// edition ([`check_sql_edition`]). Returns the schema (quoted) and the edition created in this
+/// database.
 async fn check_extension(
     client: &Client,
     db: &Db,
@@ -186,8 +183,9 @@ async fn check_extension(
     .await?;
     let (available, installed, schema) = (row[0].clone(), row[1].clone(), row[2].clone());
     let (Some(installed), Some(schema)) = (installed, schema) else {
-        if sql_edition_schema(client).await?.is_some() {
-            return Ok(None);
+        let sql_edition = check_sql_edition(client, report).await?;
+        if sql_edition.is_some() {
+            return Ok(sql_edition);
         }
         match available {
             Some(version) => report.say(
@@ -238,10 +236,13 @@ async fn check_extension(
     Ok(Some((schema, Edition::Native)))
 }
 
-/// The schema (quoted) of the SQL edition in this database, as the extension `pg_outbox_sql`
-/// or as its script run with `psql -f` (a PL/pgSQL `outbox_publish`), with the extension's
-/// version if it is one.
-async fn sql_edition_schema(client: &Client) -> anyhow::Result<Option<(String, Option<String>)>> {
+/// The SQL edition, when the native one is not created here: the extension `pg_outbox_sql`, or
+/// its script run with `psql -f` (a PL/pgSQL `outbox_publish`). Says nothing when it is not
+/// there either.
+async fn check_sql_edition(
+    client: &Client,
+    report: &mut Report,
+) -> anyhow::Result<Option<(String, Edition)>> {
     let row = simple_row(
         client,
         "SELECT coalesce( \
@@ -255,15 +256,7 @@ async fn sql_edition_schema(client: &Client) -> anyhow::Result<Option<(String, O
                 (SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox_sql')",
     )
     .await?;
-    Ok(row[0].clone().map(|schema| (schema, row[1].clone())))
-}
-
-/// The SQL edition, when the native one is not created here.
-async fn check_sql_edition(
-    client: &Client,
-    report: &mut Report,
-) -> anyhow::Result<Option<(String, Edition)>> {
-    let Some((schema, version)) = sql_edition_schema(client).await? else {
+    let (Some(schema), version) = (row[0].clone(), row[1].clone()) else {
         return Ok(None);
     };
     let how = match version {

@@ -113,12 +113,15 @@ INSERT INTO outbox_prune_state DEFAULT VALUES;
 CREATE SEQUENCE outbox_current_segment AS integer MINVALUE -1 MAXVALUE 3 START 0 NO CYCLE;
 SELECT setval('outbox_current_segment', 0, true);
 DO $segments$
+DECLARE
+    segment_table text;
 BEGIN
     FOR segment IN 0..3 LOOP
-        EXECUTE format('CREATE TABLE %I () INHERITS (event_outbox)', 'event_outbox_segment_' || segment);
-        EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (id)', 'event_outbox_segment_' || segment);
-        EXECUTE format('CREATE INDEX ON %I (created_at)', 'event_outbox_segment_' || segment);
-        EXECUTE format('CREATE INDEX ON %I (xid, id)', 'event_outbox_segment_' || segment);
+        segment_table := 'event_outbox_segment_' || segment;
+        EXECUTE format('CREATE TABLE %I () INHERITS (event_outbox)', segment_table);
+        EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (id)', segment_table);
+        EXECUTE format('CREATE INDEX ON %I (created_at)', segment_table);
+        EXECUTE format('CREATE INDEX ON %I (xid, id)', segment_table);
     END LOOP;
 END
 $segments$;
@@ -571,6 +574,7 @@ DECLARE
     current_segment integer;
     segment_table   text;
     locked          boolean;
+    move_on         boolean;
     events          bigint;
     newest          timestamptz;
     newest_xid      xid8;
@@ -671,8 +675,8 @@ BEGIN
                        '   AND NOT EXISTS (SELECT FROM %I) FROM %I',
                        'event_outbox_segment_' || (current_segment + 1) % 4,
                        'event_outbox_segment_' || current_segment)
-            USING interval_secs::double precision INTO locked;
-        IF locked THEN
+            USING interval_secs::double precision INTO move_on;
+        IF move_on THEN
             PERFORM setval('outbox_current_segment', (current_segment + 1) % 4, true);
         END IF;
     END IF;

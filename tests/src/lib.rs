@@ -63,9 +63,6 @@ pub enum Edition {
 }
 
 impl Edition {
-    /// Both editions, for the tests that must hold on either.
-    pub const ALL: [Edition; 2] = [Edition::Native, Edition::Sql];
-
     /// The extension's name, for `CREATE EXTENSION`.
     pub fn extension(self) -> &'static str {
         match self {

@@ -113,10 +113,76 @@ CREATE TRIGGER outbox_truncated
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
 REVOKE ALL ON FUNCTION outbox_record_deleted() FROM PUBLIC;
 
+-- Records the run the server is in (see outbox_runs), unless it is recorded; tells whether it was
+-- (by a committed transaction). Publishers call it before their first event of a run, so no
+-- event of a run commits before the run is recorded, and the floor it records is exact:
+-- * every event of the run is at or above it. Its transaction either got its xid after this
+--   snapshot was taken (so at or above its xmax), or was running then (so in it, at or above
+--   the least xid running), or is this one. It cannot have ended before: it found the run
+--   recorded, which this transaction does only once it commits, or it recorded it itself.
+--   Prepared transactions are passed over: one prepared after the run began ran outbox_publish
+--   and found the run recorded already.
+-- * every event of an earlier run below it: the server hands out xids, after a restart, a
+--   crash or a promotion, from past every one its history holds, so every xid running or to
+--   come in this run is past them, but those of transactions prepared before the run began.
+-- SECURITY DEFINER: publishers and relays record the run without a grant on outbox_runs, and
+-- what it records is the truth, whoever asks.
+CREATE FUNCTION outbox_record_run() RETURNS boolean
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run_identifier  text := (SELECT system_identifier::text FROM pg_control_system());
+    run_timeline    text := substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
+    run_started     timestamptz := pg_postmaster_start_time();
+    snapshot        pg_snapshot;
+BEGIN
+    IF EXISTS (SELECT FROM @extschema@.outbox_runs r
+               WHERE (r.system_identifier, r.timeline, r.started_at)
+                     = (run_identifier, run_timeline, run_started)) THEN
+        RETURN true;
+    END IF;
+    snapshot := pg_current_snapshot();
+    INSERT INTO @extschema@.outbox_runs (system_identifier, timeline, started_at, floor_xid)
+    VALUES (run_identifier, run_timeline, run_started,
+            least(pg_current_xact_id(), pg_snapshot_xmax(snapshot),
+                  (SELECT min(x) FROM pg_snapshot_xip(snapshot) x
+                   WHERE NOT EXISTS (SELECT FROM pg_prepared_xacts p
+                                     WHERE p.transaction::text = (x::text::numeric % 4294967296)::text))))
+    ON CONFLICT DO NOTHING;
+    RETURN false;
+END
+$$;
+
+COMMENT ON FUNCTION outbox_record_run() IS
+    'Record the server run this database is in, for relays to resume positions of earlier runs; true if it was recorded already';
+
+-- What relays read when they reach a run of the server: the runs this database's history went
+-- through, oldest first, after recording the current one. Nothing in it is secret (any role may
+-- read the server's identifier, timeline, start time and transaction ids).
+CREATE FUNCTION outbox_server_runs()
+    RETURNS TABLE (system_identifier text, timeline text, started_at timestamptz, floor_xid xid8)
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM @extschema@.outbox_record_run();
+    RETURN QUERY
+        SELECT r.system_identifier, r.timeline, r.started_at, r.floor_xid
+        FROM @extschema@.outbox_runs r
+        ORDER BY r.floor_xid NULLS FIRST, r.recorded_at;
+END
+$$;
+
+COMMENT ON FUNCTION outbox_server_runs() IS
+    'The server runs this database went through, oldest first, with where each one''s transaction ids begin';
+
 -- Nothing is granted to PUBLIC: publishing, relaying, pruning and monitoring are granted to
 -- roles explicitly (see the README).
 REVOKE ALL ON TABLE event_outbox, outbox_segments, outbox_prune_state, outbox_notifier_state,
-    outbox_seal_keys FROM PUBLIC;
+    outbox_seal_keys, outbox_runs FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_publish(text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;
@@ -124,9 +190,13 @@ REVOKE ALL ON FUNCTION outbox_rotate_seal_key(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_seal_keys_changed() FROM PUBLIC;
 -- outbox_relay_keys() answers exactly the roles that may read event_outbox.payload and refuses
 -- the others itself: a relay's role needs no grant beyond SELECT on event_outbox.
+-- outbox_record_run() and outbox_server_runs() keep PUBLIC's EXECUTE (see above).
 
 -- The first key.
 SELECT outbox_rotate_seal_key();
+
+-- The run the extension is created in: no event of it has committed yet.
+SELECT outbox_record_run();
 
 -- The first segments, so that the first events go into one rather than into event_outbox itself;
 -- the pruner creates the next ones. The function serves this script alone: declared, called,

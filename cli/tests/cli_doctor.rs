@@ -111,7 +111,7 @@ fn the_sql_edition_is_recognised_with_what_prunes_it() {
     let (ok, report) = doctor(&db);
     assert!(ok, "{report}");
     assert!(
-        line(&report, "ok", "pg_outbox_sql 0.5.0, the SQL edition").is_some(),
+        line(&report, "ok", "pg_outbox_sql 0.6.0, the SQL edition").is_some(),
         "{report}"
     );
     assert!(

@@ -7,6 +7,8 @@
 //!   notifier ([`worker::notifier`]), which notifies right after the commit.
 //! - Where pruning happens: the pruner worker ([`worker::pruner`]) drops expired segments and
 //!   deletes expired rows ([`prune`]), by the database clock.
+//! - Where the server's runs are recorded, so relays resume positions across restarts and
+//!   failovers: [`run`] (before a backend's first event).
 //! - What the workers and publishers share in shared memory: [`worker::shared`]. Settings, with
 //!   typed accessors: [`guc`]. Errors and their SQLSTATEs: [`error`]. Catalog look-ups:
 //!   [`catalog`].
@@ -20,6 +22,7 @@ mod notify;
 mod privilege;
 mod prune;
 mod publish;
+mod run;
 mod seal;
 mod segment;
 mod worker;

@@ -21,6 +21,7 @@ use crate::guc::{self, NotifyPayload};
 use crate::logical_message;
 use crate::notification::{jsonb_text, Notification, INLINE_CANDIDATE_BYTES};
 use crate::notify::notify;
+use crate::run;
 use crate::seal;
 use crate::segment::{self, Column};
 use crate::worker::{handoff, shared};
@@ -144,6 +145,7 @@ impl<'a> Publish<'a> {
     /// Inserts the row, queues the notification (or hands the event over to the notifier
     /// worker), returns the event's id.
     fn run(&self) -> Uuid {
+        run::record_before_publishing(self.namespace);
         let deferred = shared::takes_over_notification();
         let id = Uuid::now_v7();
         // SAFETY: plain calls into the transaction manager and the clock. Asking for the

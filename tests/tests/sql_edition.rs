@@ -102,7 +102,7 @@ async fn a_database_owner_installs_it_where_the_library_was_never_loaded_and_rel
 #[tokio::test]
 async fn it_installs_with_psql_into_a_schema() {
     let cluster = managed_service();
-    let script = std::fs::read_to_string(repository().join("sql/edition/pg_outbox_sql--0.5.0.sql"))
+    let script = std::fs::read_to_string(repository().join("sql/edition/pg_outbox_sql--0.6.0.sql"))
         .expect("the SQL edition's script");
     cluster.psql("app", "CREATE SCHEMA outbox AUTHORIZATION owner");
     cluster.psql_script(

@@ -235,3 +235,88 @@ async fn updating_with_a_malformed_pg_outbox_seal_key_makes_a_new_key() {
     );
     assert_eq!(lengths, "32");
 }
+
+/// The next event of `subscription`, which must be one.
+async fn next_event_id(subscription: &mut pg_outbox_client::Subscription) -> uuid::Uuid {
+    let item = tokio::time::timeout(pg_outbox_tests::WAIT, subscription.recv())
+        .await
+        .expect("an event in time");
+    match item {
+        Some(pg_outbox_client::Delivery::Event(event)) => event.id(),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_issued_before_the_update_to_0_6_0_resume_across_the_next_restart() {
+    use pg_outbox_client::Topic;
+    use pg_outbox_tests::relay::{publish, relay};
+
+    let cluster = Cluster::builder().create_extension(false).start();
+    cluster.psql("postgres", "CREATE EXTENSION pg_outbox VERSION '0.5.0'");
+    // A relay of this client over the 0.5.0 objects, which record no runs.
+    let old_relay = relay(&cluster, "relay_before_update").build().unwrap();
+    let mut browser = old_relay.subscribe_to(Topic::all().user("u1"));
+    old_relay.start().await.unwrap();
+    let publisher = cluster.connect("postgres").await;
+    let seen = publish(&publisher, "chat", "u1", "{}", None).await;
+    assert_eq!(next_event_id(&mut browser).await, seen);
+    let position = browser.position().unwrap().to_string();
+    old_relay.shutdown().await;
+
+    cluster.psql("postgres", "ALTER EXTENSION pg_outbox UPDATE");
+    let floors: Vec<Option<String>> = publisher
+        .query("SELECT floor_xid::text FROM outbox_server_runs()", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        floors,
+        [None],
+        "the run of the update, which published before it"
+    );
+
+    cluster.restart();
+    let publisher = cluster.connect("postgres").await;
+    let missed = publish(&publisher, "chat", "u1", "{}", None).await;
+    // A relay that never saw the run before the restart resumes the position exactly.
+    let fresh = relay(&cluster, "relay_after_update").build().unwrap();
+    fresh.start().await.unwrap();
+    let mut resumed = fresh.subscribe_from(Topic::all().user("u1"), &position);
+    assert_eq!(next_event_id(&mut resumed).await, missed);
+    fresh.shutdown().await;
+}
+
+#[tokio::test]
+async fn updating_the_sql_edition_from_0_5_0_matches_a_fresh_install() {
+    let cluster = Cluster::builder()
+        .create_extension(false)
+        .preload(false)
+        .start();
+    cluster.psql("postgres", "CREATE EXTENSION pg_outbox_sql VERSION '0.5.0'");
+    cluster.psql("postgres", "CREATE DATABASE fresh");
+    cluster.psql("fresh", "CREATE EXTENSION pg_outbox_sql");
+    let old = cluster.connect("postgres").await;
+    let fresh = cluster.connect("fresh").await;
+    old.execute("SELECT outbox_publish('chat', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    assert_ne!(fingerprint(&old).await, fingerprint(&fresh).await);
+    cluster.psql("postgres", "ALTER EXTENSION pg_outbox_sql UPDATE");
+    assert_eq!(fingerprint(&old).await, fingerprint(&fresh).await);
+    assert_eq!(count(&old).await, 1);
+    // A new session's first event finds its run recorded by the update.
+    let session = cluster.connect("postgres").await;
+    session
+        .execute("SELECT outbox_publish('chat', 'u1', '{}')", &[])
+        .await
+        .unwrap();
+    let runs: i64 = session
+        .query_one("SELECT count(*) FROM outbox_runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 1);
+}

@@ -1,0 +1,902 @@
+-- pg_outbox_sql 0.6.0: the SQL-only edition of pg_outbox.
+--
+-- The same tables, functions, errors and notification documents as the native edition
+-- (extension/, sql/schema.sql, sql/api.sql), written in SQL and PL/pgSQL only: no shared library,
+-- nothing to preload, no superuser. The Rust client (client/) works against either edition.
+-- It needs PostgreSQL 14 or later (multiranges, pg_column_compression); it is tested on 15.
+--
+-- Installing it, either way:
+--   CREATE EXTENSION pg_outbox_sql [SCHEMA s];              -- as a database owner, say
+--   PGOPTIONS='-c search_path=s' psql -d app -f pg_outbox_sql--0.6.0.sql  -- where extensions can't be installed
+-- Either way the objects are created in the current schema (the first schema of search_path:
+-- CREATE EXTENSION sets search_path to the target schema while it runs this script) and belong
+-- to the role that runs it, so the SECURITY DEFINER functions run with that role's rights.
+--
+-- How one script serves both: it uses no @extschema@ (psql would leave it as it is) and no
+-- `\echo ... \quit` guard (CREATE EXTENSION cannot run psql commands). Objects are created
+-- unqualified, in the current schema; the function bodies name the tables unqualified; and the
+-- DO block at the end pins every function's search_path to `pg_catalog, <that schema>, pg_temp`
+-- (ALTER FUNCTION ... SET search_path, with the schema taken from current_schema() at install
+-- time and quoted with %I). pg_catalog comes first, so that nothing created in the schema can
+-- stand in for a built-in function or operator, and pg_temp last, so that no temporary table can
+-- stand in for event_outbox. Renaming the schema afterwards would leave the pinned paths behind
+-- (as it would leave the native edition's @extschema@ references): don't.
+--
+-- What differs from the native edition:
+-- * No sealing: core PostgreSQL has no XChaCha20-Poly1305. pg_outbox.notify_payload = 'inline'
+--   sends inline notifications as the native edition does; any other value, including 'sealed'
+--   (the native default) and no value at all, sends references. outbox_relay_keys() returns no
+--   key and that effective mode ('reference' or 'inline'), so relays neither expect sealed
+--   notifications nor trust unsealed inline ones unless the mode is 'inline'. There is no
+--   outbox_seal_keys and no outbox_rotate_seal_key().
+-- * No workers: no pruner (call outbox_prune() from a scheduler: pg_cron, a cron job, the
+--   application), no notifier (pg_outbox.notify_mode is ignored: the publishing transaction
+--   always notifies). outbox_notifier_state and outbox_segments do not exist;
+--   outbox_prune_state has one more column, last_pruned_by.
+-- * Segments are a fixed ring of four (event_outbox_segment_0 to 3), each covering at least
+--   half the retention, and outbox_prune() moves publishers from one to the next: call it at
+--   least every pg_outbox.retention / 2, or each segment grows until it is. Events live from
+--   the retention to the retention plus a segment's span, as in the native edition.
+-- * outbox_publish runs with its owner's rights, to write into the segments: EXECUTE on it is
+--   enough to publish (the native edition also asks for INSERT on event_outbox).
+-- * The settings are not registered: pg_outbox.* are placeholders, read with current_setting()
+--   when used, in the same formats (units included) and with the same defaults. An invalid value
+--   fails the call that reads it, rather than the SET. Any role can SET a placeholder for its
+--   own session (pg_outbox.max_payload_bytes included), and only a superuser can ALTER DATABASE
+--   or ALTER ROLE ... SET one (PostgreSQL's rule for placeholders), or set it in postgresql.conf.
+-- * Errors carry the same SQLSTATE, message and hint, raised from PL/pgSQL: their CONTEXT and
+--   source location name the PL/pgSQL function, not the Rust source.
+-- * The ids are UUIDv7 as in the native edition: 48 bits of Unix milliseconds, then 12 bits
+--   of the sub-millisecond fraction (microseconds * 4096 / 1000) as rand_a, then the variant and
+--   62 random bits (the tail of gen_random_uuid()). The 60-bit (millisecond, fraction) clock of
+--   the last id a backend made is kept in the session's placeholder pg_outbox_sql.uuid_clock;
+--   a clock at or behind it (the same microsecond, or a clock stepped back) takes the next value,
+--   so one backend's ids always increase, as Uuid::now_v7's do in the native edition. The
+--   placeholder is this function's own: a session that sets it to anything but a number makes
+--   its own calls fail (22P02) until it RESETs it.
+-- * Installed with psql -f, the tables are ordinary tables: pg_dump carries their rows, and
+--   their xids mean nothing in another cluster (see sql/schema.sql). Restore them empty.
+
+-- One row per published event. Rows are only ever inserted (by outbox_publish) and deleted (by
+-- outbox_prune, or by hand); never updated.
+CREATE TABLE event_outbox (
+    -- UUIDv7: time-ordered, and increasing within one publishing backend, so (xid, id) orders
+    -- the events of one transaction as they were published.
+    id          uuid        PRIMARY KEY,
+    channel     text        NOT NULL,
+    user_id     text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    -- The publishing replica's instance id, so a relay can skip its own events.
+    origin      text,
+    -- The database clock when the event was published; pruning compares it with retention.
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The publishing top-level transaction (snapshot-exact catch-up, see sql/schema.sql).
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    -- Always false here: this edition has no notifier worker. Kept for the native edition's
+    -- shape (the same columns, so the same queries work on both).
+    notify_deferred boolean NOT NULL DEFAULT false
+);
+
+COMMENT ON TABLE event_outbox IS
+    'pg_outbox events: written by outbox_publish(), deleted by the pruner after pg_outbox.retention';
+
+-- The pruner deletes the oldest rows first.
+CREATE INDEX event_outbox_created_at_idx ON event_outbox (created_at);
+-- Catch-up scans the xid range between two snapshots.
+CREATE INDEX event_outbox_xid_idx ON event_outbox (xid, id);
+
+-- What pruning has done: one row, updated by every prune batch.
+CREATE TABLE outbox_prune_state (
+    only_row            boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    -- The greatest xid of any row ever pruned. A relay whose cursor does not cover it may have
+    -- missed pruned rows, and reports a gap.
+    pruned_through_xid  xid8        NOT NULL DEFAULT '0',
+    rows_pruned         bigint      NOT NULL DEFAULT 0,
+    last_pruned_at      timestamptz,
+    -- Who pruned last: 'outbox_prune() by <role> from <application_name>'. This edition has no
+    -- pruner worker; outbox_stats() shows this as worker_state.
+    last_pruned_by      text
+);
+INSERT INTO outbox_prune_state DEFAULT VALUES;
+
+-- Segments: four inheritance children of event_outbox, written in turn, so that pruning
+-- empties a whole segment with TRUNCATE once its last event has expired, instead of deleting
+-- its rows one by one (which costs publishers as much again as their inserts, and leaves the
+-- rows for vacuum). Readers query event_outbox, which reads its children too. The native
+-- edition makes and drops segments as time passes (extension/src/segment); a PL/pgSQL
+-- publisher can only insert into tables named in its code, so this edition has a fixed ring.
+-- outbox_current_segment is the one publishers write into: 0 to 3, or -1 (no segment: rows go
+-- into event_outbox itself). Only outbox_prune() moves it on, to the next segment once the
+-- current one is older than the segment interval and the next is empty. A sequence, because
+-- publishers read it with pg_sequence_last_value() at the cost of a function call, where a
+-- table would cost a query, and setval() is seen at once by every session.
+CREATE SEQUENCE outbox_current_segment AS integer MINVALUE -1 MAXVALUE 3 START 0 NO CYCLE;
+SELECT setval('outbox_current_segment', 0, true);
+DO $segments$
+DECLARE
+    segment_table text;
+BEGIN
+    FOR segment IN 0..3 LOOP
+        segment_table := 'event_outbox_segment_' || segment;
+        EXECUTE format('CREATE TABLE %I () INHERITS (event_outbox)', segment_table);
+        EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (id)', segment_table);
+        EXECUTE format('CREATE INDEX ON %I (created_at)', segment_table);
+        EXECUTE format('CREATE INDEX ON %I (xid, id)', segment_table);
+    END LOOP;
+END
+$segments$;
+
+-- The runs of the server that this database's history went through, so that any relay can tell
+-- what a position issued on one of them saw (client/src/history.rs). A run is the server from a
+-- start, or a promotion, to its stop: after a crash, a failover or a restore, transaction ids of
+-- the run before may be handed out again, to other transactions. Recorded by outbox_record_run()
+-- before the first event of the run commits (publishers call it first), and by relays when they
+-- connect.
+CREATE TABLE outbox_runs (
+    system_identifier   text        NOT NULL,
+    timeline            text        NOT NULL,
+    started_at          timestamptz NOT NULL,
+    -- Where the run's transaction ids begin: every event committed in the run has an xid at or
+    -- above it, and every event of an earlier run that this history holds, one below it (but
+    -- one of a transaction prepared before the run and committed in it). NULL for the run
+    -- recorded by the update to 0.6.0, which may have published before it was recorded.
+    floor_xid           xid8,
+    recorded_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (system_identifier, timeline, started_at)
+);
+
+-- Records the run the server is in (see outbox_runs), unless it is recorded; tells whether it was
+-- (by a committed transaction). Publishers call it before their first event of a run, so no
+-- event of a run commits before the run is recorded, and the floor it records is exact:
+-- * every event of the run is at or above it. Its transaction either got its xid after this
+--   snapshot was taken (so at or above its xmax), or was running then (so in it, at or above
+--   the least xid running), or is this one. It cannot have ended before: it found the run
+--   recorded, which this transaction does only once it commits, or it recorded it itself.
+--   Prepared transactions are passed over: one prepared after the run began ran outbox_publish
+--   and found the run recorded already.
+-- * every event of an earlier run below it: the server hands out xids, after a restart, a
+--   crash or a promotion, from past every one its history holds, so every xid running or to
+--   come in this run is past them, but those of transactions prepared before the run began.
+-- SECURITY DEFINER: publishers and relays record the run without a grant on outbox_runs, and
+-- what it records is the truth, whoever asks.
+CREATE FUNCTION outbox_record_run() RETURNS boolean
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    run_identifier  text := (SELECT system_identifier::text FROM pg_control_system());
+    run_timeline    text := substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
+    run_started     timestamptz := pg_postmaster_start_time();
+    snapshot        pg_snapshot;
+BEGIN
+    IF EXISTS (SELECT FROM outbox_runs r
+               WHERE (r.system_identifier, r.timeline, r.started_at)
+                     = (run_identifier, run_timeline, run_started)) THEN
+        RETURN true;
+    END IF;
+    snapshot := pg_current_snapshot();
+    INSERT INTO outbox_runs (system_identifier, timeline, started_at, floor_xid)
+    VALUES (run_identifier, run_timeline, run_started,
+            least(pg_current_xact_id(), pg_snapshot_xmax(snapshot),
+                  (SELECT min(x) FROM pg_snapshot_xip(snapshot) x
+                   WHERE NOT EXISTS (SELECT FROM pg_prepared_xacts p
+                                     WHERE p.transaction::text = (x::text::numeric % 4294967296)::text))))
+    ON CONFLICT DO NOTHING;
+    RETURN false;
+END
+$$;
+
+COMMENT ON FUNCTION outbox_record_run() IS
+    'Record the server run this database is in, for relays to resume positions of earlier runs; true if it was recorded already';
+
+-- What relays read when they reach a run of the server: the runs this database's history went
+-- through, oldest first, after recording the current one. Nothing in it is secret (any role may
+-- read the server's identifier, timeline, start time and transaction ids).
+CREATE FUNCTION outbox_server_runs()
+    RETURNS TABLE (system_identifier text, timeline text, started_at timestamptz, floor_xid xid8)
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+    LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM outbox_record_run();
+    RETURN QUERY
+        SELECT r.system_identifier, r.timeline, r.started_at, r.floor_xid
+        FROM outbox_runs r
+        ORDER BY r.floor_xid NULLS FIRST, r.recorded_at;
+END
+$$;
+
+COMMENT ON FUNCTION outbox_server_runs() IS
+    'The server runs this database went through, oldest first, with where each one''s transaction ids begin';
+
+-- outbox_publish: where an event enters the outbox (extension/src/publish.rs). With its
+-- owner's rights, since it writes into the current segment, which no other role may write
+-- into: a publisher needs EXECUTE on it (the native edition also asks for INSERT on
+-- event_outbox; grant both, and the same grants serve either edition).
+CREATE FUNCTION outbox_publish(channel text, user_id text, payload jsonb, origin text DEFAULT NULL)
+    RETURNS uuid
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+    LANGUAGE plpgsql
+AS $publish$
+DECLARE
+    setting         text;
+    parsed          text[];
+    max_bytes       numeric;
+    payload_bytes   bigint;
+    payload_text    text;
+    inline          boolean;
+    logical         boolean;
+    created_at      timestamptz;
+    created_at_us   bigint;
+    xid             xid8;
+    clock           bigint;
+    id              uuid;
+    head            text;
+    done            text;
+    segment         integer;
+BEGIN
+    -- Why the function is written this way: PL/pgSQL prepares each expression it evaluates
+    -- again in every transaction, and with one publish per transaction that preparing, about
+    -- a thousand instructions per function or operator, costs more than running them. So a
+    -- valid call under the default settings runs one test and a few short expressions
+    -- (measured with callgrind and `make bench`; regular expressions with a bounded repeat
+    -- such as {1,63} cost ten times more than an unbounded one and a length test). The test
+    -- is exact in one direction: whatever passes it is valid under the defaults. A call that
+    -- fails it (a refused argument, a payload near or over the limit or compressed, a
+    -- pg_outbox setting in use, a standby or a read-only transaction) goes through the checks
+    -- under it one at a time, in the native edition's order and with its SQLSTATEs, messages
+    -- and hints (extension/src/error.rs); a call that passes them goes on as a valid one.
+    -- The stored size of a payload that is not compressed is its size, or for an out-of-line
+    -- one, its size without the 4-byte header: hence 1048572, 1 MiB less that header. The
+    -- settings pass as unset, as 'reference', or as the native edition's defaults (a server
+    -- that also preloads pg_outbox defines them).
+    IF NOT coalesce(channel ~ '^[-.0-9:A-Z_a-z]+$' AND octet_length(channel) <= 63
+                    AND octet_length(user_id) BETWEEN 1 AND 1024
+                    AND (origin IS NULL OR origin ~ '^[-.0-9:A-Z_a-z]+$' AND octet_length(origin) <= 255)
+                    AND pg_column_size(payload) <= 1048572 AND pg_column_compression(payload) IS NULL
+                    AND concat(current_setting('pg_outbox.max_payload_bytes', true),
+                               current_setting('pg_outbox.logical_messages', true),
+                               current_setting('pg_outbox.notify_payload', true))
+                        IN ('', 'reference', '1MBoffsealed', '1MBoffreference')
+                    AND current_setting('transaction_read_only') = 'off', false) THEN
+        IF channel IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'outbox_publish: channel must not be NULL';
+        END IF;
+        IF user_id IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'outbox_publish: user_id must not be NULL';
+        END IF;
+        IF payload IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'outbox_publish: payload must not be NULL';
+        END IF;
+        IF NOT (channel ~ '^[-.0-9:A-Z_a-z]+$' AND octet_length(channel) <= 63
+                AND octet_length(user_id) BETWEEN 1 AND 1024
+                AND (origin IS NULL OR origin ~ '^[-.0-9:A-Z_a-z]+$' AND octet_length(origin) <= 255)) THEN
+            DECLARE
+                -- The code points Rust's {:?} prints as \u{...}: the ASCII controls (but \t, \r
+                -- and \n) and DEL, and those core::char::escape_debug escapes, neither printable
+                -- (unassigned, private use, controls, format characters, separators other than
+                -- ' ') nor allowed raw (grapheme extenders: combining marks...). Read off the
+                -- native edition built with rustc 1.95.0, whose Unicode tables they follow.
+                unprintable CONSTANT int4multirange := '{[0,32),
+                    [127,161),[173,174),[768,880),[888,890),[896,900),[907,908),[909,910),[930,931),
+                    [1155,1162),[1328,1329),[1367,1369),[1419,1421),[1424,1470),[1471,1472),[1473,1475),[1476,1478),
+                    [1479,1488),[1515,1519),[1525,1542),[1552,1563),[1564,1565),[1611,1632),[1648,1649),[1750,1758),
+                    [1759,1765),[1767,1769),[1770,1774),[1806,1808),[1809,1810),[1840,1869),[1958,1969),[1970,1984),
+                    [2027,2036),[2043,2046),[2070,2074),[2075,2084),[2085,2088),[2089,2096),[2111,2112),[2137,2142),
+                    [2143,2144),[2155,2160),[2192,2208),[2250,2307),[2362,2363),[2364,2365),[2369,2377),[2381,2382),
+                    [2385,2392),[2402,2404),[2433,2434),[2436,2437),[2445,2447),[2449,2451),[2473,2474),[2481,2482),
+                    [2483,2486),[2490,2493),[2494,2495),[2497,2503),[2505,2507),[2509,2510),[2511,2524),[2526,2527),
+                    [2530,2534),[2558,2563),[2564,2565),[2571,2575),[2577,2579),[2601,2602),[2609,2610),[2612,2613),
+                    [2615,2616),[2618,2622),[2625,2649),[2653,2654),[2655,2662),[2672,2674),[2677,2678),[2679,2691),
+                    [2692,2693),[2702,2703),[2706,2707),[2729,2730),[2737,2738),[2740,2741),[2746,2749),[2753,2761),
+                    [2762,2763),[2765,2768),[2769,2784),[2786,2790),[2802,2809),[2810,2818),[2820,2821),[2829,2831),
+                    [2833,2835),[2857,2858),[2865,2866),[2868,2869),[2874,2877),[2878,2880),[2881,2887),[2889,2891),
+                    [2893,2908),[2910,2911),[2914,2918),[2936,2947),[2948,2949),[2955,2958),[2961,2962),[2966,2969),
+                    [2971,2972),[2973,2974),[2976,2979),[2981,2984),[2987,2990),[3002,3007),[3008,3009),[3011,3014),
+                    [3017,3018),[3021,3024),[3025,3046),[3067,3073),[3076,3077),[3085,3086),[3089,3090),[3113,3114),
+                    [3130,3133),[3134,3137),[3141,3160),[3163,3164),[3166,3168),[3170,3174),[3184,3191),[3201,3202),
+                    [3213,3214),[3217,3218),[3241,3242),[3252,3253),[3258,3261),[3263,3265),[3266,3267),[3269,3292),
+                    [3295,3296),[3298,3302),[3312,3313),[3316,3330),[3341,3342),[3345,3346),[3387,3389),[3390,3391),
+                    [3393,3398),[3401,3402),[3405,3406),[3408,3412),[3415,3416),[3426,3430),[3456,3458),[3460,3461),
+                    [3479,3482),[3506,3507),[3516,3517),[3518,3520),[3527,3536),[3538,3544),[3551,3558),[3568,3570),
+                    [3573,3585),[3633,3634),[3636,3647),[3655,3663),[3676,3713),[3715,3716),[3717,3718),[3723,3724),
+                    [3748,3749),[3750,3751),[3761,3762),[3764,3773),[3774,3776),[3781,3782),[3783,3792),[3802,3804),
+                    [3808,3840),[3864,3866),[3893,3894),[3895,3896),[3897,3898),[3912,3913),[3949,3967),[3968,3973),
+                    [3974,3976),[3981,4030),[4038,4039),[4045,4046),[4059,4096),[4141,4145),[4146,4152),[4153,4155),
+                    [4157,4159),[4184,4186),[4190,4193),[4209,4213),[4226,4227),[4229,4231),[4237,4238),[4253,4254),
+                    [4294,4295),[4296,4301),[4302,4304),[4681,4682),[4686,4688),[4695,4696),[4697,4698),[4702,4704),
+                    [4745,4746),[4750,4752),[4785,4786),[4790,4792),[4799,4800),[4801,4802),[4806,4808),[4823,4824),
+                    [4881,4882),[4886,4888),[4955,4960),[4989,4992),[5018,5024),[5110,5112),[5118,5120),[5760,5761),
+                    [5789,5792),[5881,5888),[5906,5919),[5938,5941),[5943,5952),[5970,5984),[5997,5998),[6001,6016),
+                    [6068,6070),[6071,6078),[6086,6087),[6089,6100),[6109,6112),[6122,6128),[6138,6144),[6155,6160),
+                    [6170,6176),[6265,6272),[6277,6279),[6313,6314),[6315,6320),[6390,6400),[6431,6435),[6439,6441),
+                    [6444,6448),[6450,6451),[6457,6464),[6465,6468),[6510,6512),[6517,6528),[6572,6576),[6602,6608),
+                    [6619,6622),[6679,6681),[6683,6686),[6742,6743),[6744,6753),[6754,6755),[6757,6765),[6771,6784),
+                    [6794,6800),[6810,6816),[6830,6916),[6964,6974),[6978,6981),[6989,6990),[7019,7028),[7040,7042),
+                    [7074,7078),[7080,7086),[7142,7143),[7144,7146),[7149,7150),[7151,7164),[7212,7220),[7222,7227),
+                    [7242,7245),[7307,7312),[7355,7357),[7368,7379),[7380,7393),[7394,7401),[7405,7406),[7412,7413),
+                    [7416,7418),[7419,7424),[7616,7680),[7958,7960),[7966,7968),[8006,8008),[8014,8016),[8024,8025),
+                    [8026,8027),[8028,8029),[8030,8031),[8062,8064),[8117,8118),[8133,8134),[8148,8150),[8156,8157),
+                    [8176,8178),[8181,8182),[8191,8208),[8232,8240),[8287,8304),[8306,8308),[8335,8336),[8349,8352),
+                    [8386,8448),[8588,8592),[9258,9280),[9291,9312),[11124,11126),[11503,11506),[11508,11513),[11558,11559),
+                    [11560,11565),[11566,11568),[11624,11631),[11633,11648),[11671,11680),[11687,11688),[11695,11696),[11703,11704),
+                    [11711,11712),[11719,11720),[11727,11728),[11735,11736),[11743,11776),[11870,11904),[11930,11931),[12020,12032),
+                    [12246,12272),[12288,12289),[12330,12336),[12352,12353),[12439,12443),[12544,12549),[12592,12593),[12687,12688),
+                    [12774,12783),[12831,12832),[42125,42128),[42183,42192),[42540,42560),[42607,42611),[42612,42622),[42654,42656),
+                    [42736,42738),[42744,42752),[42973,42993),[43010,43011),[43014,43015),[43019,43020),[43045,43047),[43052,43056),
+                    [43066,43072),[43128,43136),[43204,43214),[43226,43250),[43263,43264),[43302,43310),[43335,43346),[43347,43359),
+                    [43389,43395),[43443,43444),[43446,43450),[43452,43454),[43456,43457),[43470,43471),[43482,43486),[43493,43494),
+                    [43519,43520),[43561,43567),[43569,43571),[43573,43584),[43587,43588),[43596,43597),[43598,43600),[43610,43612),
+                    [43644,43645),[43696,43697),[43698,43701),[43703,43705),[43710,43712),[43713,43714),[43715,43739),[43756,43758),
+                    [43766,43777),[43783,43785),[43791,43793),[43799,43808),[43815,43816),[43823,43824),[43884,43888),[44005,44006),
+                    [44008,44009),[44013,44016),[44026,44032),[55204,55216),[55239,55243),[55292,55296),[57344,63744),[64110,64112),
+                    [64218,64256),[64263,64275),[64280,64285),[64286,64287),[64311,64312),[64317,64318),[64319,64320),[64322,64323),
+                    [64325,64326),[64976,65008),[65024,65040),[65050,65072),[65107,65108),[65127,65128),[65132,65136),[65141,65142),
+                    [65277,65281),[65438,65440),[65471,65474),[65480,65482),[65488,65490),[65496,65498),[65501,65504),[65511,65512),
+                    [65519,65532),[65534,65536),[65548,65549),[65575,65576),[65595,65596),[65598,65599),[65614,65616),[65630,65664),
+                    [65787,65792),[65795,65799),[65844,65847),[65935,65936),[65949,65952),[65953,66000),[66045,66176),[66205,66208),
+                    [66257,66273),[66300,66304),[66340,66349),[66379,66384),[66422,66432),[66462,66463),[66500,66504),[66518,66560),
+                    [66718,66720),[66730,66736),[66772,66776),[66812,66816),[66856,66864),[66916,66927),[66939,66940),[66955,66956),
+                    [66963,66964),[66966,66967),[66978,66979),[66994,66995),[67002,67003),[67005,67008),[67060,67072),[67383,67392),
+                    [67414,67424),[67432,67456),[67462,67463),[67505,67506),[67515,67584),[67590,67592),[67593,67594),[67638,67639),
+                    [67641,67644),[67645,67647),[67670,67671),[67743,67751),[67760,67808),[67827,67828),[67830,67835),[67868,67871),
+                    [67898,67903),[67930,67968),[68024,68028),[68048,68050),[68097,68112),[68116,68117),[68120,68121),[68150,68160),
+                    [68169,68176),[68185,68192),[68256,68288),[68325,68331),[68343,68352),[68406,68409),[68438,68440),[68467,68472),
+                    [68498,68505),[68509,68521),[68528,68608),[68681,68736),[68787,68800),[68851,68858),[68900,68912),[68922,68928),
+                    [68966,68974),[68998,69006),[69008,69216),[69247,69248),[69290,69293),[69294,69296),[69298,69314),[69320,69328),
+                    [69337,69376),[69416,69424),[69446,69457),[69466,69488),[69506,69510),[69514,69552),[69580,69600),[69623,69632),
+                    [69633,69634),[69688,69703),[69710,69714),[69744,69745),[69747,69749),[69750,69762),[69811,69815),[69817,69819),
+                    [69821,69822),[69826,69840),[69865,69872),[69882,69891),[69927,69932),[69933,69942),[69960,69968),[70003,70004),
+                    [70007,70018),[70070,70079),[70080,70081),[70089,70093),[70095,70096),[70112,70113),[70133,70144),[70162,70163),
+                    [70191,70194),[70196,70200),[70206,70207),[70209,70272),[70279,70280),[70281,70282),[70286,70287),[70302,70303),
+                    [70314,70320),[70367,70368),[70371,70384),[70394,70402),[70404,70405),[70413,70415),[70417,70419),[70441,70442),
+                    [70449,70450),[70452,70453),[70458,70461),[70462,70463),[70464,70465),[70469,70471),[70473,70475),[70477,70480),
+                    [70481,70493),[70500,70528),[70538,70539),[70540,70542),[70543,70544),[70582,70583),[70584,70585),[70587,70602),
+                    [70603,70604),[70606,70609),[70610,70611),[70614,70615),[70617,70656),[70712,70720),[70722,70725),[70726,70727),
+                    [70748,70749),[70750,70751),[70754,70784),[70832,70833),[70835,70841),[70842,70843),[70845,70846),[70847,70849),
+                    [70850,70852),[70856,70864),[70874,71040),[71087,71088),[71090,71096),[71100,71102),[71103,71105),[71132,71168),
+                    [71219,71227),[71229,71230),[71231,71233),[71237,71248),[71258,71264),[71277,71296),[71339,71340),[71341,71342),
+                    [71344,71352),[71354,71360),[71370,71376),[71396,71424),[71451,71454),[71455,71456),[71458,71462),[71463,71472),
+                    [71495,71680),[71727,71736),[71737,71739),[71740,71840),[71923,71935),[71943,71945),[71946,71948),[71956,71957),
+                    [71959,71960),[71984,71985),[71990,71991),[71993,71999),[72003,72004),[72007,72016),[72026,72096),[72104,72106),
+                    [72148,72156),[72160,72161),[72165,72192),[72193,72203),[72243,72249),[72251,72255),[72263,72272),[72273,72279),
+                    [72281,72284),[72330,72343),[72344,72346),[72355,72368),[72441,72448),[72458,72545),[72546,72549),[72550,72551),
+                    [72552,72640),[72674,72688),[72698,72704),[72713,72714),[72752,72766),[72767,72768),[72774,72784),[72813,72816),
+                    [72848,72873),[72874,72881),[72882,72884),[72885,72960),[72967,72968),[72970,72971),[73009,73030),[73031,73040),
+                    [73050,73056),[73062,73063),[73065,73066),[73103,73107),[73109,73110),[73111,73112),[73113,73120),[73130,73136),
+                    [73180,73184),[73194,73440),[73459,73461),[73465,73474),[73489,73490),[73526,73534),[73536,73539),[73562,73648),
+                    [73649,73664),[73714,73727),[74650,74752),[74863,74864),[74869,74880),[75076,77712),[77811,77824),[78896,78913),
+                    [78919,78944),[82939,82944),[83527,90368),[90398,90410),[90413,90416),[90426,92160),[92729,92736),[92767,92768),
+                    [92778,92782),[92863,92864),[92874,92880),[92910,92917),[92918,92928),[92976,92983),[92998,93008),[93018,93019),
+                    [93026,93027),[93048,93053),[93072,93504),[93562,93760),[93851,93856),[93881,93883),[93908,93952),[94027,94032),
+                    [94088,94099),[94112,94176),[94180,94194),[94199,94208),[101590,101631),[101663,101760),[101875,110576),[110580,110581),
+                    [110588,110589),[110591,110592),[110883,110898),[110899,110928),[110931,110933),[110934,110948),[110952,110960),[111356,113664),
+                    [113771,113776),[113789,113792),[113801,113808),[113818,113820),[113821,113823),[113824,117760),[118013,118016),[118452,118458),
+                    [118481,118496),[118513,118608),[118724,118784),[119030,119040),[119079,119081),[119141,119146),[119149,119171),[119173,119180),
+                    [119210,119214),[119275,119296),[119362,119365),[119366,119488),[119508,119520),[119540,119552),[119639,119648),[119673,119808),
+                    [119893,119894),[119965,119966),[119968,119970),[119971,119973),[119975,119977),[119981,119982),[119994,119995),[119996,119997),
+                    [120004,120005),[120070,120071),[120075,120077),[120085,120086),[120093,120094),[120122,120123),[120127,120128),[120133,120134),
+                    [120135,120138),[120145,120146),[120486,120488),[120780,120782),[121344,121399),[121403,121453),[121461,121462),[121476,121477),
+                    [121484,122624),[122655,122661),[122667,122928),[122990,123136),[123181,123191),[123198,123200),[123210,123214),[123216,123536),
+                    [123566,123584),[123628,123632),[123642,123647),[123648,124112),[124140,124144),[124154,124368),[124398,124400),[124411,124415),
+                    [124416,124608),[124639,124640),[124643,124644),[124646,124647),[124654,124656),[124661,124670),[124672,124896),[124903,124904),
+                    [124908,124909),[124911,124912),[124927,124928),[125125,125127),[125136,125184),[125252,125259),[125260,125264),[125274,125278),
+                    [125280,126065),[126133,126209),[126270,126464),[126468,126469),[126496,126497),[126499,126500),[126501,126503),[126504,126505),
+                    [126515,126516),[126520,126521),[126522,126523),[126524,126530),[126531,126535),[126536,126537),[126538,126539),[126540,126541),
+                    [126544,126545),[126547,126548),[126549,126551),[126552,126553),[126554,126555),[126556,126557),[126558,126559),[126560,126561),
+                    [126563,126564),[126565,126567),[126571,126572),[126579,126580),[126584,126585),[126589,126590),[126591,126592),[126602,126603),
+                    [126620,126625),[126628,126629),[126634,126635),[126652,126704),[126706,126976),[127020,127024),[127124,127136),[127151,127153),
+                    [127168,127169),[127184,127185),[127222,127232),[127406,127462),[127491,127504),[127548,127552),[127561,127568),[127570,127584),
+                    [127590,127744),[128729,128732),[128749,128752),[128765,128768),[128986,128992),[129004,129008),[129009,129024),[129036,129040),
+                    [129096,129104),[129114,129120),[129160,129168),[129198,129200),[129212,129216),[129218,129232),[129241,129280),[129624,129632),
+                    [129646,129648),[129661,129664),[129675,129678),[129735,129736),[129737,129741),[129757,129759),[129771,129775),[129785,129792),
+                    [129939,129940),[130043,131072),[173792,173824),[178206,178208),[183982,183984),[191457,191472),[192094,194560),[195102,196608),
+                    [201547,201552),[210042,1114112)}';
+                argument    text;
+                value       text;
+                max_length  integer;
+                bad         text;
+                shown       text;
+            BEGIN
+                FOR argument, value, max_length IN
+                    VALUES ('channel', channel, 63), ('user_id', user_id, 1024), ('origin', origin, 255)
+                LOOP
+                    CONTINUE WHEN value IS NULL;
+                    IF value = '' THEN
+                        RAISE EXCEPTION USING ERRCODE = '22023',
+                            MESSAGE = format('outbox_publish: %s must not be empty', argument);
+                    END IF;
+                    IF octet_length(value) > max_length THEN
+                        RAISE EXCEPTION USING ERRCODE = '22023',
+                            MESSAGE = format('outbox_publish: %s is %s bytes long, longer than the %s bytes allowed',
+                                             argument, octet_length(value), max_length);
+                    END IF;
+                    CONTINUE WHEN argument = 'user_id';
+                    bad := substring(value FROM '[^A-Za-z0-9_.:-]');
+                    IF bad IS NOT NULL THEN
+                        -- The value and the character as Rust's Debug prints them: in double
+                        -- quotes (escaping ") and in single quotes (escaping ').
+                        SELECT '"' || string_agg(CASE
+                                   WHEN ch = E'\\' THEN E'\\\\'
+                                   WHEN ch = '"' THEN E'\\"'
+                                   WHEN ch = E'\t' THEN E'\\t'
+                                   WHEN ch = E'\r' THEN E'\\r'
+                                   WHEN ch = E'\n' THEN E'\\n'
+                                   WHEN ascii(ch) <@ unprintable THEN E'\\u{' || to_hex(ascii(ch)) || '}'
+                                   ELSE ch END, '' ORDER BY i) || '"'
+                          INTO shown
+                          FROM unnest(string_to_array(value, NULL)) WITH ORDINALITY AS chars (ch, i);
+                        RAISE EXCEPTION USING ERRCODE = '22023',
+                            MESSAGE = format('outbox_publish: %s %s contains %s; use only letters, digits, ''_'', ''.'', '':'' and ''-''',
+                                argument, shown, '''' || CASE
+                                   WHEN bad = E'\\' THEN E'\\\\'
+                                   WHEN bad = '''' THEN E'\\'''
+                                   WHEN bad = E'\t' THEN E'\\t'
+                                   WHEN bad = E'\r' THEN E'\\r'
+                                   WHEN bad = E'\n' THEN E'\\n'
+                                   WHEN ascii(bad) <@ unprintable THEN E'\\u{' || to_hex(ascii(bad)) || '}'
+                                   ELSE bad END || '''');
+                    END IF;
+                END LOOP;
+            END;
+        END IF;
+
+        -- The payload's size as the native edition measures it (toast_raw_datum_size): the
+        -- size of the value detoasted and decompressed, with a 4-byte header. `#- '{}'` (an
+        -- empty path deletes nothing) and jsonb_strip_nulls of a scalar (no nulls to strip)
+        -- return their argument detoasted and otherwise as it was.
+        payload_bytes := pg_column_size(CASE WHEN jsonb_typeof(payload) IN ('object', 'array')
+                                             THEN payload #- '{}'::text[]
+                                             ELSE jsonb_strip_nulls(payload) END);
+        -- pg_outbox.max_payload_bytes: bytes, or a number and a memory unit (B, kB, MB, GB, TB:
+        -- multiples of 1024), as PostgreSQL reads the native edition's setting.
+        setting := current_setting('pg_outbox.max_payload_bytes', true);
+        IF setting IS NULL OR setting = '' THEN
+            max_bytes := 1048576;
+        ELSIF setting ~ '^[0-9]{1,10}$' THEN
+            max_bytes := setting::numeric;
+        ELSE
+            parsed := regexp_match(setting,
+                '^[[:space:]]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[[:space:]]*(B|kB|MB|GB|TB)?[[:space:]]*$');
+            IF parsed IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('invalid value for parameter "pg_outbox.max_payload_bytes": "%s"', setting),
+                    HINT = 'Valid units for this parameter are "B", "kB", "MB", "GB", and "TB".';
+            END IF;
+            max_bytes := round(parsed[1]::numeric * CASE parsed[2] WHEN 'kB' THEN 1024
+                WHEN 'MB' THEN 1048576 WHEN 'GB' THEN 1073741824 WHEN 'TB' THEN 1099511627776 ELSE 1 END);
+        END IF;
+        IF max_bytes > 2147483647 THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('invalid value for parameter "pg_outbox.max_payload_bytes": "%s"', setting),
+                HINT = 'Value exceeds integer range.';
+        ELSIF max_bytes < 1 THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('%s B is outside the valid range for parameter "pg_outbox.max_payload_bytes" (1 .. 2147483647)', max_bytes);
+        END IF;
+        IF payload_bytes > max_bytes THEN
+            RAISE EXCEPTION USING ERRCODE = '54000',
+                MESSAGE = format('outbox_publish: payload is %s bytes, over pg_outbox.max_payload_bytes (%s bytes)',
+                                 payload_bytes, max_bytes),
+                HINT = 'Publish a smaller payload (for example a reference to where the data lives), or raise pg_outbox.max_payload_bytes.';
+        END IF;
+
+        IF pg_is_in_recovery() THEN
+            RAISE EXCEPTION USING ERRCODE = '25006',
+                MESSAGE = 'outbox_publish: cannot publish on a standby server: it is in recovery and read-only',
+                HINT = 'Connect publishers to the primary server.';
+        END IF;
+        IF current_setting('transaction_read_only') = 'on' THEN
+            RAISE EXCEPTION USING ERRCODE = '25006',
+                MESSAGE = 'outbox_publish: cannot publish in a read-only transaction',
+                HINT = 'Publish in a read-write transaction (SET TRANSACTION READ WRITE).';
+        END IF;
+
+        -- pg_outbox.logical_messages, a Boolean as PostgreSQL reads one.
+        setting := lower(btrim(coalesce(current_setting('pg_outbox.logical_messages', true), '')));
+        IF setting IN ('on', 't', 'tr', 'tru', 'true', 'y', 'ye', 'yes', '1') THEN
+            logical := true;
+        ELSIF setting NOT IN ('', 'of', 'off', 'f', 'fa', 'fal', 'fals', 'false', 'n', 'no', '0') THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = 'parameter "pg_outbox.logical_messages" requires a Boolean value';
+        END IF;
+        -- Inline when pg_outbox.notify_payload is 'inline' and the payload is not over 16000
+        -- bytes in jsonb (larger ones are not even rendered, as in the native edition).
+        inline := lower(current_setting('pg_outbox.notify_payload', true)) = 'inline'
+                  AND payload_bytes <= 16000;
+    END IF;
+
+    -- The clock, once, for created_at and the id: the UUIDv7 (see the top of this file) of the
+    -- 60-bit clock milliseconds << 12 | sub-millisecond fraction (microseconds * 4096 / 1000,
+    -- so microseconds * 512 / 125 for both at once), past the last one this backend made. The
+    -- float epoch is within 0.12 microseconds of the timestamp's, so round() is exact.
+    created_at := clock_timestamp();
+    created_at_us := round(date_part('epoch', created_at) * 1000000);
+    -- A session's first event (its clock is not set yet) records the server's run first, if no
+    -- one has (see outbox_record_run): a session lives in one run. The setting is set in this
+    -- transaction, so a rollback unsets it, and the next event records the run again.
+    setting := current_setting('pg_outbox_sql.uuid_clock', true);
+    IF coalesce(setting, '') = '' THEN
+        done := outbox_record_run();
+    END IF;
+    clock := greatest(created_at_us * 512 / 125, nullif(setting, '')::bigint + 1);
+    done := set_config('pg_outbox_sql.uuid_clock', clock::text, false);
+    -- Its first 8 bytes: 48 bits of milliseconds, version 7, 12 bits of fraction (0x7000 is
+    -- 28672); the other 8, the variant and 62 random bits, from gen_random_uuid().
+    id := encode(overlay(uuid_send(gen_random_uuid())
+                         PLACING int8send((clock >> 12 << 16) | 28672 | (clock & 4095)) FROM 1 FOR 8), 'hex');
+    xid := pg_current_xact_id();
+
+    -- Into the current segment. PL/pgSQL keeps one plan per statement, and a statement names
+    -- its table: hence one INSERT per segment.
+    segment := pg_sequence_last_value('outbox_current_segment');
+    IF segment = 0 THEN
+        INSERT INTO event_outbox_segment_0 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSIF segment = 1 THEN
+        INSERT INTO event_outbox_segment_1 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSIF segment = 2 THEN
+        INSERT INTO event_outbox_segment_2 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSIF segment = 3 THEN
+        INSERT INTO event_outbox_segment_3 (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    ELSE
+        INSERT INTO event_outbox (id, channel, user_id, payload, origin, created_at, xid)
+        VALUES (id, outbox_publish.channel, outbox_publish.user_id, outbox_publish.payload,
+                outbox_publish.origin, created_at, xid);
+    END IF;
+
+    -- The notification document, byte for byte as wire/src/notification.rs writes it. The
+    -- channel and the origin passed the checks, so they need no escaping; to_json escapes the
+    -- user id as serde_json does (\" \\ \b \f \n \r \t, other controls as \u00XX).
+    head := concat('{"v":1,"id":"', id, '","channel":"', outbox_publish.channel,
+                   '","user_id":', to_json(outbox_publish.user_id),
+                   ',"origin":', coalesce('"' || outbox_publish.origin || '"', 'null'),
+                   ',"xid":', xid, ',"created_at_us":', created_at_us);
+    IF logical OR inline THEN
+        -- The event with its payload, whatever its size, as a transactional logical-decoding
+        -- message, prefix pg_outbox; inline, the same document as the notification when it
+        -- stays under the 8000-byte NOTIFY limit.
+        payload_text := payload::text;
+        IF logical THEN
+            PERFORM pg_logical_emit_message(true, 'pg_outbox', head || ',"payload":' || payload_text || '}');
+        END IF;
+        IF inline AND octet_length(head) + octet_length(payload_text) + 12 < 8000 THEN
+            head := head || ',"payload":' || payload_text;
+        END IF;
+    END IF;
+    -- An assignment, not PERFORM: PERFORM runs a query, an assignment evaluates an expression.
+    done := pg_notify('pg_outbox', head || '}');
+    RETURN id;
+END
+$publish$;
+
+COMMENT ON FUNCTION outbox_publish(text, text, jsonb, text) IS
+    'Insert an event into event_outbox and notify listeners on channel pg_outbox, in the caller''s transaction';
+
+-- What relays ask when they connect (client/src/keyring.rs): no seal key, ever, and the mode in
+-- effect for the caller. Same signature as the native edition's, and the same refusal for roles
+-- that may not read event_outbox.payload. Anyone may call it (PUBLIC keeps EXECUTE).
+CREATE FUNCTION outbox_relay_keys() RETURNS TABLE (keys bytea[], notify_payload text)
+    STRICT VOLATILE PARALLEL UNSAFE
+    LANGUAGE plpgsql
+AS $relay_keys$
+BEGIN
+    IF NOT (has_table_privilege('event_outbox', 'SELECT')
+            OR has_column_privilege('event_outbox', 'payload', 'SELECT')) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = 'outbox_relay_keys: the seal keys are given to the roles that may read event_outbox.payload, and this role may not',
+            HINT = 'Grant the relay''s role SELECT on event_outbox (GRANT SELECT ON event_outbox TO <role>).';
+    END IF;
+    keys := '{}';
+    notify_payload := CASE WHEN lower(current_setting('pg_outbox.notify_payload', true)) = 'inline'
+                           THEN 'inline' ELSE 'reference' END;
+    RETURN NEXT;
+END
+$relay_keys$;
+
+-- A pg_outbox setting in seconds, as PostgreSQL reads the native edition's (a number of seconds,
+-- or a number and a time unit: us, ms, s, min, h, d), with its error messages; default_secs
+-- when it is not set. For outbox_prune(), which reads two of them.
+CREATE FUNCTION outbox_seconds_setting(name text, default_secs integer, min_secs integer)
+    RETURNS numeric
+    STABLE PARALLEL SAFE
+    LANGUAGE plpgsql
+AS $seconds$
+DECLARE
+    setting text := current_setting(name, true);
+    parsed  text[];
+    secs    numeric;
+BEGIN
+    IF setting IS NULL OR setting = '' THEN
+        RETURN default_secs;
+    END IF;
+    parsed := regexp_match(setting,
+        '^[[:space:]]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[[:space:]]*(us|ms|s|min|h|d)?[[:space:]]*$');
+    IF parsed IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid value for parameter "%s": "%s"', name, setting),
+            HINT = 'Valid units for this parameter are "us", "ms", "s", "min", "h", and "d".';
+    END IF;
+    secs := round(parsed[1]::numeric * CASE parsed[2] WHEN 'us' THEN 0.000001
+        WHEN 'ms' THEN 0.001 WHEN 'min' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 1 END);
+    IF secs > 2147483647 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid value for parameter "%s": "%s"', name, setting),
+            HINT = 'Value exceeds integer range.';
+    ELSIF secs < min_secs THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('%s s is outside the valid range for parameter "%s" (%s .. 2147483647)',
+                             secs, name, min_secs);
+    END IF;
+    RETURN secs;
+END
+$seconds$;
+
+-- outbox_prune (extension/src/prune.rs): removes the events older than older_than (default
+-- pg_outbox.retention) by the database clock, in the caller's transaction; records them in
+-- outbox_prune_state; returns how many it removed. First the segments whose last event expired,
+-- each emptied whole with TRUNCATE; then it moves publishers on to the next segment when the
+-- current one is older than the segment interval; then whatever expired elsewhere (rows in
+-- event_outbox itself, or in a segment that also holds younger ones), deleted in batches of
+-- pg_outbox.prune_batch_size. With its owner's rights: a pruning role needs only EXECUTE. Call
+-- it in a READ COMMITTED transaction of its own, from a scheduler, at least every
+-- pg_outbox.retention / 2.
+CREATE FUNCTION outbox_prune(older_than interval DEFAULT NULL)
+    RETURNS bigint
+    VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+    LANGUAGE plpgsql
+AS $prune$
+DECLARE
+    setting         text;
+    retention_secs  numeric;
+    interval_secs   numeric;
+    cutoff          timestamptz;
+    batch_limit     bigint;
+    pruned_by       text;
+    current_segment integer;
+    segment_table   text;
+    locked          boolean;
+    move_on         boolean;
+    events          bigint;
+    newest          timestamptz;
+    newest_xid      xid8;
+    deleted         bigint;
+    total           bigint := 0;
+BEGIN
+    -- Negative when any of its months, days or time is (pgrx's Interval::is_negative).
+    IF extract(year FROM older_than) * 12 + extract(month FROM older_than) < 0
+       OR extract(day FROM older_than) < 0
+       OR extract(hour FROM older_than) * 3600 + extract(minute FROM older_than) * 60
+          + extract(second FROM older_than) < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'outbox_prune: older_than must not be negative';
+    END IF;
+    IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
+        RAISE EXCEPTION USING ERRCODE = '25000',
+            MESSAGE = 'outbox_prune: cannot prune in a REPEATABLE READ or SERIALIZABLE transaction',
+            HINT = 'Call outbox_prune() in a READ COMMITTED transaction of its own: a snapshot taken at the transaction''s start could miss events it drops.';
+    END IF;
+
+    retention_secs := outbox_seconds_setting('pg_outbox.retention', 3600, 1);
+    -- pg_outbox.segment_interval, 0 for no segments; a ring of four segments has to cover
+    -- one interval of publishing plus the retention before it comes back to a segment, so
+    -- each covers at least half the retention.
+    interval_secs := outbox_seconds_setting('pg_outbox.segment_interval', 600, 0);
+    IF interval_secs > 0 THEN
+        interval_secs := greatest(interval_secs, retention_secs / 2);
+    END IF;
+    -- pg_outbox.prune_batch_size: rows per batch, 1 to 10000000.
+    setting := current_setting('pg_outbox.prune_batch_size', true);
+    IF setting IS NULL OR setting = '' THEN
+        batch_limit := 10000;
+    ELSIF setting !~ '^[[:space:]]*[0-9]{1,10}[[:space:]]*$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid value for parameter "pg_outbox.prune_batch_size": "%s"', setting);
+    ELSIF btrim(setting)::bigint NOT BETWEEN 1 AND 10000000 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('%s is outside the valid range for parameter "pg_outbox.prune_batch_size" (1 .. 10000000)', btrim(setting)::bigint);
+    ELSE
+        batch_limit := btrim(setting)::bigint;
+    END IF;
+    cutoff := clock_timestamp() - coalesce(older_than, make_interval(secs => retention_secs::double precision));
+
+    -- Who prunes: the role in effect where outbox_prune() was called (SET ROLE's, else the
+    -- session's), not this function's owner, whose rights it runs with.
+    pruned_by := 'outbox_prune() by '
+        || CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END
+        || coalesce(' from ' || nullif(current_setting('application_name'), ''), '');
+
+    -- One pruner at a time from here: the state row's lock, taken before any segment's, so
+    -- that no pruner holds a segment locked away from readers while it waits for another.
+    PERFORM FROM outbox_prune_state FOR UPDATE;
+
+    -- The segments whose last event expired, but the current one, emptied whole. A segment's
+    -- lock is taken only without waiting in the queue, where it would hold up every reader of
+    -- event_outbox behind it (the native edition's drop does the same): 300 tries, 0.7 ms
+    -- apart, then the next call tries again. Under the lock, nobody is writing into it.
+    current_segment := coalesce(pg_sequence_last_value('outbox_current_segment'), -1);
+    FOR segment IN 0..3 LOOP
+        CONTINUE WHEN segment = current_segment;
+        segment_table := 'event_outbox_segment_' || segment;
+        EXECUTE format('SELECT max(created_at) FROM %I', segment_table) INTO newest;
+        CONTINUE WHEN newest IS NULL OR newest >= cutoff;
+        locked := false;
+        FOR attempt IN 1..300 LOOP
+            BEGIN
+                EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE NOWAIT', segment_table);
+                locked := true;
+                EXIT;
+            EXCEPTION WHEN lock_not_available THEN
+                PERFORM pg_sleep(0.0007);
+            END;
+        END LOOP;
+        CONTINUE WHEN NOT locked;
+        EXECUTE format('SELECT count(*), max(created_at), max(xid) FROM %I', segment_table)
+            INTO events, newest, newest_xid;
+        CONTINUE WHEN events = 0 OR newest >= cutoff;
+        UPDATE outbox_prune_state SET
+            rows_pruned = rows_pruned + events,
+            pruned_through_xid = greatest(pruned_through_xid, newest_xid),
+            last_pruned_at = clock_timestamp(),
+            last_pruned_by = pruned_by;
+        EXECUTE format('TRUNCATE %I', segment_table);
+        total := total + events;
+    END LOOP;
+
+    -- Publishers move on to the next segment once the current one holds an event older than
+    -- the interval, if the next one is empty (else they stay, and the current one grows).
+    -- setval() is not undone if this transaction is: the move is seen at once, and is harmless.
+    IF interval_secs = 0 THEN
+        IF current_segment <> -1 THEN
+            PERFORM setval('outbox_current_segment', -1, true);
+        END IF;
+    ELSIF current_segment = -1 THEN
+        PERFORM setval('outbox_current_segment', 0, true);
+    ELSE
+        EXECUTE format('SELECT min(created_at) < clock_timestamp() - make_interval(secs => $1) '
+                       '   AND NOT EXISTS (SELECT FROM %I) FROM %I',
+                       'event_outbox_segment_' || (current_segment + 1) % 4,
+                       'event_outbox_segment_' || current_segment)
+            USING interval_secs::double precision INTO move_on;
+        IF move_on THEN
+            PERFORM setval('outbox_current_segment', (current_segment + 1) % 4, true);
+        END IF;
+    END IF;
+
+    -- What expired in event_outbox itself (rows written by hand, or with no segments), and in
+    -- the segments too when there are none any more, deleted in batches: the oldest expired
+    -- rows, and the state row updated in the same statement. A segment in use waits until its
+    -- last event expired, to be emptied whole. Unlike the native edition's worker, which
+    -- commits each batch, this runs in its caller's one transaction, so it does not lock the
+    -- rows first (FOR UPDATE SKIP LOCKED), which writes a lock record for each row before its
+    -- deletion. Rows are never updated, and pruners take turns (above).
+    FOR segment IN -1..CASE WHEN interval_secs = 0 THEN 3 ELSE -1 END LOOP
+        segment_table := CASE WHEN segment = -1 THEN 'event_outbox' ELSE 'event_outbox_segment_' || segment END;
+        LOOP
+            EXECUTE format(
+                'WITH gone AS ('
+                '    DELETE FROM ONLY %1$I WHERE ctid = ANY(ARRAY('
+                '        SELECT ctid FROM ONLY %1$I WHERE created_at < $1 ORDER BY created_at LIMIT $2))'
+                '    RETURNING xid),'
+                ' batch AS (SELECT count(*) AS rows, max(xid) AS max_xid FROM gone),'
+                ' recorded AS ('
+                '    UPDATE outbox_prune_state SET'
+                '        rows_pruned = rows_pruned + batch.rows,'
+                '        pruned_through_xid = greatest(pruned_through_xid, batch.max_xid),'
+                '        last_pruned_at = clock_timestamp(),'
+                '        last_pruned_by = $3'
+                '    FROM batch RETURNING 1)'
+                ' SELECT rows FROM batch', segment_table)
+                USING cutoff, batch_limit, pruned_by INTO deleted;
+            total := total + deleted;
+            EXIT WHEN deleted < batch_limit;
+        END LOOP;
+    END LOOP;
+    RETURN total;
+END
+$prune$;
+
+CREATE FUNCTION outbox_stats(
+    OUT rows_estimate             bigint,
+    OUT oldest_created_at         timestamptz,
+    OUT newest_created_at         timestamptz,
+    OUT worker_pid                integer,
+    OUT worker_database           name,
+    OUT worker_state              text,
+    OUT last_pruned_at            timestamptz,
+    OUT rows_pruned               bigint,
+    OUT pruned_through_xid        xid8,
+    OUT notification_queue_usage  double precision)
+    RETURNS record
+    STABLE
+    LANGUAGE sql
+    -- With its owner's rights: a monitoring role needs only EXECUTE; it returns no payload.
+    SECURITY DEFINER
+AS $stats$
+    SELECT
+        (SELECT sum(n_live_tup)::bigint FROM pg_stat_all_tables
+          WHERE relid = 'event_outbox'::regclass
+             OR relid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'event_outbox'::regclass)),
+        (SELECT min(created_at) FROM event_outbox),
+        (SELECT max(created_at) FROM event_outbox),
+        -- No pruner worker in this edition: who pruned last stands in for its state.
+        NULL::integer, NULL::name, s.last_pruned_by,
+        s.last_pruned_at, s.rows_pruned, s.pruned_through_xid,
+        pg_notification_queue_usage()
+    FROM outbox_prune_state s
+$stats$;
+
+COMMENT ON FUNCTION outbox_stats() IS
+    'Outbox size, the pruner''s state and history, and how full the notification queue is';
+
+-- Events deleted by hand (DELETE FROM event_outbox, or TRUNCATE) are recorded as pruned, as
+-- outbox_prune records its own: a relay that had not read them reports them lost (Gap::Missing,
+-- Gap::Pruned) rather than counting their notifications as forged.
+CREATE FUNCTION outbox_record_deleted() RETURNS trigger
+    VOLATILE PARALLEL UNSAFE
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+AS $record_deleted$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        -- Which rows went is not known: every transaction that has ended may have lost some.
+        UPDATE outbox_prune_state SET pruned_through_xid = greatest(pruned_through_xid,
+            (pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 1)::text::xid8);
+    ELSE
+        UPDATE outbox_prune_state
+           SET pruned_through_xid = greatest(pruned_through_xid,
+                   (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1))
+         WHERE EXISTS (SELECT FROM gone);
+    END IF;
+    RETURN NULL;
+END
+$record_deleted$;
+CREATE TRIGGER outbox_deleted
+    AFTER DELETE ON event_outbox REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
+CREATE TRIGGER outbox_truncated
+    AFTER TRUNCATE ON event_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
+
+-- Every function finds the tables in the schema they were created in, whatever the caller's
+-- search_path: pinned here, the schema's name quoted as an identifier.
+DO $pin$
+DECLARE
+    schema_name text := current_schema();
+    path        text := format('pg_catalog, %I, pg_temp', current_schema());
+BEGIN
+    EXECUTE format('ALTER FUNCTION %I.outbox_publish(text, text, jsonb, text) SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_relay_keys() SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_prune(interval) SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_seconds_setting(text, integer, integer) SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_stats() SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_record_deleted() SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_record_run() SET search_path = %s', schema_name, path);
+    EXECUTE format('ALTER FUNCTION %I.outbox_server_runs() SET search_path = %s', schema_name, path);
+END
+$pin$;
+
+-- Nothing is granted to PUBLIC but outbox_relay_keys(), which refuses by itself the roles that
+-- may not read event_outbox.payload, and outbox_record_run() and outbox_server_runs(), which
+-- record and read the truth only. Grant each role what it does (README.md, Privileges):
+-- publishers EXECUTE on outbox_publish and INSERT on event_outbox; relays SELECT on
+-- event_outbox and outbox_prune_state; monitoring EXECUTE on outbox_stats(); a scheduler
+-- EXECUTE on outbox_prune(interval).
+REVOKE ALL ON TABLE event_outbox, outbox_prune_state, outbox_runs, event_outbox_segment_0, event_outbox_segment_1,
+    event_outbox_segment_2, event_outbox_segment_3 FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_publish(text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_prune(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_seconds_setting(text, integer, integer) FROM PUBLIC;
+REVOKE ALL ON SEQUENCE outbox_current_segment FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_stats() FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_record_deleted() FROM PUBLIC;
+
+-- The run the extension is created in: no event of it has committed yet.
+SELECT outbox_record_run();

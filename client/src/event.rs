@@ -225,9 +225,10 @@ pub enum ResetReason {
         /// The oldest transaction id the position had not settled.
         position_xmin: u64,
     },
-    /// The position was issued on another run of the server (before a restart, crash,
-    /// failover or restore) whose history this relay cannot match with the current one: it
-    /// started after the change, or the change lost what the position had seen.
+    /// The position was issued on a run of the server (before a restart, crash, failover or
+    /// restore) that the database's history does not hold: the run was lost with a failover
+    /// or a restore, or it came before the update to 0.6.0 and this relay did not go through
+    /// the change.
     OtherServerRun,
     /// The position names transactions the server has not started: forged, or issued by a
     /// server whose history was lost.
@@ -260,7 +261,7 @@ impl fmt::Display for ResetReason {
                 f.write_str("the position is older than the events the outbox keeps")
             }
             ResetReason::OtherServerRun => f.write_str(
-                "the position is from another run of the database server (before a restart or failover)",
+                "the position is from a run of the database server that its history does not hold",
             ),
             ResetReason::Ahead { .. } => {
                 f.write_str("the position names transactions the server has not started")

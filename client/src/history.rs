@@ -1,9 +1,11 @@
-//! Which run of the server's history a connection reached, and, when it changed, where the
-//! history the relay read still holds: the witnesses and the floor a rewind goes back to.
+//! Which run of the server's history a connection reached, the runs the database recorded
+//! (`outbox_runs`: where each one's transaction ids begin), and, when the run changed, where the
+//! history the relay read still holds: from the recorded runs, or else from the witnesses.
 
 use std::time::SystemTime;
 
 use pg_outbox_wire::{quote_ident, Snapshot};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -94,6 +96,64 @@ pub(crate) async fn server_run(client: &Client, schema: &str) -> Result<ServerRu
     })
 }
 
+/// A run of the server as the database recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RecordedRun {
+    pub epoch: u32,
+    /// Where its transaction ids begin: every event committed in it is at or above this xid,
+    /// every event of an earlier run that the history holds, below. `None` for the run an
+    /// update to 0.6.0 recorded, which may have published before.
+    pub floor: Option<u64>,
+}
+
+/// Where the first run after `from` began, by `recorded`, when `from` came before `current`
+/// there: a position issued on `from` saw nothing at or above it, and below it the history of
+/// `current` is the one the position saw (see [`RecordedRun::floor`]). `None` when the record
+/// cannot tell: `from` is not in it (a run before the update to 0.6.0, or one the server lost
+/// in a failover or restore), or not before `current`.
+pub(crate) fn floor_after(recorded: &[RecordedRun], from: u32, current: u32) -> Option<u64> {
+    let from_at = recorded.iter().position(|run| run.epoch == from)?;
+    let current_at = recorded.iter().position(|run| run.epoch == current)?;
+    if from_at >= current_at {
+        return None;
+    }
+    recorded[from_at + 1].floor
+}
+
+/// Records the run the connection is in, unless it is, and reads every run the database
+/// recorded, oldest first. `None` from a database whose extension predates 0.6.0, which
+/// records none.
+pub(crate) async fn recorded_runs(
+    client: &Client,
+    schema: &str,
+) -> Result<Option<Vec<RecordedRun>>, Error> {
+    let sql = format!(
+        "SELECT system_identifier, timeline, started_at, floor_xid::text \
+         FROM {}.outbox_server_runs()",
+        quote_ident(schema)
+    );
+    let rows = match client.query(&sql, &[]).await {
+        Ok(rows) => rows,
+        Err(err) if err.code() == Some(&SqlState::UNDEFINED_FUNCTION) => return Ok(None),
+        Err(err) => return Err(Error::from_query(err, schema)),
+    };
+    rows.iter()
+        .map(|row| {
+            let run = ServerRun {
+                system_identifier: row.try_get(0).map_err(protocol)?,
+                timeline: row.try_get(1).map_err(protocol)?,
+                started_at: row.try_get(2).map_err(protocol)?,
+            };
+            let floor: Option<&str> = row.try_get(3).map_err(protocol)?;
+            Ok(RecordedRun {
+                epoch: run.epoch(),
+                floor: floor.map(parse_xid).transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map(Some)
+}
+
 /// Where the history the relay read still holds, after the server may have lost part of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Floor {
@@ -141,4 +201,29 @@ pub(crate) async fn floor(
         (None, None) => Floor::Exact(pruned_floor.min(assigned)),
         (None, Some(least)) => Floor::Assumed(least.max(pruned_floor).min(assigned)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(epoch: u32, floor: Option<u64>) -> RecordedRun {
+        RecordedRun { epoch, floor }
+    }
+
+    #[test]
+    fn a_position_is_exact_below_where_the_next_recorded_run_began() {
+        // 7 was recorded by the update (no floor), then two restarts.
+        let recorded = [run(7, None), run(8, Some(500)), run(9, Some(900))];
+        assert_eq!(floor_after(&recorded, 7, 9), Some(500));
+        assert_eq!(floor_after(&recorded, 8, 9), Some(900));
+        assert_eq!(floor_after(&recorded, 7, 8), Some(500));
+        // Not before the current run, or unknown to the record.
+        assert_eq!(floor_after(&recorded, 9, 9), None);
+        assert_eq!(floor_after(&recorded, 9, 8), None);
+        assert_eq!(floor_after(&recorded, 6, 9), None);
+        assert_eq!(floor_after(&recorded, 7, 10), None);
+        // A run after one recorded without a floor is unknown below it.
+        assert_eq!(floor_after(&[run(7, None), run(8, None)], 7, 8), None);
+    }
 }

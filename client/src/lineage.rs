@@ -1,11 +1,12 @@
-//! The server's history as the relay followed it: the run it is on, the runs it went through
-//! (so positions issued on them are carried over), and how many times it rewound. Pure: the
-//! listener tells it what each connection reached and where the old history was proved to hold,
-//! and asks it for watermarks and for what a resume is answered against.
+//! The server's history as the relay knows it: the run it is on, the runs the database recorded
+//! and those the relay went through (so positions issued on them are carried over), and how
+//! many times it rewound. Pure: the listener tells it what each connection reached, what the
+//! database recorded and where the old history was proved to hold, and asks it for watermarks
+//! and for what a resume is answered against.
 
 use pg_outbox_wire::Snapshot;
 
-use crate::history::{Floor, ServerRun};
+use crate::history::{self, Floor, RecordedRun, ServerRun};
 use crate::policy::Policy;
 use crate::position::{RunChange, Watermark};
 use crate::resume::Answering;
@@ -20,6 +21,9 @@ pub(crate) struct Lineage {
     /// An advance saw the server's transaction ids go back: check the history at the next
     /// connection, even if the server's run looks the same.
     went_back: bool,
+    /// The server runs the database recorded, oldest first, as read when the relay reached
+    /// the current one (none from an extension before 0.6.0).
+    recorded: Vec<RecordedRun>,
     /// The server runs the relay went through before this one, oldest first.
     changes: Vec<RunChange>,
     /// The change into the current run, when the relay proved where the old history holds:
@@ -30,10 +34,11 @@ pub(crate) struct Lineage {
 }
 
 impl Lineage {
-    pub fn new(server: ServerRun) -> Lineage {
+    pub fn new(server: ServerRun, recorded: Vec<RecordedRun>) -> Lineage {
         Lineage {
             server,
             went_back: false,
+            recorded,
             changes: Vec::new(),
             carried_from: None,
             generation: 0,
@@ -42,6 +47,17 @@ impl Lineage {
 
     pub fn server(&self) -> &ServerRun {
         &self.server
+    }
+
+    /// The runs the database recorded, read on the current run.
+    pub fn recorded(&mut self, runs: Vec<RecordedRun>) {
+        self.recorded = runs;
+    }
+
+    /// Where the history the relay read holds on `run`, by the database's record: below the
+    /// floor of the first run recorded after the relay's.
+    pub fn recorded_floor(&self, run: &ServerRun) -> Option<u64> {
+        history::floor_after(&self.recorded, self.server.epoch(), run.epoch())
     }
 
     /// Transaction ids went back on what looked like the same server.
@@ -94,6 +110,7 @@ impl Lineage {
         Answering {
             epoch: self.server.epoch(),
             generation: self.generation,
+            recorded: &self.recorded,
             changes: &self.changes,
             policy,
         }
@@ -116,7 +133,7 @@ mod tests {
 
     #[test]
     fn changes_are_carried_while_exact_and_forgotten_once_assumed() {
-        let mut lineage = Lineage::new(run(1));
+        let mut lineage = Lineage::new(run(1), Vec::new());
         assert!(!lineage.needs_check(&run(1)) && lineage.needs_check(&run(2)));
         lineage.went_back();
         assert!(lineage.needs_check(&run(1)));
@@ -145,7 +162,7 @@ mod tests {
 
     #[test]
     fn only_the_latest_changes_are_kept() {
-        let mut lineage = Lineage::new(run(0));
+        let mut lineage = Lineage::new(run(0), Vec::new());
         for n in 1..=(RUN_CHANGES_KEPT as u64 + 4) {
             lineage.moved_to(run(n), Floor::Exact(n * 10));
         }

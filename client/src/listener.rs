@@ -146,10 +146,12 @@ impl Listener {
         let begin = async {
             let snapshot = advance::current(&conn.queries, &cfg.schema).await?;
             let server = history::server_run(&conn.queries, &cfg.schema).await?;
+            // Recorded before any position is issued on this run, so any relay can place it.
+            let recorded = history::recorded_runs(&conn.queries, &cfg.schema).await?;
             let witnesses = history::start_witnesses(&conn.queries, &snapshot, &cfg.schema).await?;
-            Ok((snapshot, server, witnesses))
+            Ok((snapshot, server, recorded, witnesses))
         };
-        let (snapshot, server, witnesses) =
+        let (snapshot, server, recorded, witnesses) =
             match within(cfg.connect_timeout, "reading the starting snapshot", begin).await {
                 Ok(begun) => begun,
                 Err(err) => {
@@ -172,7 +174,7 @@ impl Listener {
             shutdown,
             steps: Vec::new(),
             batch: Vec::new(),
-            lineage: Lineage::new(server),
+            lineage: Lineage::new(server, recorded.unwrap_or_default()),
             waiting_resumes: Vec::new(),
             unopened: Vec::new(),
             keys_read_at: Instant::now(),
@@ -659,20 +661,28 @@ impl Listener {
     }
 
     /// The server restarted, failed over or was restored, and may have lost transactions the
-    /// cursor saw, handing their ids out again: rewinds the cursor to the floor its witnesses
-    /// prove, so the catch-up reads every xid from there again, and reports a gap where no
-    /// witness survived.
+    /// cursor saw, handing their ids out again: rewinds the cursor to where the database
+    /// recorded that the next run began, or else to the floor its witnesses prove, so the
+    /// catch-up reads every xid from there again, and reports a gap where no witness survived.
     async fn rewind(&mut self, run: ServerRun) -> Result<(), Error> {
         let conn = self
             .conn
             .as_ref()
             .ok_or_else(|| Error::from(Kind::ConnectionLost("no connection".into())))?;
         let witnesses = self.cursor.witnesses();
-        let floor = history::floor(&conn.queries, &witnesses, &self.cfg.schema);
+        let check = async {
+            let recorded = history::recorded_runs(&conn.queries, &self.cfg.schema).await?;
+            let recorded = recorded.unwrap_or_default();
+            self.lineage.recorded(recorded);
+            match self.lineage.recorded_floor(&run) {
+                Some(floor) => Ok(Floor::Exact(floor)),
+                None => history::floor(&conn.queries, &witnesses, &self.cfg.schema).await,
+            }
+        };
         let floor = within(
             self.cfg.query_timeout,
             "checking the server's history",
-            floor,
+            check,
         )
         .await?;
         let from = self.cursor.snapshot().clone();

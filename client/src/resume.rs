@@ -22,6 +22,7 @@ use tokio_postgres::Client;
 use crate::advance;
 use crate::error::Error;
 use crate::event::ResetReason;
+use crate::history::{self, RecordedRun};
 use crate::policy::Policy;
 use crate::position::{Position, RunChange, Watermark};
 use crate::rows::{Row, RowKey, Visible};
@@ -132,12 +133,14 @@ pub(crate) async fn query(
     advance::parse(&rows)
 }
 
-/// What the relay knows when it answers: the current server run, the runs it went through,
-/// and its policy (channels relayed, own origin), the live stream's.
+/// What the relay knows when it answers: the current server run, the runs the database recorded
+/// and those the relay went through, and its policy (channels relayed, own origin), the live
+/// stream's.
 pub(crate) struct Answering<'a> {
     pub epoch: u32,
     /// The relay's rewinds so far (see [`Watermark::generation`]).
     pub generation: u64,
+    pub recorded: &'a [RecordedRun],
     pub changes: &'a [RunChange],
     pub policy: &'a Policy,
 }
@@ -199,11 +202,15 @@ impl Answering<'_> {
         })
     }
 
-    /// `position` on the current server run: as it is if issued on it; below the floor of each
-    /// change since, if issued on an earlier run this relay went through.
+    /// `position` on the current server run: as it is if issued on it; if issued on an earlier
+    /// run, below where the next run the database recorded began, or else below the floor of
+    /// each change since, if this relay went through that run.
     fn carry_over(&self, position: &Position) -> Result<Position, ResetReason> {
         if position.epoch() == self.epoch {
             return Ok(position.clone());
+        }
+        if let Some(floor) = history::floor_after(self.recorded, position.epoch(), self.epoch) {
+            return Ok(position.carried_over(self.epoch, floor));
         }
         let since = self
             .changes
@@ -289,6 +296,7 @@ mod tests {
         let answering = Answering {
             epoch: 1,
             generation: 0,
+            recorded: &[],
             changes: &[],
             policy: &policy,
         };
@@ -316,6 +324,7 @@ mod tests {
         let answering = Answering {
             epoch: 2,
             generation: 1,
+            recorded: &[],
             changes: &changes,
             policy: &policy,
         };

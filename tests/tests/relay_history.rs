@@ -1,6 +1,7 @@
 //! A relay stays exact when the server's history changes under it: a crash that loses commits
 //! which wrote no WAL of their own, a failover to a standby that was behind, and transactions
-//! that commit late, after rows above them were pruned.
+//! that commit late, after rows above them were pruned. Relays that started after the change
+//! resume positions issued before it exactly too, from the runs the database recorded.
 //!
 //! In the first two, the server hands out again transaction ids the relay's cursor had seen as
 //! committed; a relay that trusted its old snapshot would skip the new transactions that get
@@ -8,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use pg_outbox_client::{Delivery, Gap, ResetReason, Topic};
+use pg_outbox_client::{Gap, Topic};
 use pg_outbox_tests::relay::{
     create_relay_role, publish, relay_as, relay_with, set_login, wait_for_advances, wait_listening,
     wait_reconnecting, Collector,
@@ -66,6 +67,7 @@ async fn a_crash_that_hands_seen_xids_out_again_loses_nothing() {
         .build()
         .unwrap();
     let chat = Collector::spawn(relay.subscribe_to(Topic::channel("chat")));
+    let mut browser = relay.subscribe_to(Topic::all().user("u1"));
     relay.start().await.unwrap();
     let before = publish_n(&cluster, 1).await;
     chat.wait_for_all(
@@ -74,6 +76,8 @@ async fn a_crash_that_hands_seen_xids_out_again_loses_nothing() {
         &before.iter().copied().collect(),
     )
     .await;
+    let item = tokio::time::timeout(WAIT, browser.recv()).await.unwrap();
+    assert!(item.is_some_and(|item| item.event().is_some()));
 
     // The relay stays away after the crash until the new transactions have committed (its
     // connections are not affected), so the catch-up is what must find them. Set first: the
@@ -82,8 +86,11 @@ async fn a_crash_that_hands_seen_xids_out_again_loses_nothing() {
     cluster.psql("postgres", "CHECKPOINT");
     let burnt = burn_xids(&cluster, 30).await;
     // Two advances: the second began after those transactions ended, so the relay's cursor
-    // has seen every one of them as committed.
+    // has seen every one of them as committed, and so has the browser's position.
     wait_for_advances(&cluster, &relay, 2).await;
+    let position = browser.position().unwrap();
+    assert!(position.to_string().len() > 4);
+    drop(browser);
 
     cluster.crash();
     cluster.pg_ctl_start();
@@ -102,6 +109,21 @@ async fn a_crash_that_hands_seen_xids_out_again_loses_nothing() {
     chat.assert_exactly("after a crash", &expected);
     assert!(chat.gaps().is_empty(), "{:?}", chat.gaps());
     assert_eq!(relay.metrics().rewinds, 1);
+
+    // A relay started after the crash resumes the browser exactly: the transactions that got
+    // the xids its position saw are new.
+    let fresh = relay_as(&cluster, "relay_after_crash", "relay_user")
+        .build()
+        .unwrap();
+    fresh.start().await.unwrap();
+    let resumed = Collector::spawn(fresh.subscribe_from(Topic::all().user("u1"), &position));
+    let new: HashSet<Uuid> = after.iter().copied().collect();
+    resumed
+        .wait_for_all(&cluster, "the events after the crash, on a new relay", &new)
+        .await;
+    wait_for_advances(&cluster, &fresh, 2).await;
+    resumed.assert_exactly("resumed on a relay started after the crash", &new);
+    fresh.shutdown().await;
     relay.shutdown().await;
 }
 
@@ -196,21 +218,20 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
         .await;
     wait_for_advances(&standby, &relay, 2).await;
     resumed.assert_exactly("resumed after a failover", &new);
-    // A relay that started on the promoted standby cannot tell which of those xids are the old
-    // ones: it resets.
+    // So does a relay that started on the promoted standby: the database recorded where the
+    // promoted run's xids begin, and that record came through the failover with the events.
     let fresh = relay_with(config, "relay_after_failover").build().unwrap();
     fresh.start().await.unwrap();
-    let mut reset = fresh.subscribe_from(Topic::all().user("u1"), &position);
-    let first = tokio::time::timeout(WAIT, reset.recv()).await.unwrap();
-    assert!(
-        matches!(
-            first,
-            Some(Delivery::Reset {
-                reason: ResetReason::OtherServerRun
-            })
-        ),
-        "{first:?}"
-    );
+    let resumed = Collector::spawn(fresh.subscribe_from(Topic::all().user("u1"), &position));
+    resumed
+        .wait_for_all(
+            &standby,
+            "the events after the failover, on a new relay",
+            &new,
+        )
+        .await;
+    wait_for_advances(&standby, &fresh, 2).await;
+    resumed.assert_exactly("resumed on a relay started after the failover", &new);
     fresh.shutdown().await;
     relay.shutdown().await;
 }
@@ -272,10 +293,11 @@ async fn a_history_with_none_of_the_relays_witnesses_is_reported_as_a_gap() {
 
     // As if the server came back from a backup older than everything the relay read: none of
     // the rows it could check exists, and nothing was pruned to explain it (the rows go with
-    // triggers off, as in a restore, so that their deletion is not recorded).
+    // triggers off, as in a restore, so that their deletion is not recorded), nor is the run
+    // the relay read them on recorded.
     cluster.psql(
         "postgres",
-        "SET session_replication_role = replica; DELETE FROM event_outbox",
+        "SET session_replication_role = replica; DELETE FROM event_outbox; DELETE FROM outbox_runs",
     );
     cluster.restart();
     let after = publish_n(&cluster, 1).await;

@@ -205,8 +205,17 @@ async fn positions_that_cannot_resume_exactly_reset_and_go_on_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_one_resets() {
-    let cluster = Cluster::start();
+async fn relays_that_lived_through_a_restart_or_started_after_it_resume_older_positions() {
+    relays_resume_positions_from_before_a_restart_on(Edition::Native).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_resume_positions_from_before_a_restart_on_the_sql_edition() {
+    relays_resume_positions_from_before_a_restart_on(Edition::Sql).await;
+}
+
+async fn relays_resume_positions_from_before_a_restart_on(edition: Edition) {
+    let cluster = Cluster::builder().edition(edition).start();
     let relay = started(&cluster, "relay_resume_restart").await;
     let publisher = cluster.connect("postgres").await;
     let mut subscription = relay.subscribe_to(Topic::all().user("u1"));
@@ -237,14 +246,16 @@ async fn a_relay_that_lived_through_a_restart_resumes_older_positions_and_a_new_
     let carried = subscription.position().unwrap().to_string();
     drop(subscription);
 
-    // A relay started after the restart cannot tell what the old run's position saw.
+    // A relay started after the restart resumes the old run's position exactly too: the
+    // database recorded where the new run's xids begin.
     let fresh = started(&cluster, "relay_resume_fresh").await;
-    let mut reset = fresh.subscribe_from(Topic::all().user("u1"), &token);
-    assert_eq!(reset_of(&mut reset).await, ResetReason::OtherServerRun);
-    // One issued after it resumes exactly there.
+    let mut from_old_run = fresh.subscribe_from(Topic::all().user("u1"), &token);
+    assert_eq!(next_event(&mut from_old_run).await, missed);
+    // One issued after the restart resumes exactly there.
     let mut after_restart = fresh.subscribe_from(Topic::all().user("u1"), &carried);
     let next = publish(&publisher, "chat", "u1", "{}", None).await;
     assert_eq!(next_event(&mut after_restart).await, next);
+    assert_eq!(next_event(&mut from_old_run).await, next);
     relay.shutdown().await;
     fresh.shutdown().await;
 }

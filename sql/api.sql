@@ -113,18 +113,20 @@ CREATE TRIGGER outbox_truncated
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_record_deleted();
 REVOKE ALL ON FUNCTION outbox_record_deleted() FROM PUBLIC;
 
--- Records the run the server is in (see outbox_runs), unless it is recorded; tells whether it was
--- (by a committed transaction). Publishers call it before their first event of a run, so no
+-- Records the run the server is in (see outbox_runs), unless a committed transaction that began
+-- before this one did; tells whether one did. Each session's first event calls it first, so no
 -- event of a run commits before the run is recorded, and the floor it records is exact:
--- * every event of the run is at or above it. Its transaction either got its xid after this
+-- * every event of the session is at or above it: this transaction's xid is. So is every event
+--   of a session that found this row committed: its transaction either got its xid after this
 --   snapshot was taken (so at or above its xmax), or was running then (so in it, at or above
---   the least xid running), or is this one. It cannot have ended before: it found the run
---   recorded, which this transaction does only once it commits, or it recorded it itself.
---   Prepared transactions are passed over: one prepared after the run began ran outbox_publish
---   and found the run recorded already.
+--   the least xid running). It cannot have ended before: this row commits after the snapshot.
+--   Prepared transactions are passed over: one prepared while this one runs published
+--   nothing in the run, or it would have found or inserted a row of its own.
 -- * every event of an earlier run below it: the server hands out xids, after a restart, a
 --   crash or a promotion, from past every one its history holds, so every xid running or to
 --   come in this run is past them, but those of transactions prepared before the run began.
+-- A row this transaction inserted has its start time as recorded_at, so it does not count
+-- until it is committed, and the next call records the run again if this one rolls back.
 -- SECURITY DEFINER: publishers and relays record the run without a grant on outbox_runs, and
 -- what it records is the truth, whoever asks.
 CREATE FUNCTION outbox_record_run() RETURNS boolean
@@ -140,7 +142,8 @@ DECLARE
 BEGIN
     IF EXISTS (SELECT FROM @extschema@.outbox_runs r
                WHERE (r.system_identifier, r.timeline, r.started_at)
-                     = (run_identifier, run_timeline, run_started)) THEN
+                     = (run_identifier, run_timeline, run_started)
+                 AND r.recorded_at < now()) THEN
         RETURN true;
     END IF;
     snapshot := pg_current_snapshot();
@@ -149,8 +152,7 @@ BEGIN
             least(pg_current_xact_id(), pg_snapshot_xmax(snapshot),
                   (SELECT min(x) FROM pg_snapshot_xip(snapshot) x
                    WHERE NOT EXISTS (SELECT FROM pg_prepared_xacts p
-                                     WHERE p.transaction::text = (x::text::numeric % 4294967296)::text))))
-    ON CONFLICT DO NOTHING;
+                                     WHERE p.transaction::text = (x::text::numeric % 4294967296)::text))));
     RETURN false;
 END
 $$;
@@ -159,8 +161,9 @@ COMMENT ON FUNCTION outbox_record_run() IS
     'Record the server run this database is in, for relays to resume positions of earlier runs; true if it was recorded already';
 
 -- What relays read when they reach a run of the server: the runs this database's history went
--- through, oldest first, after recording the current one. Nothing in it is secret (any role may
--- read the server's identifier, timeline, start time and transaction ids).
+-- through, oldest first, each with the least floor recorded (none if one row has none), after
+-- recording the current one unless the transaction is read-only. Nothing in it is secret (any
+-- role may read the server's identifier, timeline, start time and transaction ids).
 CREATE FUNCTION outbox_server_runs()
     RETURNS TABLE (system_identifier text, timeline text, started_at timestamptz, floor_xid xid8)
     VOLATILE SECURITY DEFINER PARALLEL UNSAFE
@@ -168,11 +171,15 @@ CREATE FUNCTION outbox_server_runs()
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM @extschema@.outbox_record_run();
+    IF current_setting('transaction_read_only') = 'off' THEN
+        PERFORM @extschema@.outbox_record_run();
+    END IF;
     RETURN QUERY
-        SELECT r.system_identifier, r.timeline, r.started_at, r.floor_xid
+        SELECT r.system_identifier, r.timeline, r.started_at,
+               CASE WHEN bool_or(r.floor_xid IS NULL) THEN NULL ELSE min(r.floor_xid) END
         FROM @extschema@.outbox_runs r
-        ORDER BY r.floor_xid NULLS FIRST, r.recorded_at;
+        GROUP BY r.system_identifier, r.timeline, r.started_at
+        ORDER BY 4 NULLS FIRST, min(r.recorded_at);
 END
 $$;
 

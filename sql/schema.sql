@@ -83,20 +83,22 @@ CREATE UNIQUE INDEX outbox_seal_keys_current_idx ON outbox_seal_keys ((true)) WH
 -- what a position issued on one of them saw (client/src/history.rs). A run is the server from a
 -- start, or a promotion, to its stop: after a crash, a failover or a restore, transaction ids of
 -- the run before may be handed out again, to other transactions. Recorded by outbox_record_run()
--- before the first event of the run commits (publishers call it first), and by relays when they
--- connect.
+-- before the first event of each session commits, and by relays when they connect: a run may
+-- have a row per session that recorded it, and its floor is the least of theirs (rows are
+-- inserted, never locked or updated, so that no session waits for another to commit).
 CREATE TABLE outbox_runs (
     system_identifier   text        NOT NULL,
     timeline            text        NOT NULL,
     started_at          timestamptz NOT NULL,
-    -- Where the run's transaction ids begin: every event committed in the run has an xid at or
-    -- above it, and every event of an earlier run that this history holds, one below it (but
-    -- one of a transaction prepared before the run and committed in it). NULL for the run
-    -- recorded by the update to 0.6.0, which may have published before it was recorded.
+    -- Where the run's transaction ids begin, as this row's recorder saw it: every event that
+    -- it, or any session that found its row, committed in the run has an xid at or above it,
+    -- and every event of an earlier run that this history holds, one below it (but one of a
+    -- transaction prepared before the run and committed in it). NULL for the run recorded by
+    -- the update to 0.6.0, which may have published before it was recorded.
     floor_xid           xid8,
-    recorded_at         timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (system_identifier, timeline, started_at)
+    recorded_at         timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX outbox_runs_run_idx ON outbox_runs (system_identifier, timeline, started_at);
 
 -- pg_dump carries none of these tables' rows, nor the segments: each holds transaction ids of this cluster (xid8,
 -- pg_snapshot), which mean nothing in the cluster a dump is restored into. Restored there, events

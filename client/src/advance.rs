@@ -43,6 +43,16 @@ pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
 /// visible in `s` that `conditions` keep, in `(xid, id)` order, with the prune state. Its
 /// columns are what [`parse`] reads; with no row, one row of NULLs carries the snapshot.
 pub(crate) fn rows_visible_sql(schema: &str, taken: &str, conditions: &str) -> String {
+    rows_visible_sql_ordered(schema, taken, conditions, "ORDER BY xid, id")
+}
+
+/// [`rows_visible_sql`] with the scan's `ORDER BY` (and `FETCH`) clause of the caller's.
+pub(crate) fn rows_visible_sql_ordered(
+    schema: &str,
+    taken: &str,
+    conditions: &str,
+    order: &str,
+) -> String {
     let schema = quote_ident(schema);
     format!(
         "WITH snap AS MATERIALIZED ( \
@@ -57,7 +67,7 @@ pub(crate) fn rows_visible_sql(schema: &str, taken: &str, conditions: &str) -> S
              WHERE xid < pg_snapshot_xmax(snap.s) \
                AND pg_visible_in_snapshot(xid, snap.s) \
                AND {conditions} \
-             ORDER BY xid, id) e ON true"
+             {order}) e ON true"
     )
 }
 
@@ -143,6 +153,7 @@ pub(crate) fn parse(rows: &[Row]) -> Result<Visible, Error> {
         snapshot,
         pruned_through_xid,
         rows: events,
+        page_end: None,
     })
 }
 

@@ -252,6 +252,7 @@ impl Cursor {
             snapshot: next,
             pruned_through_xid,
             rows,
+            page_end: _,
         } = visible;
         if self.may_have_lost_to_pruning(&next, pruned_through_xid) {
             out.push(Step::Gap(Gap::Pruned {
@@ -415,6 +416,7 @@ mod tests {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
             rows: rows.iter().map(|&(n, xid)| Ok(event(n, xid))).collect(),
+            page_end: None,
         }
     }
 
@@ -437,6 +439,7 @@ mod tests {
                 snapshot: snap("103:103:"),
                 pruned_through_xid: 0,
                 rows: vec![unreadable(1, 100), unreadable(2, 101), Ok(event(3, 102))],
+                page_end: None,
             },
             0,
             &mut out,
@@ -622,6 +625,7 @@ mod tests {
                             snapshot: s2,
                             pruned_through_xid: 0,
                             rows,
+                            page_end: None,
                         },
                         0,
                         &mut out,
@@ -640,6 +644,7 @@ mod tests {
                     snapshot: snapshot_after(n),
                     pruned_through_xid: 0,
                     rows,
+                    page_end: None,
                 },
                 0,
                 &mut out,

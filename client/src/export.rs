@@ -16,7 +16,7 @@
 //! | `pg_outbox_relay_events_caught_up_total` | counter | of those, read from the table without their notification |
 //! | `pg_outbox_relay_events_duplicate_total` | counter | notifications or rows already delivered |
 //! | `pg_outbox_relay_events_own_origin_total` | counter | events this relay published, not delivered |
-//! | `pg_outbox_relay_events_lagged_total` | counter | events dropped for slow subscribers |
+//! | `pg_outbox_relay_events_lagged_total` | counter | events not queued for slow subscribers, which read them from the outbox |
 //! | `pg_outbox_relay_decode_errors_total` | counter | notifications or rows that did not decode |
 //! | `pg_outbox_relay_forged_notifications_total` | counter | notifications `outbox_publish` did not send (dropped) |
 //! | `pg_outbox_relay_gaps_total{kind}` | counter | gaps reported, by [`Gap::kind`](crate::Gap::kind) |

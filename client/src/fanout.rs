@@ -12,10 +12,13 @@
 //! reference-count increment per event it reads.
 //!
 //! The relay pushes with `try`-semantics only: when a subscriber's queue is full, the events
-//! beyond its room are dropped for that subscriber alone and a `Lagged { missed }` marker takes
-//! their place in the stream (one marker per run of drops, so markers never fill memory). Gaps
-//! are always queued. The gap of an unreadable row stands for that row: it is handed out once
-//! per subscription, like an event, and counts as seen in its position.
+//! beyond its room are dropped for that subscriber alone, a `Lagged { missed }` marker takes
+//! their place in the stream, and nothing more of its events is queued until the subscriber
+//! reads that marker: it then reads what it missed from the outbox (`crate::subscription`),
+//! and its queue takes events again from that moment, so nothing committed meanwhile is
+//! missed by both. Gaps are always queued, but the gap of an unreadable row, which stands for
+//! that row: it is handed out once per subscription, like an event, counts as seen in its
+//! position, and is read again with the row by a catch-up.
 //!
 //! Each run carries the relay's *watermark* when it was queued (a snapshot everything under
 //! which was handed over before it): what a subscriber's stream (`crate::subscription`) keeps
@@ -86,6 +89,9 @@ struct Queue {
     events: usize,
     /// Markers queued.
     markers: usize,
+    /// Events were dropped for lag and a `Lagged` marker is queued: how many so far. Nothing
+    /// more is queued until the subscriber reads the marker.
+    lagging: Option<u64>,
     waker: Option<Waker>,
     /// The relay stopped: end the stream once drained.
     closed: bool,
@@ -107,6 +113,15 @@ impl Queue {
     /// events, which becomes the one `reading`.
     fn pop(&mut self, reading: &mut Option<Run>) -> Option<(Delivery, Option<RowKey>)> {
         match self.items.pop_front()? {
+            Queued::Marker {
+                delivery: Delivery::Lagged { .. },
+                row,
+            } => {
+                // Queueing starts again now, before the subscriber asks for what it missed.
+                self.markers -= 1;
+                let missed = self.lagging.take().unwrap_or(0);
+                Some((Delivery::Lagged { missed }, row))
+            }
             Queued::Marker { delivery, row } => {
                 self.markers -= 1;
                 Some((delivery, row))
@@ -155,6 +170,10 @@ impl Slot {
         then: Option<&Arc<Watermark>>,
     ) -> u64 {
         let mut queue = self.lock();
+        if let Some(missed) = &mut queue.lagging {
+            *missed += events.len() as u64;
+            return events.len() as u64;
+        }
         let fits = self.capacity.saturating_sub(queue.events).min(events.len());
         debug_assert!(
             !events.is_empty(),
@@ -180,13 +199,9 @@ impl Slot {
         }
         let dropped = (events.len() - fits) as u64;
         if dropped > 0 {
-            match queue.items.back_mut() {
-                Some(Queued::Marker {
-                    delivery: Delivery::Lagged { missed },
-                    ..
-                }) => *missed += dropped,
-                _ => queue.push_marker(Delivery::Lagged { missed: dropped }, None),
-            }
+            // Its count is the queue's until it is read.
+            queue.lagging = Some(dropped);
+            queue.push_marker(Delivery::Lagged { missed: 0 }, None);
         }
         queue.wake();
         dropped
@@ -194,6 +209,10 @@ impl Slot {
 
     fn push_marker(&self, delivery: Delivery, row: Option<RowKey>) {
         let mut queue = self.lock();
+        if row.is_some() && queue.lagging.is_some() {
+            // An unreadable row, which the subscriber's catch-up reads again.
+            return;
+        }
         queue.push_marker(delivery, row);
         queue.wake();
     }
@@ -345,6 +364,7 @@ impl Fanout {
                 items: VecDeque::new(),
                 events: 0,
                 markers: 0,
+                lagging: None,
                 waker: None,
                 closed: index.closed,
             }),
@@ -698,20 +718,28 @@ mod tests {
             _ => panic!("a run first"),
         }
         assert!(matches!(try_next(&mut small), Some(Delivery::Event(_))));
-        // The run being read no longer takes room: the next batch fits whole.
+        // Until the subscriber reads the marker, nothing more is queued, although there is
+        // room: it reads all it missed from the outbox once it gets there.
+        assert_eq!(fanout.deliver(&[event(6, "c", "u")], None), 1);
+        let mut rest: Vec<String> = Vec::new();
+        let read = |small: &mut Inbox| {
+            std::iter::from_fn(|| try_next(small))
+                .map(|d| match d {
+                    Delivery::Event(e) => e.id().as_u128().to_string(),
+                    Delivery::Lagged { missed } => format!("lagged {missed}"),
+                    Delivery::Gap(_) => "gap".into(),
+                    Delivery::Reset { .. } => "reset".into(),
+                })
+                .collect::<Vec<String>>()
+        };
+        rest.extend(read(&mut small));
+        // Once it is read, events are queued again.
         assert_eq!(
-            fanout.deliver(&[event(6, "c", "u"), event(7, "c", "u")], None),
+            fanout.deliver(&[event(7, "c", "u"), event(8, "c", "u")], None),
             0
         );
-        let rest: Vec<String> = std::iter::from_fn(|| try_next(&mut small))
-            .map(|d| match d {
-                Delivery::Event(e) => e.id().as_u128().to_string(),
-                Delivery::Lagged { missed } => format!("lagged {missed}"),
-                Delivery::Gap(_) => "gap".into(),
-                Delivery::Reset { .. } => "reset".into(),
-            })
-            .collect();
-        assert_eq!(rest, ["2", "3", "lagged 2", "6", "7"]);
+        rest.extend(read(&mut small));
+        assert_eq!(rest, ["2", "3", "lagged 3", "7", "8"]);
         assert_eq!(small.len(), 0);
         assert!(small.reading.is_none(), "an idle subscriber holds no batch");
     }

@@ -173,6 +173,7 @@ pub fn __fuzz_relay_input(snapshot: &str, payloads: &[&str], next: &str) -> usiz
             snapshot: next,
             pruned_through_xid: 0,
             rows,
+            page_end: None,
         },
         heard_before,
         &mut steps,

@@ -139,7 +139,8 @@ pub struct MetricsSnapshot {
     /// undecodable notification). Rows read ahead of their notification while fetching
     /// references are not counted.
     pub caught_up: u64,
-    /// Events dropped for subscribers whose buffer was full (summed over subscribers).
+    /// Events not queued for subscribers whose buffer was full (summed over subscribers):
+    /// each such subscriber reads them from the outbox once it has read its queue.
     pub lagged: u64,
     /// Notifications that did not decode (logged and skipped; the row is caught up by the next
     /// advance).

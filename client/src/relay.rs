@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -76,7 +76,10 @@ impl Relay {
     /// buffer size if it sets one.
     pub fn subscribe_to(&self, topic: Topic) -> Subscription {
         let (filter, buffer) = self.topic_parts(topic);
-        Subscription::live(self.inner.shared.fanout.subscribe(filter, buffer))
+        Subscription::live(
+            self.inner.shared.fanout.subscribe(filter, buffer),
+            self.inner.shared.resumes.clone(),
+        )
     }
 
     /// Resumes a subscription from `last_seen`: a [`Position`] from [`Subscription::position`]
@@ -100,29 +103,16 @@ impl Relay {
         P::Error: Into<PositionError>,
     {
         let (filter, buffer) = self.topic_parts(topic);
-        // Filed before the request goes: see the `resume` module for why.
-        let inbox = self.inner.shared.fanout.subscribe(filter.clone(), buffer);
-        let (answer, answered) = oneshot::channel();
+        let shared = &self.inner.shared;
+        let inbox = shared.fanout.subscribe(filter, buffer);
         match last_seen.try_into() {
-            Ok(position) => {
-                let subscription = Subscription::resumed(inbox, Some(position.clone()), answered);
-                // Fails only once the relay stopped: the subscription's stream then ends.
-                let _ = self.inner.shared.resumes.send(ResumeRequest {
-                    filter,
-                    position,
-                    answer,
-                });
-                subscription
-            }
+            Ok(position) => Subscription::resumed(inbox, position, shared.resumes.clone()),
             Err(err) => {
-                let subscription = Subscription::resumed(inbox, None, answered);
-                // Answered here, and counted as the listener counts the resumes it answers.
+                // Counted as the listener counts the resumes it answers.
                 let reason = ResetReason::Malformed(err.into());
-                let metrics = &self.inner.shared.metrics;
-                Metrics::add(&metrics.resumes, 1);
-                metrics.count_reset(&reason);
-                let _ = answer.send(Err(reason));
-                subscription
+                Metrics::add(&shared.metrics.resumes, 1);
+                shared.metrics.count_reset(&reason);
+                Subscription::reset(inbox, reason, shared.resumes.clone())
             }
         }
     }

@@ -28,10 +28,18 @@ use crate::position::{Position, RunChange, Watermark};
 use crate::rows::{Row, RowKey, Visible};
 use crate::topic::Filter;
 
+/// At most this many rows (and the rest of the last transaction) are read for one catch-up
+/// query: a subscription that missed more gets them a page at a time, so what a catch-up
+/// holds in memory is bounded whatever the backlog.
+pub(crate) const PAGE_ROWS: usize = 5_000;
+
 /// A subscription's request to resume from `position`.
 pub(crate) struct ResumeRequest {
     pub filter: Filter,
     pub position: Position,
+    /// The xid the rows it still needs begin at, when an earlier page of its catch-up read
+    /// those below (what committed below it since comes in its queue); 0 otherwise.
+    pub read_from: u64,
     pub answer: oneshot::Sender<Result<CatchUp, ResetReason>>,
 }
 
@@ -46,6 +54,9 @@ pub(crate) struct CatchUp {
     pub until: Watermark,
     /// The xid of the last row handed out from `rows`.
     pub replayed_xid: Option<u64>,
+    /// Where the next page begins, when the query stopped at the end of one: `until` covers
+    /// only the xids below it, and the subscription asks again from there.
+    pub next_page: Option<u64>,
 }
 
 /// The statement of the catch-up: `$1` is the least xmin, as text, then the users wanted and
@@ -61,10 +72,12 @@ pub(crate) fn catch_up_sql(schema: &str, users: bool, channels: bool, everything
         (false, false, true) => "AND channel = ANY($2::text[])",
         (false, false, false) => "AND false",
     };
-    advance::rows_visible_sql(
+    // WITH TIES: a page ends with a whole transaction, so its end is an xid boundary.
+    advance::rows_visible_sql_ordered(
         schema,
         "pg_current_snapshot() AS s",
         &format!("xid >= $1::text::xid8 {filter}"),
+        &format!("ORDER BY xid FETCH FIRST {PAGE_ROWS} ROWS WITH TIES"),
     )
 }
 
@@ -85,8 +98,10 @@ impl Wanted {
             // A position that will be reset needs no row.
             from: requests
                 .iter()
-                .filter_map(|request| answering.carry_over(&request.position).ok())
-                .map(|base| base.snapshot().xmin())
+                .filter_map(|request| {
+                    let base = answering.carry_over(&request.position).ok()?;
+                    Some(base.snapshot().xmin().max(request.read_from))
+                })
                 .min()
                 .unwrap_or(u64::MAX),
             ..Wanted::default()
@@ -130,7 +145,12 @@ pub(crate) async fn query(
         .query(&sql, &params)
         .await
         .map_err(|e| Error::from_query(e, schema))?;
-    advance::parse(&rows)
+    let mut read = advance::parse(&rows)?;
+    read.rows.sort_unstable_by_key(RowKey::of);
+    if read.rows.len() >= PAGE_ROWS {
+        read.page_end = read.rows.last().map(|row| RowKey::of(row).xid + 1);
+    }
+    Ok(read)
 }
 
 /// What the relay knows when it answers: the current server run, the runs the database recorded
@@ -191,14 +211,21 @@ impl Answering<'_> {
             })
             .cloned()
             .collect();
+        // A page covers the xids below its end only: what was running below it then commits
+        // later, and comes in the subscription's queue.
+        let until = match read.page_end {
+            Some(end) => server.below(end),
+            None => server.clone(),
+        };
         Ok(CatchUp {
             base,
             rows,
             replayed_xid: None,
             until: Watermark {
                 generation: self.generation,
-                ..Watermark::new(self.epoch, server.clone())
+                ..Watermark::new(self.epoch, until)
             },
+            next_page: read.page_end,
         })
     }
 
@@ -259,6 +286,7 @@ mod tests {
                 user_id: Some(user.into()),
             },
             position,
+            read_from: 0,
             answer: oneshot::channel().0,
         }
     }
@@ -279,6 +307,7 @@ mod tests {
             snapshot: snap(snapshot),
             pruned_through_xid: pruned,
             rows: rows.into_iter().map(Ok).collect(),
+            page_end: None,
         }
     }
 
@@ -368,5 +397,33 @@ mod tests {
         ];
         assert_eq!(Wanted::of(&requests, &answering).from, 150);
         assert_eq!(Wanted::of(&requests[1..], &answering).from, u64::MAX);
+    }
+
+    #[test]
+    fn a_page_covers_the_xids_below_its_end_and_the_next_reads_from_there() {
+        let policy = Policy::default();
+        let answering = Answering {
+            epoch: 1,
+            generation: 0,
+            recorded: &[],
+            changes: &[],
+            policy: &policy,
+        };
+        let mut page = read(
+            "120:130:125",
+            0,
+            vec![event(1, 100, "u1"), event(2, 110, "u1")],
+        );
+        page.page_end = Some(111);
+        let first = answering
+            .answer(&request("u1", position(1, "100:100:", &[])), &page)
+            .unwrap();
+        assert_eq!(ids(&first), [1, 2]);
+        assert_eq!(first.until.snapshot.to_string(), "111:111:");
+        assert_eq!(first.next_page, Some(111));
+        // The next page reads from its end, not from the position's xmin.
+        let mut next = request("u1", position(1, "100:100:", &[]));
+        next.read_from = 111;
+        assert_eq!(Wanted::of(&[next], &answering).from, 111);
     }
 }

@@ -69,4 +69,7 @@ pub(crate) struct Visible {
     pub snapshot: Snapshot,
     pub pruned_through_xid: u64,
     pub rows: Vec<Row>,
+    /// Set when the read stopped at the end of a page: only the rows with an xid below it
+    /// were read (every one of those, whole transactions).
+    pub page_end: Option<u64>,
 }

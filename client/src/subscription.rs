@@ -14,27 +14,33 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Delivery, Event, ResetReason};
 use crate::fanout::{Inbox, Item, Standing};
 use crate::position::{Position, Watermark};
-use crate::resume::CatchUp;
+use crate::resume::{CatchUp, ResumeRequest};
 use crate::rows::RowKey;
 
 /// What a resumed subscription still has to do before it reads its queue: wait for its relay
 /// to read what its position has not seen, then hand that out.
 enum Resume {
     Waiting(oneshot::Receiver<Result<CatchUp, ResetReason>>),
-    Replaying(CatchUp),
+    Replaying(Box<CatchUp>),
 }
 
 /// A stream of [`Delivery`] items for one subscriber, in the relay's delivery order.
 ///
 /// Its buffer holds at most `subscriber_buffer` events (or the topic's own `buffer`) besides
-/// the rest of the batch it is reading; when full, later events are dropped for this subscriber
-/// only and a [`Delivery::Lagged`] marker says how many. The stream ends when the relay stops.
-/// Dropping it unsubscribes.
+/// the rest of the batch it is reading. When it is full, the relay stops queueing for this
+/// subscriber alone; once the subscriber has read what was queued, it reads what it missed
+/// from the outbox, from its own position (as a resume does: coalesced with the other
+/// catch-ups, a page of 5,000 rows and the rest of a transaction at a time), then rejoins its
+/// queue. So a slow reader gets every event once, in `xid` order past the point where it fell
+/// behind, and holds at most its buffer and one page meanwhile. It gets a
+/// [`Delivery::Reset`] instead only if what it missed was pruned, and a [`Delivery::Lagged`]
+/// only if it fell behind before the relay had a position to give it. The stream ends when
+/// the relay stops. Dropping it unsubscribes.
 pub struct Subscription {
     inbox: Inbox,
     /// What this subscription has handed out; `None` until it has read from a relay that has a
@@ -46,32 +52,66 @@ pub struct Subscription {
     /// skipped.
     generation: u64,
     resume: Option<Resume>,
+    /// Where it asks its relay to read from the outbox what its position has not seen.
+    resumes: mpsc::UnboundedSender<ResumeRequest>,
 }
 
 impl Subscription {
     /// A subscription that reads its queue from now on.
-    pub(crate) fn live(inbox: Inbox) -> Subscription {
+    pub(crate) fn live(
+        inbox: Inbox,
+        resumes: mpsc::UnboundedSender<ResumeRequest>,
+    ) -> Subscription {
         Subscription {
             inbox,
             position: None,
             absorbed: None,
             generation: 0,
             resume: None,
+            resumes,
         }
     }
 
-    /// A subscription that first waits for `answer`: the events `base` has not seen (or why it
-    /// cannot resume), then reads its queue, where its live events pile up meanwhile.
+    /// A subscription that first asks its relay for the events `position` has not seen, then
+    /// reads its queue, where its live events pile up meanwhile (filed before the request
+    /// goes: see the `resume` module for why).
     pub(crate) fn resumed(
         inbox: Inbox,
-        base: Option<Position>,
-        answer: oneshot::Receiver<Result<CatchUp, ResetReason>>,
+        position: Position,
+        resumes: mpsc::UnboundedSender<ResumeRequest>,
     ) -> Subscription {
+        let mut subscription = Subscription::live(inbox, resumes);
+        subscription.ask(position, 0);
+        subscription
+    }
+
+    /// A subscription that starts with `reset`, then reads its queue.
+    pub(crate) fn reset(
+        inbox: Inbox,
+        reset: ResetReason,
+        resumes: mpsc::UnboundedSender<ResumeRequest>,
+    ) -> Subscription {
+        let (answer, answered) = oneshot::channel();
+        let _ = answer.send(Err(reset));
         Subscription {
-            position: base,
-            resume: Some(Resume::Waiting(answer)),
-            ..Subscription::live(inbox)
+            resume: Some(Resume::Waiting(answered)),
+            ..Subscription::live(inbox, resumes)
         }
+    }
+
+    /// Asks the relay for what `position` has not seen, from xid `read_from` on, and waits for
+    /// the answer before reading the queue further. A relay that stopped drops the request,
+    /// and with it the answer: the stream then ends.
+    fn ask(&mut self, position: Position, read_from: u64) {
+        let (answer, answered) = oneshot::channel();
+        let _ = self.resumes.send(ResumeRequest {
+            filter: self.inbox.filter().clone(),
+            position: position.clone(),
+            read_from,
+            answer,
+        });
+        self.position = Some(position);
+        self.resume = Some(Resume::Waiting(answered));
     }
 
     /// The next item, or `None` once the relay stopped and everything queued was read.
@@ -93,7 +133,8 @@ impl Subscription {
     /// nothing is queued. `None` before the relay has started.
     ///
     /// Events dropped for lag ([`Delivery::Lagged`]) count as seen once a later watermark is
-    /// joined: treat the marker as a reset of what the reader shows.
+    /// joined: treat the marker as a reset of what the reader shows. (A subscription that
+    /// falls behind its buffer reads what it missed from the outbox instead: see above.)
     pub fn position(&self) -> Option<Position> {
         if self.resume.is_some() {
             return self.position.clone();
@@ -157,6 +198,13 @@ impl Subscription {
                         return Poll::Ready(Some(Delivery::Event(event)));
                     }
                 }
+                Poll::Ready(Some(Item::Marker(Delivery::Lagged { missed }, None))) => {
+                    // What it missed is in the outbox: read it from there.
+                    match self.position.clone() {
+                        Some(position) => self.ask(position, 0),
+                        None => return Poll::Ready(Some(Delivery::Lagged { missed })),
+                    }
+                }
                 Poll::Ready(Some(Item::Marker(marker, row))) => {
                     // The gap of an unreadable row, which a resumed subscription's catch-up
                     // may have reported already.
@@ -203,7 +251,7 @@ impl Subscription {
         match answer {
             Ok(Ok(catch_up)) => {
                 self.position = Some(catch_up.base.clone());
-                self.resume = Some(Resume::Replaying(catch_up));
+                self.resume = Some(Resume::Replaying(Box::new(catch_up)));
                 None
             }
             Ok(Err(reason)) => {
@@ -235,7 +283,11 @@ impl Subscription {
                 position.absorb(&catch_up.until);
             }
             self.generation = self.generation.max(catch_up.until.generation);
+            let next_page = catch_up.next_page;
             self.resume = None;
+            if let (Some(read_from), Some(position)) = (next_page, self.position.clone()) {
+                self.ask(position, read_from);
+            }
             return None;
         };
         let key = RowKey::of(&row);
@@ -331,6 +383,27 @@ mod tests {
     use crate::position::RunChange;
     use crate::rows::Unreadable;
     use crate::topic::Filter;
+    use pg_outbox_wire::Snapshot;
+
+    /// A relay's end of the resume requests, kept open so that requests wait for an answer.
+    fn requests() -> (
+        mpsc::UnboundedSender<ResumeRequest>,
+        mpsc::UnboundedReceiver<ResumeRequest>,
+    ) {
+        mpsc::unbounded_channel()
+    }
+
+    /// A subscription resumed from `base`, and the answer its relay would send.
+    fn resumed(
+        fanout: &Fanout,
+        capacity: usize,
+        base: Position,
+    ) -> (Subscription, oneshot::Sender<Result<CatchUp, ResetReason>>) {
+        let (resumes, mut requests) = requests();
+        let sub = Subscription::resumed(fanout.subscribe(all(), capacity), base, resumes);
+        let request = requests.try_recv().expect("the subscription asked");
+        (sub, request.answer)
+    }
 
     fn all() -> Filter {
         Filter {
@@ -372,7 +445,7 @@ mod tests {
     #[test]
     fn a_position_covers_what_was_read_and_joins_watermarks_when_idle() {
         let fanout = Fanout::default();
-        let mut sub = Subscription::live(fanout.subscribe(all(), 10));
+        let mut sub = Subscription::live(fanout.subscribe(all(), 10), requests().0);
         assert_eq!(sub.position(), None, "no watermark yet");
         fanout.set_watermark(watermark("100:100:"));
         fanout.deliver(&[event_at(1, 100), event_at(2, 101)], None);
@@ -398,8 +471,9 @@ mod tests {
     fn reading_an_advance_to_its_end_joins_the_watermark_it_completes() {
         let fanout = Fanout::default();
         fanout.set_watermark(watermark("100:100:"));
-        let mut reader = Subscription::live(fanout.subscribe(all(), 10));
-        let mut cramped = Subscription::live(fanout.subscribe(all(), 1));
+        let mut reader = Subscription::live(fanout.subscribe(all(), 10), requests().0);
+        let (resumes, _requests) = requests();
+        let mut cramped = Subscription::live(fanout.subscribe(all(), 1), resumes);
         let next = watermark("103:103:");
         fanout.deliver(&[event_at(1, 100), event_at(2, 101)], Some(&next));
         // Read before the relay sets that watermark, as a subscriber on another thread may:
@@ -412,7 +486,8 @@ mod tests {
         assert!(!positions[0].covers(key(101, 2)), "not past the first");
         assert_eq!(positions[1], Position::at(&next));
         assert!(positions[1].to_string().len() < positions[0].to_string().len());
-        // A run cut for lag completes nothing: what was dropped is not seen.
+        // A run cut for lag completes nothing: what was dropped is not seen, and the
+        // subscription waits for its catch-up.
         assert_eq!(ids(&mut cramped), [1]);
         let cut = cramped.position().unwrap();
         assert!(cut.covers(key(100, 1)) && !cut.covers(key(101, 2)));
@@ -423,9 +498,7 @@ mod tests {
         let fanout = Fanout::default();
         fanout.set_watermark(watermark("100:100:"));
         let base = Position::at(&watermark("100:100:"));
-        let (answer, answered) = oneshot::channel();
-        let mut sub =
-            Subscription::resumed(fanout.subscribe(all(), 10), Some(base.clone()), answered);
+        let (mut sub, answer) = resumed(&fanout, 10, base.clone());
         // Live events pile up while the catch-up is out, and wait.
         fanout.deliver(&[event_at(2, 101), event_at(3, 102)], None);
         assert!(sub.try_recv().is_none());
@@ -433,6 +506,7 @@ mod tests {
         answer
             .send(Ok(CatchUp {
                 replayed_xid: None,
+                next_page: None,
                 base,
                 rows: [event_at(1, 100), event_at(2, 101)]
                     .into_iter()
@@ -463,9 +537,7 @@ mod tests {
         let fanout = Fanout::default();
         fanout.set_watermark(watermark("100:100:"));
         let base = Position::at(&watermark("100:100:"));
-        let (answer, answered) = oneshot::channel();
-        let mut sub =
-            Subscription::resumed(fanout.subscribe(all(), 10), Some(base.clone()), answered);
+        let (mut sub, answer) = resumed(&fanout, 10, base.clone());
         // Row 2 commits after the subscription was filed and before the catch-up's snapshot:
         // the catch-up reads it, and its live gap is queued too.
         fanout.unreadable(&unreadable(2, 101));
@@ -473,6 +545,7 @@ mod tests {
         answer
             .send(Ok(CatchUp {
                 replayed_xid: None,
+                next_page: None,
                 base,
                 rows: [Ok(event_at(1, 100)), Err(unreadable(2, 101))]
                     .into_iter()
@@ -497,7 +570,7 @@ mod tests {
         assert_eq!(events, [1, 3]);
 
         // A subscription that was not resumed gets the live gap, and its position covers it.
-        let mut live = Subscription::live(fanout.subscribe(all(), 10));
+        let mut live = Subscription::live(fanout.subscribe(all(), 10), requests().0);
         fanout.deliver(&[event_at(4, 103)], None);
         fanout.set_watermark(watermark("104:104:"));
         fanout.unreadable(&unreadable(5, 104));
@@ -510,8 +583,7 @@ mod tests {
     fn a_reset_comes_first_and_the_live_stream_follows() {
         let fanout = Fanout::default();
         fanout.set_watermark(watermark("100:100:"));
-        let (answer, answered) = oneshot::channel();
-        let mut sub = Subscription::resumed(fanout.subscribe(all(), 10), None, answered);
+        let (mut sub, answer) = resumed(&fanout, 10, Position::at(&watermark("100:100:")));
         fanout.deliver(&[event_at(1, 100)], None);
         answer.send(Err(ResetReason::OtherServerRun)).unwrap();
         assert!(matches!(
@@ -522,8 +594,7 @@ mod tests {
         ));
         assert_eq!(ids(&mut sub), [1]);
         // A relay that stops before it answers ends the stream.
-        let (answer, answered) = oneshot::channel::<Result<CatchUp, ResetReason>>();
-        let mut orphan = Subscription::resumed(fanout.subscribe(all(), 10), None, answered);
+        let (mut orphan, answer) = resumed(&fanout, 10, Position::at(&watermark("100:100:")));
         drop(answer);
         fanout.close();
         assert!(orphan.try_recv().is_none());
@@ -536,9 +607,7 @@ mod tests {
         let run_1 = |snapshot: &str| Arc::new(Watermark::new(1, snapshot.parse().unwrap()));
         fanout.set_watermark(run_1("100:100:"));
         let base = Position::at(&run_1("100:100:"));
-        let (answer, answered) = oneshot::channel();
-        let mut sub =
-            Subscription::resumed(fanout.subscribe(all(), 100), Some(base.clone()), answered);
+        let (mut sub, answer) = resumed(&fanout, 100, base.clone());
         // Queued live on run 1: xid 105, which survives the failover.
         fanout.deliver(&[event_at(5, 105)], None);
         // The relay rewinds to run 2 (floor 110) and reads from there: xid 112.
@@ -569,6 +638,7 @@ mod tests {
                     ..Watermark::new(2, "113:113:".parse().unwrap())
                 },
                 replayed_xid: None,
+                next_page: None,
             }))
             .unwrap();
         assert_eq!(ids(&mut sub), [5, 7], "each event once");
@@ -580,9 +650,7 @@ mod tests {
         let start = Arc::new(Watermark::new(1, "100:100:".parse().unwrap()));
         fanout.set_watermark(Arc::clone(&start));
         let base = Position::at(&start);
-        let (answer, answered) = oneshot::channel();
-        let mut sub =
-            Subscription::resumed(fanout.subscribe(all(), 100), Some(base.clone()), answered);
+        let (mut sub, answer) = resumed(&fanout, 100, base.clone());
         let n = 3_000u64;
         answer
             .send(Ok(CatchUp {
@@ -592,6 +660,7 @@ mod tests {
                     .collect(),
                 until: Watermark::new(1, format!("{0}:{0}:", 100 + n).parse().unwrap()),
                 replayed_xid: None,
+                next_page: None,
             }))
             .unwrap();
         for _ in 0..n - 1 {
@@ -600,5 +669,64 @@ mod tests {
             let token = sub.position().unwrap().to_string();
             assert!(token.len() < 60, "{}", token.len());
         }
+    }
+
+    #[test]
+    fn a_reader_that_overflows_catches_up_from_the_outbox_then_rejoins_its_queue() {
+        let fanout = Fanout::default();
+        fanout.set_watermark(watermark("100:100:"));
+        let (resumes, mut requests) = requests();
+        let mut slow = Subscription::live(fanout.subscribe(all(), 2), resumes);
+        // 100 and 101 fit; 102 to 104 are dropped, and so is 105, queued after the cut.
+        fanout.deliver(
+            &[event_at(1, 100), event_at(2, 101), event_at(3, 102)],
+            None,
+        );
+        fanout.deliver(&[event_at(4, 103), event_at(5, 104)], None);
+        fanout.deliver(&[event_at(6, 105)], None);
+        assert_eq!(ids(&mut slow), [1, 2], "then it waits for its catch-up");
+        let request = requests.try_recv().expect("it asked for what it missed");
+        assert_eq!(request.read_from, 0);
+        assert!(request.position.covers(key(101, 2)) && !request.position.covers(key(102, 3)));
+        // Queued from the moment it asked: 106, and 105 again, committed late.
+        fanout.deliver(&[event_at(6, 105), event_at(7, 106)], None);
+        // A first page: up to 103 only.
+        request
+            .answer
+            .send(Ok(CatchUp {
+                base: request.position.clone(),
+                rows: [event_at(3, 102), event_at(4, 103)]
+                    .into_iter()
+                    .map(Ok)
+                    .collect(),
+                until: Watermark::new(1, "106:106:".parse::<Snapshot>().unwrap().below(104)),
+                replayed_xid: None,
+                next_page: Some(104),
+            }))
+            .unwrap();
+        assert_eq!(ids(&mut slow), [3, 4], "then it asks for the next page");
+        let next = requests.try_recv().expect("the next page");
+        assert_eq!(next.read_from, 104);
+        next.answer
+            .send(Ok(CatchUp {
+                base: next.position.clone(),
+                rows: [event_at(5, 104), event_at(6, 105)]
+                    .into_iter()
+                    .map(Ok)
+                    .collect(),
+                until: Watermark::new(1, "106:106:".parse().unwrap()),
+                replayed_xid: None,
+                next_page: None,
+            }))
+            .unwrap();
+        // 105's queued copy is skipped: each event once, no marker.
+        let rest: Vec<Delivery> = std::iter::from_fn(|| slow.try_recv()).collect();
+        let events: Vec<u128> = rest
+            .iter()
+            .filter_map(|d| d.event().map(|e| e.id().as_u128()))
+            .collect();
+        assert_eq!(events, [5, 6, 7]);
+        assert_eq!(rest.len(), 3);
+        assert!(requests.try_recv().is_err());
     }
 }

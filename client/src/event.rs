@@ -276,8 +276,11 @@ impl fmt::Display for ResetReason {
 pub enum Delivery {
     /// The next event.
     Event(Event),
-    /// This subscriber fell behind: its buffer was full and `missed` events were dropped for it
-    /// (only for it) at this point of the stream. Other subscribers were not slowed.
+    /// This subscriber fell behind before the relay had a position to give it (before
+    /// [`Relay::start`](crate::Relay::start) returned): its buffer was full and `missed` events
+    /// were dropped for it (only for it) at this point of the stream. Afterwards a subscriber
+    /// that falls behind reads what it missed from the outbox instead. Other subscribers were
+    /// not slowed.
     Lagged {
         /// How many events were dropped for this subscriber.
         missed: u64,

@@ -57,7 +57,7 @@
 //! | reason | from | meaning |
 //! |---|---|---|
 //! | `malformed`, `expired`, `other_server_run`, `ahead` | [`Delivery::Reset`](pg_outbox_client::Delivery::Reset) | the `Last-Event-ID` could not be resumed exactly: not a position, older than the outbox's retention, from a server run the database's history does not hold (lost in a failover or a restore), or naming transactions the server never started |
-//! | `lagged` | [`Delivery::Lagged`](pg_outbox_client::Delivery::Lagged) | the browser read too slowly: `missed` events were dropped for it |
+//! | `lagged` | [`Delivery::Lagged`](pg_outbox_client::Delivery::Lagged) | the browser fell behind before its relay had started: `missed` events were dropped for it (later, a slow browser reads what it missed from the outbox) |
 //! | `pruned`, `missing`, `unreadable`, `rewound` | [`Delivery::Gap`](pg_outbox_client::Delivery::Gap) | the relay itself could not deliver some events (see [`Gap`](pg_outbox_client::Gap)) |
 //! | `other` | a kind of delivery this version does not know | as above |
 //!

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use pg_outbox_tests::browser::{failover, FailoverSize};
+use pg_outbox_tests::browser::{failover, FailoverSize, Fault};
 
 #[tokio::main]
 async fn main() {
@@ -25,6 +25,7 @@ async fn main() {
             kill_after: 20,
             pace: Duration::from_millis(10),
         },
+        Fault::ReplicaKilled,
     )
     .await;
     println!(

@@ -25,7 +25,7 @@ use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use crate::relay::{publish, try_publish};
-use crate::{repository, run, WAIT};
+use crate::{repository, run, Cluster, WAIT};
 
 /// The SSE example app's binary: `$PG_OUTBOX_SSE_EXAMPLE` when set, else built now with cargo
 /// (in the profile of the caller) and taken from the target directory.
@@ -82,10 +82,25 @@ impl Replica {
     /// [`Replica::start`] of another program that takes the same arguments and prints the same
     /// line once it serves (the benchmark's hand-written replica).
     pub async fn start_program(program: &Path, db: &str, name: &str, args: &[&str]) -> Replica {
+        Replica::start_program_at(program, db, name, args, "127.0.0.1:0").await
+    }
+
+    /// [`Replica::start`] on `listen` (an address the caller reserved).
+    pub async fn start_at(db: &str, name: &str, args: &[&str], listen: SocketAddr) -> Replica {
+        Replica::start_program_at(&example_app(), db, name, args, &listen.to_string()).await
+    }
+
+    async fn start_program_at(
+        program: &Path,
+        db: &str,
+        name: &str,
+        args: &[&str],
+        listen: &str,
+    ) -> Replica {
         let log = scratch(&format!("sse-{name}")).join("replica.log");
         let stderr = std::fs::File::create(&log).expect("create the replica's log");
         let mut child = tokio::process::Command::new(program)
-            .args(["--db", db, "--listen", "127.0.0.1:0", "--name", name])
+            .args(["--db", db, "--listen", listen, "--name", name])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -129,6 +144,17 @@ impl Replica {
     /// Kills it with SIGKILL, as a crash would, and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) it: a replica that is stopped reads nothing, so
+    /// once continued its relay is behind the server.
+    pub fn pause(&self, paused: bool) {
+        if let Some(pid) = self.child.id() {
+            let signal = if paused { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status();
+        }
     }
 
     /// Stops it with SIGTERM, as a deploy would, and waits for it to exit.
@@ -392,6 +418,10 @@ pub struct Failover {
     pub duplicated: usize,
     /// Events the page received that are not u1's committed ones (u2's, rolled back).
     pub foreign: usize,
+    /// Events of u1 whose commit was acknowledged but that the server then lost (a crash of
+    /// asynchronous commits, a failover to a standby that was behind): received or not, they
+    /// count neither as lost nor as foreign.
+    pub server_lost: usize,
     /// `event: reset` frames the page received.
     pub resets: usize,
     /// How often the page's `EventSource` connected (the first time included).
@@ -407,13 +437,14 @@ impl std::fmt::Display for Failover {
         write!(
             f,
             "committed {}, received {} ({} on the first connection), lost {}, duplicated {}, \
-             foreign {}, resets {}, connections {}, out of order {}",
+             foreign {}, lost by the server {}, resets {}, connections {}, out of order {}",
             self.committed,
             self.received,
             self.first_connection,
             self.lost,
             self.duplicated,
             self.foreign,
+            self.server_lost,
             self.resets,
             self.connections,
             self.disorder.len()
@@ -432,19 +463,139 @@ pub struct FailoverSize {
     pub pace: Duration,
 }
 
-/// The scenario of issue 17: two replicas of the SSE example app on `db` behind a [`Proxy`]
-/// (A until it dies, then B); headless Chromium shows user u1's page through the proxy; three
-/// publishers commit concurrently (u1's events one per transaction; transactions of u1 and u2
-/// events held open over a query, so they commit out of xid order; u2's alone), each rolling
-/// some back; two transactions publish for u1 first, one commits while A is dead, the other
-/// last. Replica A is SIGKILLed once the page has received `kill_after` events; the page
-/// follows its own `EventSource` reconnect. A last event for u1 is published once everything else committed;
+/// What goes wrong while the page streams, besides the death of its replica, A, which ends
+/// every scenario: the page then follows its own `EventSource` reconnect to replica B.
+#[derive(Clone, Copy)]
+pub enum Fault<'a> {
+    /// Nothing else (issue 17's scenario).
+    ReplicaKilled,
+    /// The server restarts (`pg_ctl restart -m fast`) while B is stopped (SIGSTOP); A goes on
+    /// past the restart, then dies as B is continued, its relay still on the run before. In
+    /// the other faults A dies as soon as the server is back, so the page's position is of
+    /// the run before.
+    RestartThenReplicaKilled(&'a Cluster),
+    /// The server restarts, B starts after it (a deploy after database maintenance), then A
+    /// dies.
+    RestartThenNewReplica(&'a Cluster),
+    /// The server crashes (`-m immediate`) once the page's position covers transactions whose
+    /// commits were not flushed (the cluster runs with a long `wal_writer_delay`): the
+    /// restarted server hands their xids out again. B starts after it, then A dies.
+    CrashReusingXids(&'a Cluster),
+    /// The standby (`db` names both, `target_session_attrs=read-write`) stops replaying; the
+    /// primary goes on, then crashes; the standby is promoted and hands out again xids the
+    /// page saw. B starts after it, then A dies.
+    StandbyPromoted {
+        primary: &'a Cluster,
+        standby: &'a Cluster,
+    },
+}
+
+impl Fault<'_> {
+    /// Whether the server goes away: transactions cannot stay open across it.
+    fn loses_connections(&self) -> bool {
+        !matches!(self, Fault::ReplicaKilled)
+    }
+
+    /// Whether B starts only after the fault, so that its relay never saw the run before: it
+    /// places the page's position from what the database recorded alone.
+    fn starts_b_after(&self) -> bool {
+        matches!(
+            self,
+            Fault::RestartThenNewReplica(_)
+                | Fault::CrashReusingXids(_)
+                | Fault::StandbyPromoted { .. }
+        )
+    }
+}
+
+/// The publishers' side of a [`failover`]: the ids whose commit the server acknowledged, and
+/// when the second half of their transactions may go.
+#[derive(Clone)]
+struct Publishing {
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>,
+    /// How many publishers wait at their half.
+    waiting: watch::Sender<usize>,
+    /// Set once the fault has happened: the second halves go.
+    go: watch::Receiver<bool>,
+}
+
+/// One publisher of [`failover`]: `transactions`, one every `pace`, the second half once the
+/// fault has happened; it reconnects after a connection is lost. Publisher 1 publishes for u1
+/// one event per transaction; 2, events of u1 and u2 held open over a query, so they commit
+/// out of xid order; 3, u2's alone. Each rolls some back.
+async fn publisher(db: String, p: usize, size: FailoverSize, publishing: Publishing) {
+    let mut client = connect(&db).await;
+    let mut pace = tokio::time::interval(size.pace);
+    let mut go = publishing.go.clone();
+    for n in 0..size.transactions {
+        if n == size.transactions / 2 {
+            publishing.waiting.send_modify(|waiting| *waiting += 1);
+            let _ = go.wait_for(|go| *go).await;
+        }
+        if client.is_closed() {
+            match tokio_postgres::connect(&db, NoTls).await {
+                Ok((fresh, connection)) => {
+                    tokio::spawn(connection);
+                    client = fresh;
+                }
+                Err(_) => continue,
+            }
+        }
+        pace.tick().await;
+        let Ok(tx) = client.transaction().await else {
+            continue;
+        };
+        let mut ids = Vec::new();
+        let roll_back = match p {
+            1 => {
+                let payload = format!(r#"{{"p": 1, "n": {n}}}"#);
+                ids.extend(try_publish(&tx, "chat", "u1", &payload, None).await.ok());
+                n % 5 == 4
+            }
+            2 => {
+                for (channel, user, k) in [("chat", "u1", 0), ("news", "u2", 0), ("news", "u1", 1)]
+                {
+                    let payload = format!(r#"{{"p": 2, "n": {n}, "k": {k}}}"#);
+                    let id = try_publish(&tx, channel, user, &payload, None).await.ok();
+                    ids.extend(id.filter(|_| user == "u1"));
+                }
+                // Held open over a query: others commit meanwhile.
+                let _ = tx.query_one("SELECT count(*) FROM event_outbox", &[]).await;
+                n % 4 == 3
+            }
+            _ => {
+                let payload = format!(r#"{{"p": 3, "n": {n}}}"#);
+                try_publish(&tx, "chat", "u2", &payload, None).await.ok();
+                n % 3 == 2
+            }
+        };
+        if roll_back {
+            let _ = tx.rollback().await;
+        } else if tx.commit().await.is_ok() {
+            publishing.acknowledged.lock().unwrap().extend(ids);
+        }
+    }
+}
+
+/// The scenario of issue 17, under `fault`: two replicas of the SSE example app on `db`
+/// behind a [`Proxy`] (A until it dies, then B); headless Chromium shows user u1's page
+/// through the proxy; three publishers commit concurrently (see [`publisher`]), and two
+/// transactions for u1 stay open across the death of A (opened after the fault when it takes
+/// the server away) and commit one after it, one last. Once the page has received
+/// `kill_after` events, the fault happens, then A is SIGKILLed; the page follows its own
+/// `EventSource` reconnect. A last event for u1 is published once everything else committed;
 /// when the page reports it, what it received is compared with what was committed.
-pub async fn failover(db: &str, size: FailoverSize) -> Failover {
+pub async fn failover(db: &str, size: FailoverSize, fault: Fault<'_>) -> Failover {
     let args = ["--retry-ms", "200", "--keep-alive-ms", "1000"];
     let mut a = Replica::start(db, "a", &args).await;
-    let b = Replica::start(db, "b", &args).await;
-    let proxy = Proxy::start(vec![a.address(), b.address()]).await;
+    // Replica B's address, reserved: it may start only after the fault.
+    let b_address = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
+    let mut b = if fault.starts_b_after() {
+        None
+    } else {
+        Some(Replica::start_at(db, "b", &args, b_address).await)
+    };
+    let proxy = Proxy::start(vec![a.address(), b_address]).await;
     let reports = Reports::start().await;
     let chromium = Chromium::open(&format!(
         "{}/?user=u1&report={}",
@@ -457,81 +608,128 @@ pub async fn failover(db: &str, size: FailoverSize) -> Failover {
         })
         .await;
 
-    // Two transactions that publish first (the smallest xids of all): one commits once A is
-    // dead, while the page's position still counts it as running (B's catch-up must read it),
-    // the other commits last (B delivers it live).
-    let mut early_client = connect(db).await;
-    let early = early_client.transaction().await.expect("begin");
-    publish(&early, "chat", "u1", r#"{"late": 1}"#, None).await;
-    let mut late_client = connect(db).await;
-    let late = late_client.transaction().await.expect("begin");
-    publish(&late, "chat", "u1", r#"{"late": 2}"#, None).await;
-
-    let (killed, killed_seen) = watch::channel(false);
-    let mut publishers = Vec::new();
-    for p in 1..=3 {
-        let mut client = connect(db).await;
-        let mut killed = killed_seen.clone();
-        publishers.push(tokio::spawn(async move {
-            let mut pace = tokio::time::interval(size.pace);
-            for n in 0..size.transactions {
-                if n == size.transactions / 2 {
-                    // The second half goes out once A is dead.
-                    let _ = killed.wait_for(|killed| *killed).await;
-                }
-                pace.tick().await;
-                let tx = client.transaction().await.expect("begin");
-                let roll_back = match p {
-                    1 => {
-                        let payload = format!(r#"{{"p": 1, "n": {n}}}"#);
-                        try_publish(&tx, "chat", "u1", &payload, None).await.ok();
-                        n % 5 == 4
-                    }
-                    2 => {
-                        for (channel, user, k) in
-                            [("chat", "u1", 0), ("news", "u2", 0), ("news", "u1", 1)]
-                        {
-                            let payload = format!(r#"{{"p": 2, "n": {n}, "k": {k}}}"#);
-                            try_publish(&tx, channel, user, &payload, None).await.ok();
-                        }
-                        // Held open over a query: others commit meanwhile.
-                        let _ = tx.query_one("SELECT count(*) FROM event_outbox", &[]).await;
-                        n % 4 == 3
-                    }
-                    _ => {
-                        let payload = format!(r#"{{"p": 3, "n": {n}}}"#);
-                        try_publish(&tx, "chat", "u2", &payload, None).await.ok();
-                        n % 3 == 2
-                    }
-                };
-                let _ = if roll_back {
-                    tx.rollback().await
-                } else {
-                    tx.commit().await
-                };
-            }
-        }));
+    let (waiting, waiting_seen) = watch::channel(0);
+    let (go, go_seen) = watch::channel(false);
+    let publishing = Publishing {
+        acknowledged: Default::default(),
+        waiting,
+        go: go_seen,
+    };
+    let (mut early, mut late) = (None, None);
+    if !fault.loses_connections() {
+        early = Some(Open::begin(db, r#"{"late": 1}"#).await);
+        late = Some(Open::begin(db, r#"{"late": 2}"#).await);
     }
+    let publishers: Vec<_> = (1..=3)
+        .map(|p| tokio::spawn(publisher(db.to_owned(), p, size, publishing.clone())))
+        .collect();
 
     reports
-        .wait_for_events("events before replica A is killed", size.kill_after)
+        .wait_for_events("events before the fault", size.kill_after)
         .await;
+    let mut resume_b = false;
+    match fault {
+        Fault::ReplicaKilled => {}
+        Fault::RestartThenReplicaKilled(cluster) => {
+            b.as_ref().expect("replica B").pause(true);
+            cluster.restart();
+            resume_b = true;
+        }
+        Fault::RestartThenNewReplica(cluster) => cluster.restart(),
+        Fault::CrashReusingXids(cluster) => {
+            // Nothing flushes the WAL from now on: the publishers wait at their half.
+            let mut waiting = waiting_seen.clone();
+            let _ = tokio::time::timeout(WAIT, waiting.wait_for(|n| *n == 3)).await;
+            let unflushed = connect(db).await;
+            let mut last = String::new();
+            for _ in 0..30 {
+                last = unflushed
+                    .query_one("SELECT pg_current_xact_id()::text", &[])
+                    .await
+                    .expect("take an xid")
+                    .get(0);
+            }
+            // An event above them, committed without a flush: once the page has it, its
+            // position covers every one of those xids.
+            unflushed
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .expect("asynchronous commit");
+            let seen = publish(&unflushed, "chat", "u1", r#"{"unflushed": true}"#, None).await;
+            publishing.acknowledged.lock().unwrap().push(seen);
+            reports
+                .wait_for_event("the event above the xids", seen)
+                .await;
+            cluster.crash();
+            cluster.pg_ctl_start();
+            let reused: String = connect(db)
+                .await
+                .query_one("SELECT pg_current_xact_id()::text", &[])
+                .await
+                .expect("take an xid")
+                .get(0);
+            assert!(
+                reused.parse::<u64>().ok() <= last.parse::<u64>().ok(),
+                "the restarted server hands out xid {reused} again (the page saw up to {last})"
+            );
+        }
+        Fault::StandbyPromoted { primary, standby } => {
+            standby.set_setting("primary_conninfo", "");
+            let client = standby.connect("postgres").await;
+            standby
+                .wait_for("the standby's WAL receiver to stop", WAIT, || async {
+                    let row = client
+                        .query_one("SELECT count(*) FROM pg_stat_wal_receiver", &[])
+                        .await
+                        .ok()?;
+                    (row.get::<_, i64>(0) == 0).then_some(())
+                })
+                .await;
+            // The page gets events the standby never has.
+            reports
+                .wait_for_events("events the standby lacks", size.kill_after + 4)
+                .await;
+            primary.crash();
+            standby.psql("postgres", "SELECT pg_promote()");
+        }
+    }
+    if fault.starts_b_after() {
+        b = Some(Replica::start_at(db, "b", &args, b_address).await);
+    }
+    if fault.loses_connections() {
+        early = Some(Open::begin(db, r#"{"late": 1}"#).await);
+        late = Some(Open::begin(db, r#"{"late": 2}"#).await);
+    }
+    if resume_b {
+        // A's relay reaches the new run, and the page gets events from it first: its
+        // position is of the new run when it moves to B, whose relay is still on the old one.
+        let _ = go.send(true);
+        let before = events(&reports.items()).count();
+        reports
+            .wait_for_events("events after the fault, from replica A", before + 3)
+            .await;
+        b.as_ref().expect("replica B").pause(false);
+    }
+    // Otherwise A dies with the server back but nothing published since: the page's position
+    // is of the run before the fault when B resumes it.
     a.kill().await;
-    early
-        .commit()
-        .await
-        .expect("commit the first late transaction");
-    let _ = killed.send(true);
+    if let Some(early) = early.take() {
+        let id = early.commit().await;
+        publishing.acknowledged.lock().unwrap().push(id);
+    }
+    let _ = go.send(true);
     for publisher in publishers {
         publisher.await.expect("a publisher");
     }
-    late.commit()
-        .await
-        .expect("commit the last late transaction");
+    if let Some(late) = late.take() {
+        let id = late.commit().await;
+        publishing.acknowledged.lock().unwrap().push(id);
+    }
     let client = connect(db).await;
     let end = publish(&client, "chat", "u1", r#"{"end": true}"#, None).await;
     reports.wait_for_event("the last event", end).await;
     drop(chromium);
+    drop(b);
 
     let committed: Vec<Uuid> = client
         .query("SELECT id FROM event_outbox WHERE user_id = 'u1'", &[])
@@ -540,11 +738,38 @@ pub async fn failover(db: &str, size: FailoverSize) -> Failover {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    tally(&reports.items(), &committed, end)
+    let acknowledged = publishing.acknowledged.lock().unwrap().clone();
+    tally(&reports.items(), &committed, &acknowledged, end)
+}
+
+/// A transaction that published one event for u1 and stays open until [`Open::commit`].
+struct Open {
+    client: Client,
+    id: Uuid,
+}
+
+impl Open {
+    async fn begin(db: &str, payload: &str) -> Open {
+        let client = connect(db).await;
+        client.batch_execute("BEGIN").await.expect("begin");
+        let id = publish(&client, "chat", "u1", payload, None).await;
+        Open { client, id }
+    }
+
+    /// Commits; returns the event's id.
+    async fn commit(self) -> Uuid {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .expect("commit a transaction held open");
+        self.id
+    }
 }
 
 /// Compares what the page reported with the `committed` events of u1, `end` the last.
-fn tally(items: &[Value], committed: &[Uuid], end: Uuid) -> Failover {
+/// `acknowledged`: the ids of u1 whose commit the server acknowledged, some of which it may
+/// have lost since.
+fn tally(items: &[Value], committed: &[Uuid], acknowledged: &[Uuid], end: Uuid) -> Failover {
     let received: Vec<&Value> = events(items).collect();
     let mut counts: HashMap<String, usize> = HashMap::new();
     for event in &received {
@@ -553,6 +778,11 @@ fn tally(items: &[Value], committed: &[Uuid], end: Uuid) -> Failover {
             .or_default() += 1;
     }
     let committed_ids: Vec<String> = committed.iter().map(Uuid::to_string).collect();
+    let server_lost: Vec<String> = acknowledged
+        .iter()
+        .map(Uuid::to_string)
+        .filter(|id| !committed_ids.contains(id))
+        .collect();
     let mut disorder = Vec::new();
     for (seq, item) in items.iter().enumerate() {
         if item["seq"] != seq {
@@ -596,8 +826,9 @@ fn tally(items: &[Value], committed: &[Uuid], end: Uuid) -> Failover {
         duplicated: counts.values().filter(|&&n| n > 1).count(),
         foreign: counts
             .keys()
-            .filter(|id| !committed_ids.contains(id))
+            .filter(|id| !committed_ids.contains(id) && !server_lost.contains(*id))
             .count(),
+        server_lost: server_lost.len(),
         resets: items.iter().filter(|item| item["type"] == "reset").count(),
         connections: items.iter().filter(|item| item["type"] == "open").count(),
         first_connection: items

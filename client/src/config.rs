@@ -114,7 +114,8 @@ impl RelayBuilder {
     }
 
     /// How many events each subscriber may have queued, besides the batch it is reading, before
-    /// it lags. Default: 1024.
+    /// the relay stops queueing for it and it reads what it missed from the outbox instead
+    /// (see [`Subscription`](crate::Subscription)). Default: 1024.
     pub fn subscriber_buffer(mut self, events: usize) -> Self {
         self.subscriber_buffer = events;
         self

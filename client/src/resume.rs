@@ -31,7 +31,7 @@ use crate::topic::Filter;
 /// At most this many rows (and the rest of the last transaction) are read for one catch-up
 /// query: a subscription that missed more gets them a page at a time, so what a catch-up
 /// holds in memory is bounded whatever the backlog.
-pub(crate) const PAGE_ROWS: usize = 5_000;
+pub(crate) const PAGE_ROWS: usize = 1_000;
 
 /// A subscription's request to resume from `position`.
 pub(crate) struct ResumeRequest {

@@ -35,7 +35,7 @@ enum Resume {
 /// the rest of the batch it is reading. When it is full, the relay stops queueing for this
 /// subscriber alone; once the subscriber has read what was queued, it reads what it missed
 /// from the outbox, from its own position (as a resume does: coalesced with the other
-/// catch-ups, a page of 5,000 rows and the rest of a transaction at a time), then rejoins its
+/// catch-ups, a page of 1,000 rows and the rest of a transaction at a time), then rejoins its
 /// queue. So a slow reader gets every event once, in `xid` order past the point where it fell
 /// behind, and holds at most its buffer and one page meanwhile. It gets a
 /// [`Delivery::Reset`] instead only if what it missed was pruned, and a [`Delivery::Lagged`]

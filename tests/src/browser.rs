@@ -170,6 +170,38 @@ impl Replica {
             .expect("wait for the replica")
     }
 
+    /// `name`'s value in its `/metrics`, summed over its labels.
+    pub async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut connection = TcpStream::connect(self.address)
+            .await
+            .expect("connect to the replica");
+        connection
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("ask for /metrics");
+        let mut response = String::new();
+        tokio::time::timeout(WAIT, connection.read_to_string(&mut response))
+            .await
+            .expect("a response")
+            .expect("read /metrics");
+        let lines = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, body)| body)
+            .lines()
+            .map(|line| Ok(line.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("the Prometheus text format");
+        scrape
+            .samples
+            .iter()
+            .filter(|sample| sample.metric == name)
+            .map(|sample| match sample.value {
+                prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Gauge(n) => n,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -233,11 +265,23 @@ impl Drop for Proxy {
     }
 }
 
-/// An HTTP endpoint the page POSTs its reports to, keeping them in order.
+/// An HTTP endpoint the page POSTs its reports to, keeping them in order; and the one it
+/// blocks on (`block`: answered once [`Reports::unblock`] is called).
 pub struct Reports {
     address: SocketAddr,
     items: watch::Receiver<Vec<Value>>,
+    /// How many block requests arrived.
+    blocked: watch::Receiver<usize>,
+    unblock: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+/// What the collector's routes share.
+#[derive(Clone)]
+struct Collected {
+    items: watch::Sender<Vec<Value>>,
+    blocked: watch::Sender<usize>,
+    unblocked: watch::Receiver<bool>,
 }
 
 impl Reports {
@@ -247,6 +291,8 @@ impl Reports {
         use axum::routing::post;
 
         let (sender, items) = watch::channel(Vec::new());
+        let (blocked_sender, blocked) = watch::channel(0);
+        let (unblock, unblocked) = watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the report collector");
@@ -255,9 +301,9 @@ impl Reports {
             .route(
                 "/report",
                 post(
-                    |State(sender): State<watch::Sender<Vec<Value>>>, body: String| async move {
+                    |State(collected): State<Collected>, body: String| async move {
                         match serde_json::from_str::<Vec<Value>>(&body) {
-                            Ok(batch) => sender.send_modify(|items| items.extend(batch)),
+                            Ok(batch) => collected.items.send_modify(|items| items.extend(batch)),
                             Err(err) => {
                                 eprintln!("a report that is not a JSON array ({err}): {body}")
                             }
@@ -265,15 +311,48 @@ impl Reports {
                     },
                 ),
             )
-            .with_state(sender);
+            .route(
+                "/block",
+                post(|State(collected): State<Collected>| async move {
+                    collected.blocked.send_modify(|blocked| *blocked += 1);
+                    let mut unblocked = collected.unblocked.clone();
+                    let _ = unblocked.wait_for(|unblocked| *unblocked).await;
+                }),
+            )
+            .with_state(Collected {
+                items: sender,
+                blocked: blocked_sender,
+                unblocked,
+            });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
         Reports {
             address,
             items,
+            blocked,
+            unblock,
             task,
         }
+    }
+
+    /// The URL the page blocks on.
+    pub fn block_url(&self) -> String {
+        format!("http://{}/block", self.address)
+    }
+
+    /// Waits until the page is blocked on [`Reports::block_url`].
+    pub async fn wait_blocked(&self) {
+        let mut blocked = self.blocked.clone();
+        tokio::time::timeout(WAIT, blocked.wait_for(|blocked| *blocked > 0))
+            .await
+            .expect("the page blocks")
+            .expect("the collector runs");
+    }
+
+    /// Answers the page's block request: its event loop runs again.
+    pub fn unblock(&self) {
+        let _ = self.unblock.send(true);
     }
 
     /// The URL the page reports to.

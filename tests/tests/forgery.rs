@@ -12,7 +12,6 @@ use pg_outbox_client::{Relay, Topic};
 use pg_outbox_tests::browser::{events, Chromium, Replica, Reports};
 use pg_outbox_tests::relay::{publish, relay, Collector};
 use pg_outbox_tests::{Cluster, WAIT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
@@ -113,37 +112,6 @@ async fn forgeries_reach_no_subscriber_in_reference_mode() {
     forgeries_reach_no_subscriber(cluster(Some("reference")), "forgery_reference").await;
 }
 
-/// `name`'s value in the replica's `/metrics`, summed over its labels.
-async fn metric(replica: &Replica, name: &str) -> f64 {
-    let mut connection = tokio::net::TcpStream::connect(replica.address())
-        .await
-        .unwrap();
-    connection
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, connection.read_to_string(&mut response))
-        .await
-        .expect("a response")
-        .unwrap();
-    let lines = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .lines()
-        .map(|line| Ok(line.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("the Prometheus text format");
-    scrape
-        .samples
-        .iter()
-        .filter(|sample| sample.metric == name)
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Gauge(n) => n,
-            _ => 0.0,
-        })
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_hears_nothing_of_forgeries() {
     let cluster = cluster(None);
@@ -162,7 +130,9 @@ async fn a_browser_hears_nothing_of_forgeries() {
     let sent = forge(&cluster, 20, async {}).await;
     cluster
         .wait_for("every forgery counted in /metrics", WAIT, || async {
-            let forged = metric(&replica, "pg_outbox_relay_forged_notifications_total").await;
+            let forged = replica
+                .metric("pg_outbox_relay_forged_notifications_total")
+                .await;
             (forged == sent as f64).then_some(())
         })
         .await;

@@ -64,6 +64,10 @@ struct Args {
     /// Publishing connections at most (`POST /publish`).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
+    /// Events queued per browser before a browser that reads slowly reads from the outbox
+    /// instead (the relay's `subscriber_buffer`).
+    #[arg(long, default_value_t = 1024)]
+    buffer: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +127,7 @@ async fn run(args: Args) -> Result<(), AppError> {
     );
     let relay = RelayBuilder::from_connection_string(&args.db)?
         .application_name(format!("pg_outbox_sse_{}", args.name))
+        .subscriber_buffer(args.buffer.max(1))
         .build()?;
     relay.start().await?;
     let publishers = Pool::builder(Manager::from_config(

@@ -6,6 +6,9 @@
 --   outbox_record_run(); relays read the history through outbox_server_runs().
 -- * The run in progress is recorded without a floor: it may have published already. Positions
 --   of runs before it are carried over by the relays that lived through them, as in 0.5.0.
+-- * Rows are indexed by (user_id, xid), so that a resume reads what its user missed; on
+--   event_outbox and each segment (later segments copy it). Building it holds publishers for
+--   as long as it takes on the rows the outbox keeps.
 \echo Use "ALTER EXTENSION pg_outbox UPDATE TO '0.6.0'" to load this file. \quit
 
 -- The runs of the server that this database's history went through, so that any relay can tell
@@ -107,3 +110,14 @@ REVOKE ALL ON TABLE outbox_runs FROM PUBLIC;
 INSERT INTO outbox_runs (system_identifier, timeline, started_at, floor_xid)
 VALUES ((SELECT system_identifier::text FROM pg_control_system()),
         substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), pg_postmaster_start_time(), NULL);
+
+CREATE INDEX event_outbox_user_id_xid_idx ON event_outbox (user_id, xid);
+DO $$
+DECLARE
+    segment name;
+BEGIN
+    FOR segment IN SELECT s.name FROM @extschema@.outbox_segments s LOOP
+        EXECUTE format('CREATE INDEX ON @extschema@.%I (user_id, xid)', segment);
+    END LOOP;
+END
+$$;

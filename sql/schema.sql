@@ -31,6 +31,9 @@ COMMENT ON TABLE event_outbox IS
 CREATE INDEX event_outbox_created_at_idx ON event_outbox (created_at);
 -- Catch-up scans the xid range between two snapshots.
 CREATE INDEX event_outbox_xid_idx ON event_outbox (xid, id);
+-- A resume reads its user's rows from its position on: what that user missed, not what
+-- everyone published since.
+CREATE INDEX event_outbox_user_id_xid_idx ON event_outbox (user_id, xid);
 
 -- The outbox's segments: child tables of event_outbox, each holding the events published from
 -- starts_at to ends_at. The pruner creates them ahead of time (pg_outbox.segment_interval) and

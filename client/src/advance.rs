@@ -23,36 +23,43 @@ use crate::rows::{Unreadable, Visible};
 /// list printed it again for every row returned (a sixth of the query's time at 64 writers).
 pub(crate) fn advance_sql(schema: &str, filter_channels: bool) -> String {
     let channel_filter = if filter_channels {
-        "AND channel = ANY($2::text[])"
+        "AND o.channel = ANY($2::text[])"
     } else {
         ""
     };
-    rows_visible_sql(
+    let rows = visible_rows(
+        schema,
+        &format!(
+            "o.xid >= pg_snapshot_xmin(snap.f) \
+             AND NOT pg_visible_in_snapshot(o.xid, snap.f) {channel_filter}"
+        ),
+    );
+    rows_sql(
         schema,
         "pg_current_snapshot() AS s, $1::text::pg_snapshot AS f",
-        &format!(
-            "xid >= pg_snapshot_xmin(snap.f) \
-             AND NOT pg_visible_in_snapshot(xid, snap.f) {channel_filter}"
-        ),
+        &format!("{rows} ORDER BY o.xid, o.id"),
+    )
+}
+
+/// A `SELECT` of the rows of `event_outbox` (as `o`) visible in the snapshot `snap.s` of
+/// [`rows_sql`] that `conditions` keep, with the columns [`parse`] reads.
+pub(crate) fn visible_rows(schema: &str, conditions: &str) -> String {
+    format!(
+        "SELECT o.id, o.channel, o.user_id, o.payload, o.origin, o.created_at, o.xid \
+         FROM {}.event_outbox o \
+         WHERE o.xid < pg_snapshot_xmax(snap.s) \
+           AND pg_visible_in_snapshot(o.xid, snap.s) \
+           AND {conditions}",
+        quote_ident(schema)
     )
 }
 
 /// The shape of every statement that reads rows for the relay (the advance, a resume's
 /// catch-up): `taken` selects, once, in a materialized CTE `snap`, a new snapshot `s` (printed
-/// there once too) and whatever else the conditions need; then every row of `event_outbox`
-/// visible in `s` that `conditions` keep, in `(xid, id)` order, with the prune state. Its
-/// columns are what [`parse`] reads; with no row, one row of NULLs carries the snapshot.
-pub(crate) fn rows_visible_sql(schema: &str, taken: &str, conditions: &str) -> String {
-    rows_visible_sql_ordered(schema, taken, conditions, "ORDER BY xid, id")
-}
-
-/// [`rows_visible_sql`] with the scan's `ORDER BY` (and `FETCH`) clause of the caller's.
-pub(crate) fn rows_visible_sql_ordered(
-    schema: &str,
-    taken: &str,
-    conditions: &str,
-    order: &str,
-) -> String {
+/// there once too) and whatever else the rows need; then `rows` (built on [`visible_rows`],
+/// which may read `snap`), with the prune state. Its columns are what [`parse`] reads; with no
+/// row, one row of NULLs carries the snapshot.
+pub(crate) fn rows_sql(schema: &str, taken: &str, rows: &str) -> String {
     let schema = quote_ident(schema);
     format!(
         "WITH snap AS MATERIALIZED ( \
@@ -61,13 +68,7 @@ pub(crate) fn rows_visible_sql_ordered(
                 COALESCE((SELECT pruned_through_xid::text FROM {schema}.outbox_prune_state LIMIT 1), '0') AS pruned, \
                 e.id, e.channel, e.user_id, e.payload::text AS payload, e.origin, e.created_at, \
                 e.xid::text AS xid \
-         FROM snap LEFT JOIN LATERAL ( \
-             SELECT id, channel, user_id, payload, origin, created_at, xid \
-             FROM {schema}.event_outbox \
-             WHERE xid < pg_snapshot_xmax(snap.s) \
-               AND pg_visible_in_snapshot(xid, snap.s) \
-               AND {conditions} \
-             {order}) e ON true"
+         FROM snap LEFT JOIN LATERAL ({rows}) e ON true"
     )
 }
 

@@ -195,13 +195,13 @@ pub fn __advance_sql(schema: &str) -> String {
 #[doc(hidden)]
 pub const __QUERY_SESSION_SETTINGS: &str = connection::QUERY_SESSION_SETTINGS;
 
-/// The catch-up statement of resumed subscriptions for the extension in `schema`, with the
-/// users filter (`$2`) and no channels filter, exposed for the end-to-end test that checks its
-/// plan. Not a stable API.
+/// The catch-up statement of resumed subscriptions for the extension in `schema` (`$1`, `$2`:
+/// users and the xids their rows begin at; `$3`, `$4`: channels; `$5`: every event's), exposed
+/// for the end-to-end test that checks its plan. Not a stable API.
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub fn __catch_up_sql(schema: &str) -> String {
-    resume::catch_up_sql(schema, true, false, false)
+    resume::catch_up_sql(schema)
 }
 
 /// The numbers the documentation quotes are the code's: a constant changed without its prose

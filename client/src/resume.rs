@@ -10,10 +10,11 @@
 //! handed out once, whichever replica issued the position.
 //!
 //! Resumes are coalesced: while a query is out, the requests that arrive wait, and the next
-//! query serves them all, reading from the least `xmin` of their positions with their topics'
-//! users and channels. A thousand browsers arriving together cost a few queries, not a thousand.
+//! query serves them all, reading each topic's rows from the least `xmin` of its own requests'
+//! positions (through the `(user_id, xid)` index for a user's). A thousand browsers arriving
+//! together cost a few queries, not a thousand, and each reads what its own topic missed.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
@@ -59,64 +60,71 @@ pub(crate) struct CatchUp {
     pub next_page: Option<u64>,
 }
 
-/// The statement of the catch-up: `$1` is the least xmin, as text, then the users wanted and
-/// the channels wanted (`text[]`), each only if some request filters on it; none when some
-/// request wants every event. The snapshot is taken in the same statement as the scan, as in
-/// the advance, whose columns it returns. Leaving out the filters no request needs lets the
-/// planner read `(user_id, xid)` or `(channel, xid)` indexes, where a deployment has them.
-pub(crate) fn catch_up_sql(schema: &str, users: bool, channels: bool, everything: bool) -> String {
-    let filter = match (everything, users, channels) {
-        (true, _, _) => "",
-        (false, true, true) => "AND (user_id = ANY($2::text[]) OR channel = ANY($3::text[]))",
-        (false, true, false) => "AND user_id = ANY($2::text[])",
-        (false, false, true) => "AND channel = ANY($2::text[])",
-        (false, false, false) => "AND false",
+/// The statement of the catch-up. Each topic's rows are read from the xid its own requests
+/// need them from, through the index that serves it: `$1` the users wanted and `$2` the xid
+/// each one's rows begin at (`text[]`s of the same length; the `(user_id, xid)` index), `$3`
+/// and `$4` the same for channels, `$5` the xid every event is read from, or NULL when no
+/// request wants every event (both through the `xid` index). So a catch-up costs what its
+/// topics missed, not what everyone published since the oldest position in the batch. Each
+/// topic's scan stops at a page, as the whole does (the limits make each one a scan of its
+/// own, in xid order, whatever the plan): the first [`PAGE_ROWS`] rows by xid and the rest of
+/// the last transaction, so a page ends on an xid boundary, and a topic that filled a page has
+/// every row below where the whole page ends. The snapshot is taken in the same statement as
+/// the scans, as in the advance, whose columns it returns. A row of two topics comes once per
+/// topic.
+pub(crate) fn catch_up_sql(schema: &str) -> String {
+    let page = format!("ORDER BY o.xid FETCH FIRST {PAGE_ROWS} ROWS WITH TIES");
+    let topic = |column: &str| {
+        let rows = advance::visible_rows(
+            schema,
+            &format!("o.{column} = w.topic AND o.xid >= w.from_xid::xid8"),
+        );
+        format!("LATERAL ({rows} {page}) r")
     };
-    // WITH TIES: a page ends with a whole transaction, so its end is an xid boundary.
-    advance::rows_visible_sql_ordered(
+    let everything = advance::visible_rows(schema, "o.xid >= $5::text::xid8");
+    advance::rows_sql(
         schema,
         "pg_current_snapshot() AS s",
-        &format!("xid >= $1::text::xid8 {filter}"),
-        &format!("ORDER BY xid FETCH FIRST {PAGE_ROWS} ROWS WITH TIES"),
+        &format!(
+            "SELECT u.* FROM ( \
+                 SELECT r.* FROM unnest($1::text[], $2::text[]) AS w(topic, from_xid), {} \
+                 UNION ALL \
+                 SELECT r.* FROM unnest($3::text[], $4::text[]) AS w(topic, from_xid), {} \
+                 UNION ALL ({everything} {page})) u \
+             ORDER BY u.xid FETCH FIRST {PAGE_ROWS} ROWS WITH TIES",
+            topic("user_id"),
+            topic("channel"),
+        ),
     )
 }
 
-/// The rows a set of requests may need: from the least xmin of their positions (carried over
-/// to the current server run, as they will be answered), of their users and channels (each
-/// request then keeps its own).
+/// The rows a set of requests may need: for each user and channel, and for every event,
+/// from the least xid their requests need (the xmin of each position, carried over to the
+/// current server run as it will be answered, or where its last page ended); each request then
+/// keeps its own.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Wanted {
-    from: u64,
-    users: Vec<String>,
-    channels: Vec<String>,
-    everything: bool,
+    users: BTreeMap<String, u64>,
+    channels: BTreeMap<String, u64>,
+    everything: Option<u64>,
 }
 
 impl Wanted {
     pub fn of(requests: &[ResumeRequest], answering: &Answering) -> Wanted {
-        let mut wanted = Wanted {
-            // A position that will be reset needs no row.
-            from: requests
-                .iter()
-                .filter_map(|request| {
-                    let base = answering.carry_over(&request.position).ok()?;
-                    Some(base.snapshot().xmin().max(request.read_from))
-                })
-                .min()
-                .unwrap_or(u64::MAX),
-            ..Wanted::default()
-        };
+        let mut wanted = Wanted::default();
         for request in requests {
-            match (&request.filter.user_id, &request.filter.channel) {
-                (Some(user), _) => wanted.users.push(user.clone()),
-                (None, Some(channel)) => wanted.channels.push(channel.clone()),
-                (None, None) => wanted.everything = true,
-            }
+            // A position that will be reset needs no row.
+            let Ok(base) = answering.carry_over(&request.position) else {
+                continue;
+            };
+            let from = base.snapshot().xmin().max(request.read_from);
+            let least = match (&request.filter.user_id, &request.filter.channel) {
+                (Some(user), _) => wanted.users.entry(user.clone()).or_insert(from),
+                (None, Some(channel)) => wanted.channels.entry(channel.clone()).or_insert(from),
+                (None, None) => wanted.everything.get_or_insert(from),
+            };
+            *least = (*least).min(from);
         }
-        wanted.users.sort_unstable();
-        wanted.users.dedup();
-        wanted.channels.sort_unstable();
-        wanted.channels.dedup();
         wanted
     }
 }
@@ -127,27 +135,31 @@ pub(crate) async fn query(
     wanted: &Wanted,
     schema: &str,
 ) -> Result<Visible, Error> {
-    let (users, channels) = if wanted.everything {
-        (false, false)
-    } else {
-        (!wanted.users.is_empty(), !wanted.channels.is_empty())
+    let topics = |bounds: &BTreeMap<String, u64>| -> (Vec<String>, Vec<String>) {
+        bounds
+            .iter()
+            .map(|(topic, from)| (topic.clone(), from.to_string()))
+            .unzip()
     };
-    let from = wanted.from.to_string();
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from];
-    if users {
-        params.push(&wanted.users);
-    }
-    if channels {
-        params.push(&wanted.channels);
-    }
-    let sql = catch_up_sql(schema, users, channels, wanted.everything);
+    let (users, users_from) = topics(&wanted.users);
+    let (channels, channels_from) = topics(&wanted.channels);
+    let everything_from = wanted.everything.map(|from| from.to_string());
+    let params: [&(dyn ToSql + Sync); 5] = [
+        &users,
+        &users_from,
+        &channels,
+        &channels_from,
+        &everything_from,
+    ];
     let rows = client
-        .query(&sql, &params)
+        .query(&catch_up_sql(schema), &params)
         .await
         .map_err(|e| Error::from_query(e, schema))?;
     let mut read = advance::parse(&rows)?;
+    let full = read.rows.len() >= PAGE_ROWS;
     read.rows.sort_unstable_by_key(RowKey::of);
-    if read.rows.len() >= PAGE_ROWS {
+    read.rows.dedup_by_key(|row| RowKey::of(row));
+    if full {
         read.page_end = read.rows.last().map(|row| RowKey::of(row).xid + 1);
     }
     Ok(read)
@@ -395,8 +407,11 @@ mod tests {
             request("u1", position(1, "170:170:", &[])),
             request("u2", position(7, "100:100:", &[])),
         ];
-        assert_eq!(Wanted::of(&requests, &answering).from, 150);
-        assert_eq!(Wanted::of(&requests[1..], &answering).from, u64::MAX);
+        assert_eq!(
+            Wanted::of(&requests, &answering).users,
+            BTreeMap::from([("u1".to_owned(), 150)])
+        );
+        assert_eq!(Wanted::of(&requests[1..], &answering), Wanted::default());
     }
 
     #[test]
@@ -424,6 +439,47 @@ mod tests {
         // The next page reads from its end, not from the position's xmin.
         let mut next = request("u1", position(1, "100:100:", &[]));
         next.read_from = 111;
-        assert_eq!(Wanted::of(&[next], &answering).from, 111);
+        assert_eq!(Wanted::of(&[next], &answering).users["u1"], 111);
+    }
+
+    #[test]
+    fn each_topic_is_read_from_what_its_own_requests_need() {
+        let policy = Policy::default();
+        let answering = Answering {
+            epoch: 1,
+            generation: 0,
+            recorded: &[],
+            changes: &[],
+            policy: &policy,
+        };
+        let channel = |name: &str, position: Position| ResumeRequest {
+            filter: Filter {
+                channel: Some(name.into()),
+                user_id: None,
+            },
+            ..request("-", position)
+        };
+        let everything = |position: Position| ResumeRequest {
+            filter: Filter {
+                channel: None,
+                user_id: None,
+            },
+            ..request("-", position)
+        };
+        // An old token for u1 does not make u2 or the channel read from its xmin.
+        let requests = [
+            request("u1", position(1, "100:100:", &[])),
+            request("u1", position(1, "900:900:", &[])),
+            request("u2", position(1, "950:960:955", &[])),
+            channel("news", position(1, "980:980:", &[])),
+            everything(position(1, "990:990:", &[])),
+        ];
+        let wanted = Wanted::of(&requests, &answering);
+        assert_eq!(
+            wanted.users,
+            BTreeMap::from([("u1".to_owned(), 100), ("u2".to_owned(), 950)])
+        );
+        assert_eq!(wanted.channels, BTreeMap::from([("news".to_owned(), 980)]));
+        assert_eq!(wanted.everything, Some(990));
     }
 }

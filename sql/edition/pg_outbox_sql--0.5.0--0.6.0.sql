@@ -5,6 +5,9 @@
 --   through outbox_record_run(); relays read the history through outbox_server_runs().
 -- * The run in progress is recorded without a floor: it may have published already. Positions
 --   of runs before it are carried over by the relays that lived through them, as in 0.5.0.
+-- * Rows are indexed by (user_id, xid), so that a resume reads what its user missed; on
+--   event_outbox and each segment. Building it holds publishers for as long as it takes on
+--   the rows the outbox keeps.
 -- Like the install script, this one runs under CREATE EXTENSION's search_path (or psql's, with
 -- PGOPTIONS='-c search_path=<the schema>'): the objects go into the current schema.
 
@@ -480,3 +483,9 @@ REVOKE ALL ON TABLE outbox_runs FROM PUBLIC;
 INSERT INTO outbox_runs (system_identifier, timeline, started_at, floor_xid)
 VALUES ((SELECT system_identifier::text FROM pg_control_system()),
         substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), pg_postmaster_start_time(), NULL);
+
+CREATE INDEX event_outbox_user_id_xid_idx ON event_outbox (user_id, xid);
+CREATE INDEX ON event_outbox_segment_0 (user_id, xid);
+CREATE INDEX ON event_outbox_segment_1 (user_id, xid);
+CREATE INDEX ON event_outbox_segment_2 (user_id, xid);
+CREATE INDEX ON event_outbox_segment_3 (user_id, xid);

@@ -84,6 +84,9 @@ COMMENT ON TABLE event_outbox IS
 CREATE INDEX event_outbox_created_at_idx ON event_outbox (created_at);
 -- Catch-up scans the xid range between two snapshots.
 CREATE INDEX event_outbox_xid_idx ON event_outbox (xid, id);
+-- A resume reads its user's rows from its position on: what that user missed, not what
+-- everyone published since.
+CREATE INDEX event_outbox_user_id_xid_idx ON event_outbox (user_id, xid);
 
 -- What pruning has done: one row, updated by every prune batch.
 CREATE TABLE outbox_prune_state (
@@ -122,6 +125,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (id)', segment_table);
         EXECUTE format('CREATE INDEX ON %I (created_at)', segment_table);
         EXECUTE format('CREATE INDEX ON %I (xid, id)', segment_table);
+        EXECUTE format('CREATE INDEX ON %I (user_id, xid)', segment_table);
     END LOOP;
 END
 $segments$;

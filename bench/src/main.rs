@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! pg-outbox-bench [--smoke]
-//!     [--only publish|latency|browser|fanout|prune|memory|resume|relays|plan|connections|sql-edition|sealing]
+//!     [--only publish|latency|browser|fanout|prune|memory|resume|relays|plan|connections|sql-edition|sealing|user-index]
 //! ```
 //! `--smoke` runs every figure tiny, so CI keeps the harness from rotting; its numbers mean
 //! nothing. Results go to stdout as Markdown tables, for BENCHMARKS.md.
@@ -176,6 +176,9 @@ async fn main() {
     // Part of `publish`; alone only when asked for by name.
     if options.only.as_deref() == Some("sealing") {
         tables.extend(publish_rate::sealing(&cluster, &options).await);
+    }
+    if options.only.as_deref() == Some("user-index") {
+        tables.extend(publish_rate::user_index(&cluster, &options).await);
     }
     if options.wants("sql-edition") {
         tables.extend(sql_edition::run(&cluster, &options).await);

@@ -147,6 +147,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Vec<Table> {
         add_rows(&mut batches, &batch.to_string(), &events);
     }
     tables.push(batches);
+    tables.push(user_index_table(cluster, options));
     tables.push(sealing_table(cluster, options));
     let mut logical = paired(
         cluster,
@@ -170,6 +171,79 @@ pub(crate) fn tps_in_database(cluster: &Cluster, database: &str, run: &Run) -> f
         database,
         run,
     )
+}
+
+/// The defaults with and without the `(user_id, xid)` index that resumes read.
+const USER_INDEX: [Variant; 2] = [
+    Variant::native("without the (user_id, xid) index", "publish", ""),
+    Variant::native("with it (the default)", "publish", ""),
+];
+
+/// What the `(user_id, xid)` index costs publishers: the defaults with it and without it, in
+/// turn in the same database (it is dropped or made again, on the empty outbox, before each
+/// run), one event per transaction and 100.
+fn user_index_table(cluster: &Cluster, options: &Options) -> Table {
+    let mut table = Table::new(
+        "What the (user_id, xid) index costs publishers",
+        &[
+            "clients × events per tx",
+            "variant",
+            "tx/s (median)",
+            "rounds' range",
+            "vs without",
+        ],
+    );
+    let prepare = |variant: &Variant| {
+        let statement = if variant.name == USER_INDEX[0].name {
+            "DROP INDEX %I"
+        } else {
+            "CREATE INDEX IF NOT EXISTS %I ON %I (user_id, xid)"
+        };
+        cluster.psql(
+            "postgres",
+            &format!(
+                "DO $$ DECLARE t text; BEGIN \
+                   FOR t IN SELECT 'event_outbox' UNION ALL SELECT name FROM outbox_segments LOOP \
+                     IF {drop} = (to_regclass(t || '_user_id_xid_idx') IS NOT NULL) THEN \
+                       EXECUTE format('{statement}', t || '_user_id_xid_idx', t); \
+                     END IF; \
+                   END LOOP; END $$",
+                drop = variant.name == USER_INDEX[0].name,
+            ),
+        );
+    };
+    for (clients, batch) in [(1, 1), (8, 1), (8, 100)] {
+        if !options.client_counts().contains(&clients) {
+            continue;
+        }
+        let rates = interleaved_prepared(cluster, options, &USER_INDEX, prepare, |variant| Run {
+            script: format!("{}_batch.sql", variant.script),
+            clients,
+            duration: options.run_time(),
+            options: variant.options.to_owned(),
+            variables: vec![("batch".to_owned(), batch.to_string())],
+        });
+        let without = &rates[0].1;
+        for (name, rounds) in &rates {
+            table.row(row(
+                &format!("{clients} × {batch}"),
+                name,
+                rounds,
+                &[without],
+            ));
+        }
+    }
+    table.note = "The defaults (sealed, transaction mode) in the same database, the index dropped from event_outbox and its segments, or made again, on the empty outbox before each run; pgbench -M prepared, publish_batch.sql (one statement publishing the batch), interleaved rounds.".to_owned();
+    table
+}
+
+/// Only what the `(user_id, xid)` index costs publishers (`--only user-index`): the table of
+/// [`run`]'s.
+pub async fn user_index(cluster: &Cluster, options: &Options) -> Vec<Table> {
+    let drained = crate::drain::spawn(cluster).await;
+    let table = user_index_table(cluster, options);
+    drained.stop().await;
+    vec![table]
 }
 
 /// Only what sealing, the default, costs publishers (`--only sealing`): the table of
@@ -254,12 +328,24 @@ fn interleaved<'v>(
     variants: &'v [Variant],
     run: impl Fn(&Variant) -> Run,
 ) -> Vec<(&'v str, Vec<f64>)> {
+    interleaved_prepared(cluster, options, variants, |_| {}, run)
+}
+
+/// [`interleaved`], with `prepare` run before each run, once the outbox is empty.
+fn interleaved_prepared<'v>(
+    cluster: &Cluster,
+    options: &Options,
+    variants: &'v [Variant],
+    prepare: impl Fn(&Variant),
+    run: impl Fn(&Variant) -> Run,
+) -> Vec<(&'v str, Vec<f64>)> {
     let mut samples = vec![Vec::new(); variants.len()];
     for round in 0..options.publish_rounds() {
         for offset in 0..variants.len() {
             let at = (round + offset) % variants.len();
             let variant = &variants[at];
             cluster.psql(variant.database, "TRUNCATE event_outbox, bare_outbox");
+            prepare(variant);
             samples[at].push(tps_in_database(cluster, variant.database, &run(variant)));
         }
     }

@@ -323,6 +323,17 @@ mod tests {
         }
     }
 
+    /// Answering on run 1, which the relay started on.
+    fn on_run_1(policy: &Policy) -> Answering<'_> {
+        Answering {
+            epoch: 1,
+            generation: 0,
+            recorded: &[],
+            changes: &[],
+            policy,
+        }
+    }
+
     fn ids(catch_up: &CatchUp) -> Vec<u128> {
         catch_up
             .rows
@@ -334,13 +345,7 @@ mod tests {
     #[test]
     fn each_subscription_gets_what_its_own_position_had_not_seen() {
         let policy = Policy::default();
-        let answering = Answering {
-            epoch: 1,
-            generation: 0,
-            recorded: &[],
-            changes: &[],
-            policy: &policy,
-        };
+        let answering = on_run_1(&policy);
         // 101 committed late (after 102); u1 saw 102 beyond its snapshot, u2 saw nothing.
         let rows = vec![
             event(1, 100, "u1"),
@@ -417,13 +422,7 @@ mod tests {
     #[test]
     fn a_page_covers_the_xids_below_its_end_and_the_next_reads_from_there() {
         let policy = Policy::default();
-        let answering = Answering {
-            epoch: 1,
-            generation: 0,
-            recorded: &[],
-            changes: &[],
-            policy: &policy,
-        };
+        let answering = on_run_1(&policy);
         let mut page = read(
             "120:130:125",
             0,
@@ -445,13 +444,7 @@ mod tests {
     #[test]
     fn each_topic_is_read_from_what_its_own_requests_need() {
         let policy = Policy::default();
-        let answering = Answering {
-            epoch: 1,
-            generation: 0,
-            recorded: &[],
-            changes: &[],
-            policy: &policy,
-        };
+        let answering = on_run_1(&policy);
         let channel = |name: &str, position: Position| ResumeRequest {
             filter: Filter {
                 channel: Some(name.into()),

@@ -753,17 +753,7 @@ pub async fn failover(db: &str, size: FailoverSize, fault: Fault<'_>) -> Failove
             );
         }
         Fault::StandbyPromoted { primary, standby } => {
-            standby.set_setting("primary_conninfo", "");
-            let client = standby.connect("postgres").await;
-            standby
-                .wait_for("the standby's WAL receiver to stop", WAIT, || async {
-                    let row = client
-                        .query_one("SELECT count(*) FROM pg_stat_wal_receiver", &[])
-                        .await
-                        .ok()?;
-                    (row.get::<_, i64>(0) == 0).then_some(())
-                })
-                .await;
+            standby.stop_replaying().await;
             // The page gets events the standby never has.
             reports
                 .wait_for_events("events the standby lacks", size.kill_after + 4)

@@ -263,6 +263,21 @@ impl Cluster {
         standby
     }
 
+    /// Makes this standby stop receiving WAL, and waits until it has: what its primary
+    /// commits from now on, it never has.
+    pub async fn stop_replaying(&self) {
+        self.set_setting("primary_conninfo", "");
+        let client = self.connect("postgres").await;
+        self.wait_for("the standby's WAL receiver to stop", WAIT, || async {
+            let row = client
+                .query_one("SELECT count(*) FROM pg_stat_wal_receiver", &[])
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 0).then_some(())
+        })
+        .await;
+    }
+
     /// The directory that holds the data directory, the log and the socket.
     pub fn root(&self) -> &Path {
         &self.root

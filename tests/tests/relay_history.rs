@@ -166,16 +166,7 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
         .await;
 
     // The standby stops receiving: what the primary commits from now on, it never has.
-    standby.set_setting("primary_conninfo", "");
-    primary
-        .wait_for("the standby's WAL receiver to stop", WAIT, || async {
-            let row = standby_client
-                .query_one("SELECT count(*) FROM pg_stat_wal_receiver", &[])
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 0).then_some(())
-        })
-        .await;
+    standby.stop_replaying().await;
     let lost = publish_n(&primary, 5).await;
     let burnt = burn_xids(&primary, 50).await;
     let delivered: HashSet<Uuid> = replicated.iter().chain(&lost).copied().collect();

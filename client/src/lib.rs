@@ -209,6 +209,7 @@ pub fn __catch_up_sql(schema: &str) -> String {
 #[cfg(test)]
 mod prose {
     use crate::cursor::{MAX_WAITING, WITNESSES};
+    use crate::resume::PAGE_ROWS;
     use crate::schedule::{EARLY_FETCH_AT, SWEEP_AFTER_DELIVERED};
 
     /// `n` as the prose writes it: 2,000 and 65,536, but 256.
@@ -229,11 +230,13 @@ mod prose {
         let guarantees = include_str!("guarantees.md");
         let readme = include_str!("../../README.md");
         let settings = include_str!("config.rs");
+        let subscription = include_str!("subscription.rs");
         let quotes = [
             (EARLY_FETCH_AT, &[guarantees, readme, settings][..]),
             (SWEEP_AFTER_DELIVERED, &[readme, settings][..]),
             (MAX_WAITING, &[guarantees][..]),
             (WITNESSES, &[guarantees][..]),
+            (PAGE_ROWS, &[guarantees, readme, subscription][..]),
         ];
         for (constant, texts) in quotes {
             for text in texts {

@@ -754,9 +754,13 @@ pub async fn failover(db: &str, size: FailoverSize, fault: Fault<'_>) -> Failove
         }
         Fault::StandbyPromoted { primary, standby } => {
             standby.stop_replaying().await;
-            // The page gets events the standby never has.
+            // The page gets an event the standby never has (and whatever else the publishers
+            // commit meanwhile).
+            let primary_client = primary.connect("postgres").await;
+            let lacking = publish(&primary_client, "chat", "u1", r#"{"lost": true}"#, None).await;
+            publishing.acknowledged.lock().unwrap().push(lacking);
             reports
-                .wait_for_events("events the standby lacks", size.kill_after + 4)
+                .wait_for_event("an event the standby lacks", lacking)
                 .await;
             primary.crash();
             standby.psql("postgres", "SELECT pg_promote()");

@@ -121,12 +121,11 @@ pub(crate) fn floor_after(recorded: &[RecordedRun], from: u32, current: u32) -> 
 }
 
 /// Records the run the connection is in, unless it is, and reads every run the database
-/// recorded, oldest first. `None` from a database whose extension predates 0.6.0, which
-/// records none.
+/// recorded, oldest first: none from a database whose extension predates 0.6.0.
 pub(crate) async fn recorded_runs(
     client: &Client,
     schema: &str,
-) -> Result<Option<Vec<RecordedRun>>, Error> {
+) -> Result<Vec<RecordedRun>, Error> {
     let sql = format!(
         "SELECT system_identifier, timeline, started_at, floor_xid::text \
          FROM {}.outbox_server_runs()",
@@ -134,7 +133,7 @@ pub(crate) async fn recorded_runs(
     );
     let rows = match client.query(&sql, &[]).await {
         Ok(rows) => rows,
-        Err(err) if err.code() == Some(&SqlState::UNDEFINED_FUNCTION) => return Ok(None),
+        Err(err) if err.code() == Some(&SqlState::UNDEFINED_FUNCTION) => return Ok(Vec::new()),
         Err(err) => return Err(Error::from_query(err, schema)),
     };
     rows.iter()
@@ -150,8 +149,7 @@ pub(crate) async fn recorded_runs(
                 floor: floor.map(parse_xid).transpose()?,
             })
         })
-        .collect::<Result<Vec<_>, Error>>()
-        .map(Some)
+        .collect()
 }
 
 /// Where the history the relay read still holds, after the server may have lost part of it.

@@ -174,7 +174,7 @@ impl Listener {
             shutdown,
             steps: Vec::new(),
             batch: Vec::new(),
-            lineage: Lineage::new(server, recorded.unwrap_or_default()),
+            lineage: Lineage::new(server, recorded),
             waiting_resumes: Vec::new(),
             unopened: Vec::new(),
             keys_read_at: Instant::now(),
@@ -672,7 +672,6 @@ impl Listener {
         let witnesses = self.cursor.witnesses();
         let check = async {
             let recorded = history::recorded_runs(&conn.queries, &self.cfg.schema).await?;
-            let recorded = recorded.unwrap_or_default();
             self.lineage.recorded(recorded);
             match self.lineage.recorded_floor(&run) {
                 Some(floor) => Ok(Floor::Exact(floor)),

@@ -323,7 +323,10 @@ impl Reports {
                 items: sender,
                 blocked: blocked_sender,
                 unblocked,
-            });
+            })
+            // A page that read many large events at once reports them in one body, past
+            // axum's default limit of 2 MB (which would answer 413, and lose the report).
+            .layer(axum::extract::DefaultBodyLimit::disable());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });

@@ -79,12 +79,21 @@ async fn a_page_that_stops_reading_gets_each_event_once_without_a_reset() {
         .map(|event| event["id"].as_str().unwrap_or_default().to_owned())
         .collect();
     let expected: Vec<String> = published.iter().map(Uuid::to_string).collect();
+    let kinds = |kind: &str| items.iter().filter(|item| item["type"] == kind).count();
     assert!(
         received == expected,
-        "received {} events, {} expected; first difference at {:?}",
+        "received {} events, {} expected; first difference at {:?}; {} opens, {} errors, {} \
+         resets; the replica's resumes {}, resets {}, lagged {}\n{}",
         received.len(),
         expected.len(),
-        received.iter().zip(&expected).position(|(a, b)| a != b)
+        received.iter().zip(&expected).position(|(a, b)| a != b),
+        kinds("open"),
+        kinds("error"),
+        kinds("reset"),
+        replica.metric("pg_outbox_relay_resumes_total").await,
+        replica.metric("pg_outbox_relay_resets_total").await,
+        replica.metric("pg_outbox_relay_events_lagged_total").await,
+        replica.log()
     );
     assert!(items.iter().all(|item| item["type"] != "reset"));
     assert!(

@@ -370,8 +370,8 @@ async fn a_row_stored_straight_into_a_segment_is_checked_and_indexed_like_an_ins
         .get(0);
     assert_eq!(
         checked,
-        3 * tables.len() as i64,
-        "the id, created_at and xid indexes"
+        4 * tables.len() as i64,
+        "the id, created_at, xid and (user_id, xid) indexes"
     );
 
     // A column added to event_outbox reaches the segments, but only an INSERT fills its

@@ -8,16 +8,43 @@ use std::cell::Cell;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
-thread_local! {
-    /// The run is recorded by a committed transaction: a backend lives in one run (a crash or a
-    /// restart ends it, and one on a standby publishes nothing before the promotion).
-    static RECORDED: Cell<bool> = const { Cell::new(false) };
+/// What this backend knows of the run's record.
+#[derive(Clone, Copy, PartialEq)]
+enum Known {
+    /// Nothing yet: ask.
+    Unknown,
+    /// Recorded by this (sub)transaction, which a rollback may still take back: asked again
+    /// in any other one, not in this one.
+    RecordedIn {
+        top: pg_sys::TransactionId,
+        sub: pg_sys::SubTransactionId,
+    },
+    /// Recorded by a committed transaction (or by the update to 0.6.0, where the database
+    /// predates it): a backend lives in one run (a crash or a restart ends it, and one on a
+    /// standby publishes nothing before the promotion).
+    Recorded,
 }
 
-/// Records the run unless this backend knows it is. Until the transaction that recorded it
-/// commits, each publish asks again: a rollback takes the record with it.
+thread_local! {
+    static KNOWN: Cell<Known> = const { Cell::new(Known::Unknown) };
+}
+
+/// The (sub)transaction publishing now; the top-level one has an xid (the record took one).
+fn current() -> Known {
+    // SAFETY: plain reads of the transaction manager's state.
+    unsafe {
+        Known::RecordedIn {
+            top: pg_sys::GetTopTransactionIdIfAny(),
+            sub: pg_sys::GetCurrentSubTransactionId(),
+        }
+    }
+}
+
+/// Records the run unless this backend knows it is: once per backend, and until the
+/// transaction that recorded it commits, once in each other (sub)transaction that publishes.
 pub fn record_before_publishing(namespace: pg_sys::Oid) {
-    if RECORDED.get() {
+    let known = KNOWN.get();
+    if known == Known::Recorded || known == current() {
         return;
     }
     // SAFETY: the oid names the schema of the calling function, which exists during the call.
@@ -40,5 +67,5 @@ pub fn record_before_publishing(namespace: pg_sys::Oid) {
             .unwrap_or(false),
         Err(e) => pgrx::error!("outbox_publish: could not look for outbox_record_run(): {e}"),
     };
-    RECORDED.set(recorded);
+    KNOWN.set(if recorded { Known::Recorded } else { current() });
 }

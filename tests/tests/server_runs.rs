@@ -35,8 +35,15 @@ async fn a_rolled_back_record_is_made_again_on(edition: Edition) {
     tx.rollback().await.unwrap();
     assert_eq!(rows_of_this_run(&observer).await, 0);
 
-    // The session's next event records the run again, before it commits.
-    publish(&session, "chat", "u1", "{}", None).await;
+    // The session's next transaction records the run again, before it commits, and once
+    // however many events it publishes.
+    session
+        .batch_execute(
+            "SELECT outbox_publish('chat', 'u1', '{}') FROM generate_series(1, 50); \
+             SELECT outbox_publish('chat', 'u1', '{}')",
+        )
+        .await
+        .unwrap();
     assert_eq!(rows_of_this_run(&observer).await, 1);
     // And once it is recorded, the session records it no more.
     publish(&session, "chat", "u1", "{}", None).await;

@@ -709,28 +709,22 @@ pub async fn failover(db: &str, size: FailoverSize, fault: Fault<'_>) -> Failove
     reports
         .wait_for_events("events before the fault", size.kill_after)
         .await;
-    let mut resume_b = false;
     match fault {
         Fault::ReplicaKilled => {}
         Fault::RestartThenReplicaKilled(cluster) => {
             b.as_ref().expect("replica B").pause(true);
             cluster.restart();
-            resume_b = true;
         }
         Fault::RestartThenNewReplica(cluster) => cluster.restart(),
         Fault::CrashReusingXids(cluster) => {
             // Nothing flushes the WAL from now on: the publishers wait at their half.
             let mut waiting = waiting_seen.clone();
-            let _ = tokio::time::timeout(WAIT, waiting.wait_for(|n| *n == 3)).await;
+            tokio::time::timeout(WAIT, waiting.wait_for(|n| *n == 3))
+                .await
+                .expect("the publishers wait at their half")
+                .expect("the publishers' count");
+            let last = cluster.burn_xids(30).await;
             let unflushed = connect(db).await;
-            let mut last = String::new();
-            for _ in 0..30 {
-                last = unflushed
-                    .query_one("SELECT pg_current_xact_id()::text", &[])
-                    .await
-                    .expect("take an xid")
-                    .get(0);
-            }
             // An event above them, committed without a flush: once the page has it, its
             // position covers every one of those xids.
             unflushed
@@ -744,14 +738,9 @@ pub async fn failover(db: &str, size: FailoverSize, fault: Fault<'_>) -> Failove
                 .await;
             cluster.crash();
             cluster.pg_ctl_start();
-            let reused: String = connect(db)
-                .await
-                .query_one("SELECT pg_current_xact_id()::text", &[])
-                .await
-                .expect("take an xid")
-                .get(0);
+            let reused = cluster.burn_xids(1).await;
             assert!(
-                reused.parse::<u64>().ok() <= last.parse::<u64>().ok(),
+                reused <= last,
                 "the restarted server hands out xid {reused} again (the page saw up to {last})"
             );
         }
@@ -776,7 +765,7 @@ pub async fn failover(db: &str, size: FailoverSize, fault: Fault<'_>) -> Failove
         early = Some(Open::begin(db, r#"{"late": 1}"#).await);
         late = Some(Open::begin(db, r#"{"late": 2}"#).await);
     }
-    if resume_b {
+    if matches!(fault, Fault::RestartThenReplicaKilled(_)) {
         // A's relay reaches the new run, and the page gets events from it first: its
         // position is of the new run when it moves to B, whose relay is still on the old one.
         let _ = go.send(true);

@@ -263,6 +263,21 @@ impl Cluster {
         standby
     }
 
+    /// Runs `n` transactions that take an xid and write nothing, so write no WAL of their own
+    /// and flush none at commit; returns the last xid.
+    pub async fn burn_xids(&self, n: usize) -> u64 {
+        let client = self.connect("postgres").await;
+        let mut last = String::new();
+        for _ in 0..n {
+            last = client
+                .query_one("SELECT pg_current_xact_id()::text", &[])
+                .await
+                .expect("take an xid")
+                .get(0);
+        }
+        last.parse().expect("an xid")
+    }
+
     /// Makes this standby stop receiving WAL, and waits until it has: what its primary
     /// commits from now on, it never has.
     pub async fn stop_replaying(&self) {

@@ -18,20 +18,6 @@ use pg_outbox_tests::{Cluster, WAIT};
 use tokio_postgres::config::TargetSessionAttrs;
 use uuid::Uuid;
 
-/// Runs `n` transactions that take an xid and write nothing; returns the last xid.
-async fn burn_xids(cluster: &Cluster, n: usize) -> u64 {
-    let client = cluster.connect("postgres").await;
-    let mut last = String::new();
-    for _ in 0..n {
-        last = client
-            .query_one("SELECT pg_current_xact_id()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-    }
-    last.parse().unwrap()
-}
-
 /// The least xid among the rows of `ids`.
 async fn least_xid(cluster: &Cluster, ids: &[Uuid]) -> u64 {
     let client = cluster.connect("postgres").await;
@@ -84,7 +70,7 @@ async fn a_crash_that_hands_seen_xids_out_again_loses_nothing() {
     // flush of its commit would write out the commits below.
     set_login(&cluster, "relay_user", false);
     cluster.psql("postgres", "CHECKPOINT");
-    let burnt = burn_xids(&cluster, 30).await;
+    let burnt = cluster.burn_xids(30).await;
     // Two advances: the second began after those transactions ended, so the relay's cursor
     // has seen every one of them as committed, and so has the browser's position.
     wait_for_advances(&cluster, &relay, 2).await;
@@ -168,7 +154,7 @@ async fn a_failover_to_a_standby_that_was_behind_loses_nothing_it_has() {
     // The standby stops receiving: what the primary commits from now on, it never has.
     standby.stop_replaying().await;
     let lost = publish_n(&primary, 5).await;
-    let burnt = burn_xids(&primary, 50).await;
+    let burnt = primary.burn_xids(50).await;
     let delivered: HashSet<Uuid> = replicated.iter().chain(&lost).copied().collect();
     chat.wait_for_all(&primary, "the events the standby lacks", &delivered)
         .await;
